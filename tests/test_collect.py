@@ -1,0 +1,141 @@
+"""Interaction learning on the real ALFWorld engine with the real tiny model."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+
+from collect import (ROLLOUT_FIELDS, TRIPLET_FIELDS, TURN_FIELDS, act, collect, list_games, make_env, parse_action,
+                     parse_args, split_intro, start)
+from conftest import ROOT
+from grpo import read_jsonl
+
+
+def first_game_of_each_type(split):
+    seen = {}
+    for g in list_games(split):
+        seen.setdefault(g.split("/")[-3].split("-")[0], g)
+    return seen
+
+
+def test_expert_plan_wins_every_task_type():
+    games = first_game_of_each_type("valid_unseen")
+    assert len(games) == 6
+    for game in games.values():
+        env = make_env(game, max_steps=50, expert=True)
+        _, info = env.reset()
+        done, steps = False, 0
+        while not done:
+            _, _, done, info = env.step(info["extra.expert_plan"][0])
+            steps += 1
+        env.close()
+        assert info["won"], game
+        assert steps < 50
+
+
+def test_parse_action():
+    assert parse_action("<think>the desk</think><action> Go To  Desk 1</action>") == "go to desk 1"
+    assert parse_action("<action>look</action> no, <action>inventory</action>") == "inventory"
+    assert parse_action("I would go to the desk") == ""
+    assert parse_action("<action>open fridge 1") == ""
+
+
+def test_output_without_tags_is_an_invalid_action_not_a_crash():
+    game = list_games("valid_seen", 1)[0]
+    ep = start(game, "valid_seen", 0, seed=0, max_steps=5)
+    before = ep.observation
+    act(ep, "I think I should open the fridge.", parse_action("I think I should open the fridge."), "model")
+    turn = ep.turns[-1]
+    assert (turn["action"], turn["valid"], turn["observation"]) == ("", False, before)
+    assert ep.observation == "Nothing happens." and not ep.done
+    act(ep, None, ep.admissible[0], "random")  # the game goes on
+    assert ep.turns[-1]["valid"] and ep.observation != "Nothing happens."
+    ep.env.close()
+
+
+def test_collect_with_the_tiny_model_writes_schema_valid_records(tiny, tmp_path):
+    args = parse_args(["--split", "train", "--games", "2", "--episodes", "1", "--max-steps", "3", "--epsilon", "0.5",
+                       "--max-new-tokens", "24", "--seed", "1", "--out", str(tmp_path)])
+    collect(args, *tiny)
+    rollouts = read_jsonl(tmp_path / "rollouts.jsonl", required=ROLLOUT_FIELDS)
+    triplets = read_jsonl(tmp_path / "triplets.jsonl", required=TRIPLET_FIELDS)
+    assert len(rollouts) == 2 and len(triplets) == 6
+    assert Counter(t["behaviour"] for r in rollouts for t in r["turns"]).keys() == {"model", "random"}
+    for r in rollouts:
+        assert r["steps"] == len(r["turns"]) == 3 and r["model"] == "smollm2-135m"
+        for t in r["turns"]:
+            assert set(TURN_FIELDS) <= t.keys()
+            assert isinstance(t["output"], str) if t["behaviour"] == "model" else t["output"] is None
+        # the triplet's next_state is what the engine returns: replay the recorded actions in a fresh env
+        env = make_env(os.path.join(os.environ["ALFWORLD_DATA"], r["game"], "game.tw-pddl"), 3)
+        obs, _ = env.reset()
+        mine = [t for t in triplets if t["game"] == r["game"]]
+        assert mine[0]["state"] == split_intro(obs)[0] and mine[0]["history"] == []
+        for i, trip in enumerate(mine):
+            obs, _, _, _ = env.step(trip["action"])
+            assert trip["next_state"] == obs.strip()
+            assert trip["history"] == [[t["observation"], t["action"]] for t in r["turns"][max(0, i - 2):i]]
+        env.close()
+    metrics = read_jsonl(tmp_path / "metrics.jsonl", required=["step", "success", "invalid_rate"])
+    assert len(metrics) == 2 and (tmp_path / "metrics.png").exists()
+
+
+def run_collect(out, *extra):
+    cmd = [sys.executable, str(ROOT / "collect.py"), "--policy", "random", "--split", "valid_seen", "--games", "4",
+           "--episodes", "2", "--max-steps", "8", "--batch-games", "3", "--out", str(out), *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def rollouts(path):
+    return sorted((json.loads(l) for l in open(path)), key=lambda r: (r["game"], r["episode"]))
+
+
+def test_kill_and_resume_gives_the_same_episodes_once(tmp_path):
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    assert run_collect(ref).wait() == 0
+    proc = run_collect(cut)
+    while not (cut / "rollouts.jsonl").exists() or (cut / "rollouts.jsonl").read_text().count("\n") < 2:
+        assert proc.poll() is None, "finished before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(rollouts(cut / "rollouts.jsonl")) < 8
+    # the worst moments to die: triplets of an unfinished episode written, half a rollout line written
+    unfinished = {f"{r['game']}#{r['episode']}" for r in rollouts(ref / "rollouts.jsonl")} - \
+                 {f"{r['game']}#{r['episode']}" for r in rollouts(cut / "rollouts.jsonl")}
+    stray = [l for l in open(ref / "triplets.jsonl") if json.loads(l)["id"].rsplit("#", 1)[0] in unfinished][:2]
+    with open(cut / "triplets.jsonl", "a") as f:
+        f.writelines(stray)
+    with open(cut / "rollouts.jsonl", "a") as f:
+        f.write('{"env": "alfworld", "game": "json_2.1.1/valid_')
+    proc = run_collect(cut, "--resume")
+    assert proc.wait() == 0, proc.stderr.read()
+    assert rollouts(cut / "rollouts.jsonl") == rollouts(ref / "rollouts.jsonl")
+    assert sorted(open(cut / "triplets.jsonl")) == sorted(open(ref / "triplets.jsonl"))
+    assert len(open(cut / "metrics.jsonl").readlines()) == 8
+
+
+@pytest.mark.parametrize("extra, env, message", [
+    (["--split", "nope"], {}, "unknown ALFWorld split 'nope'"),
+    (["--split", "train"], {"ALFWORLD_DATA": "/nonexistent"}, "ALFWorld data not found: /nonexistent"),
+])
+def test_bad_input_is_a_one_line_error(extra, env, message):
+    r = subprocess.run([sys.executable, str(ROOT / "collect.py"), "--policy", "random", "--out", "/tmp/unused", *extra],
+                       capture_output=True, text=True, env={**os.environ, **env})
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1 and lines[0].startswith(f"error: {message}"), r.stderr
+
+
+def test_malformed_jsonl_names_the_line(tmp_path):
+    p = tmp_path / "t.jsonl"
+    p.write_text('{"id": 1, "state": "a"}\n{"id": 2, "state"\n')
+    with pytest.raises(SystemExit, match=r"t.jsonl:2: malformed JSON line"):
+        read_jsonl(p)
+    p.write_text('{"id": 1, "state": "a"}\n{"id": 2}\n')
+    with pytest.raises(SystemExit, match=r"t.jsonl:2: missing field 'state'"):
+        read_jsonl(p, required=["id", "state"])
