@@ -4,7 +4,13 @@ and valid_unseen (OOD) splits, mean ± std over runs, per task type, with the in
     python evaluate.py --model smollm2-135m --games 10 --runs 3 --out runs/demo/eval
 
 Writes, in --out: run{r}/{split}/rollouts.jsonl (every episode, readable), metrics.jsonl (one line
-per run and split), results.json, and prints a Markdown table shaped like the paper's Table 1.
+per run), results.json, and prints a Markdown table shaped like the paper's Table 1.
+
+The world model and its reward (the command line of reward.py):
+
+    python evaluate.py --wm runs/rwml/heldout.jsonl --model runs/rwml/checkpoint/model   # held-out WM reward
+    python evaluate.py --score predictions.jsonl      # lines with `output` and `next_state`
+    python evaluate.py --calibrate runs/collect/triplets.jsonl   # distances that place tau_d
 """
 
 import argparse
@@ -12,7 +18,8 @@ import json
 import statistics
 from pathlib import Path
 
-from collect import TINY_MODEL, collect, load_model, plot_metrics, summary, write_jsonl
+from collect import TINY_MODEL, chat_prompt, collect, generate, load_model, plot_metrics, read_jsonl, summary, write_jsonl
+from reward import DEFAULT_EMBEDDER, TAU, Embeddings, calibrate, mean_scores, sim_to_real, wm_prompt
 
 SPLIT_NAMES = {"valid_seen": "ID", "valid_unseen": "OOD"}
 
@@ -33,7 +40,30 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the first run")
     p.add_argument("--out", default="runs/eval", help="output folder")
     p.add_argument("--resume", action="store_true", help="keep finished episodes of a killed evaluation")
-    return p.parse_args(argv)
+    wm = p.add_argument_group("world model and reward")
+    wm.add_argument("--wm", metavar="TRIPLETS", help="score --model's greedy next-state predictions on these (held-out) triplets")
+    wm.add_argument("--score", metavar="PREDICTIONS", help="score a JSONL of `output` (with <next_state> tags) and `next_state`")
+    wm.add_argument("--calibrate", metavar="TRIPLETS", help="print next-state distance quantiles that place tau_d")
+    wm.add_argument("--embedder", default=DEFAULT_EMBEDDER, help="sentence-transformers id (paper: Qwen/Qwen3-Embedding-8B)")
+    wm.add_argument("--tau", type=float, default=None, help="tau_d (default: the embedder's calibrated value)")
+    wm.add_argument("--val-size", type=int, default=None, help="with --wm: the first N triplets only")
+    args = p.parse_args(argv)
+    args.tau = args.tau if args.tau is not None else TAU.get(args.embedder, 0.2)
+    return args
+
+
+def evaluate_wm(args, model=None, tok=None):
+    """Held-out world-model quality: greedy predictions -> mean sim-to-real reward, similarity, format rate."""
+    triplets = read_jsonl(args.wm, required=("task", "history", "state", "action", "next_state"))[:args.val_size]
+    if model is None:
+        model, tok = load_model(args.model, dtype=args.dtype)
+    outputs = generate(model, tok, [chat_prompt(tok, wm_prompt(t)) for t in triplets], args.max_new_tokens,
+                       temperature=0, batch_size=args.batch_games)
+    recs = sim_to_real(outputs, [t["next_state"] for t in triplets], Embeddings(args.embedder), args.tau)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    write_jsonl(Path(args.out) / "wm_predictions.jsonl",
+                [dict(id=t.get("id"), output=o, next_state=t["next_state"], **r) for t, o, r in zip(triplets, outputs, recs)])
+    return dict(model=args.model, triplets=len(triplets), tau=args.tau, embedder=args.embedder, **mean_scores(recs))
 
 
 def mean_std(xs):
@@ -91,8 +121,23 @@ def evaluate(args, model=None, tok=None):
     return results
 
 
+def main(args):
+    if args.calibrate:
+        out = calibrate(read_jsonl(args.calibrate, required=("game", "action", "next_state")), Embeddings(args.embedder))
+        for name, v in out.items():
+            print(f"{name:>14} ({v['pairs']} pairs): d = 1 - cos quantiles 5/25/50/75/95% = {v['quantiles']}")
+    elif args.score:
+        rows = read_jsonl(args.score, required=("output", "next_state"))
+        print(json.dumps(mean_scores(sim_to_real([r["output"] for r in rows], [r["next_state"] for r in rows],
+                                                 Embeddings(args.embedder), args.tau))))
+    elif args.wm:
+        res = evaluate_wm(args)
+        (Path(args.out) / "wm_results.json").write_text(json.dumps(res, indent=1))
+        print(json.dumps(res))
+    else:
+        print(table(evaluate(args)))
+        print(f"-> {args.out}/results.json")
+
+
 if __name__ == "__main__":
-    args = parse_args()
-    results = evaluate(args)
-    print(table(results))
-    print(f"-> {args.out}/results.json")
+    main(parse_args())

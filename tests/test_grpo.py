@@ -1,0 +1,107 @@
+"""GRPO written by hand: advantages, clipped objective, KL, LoRA reference, and a real tiny-model run."""
+
+import argparse
+import copy
+
+import pytest
+import torch
+
+from grpo import (adapters_off, add_lora, chat_prompt, collate, completion_logprobs, group_advantages, grpo_loss,
+                  grpo_update, load_checkpoint, sample, save_checkpoint, set_seed)
+
+
+def test_group_advantages_by_hand():
+    adv, no_signal = group_advantages([1, 0, 0, 1, 1, 1, 1, 1], group_size=4)
+    # group 1: mean 0.5, unbiased std sqrt(4 * 0.25 / 3) = 0.57735; group 2: all equal -> 0, no signal
+    a = 0.5 / (3 ** -0.5 + 1e-4)
+    assert adv[:4].tolist() == pytest.approx([a, -a, -a, a], rel=1e-5)
+    assert adv[4:].tolist() == [0, 0, 0, 0] and no_signal == 1
+
+
+@pytest.mark.parametrize("a", [1.0, -1.0])
+def test_clipped_objective_gradient_sign_and_clipping(a):
+    logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    mask = torch.ones(1, 2)
+    loss, _ = grpo_loss(logp, logp.detach(), None, torch.tensor([a]), mask, 0.2, 0.0, torch.tensor([2.0]))
+    loss.backward()
+    # descending the loss raises log-probs of positively rewarded tokens and lowers negative ones
+    assert (torch.sign(-logp.grad) == torch.sign(torch.tensor(a))).all()
+    # outside the trust region in the advantage's direction the gradient is zero (clipped)
+    old = logp.detach() - (0.5 if a > 0 else -0.5)  # ratio e^{+-0.5}: beyond 1 +- 0.2
+    logp.grad = None
+    loss, s = grpo_loss(logp, old, None, torch.tensor([a]), mask, 0.2, 0.0, torch.tensor([2.0]))
+    loss.backward()
+    assert logp.grad.abs().sum() == 0 and s["clipfrac"] == 2
+
+
+def test_kl_zero_and_ratio_one_when_policy_old_and_reference_coincide(tiny):
+    model, tok = copy.deepcopy(tiny[0]), tiny[1]
+    add_lora(model, rank=4)  # B = 0: the adapted model is the reference
+    seqs = [(tok(chat_prompt(tok, "Name a fruit."))["input_ids"], tok(" apple")["input_ids"] + [tok.eos_token_id]),
+            (tok(chat_prompt(tok, "Hi"))["input_ids"], tok(" hello there")["input_ids"])]
+    ids, attn, P = collate(seqs, "cpu")
+    with torch.no_grad():
+        logp, _ = completion_logprobs(model, ids, attn, P)
+        with adapters_off(model):
+            ref, _ = completion_logprobs(model, ids, attn, P)
+    mask = attn[:, P:].float()
+    loss, s = grpo_loss(logp, logp, ref, torch.tensor([1.0, -1.0]), mask, 0.2, 0.1, mask.sum(1))
+    assert s["kl"] == pytest.approx(0.0, abs=1e-6) and s["clipfrac"] == 0
+    # with ratio 1 and A = +-1 the loss is -(mean A over tokens) per row: -1 + 1 = 0
+    assert loss.item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_collate_puts_completions_at_one_column_and_logprobs_match_a_plain_forward(tiny):
+    model, tok = tiny
+    seqs = [([1, 2, 3, 4], [5, 6]), ([7, 8], [9, 10, 11])]
+    ids, attn, P = collate(seqs, "cpu")
+    assert P == 4 and ids.tolist() == [[1, 2, 3, 4, 5, 6, 0], [0, 0, 7, 8, 9, 10, 11]]
+    with torch.no_grad():
+        logp, _ = completion_logprobs(model, ids, attn, P)
+        alone = model(torch.tensor([[7, 8, 9, 10, 11]])).logits.log_softmax(-1)
+    want = [alone[0, i, t].item() for i, t in zip(range(1, 4), [9, 10, 11])]
+    assert logp[1].tolist() == pytest.approx(want, abs=1e-4)
+
+
+def args_for(**kw):
+    base = dict(micro_batch=16, ppo_epochs=1, clip_eps=0.2, beta=0.0, max_grad_norm=1.0, token_mean=True)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_grpo_on_a_verifiable_reward_raises_the_mean_reward(tiny):
+    """Reward 1 when the tiny model's answer to 'Say the word apple.' contains it (about 1 in 5 at first)."""
+    set_seed(0)
+    model, tok = copy.deepcopy(tiny[0]), tiny[1]
+    opt = torch.optim.AdamW(add_lora(model, rank=8), lr=5e-4)
+    prompts = [chat_prompt(tok, "Say the word apple.")] * 16  # two groups of G = 8
+    score = lambda: [float("apple" in t.lower()) for _, _, t in samples]
+    samples = sample(model, tok, prompts * 2, max_new_tokens=6)
+    before = sum(score()) / 32
+    for step in range(4):
+        samples = sample(model, tok, prompts, max_new_tokens=6)
+        adv, _ = group_advantages(score(), group_size=8)
+        grpo_update(model, opt, [(p, c) for p, c, _ in samples], adv, args_for(beta=0.01))
+    samples = sample(model, tok, prompts * 2, max_new_tokens=6)
+    assert sum(score()) / 32 > before + 0.4
+
+
+def test_checkpoint_resume_restores_step_optimizer_and_adapters(tiny, tmp_path):
+    model, tok = copy.deepcopy(tiny[0]), tiny[1]
+    params = add_lora(model, rank=4)
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    seqs = [(tok("a b c")["input_ids"], tok(" d e")["input_ids"])]
+    grpo_update(model, opt, seqs, torch.tensor([1.0]), args_for())
+    save_checkpoint(tmp_path / "ckpt", model, tok, opt, 7, argparse.Namespace(x=1))
+    model2 = copy.deepcopy(tiny[0])
+    opt2 = torch.optim.AdamW(add_lora(model2, rank=4), lr=1e-3)
+    assert load_checkpoint(tmp_path / "ckpt", model2, opt2) == 7
+    for (n, p), (_, q) in zip(model.named_parameters(), model2.named_parameters()):
+        assert torch.equal(p, q), n
+    s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
+    assert s1.keys() == s2.keys() and all(torch.equal(s1[k]["exp_avg"], s2[k]["exp_avg"]) for k in s1)
+    # the exported folder is a plain HF model with the adapters merged in
+    from grpo import load_model
+    merged, _ = load_model(str(tmp_path / "ckpt" / "model"))
+    ids = torch.tensor([tok("a b c d")["input_ids"]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, model(ids).logits, atol=1e-4)

@@ -1,0 +1,71 @@
+"""The sim-to-real gap reward with the real MiniLM embedder, and the ROUGE reward."""
+
+import pytest
+
+from reward import Embeddings, calibrate, mean_scores, parse_next_state, rouge_reward, sim_to_real, wm_prompt
+
+REAL = "You open the fridge 1. The fridge 1 is open. In it, you see a apple 1, a egg 2, and a lettuce 1."
+
+
+@pytest.fixture(scope="module")
+def embed():
+    return Embeddings()
+
+
+def test_parse_next_state():
+    assert parse_next_state("<think>hm</think><next_state> You see a mug. </next_state>") == "You see a mug."
+    assert parse_next_state("<next_state>a</next_state> then <next_state>b</next_state>") == "b"
+    assert parse_next_state("You see a mug.") is None
+    assert parse_next_state("<next_state>You see a mug.") is None
+
+
+def test_identical_next_state_scores_1_unrelated_0_missing_tags_0(embed):
+    outputs = [f"<think>opening it</think><next_state>{REAL}</next_state>",
+               "<think>?</think><next_state>The stock market closed higher on Tuesday.</next_state>",
+               REAL]  # right text but no tags
+    recs = sim_to_real(outputs, [REAL] * 3, embed, tau=0.2)
+    assert [r["reward"] for r in recs] == [1.0, 0.0, 0.0]
+    assert recs[0]["similarity"] == pytest.approx(1.0, abs=1e-5) and recs[1]["similarity"] < 0.3
+    assert recs[2] == dict(reward=0.0, similarity=None, format=False)
+    assert mean_scores(recs)["format"] == pytest.approx(2 / 3)
+
+
+def test_threshold_is_on_the_distance(embed):
+    close = "<next_state>You open the fridge 1. The fridge 1 is open. In it, you see a apple 1 and a egg 2.</next_state>"
+    d = 1 - sim_to_real([close], [REAL], embed, tau=0.2)[0]["similarity"]
+    assert 0 < d < 0.2
+    assert sim_to_real([close], [REAL], embed, tau=d + 1e-3)[0]["reward"] == 1.0
+    assert sim_to_real([close], [REAL], embed, tau=d - 1e-3)[0]["reward"] == 0.0
+
+
+def test_real_next_states_are_embedded_once(embed):
+    sim_to_real([f"<next_state>x{i}</next_state>" for i in range(5)], [REAL] * 5, embed, tau=0.2)
+    assert sum(1 for k in embed.cache if k == REAL) == 1 and REAL in embed.cache
+
+
+def test_rouge_is_rounded_to_fifths():
+    masked = '{"order_id": "string", "status": "string", "items": [{"price": "number"}]}'
+    assert rouge_reward(masked, masked) == 1.0
+    assert rouge_reward(None, masked) == 0.0
+    r = rouge_reward('{"order_id": "string"}', masked)
+    assert 0 < r < 1 and round(r * 5, 6) == round(r * 5)
+
+
+def test_calibration_separates_near_and_random_pairs(embed):
+    triplets = [dict(game="g", action=a, next_state=s) for a, s in [
+        ("go to drawer 1", "You arrive at loc 6. The drawer 1 is closed."),
+        ("go to drawer 2", "You arrive at loc 7. The drawer 2 is closed."),
+        ("open fridge 1", REAL),
+        ("take mug 1 from desk 1", "You pick up the mug 1 from the desk 1."),
+        ("go to shelf 2", "You arrive at loc 3. On the shelf 2, you see a vase 2."),
+        ("look", "Nothing happens.")]]
+    out = calibrate(triplets, embed, pairs=50)
+    assert out["same template"]["quantiles"][2] < out["random"]["quantiles"][2]
+
+
+def test_wm_prompt_holds_task_history_state_and_action():
+    p = wm_prompt(dict(task="put a mug in the fridge.", history=[["You are in a room.", "go to desk 1"]],
+                       state="On the desk 1, you see a mug 1.", action="take mug 1 from desk 1"))
+    for part in ("put a mug in the fridge.", "You are in a room.", "go to desk 1", "On the desk 1, you see a mug 1.",
+                 "take mug 1 from desk 1", "<next_state>"):
+        assert part in p

@@ -1,0 +1,71 @@
+"""World-model learning end to end on real ALFWorld triplets with the real tiny model."""
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train_wm
+from collect import collect
+from collect import parse_args as collect_args
+from conftest import ROOT
+from grpo import chat_prompt, read_jsonl
+from reward import wm_prompt
+
+
+@pytest.fixture(scope="module")
+def triplets(tmp_path_factory):
+    out = tmp_path_factory.mktemp("collect")
+    collect(collect_args(["--policy", "random", "--split", "train", "--games", "2", "--episodes", "1", "--max-steps", "5",
+                          "--out", str(out)]))
+    return out / "triplets.jsonl"
+
+
+def wm_args(triplets, out, *extra):
+    return train_wm.parse_args(["--triplets", str(triplets), "--out", str(out), "--batch-size", "2", "--group-size", "2",
+                                "--max-new-tokens", "12", "--val-size", "2", "--eval-every", "1", "--lora-rank", "4",
+                                "--lr", "1e-4", *extra])
+
+
+def test_sft_lowers_the_loss_on_its_batch(tiny, triplets):
+    model, tok = copy.deepcopy(tiny[0]), tiny[1]
+    args = wm_args(triplets, "/unused")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    seqs = [(tok(chat_prompt(tok, wm_prompt(t)), add_special_tokens=False)["input_ids"], train_wm.sft_target(tok, t))
+            for t in read_jsonl(triplets)[:2]]
+    losses = [train_wm.sft_update(model, opt, seqs, args)["loss"] for _ in range(3)]
+    assert losses[2] < losses[1] < losses[0]
+
+
+def test_rwml_runs_checkpoints_and_resumes_without_duplicate_steps(triplets, tmp_path):
+    rows = train_wm.main(wm_args(triplets, tmp_path, "--max-steps", "2", "--save-every", "1"))
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    for k in ("train/reward", "train/similarity", "train/kl", "train/clipfrac", "train/entropy", "train/no_signal_groups",
+              "train/completion_len", "heldout/reward", "heldout/similarity", "seconds"):
+        assert k in rows[1], k
+    assert (tmp_path / "metrics.png").exists() and (tmp_path / "checkpoint" / "model" / "config.json").exists()
+    held = read_jsonl(tmp_path / "heldout.jsonl")
+    assert len(held) == round(0.1 * len(read_jsonl(triplets)))  # paper: 10% held out
+    rows = train_wm.main(wm_args(triplets, tmp_path, "--max-steps", "3", "--resume"))
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    assert torch.load(tmp_path / "checkpoint" / "trainer.pt", weights_only=False)["step"] == 3
+
+
+def test_filter_keeps_hard_triplets_and_a_tenth_of_easy_ones(triplets, tmp_path):
+    n = len(read_jsonl(triplets))
+    stats = train_wm.main(wm_args(triplets, tmp_path / "none", "--mode", "filter", "--filter-k", "2", "--tau-easy", "1.5"))
+    assert stats == dict(stats, triplets=n, easy_fraction=0.0, kept=n)  # nothing is easy: all kept
+    stats = train_wm.main(wm_args(triplets, tmp_path / "all", "--mode", "filter", "--filter-k", "2", "--tau-easy", "0"))
+    assert stats["easy_fraction"] == 1.0 and stats["kept"] < n / 2  # everything easy: ~10% kept
+    kept = read_jsonl(tmp_path / "all" / "triplets.filtered.jsonl", required=train_wm.FIELDS + ("filter_reward",))
+    assert len(kept) == stats["kept"]
+
+
+def test_a_malformed_triplets_file_is_a_one_line_error(tmp_path):
+    bad = tmp_path / "t.jsonl"
+    bad.write_text('{"id": "a", "task": "t", "history": [], "state": "s", "action": "a", "next_state": "n"}\n{"id": "b",\n')
+    r = subprocess.run([sys.executable, str(ROOT / "train_wm.py"), "--triplets", str(bad), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.strip() == f"error: {bad}:2: malformed JSON line (Expecting property name enclosed in double quotes)"

@@ -1,0 +1,227 @@
+"""World-model learning (RWML paper, Sec. 3.2): teach the model to predict the next state of the
+environment from triplets collected by collect.py.
+
+    python train_wm.py --mode filter --triplets runs/collect/triplets.jsonl --out runs/filter
+    python train_wm.py --mode rwml   --triplets runs/filter/triplets.filtered.jsonl --out runs/rwml
+    python train_wm.py --mode sft    --triplets runs/collect/triplets.jsonl --out runs/wm_sft
+
+Modes:
+  rwml    GRPO with the sim-to-real gap reward: r = 1[1 - cos(E(s_hat), E(s)) < tau_d]   (the method)
+  sft     the WM SFT baseline: cross-entropy on "<think> </think><next_state>{s}</next_state>"
+  filter  the easy-triplet filter: K predictions per triplet; a triplet whose mean reward reaches
+          tau_easy is easy and kept with probability 0.1; writes triplets.filtered.jsonl
+
+Writes, in --out: heldout.jsonl (the validation triplets), metrics.jsonl (+ metrics.png),
+checkpoint/ (checkpoint/model is a plain HF folder for --model of later stages).
+"""
+
+import argparse
+import copy
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from grpo import (TINY_MODEL, add_lora, append_jsonl, chat_prompt, collate, completion_logprobs, drop_partial_line,
+                  generate, group_advantages, grpo_update, load_checkpoint, load_model, plot_metrics, read_jsonl, sample,
+                  save_checkpoint, set_seed, write_jsonl)
+from reward import DEFAULT_EMBEDDER, TAU, Embeddings, mean_scores, sim_to_real, wm_prompt
+
+FIELDS = ("id", "task", "history", "state", "action", "next_state")  # what a triplet needs here
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--mode", default="rwml", choices=["rwml", "sft", "filter"], help="what to run (see above)")
+    p.add_argument("--triplets", required=True, help="triplets.jsonl from collect.py (or filtered by --mode filter)")
+    p.add_argument("--model", default=TINY_MODEL, help="HF id or local folder to start from")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="weights dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--embedder", default=DEFAULT_EMBEDDER, help="sentence-transformers id (paper: Qwen/Qwen3-Embedding-8B)")
+    p.add_argument("--tau", type=float, default=None, help="tau_d (paper: 0.2 ALFWorld with Qwen3-Embedding-8B; default: the embedder's calibrated value)")
+    # GRPO (paper, ALFWorld: group 8, lr 1e-6, batch 32, 2 epochs)
+    p.add_argument("--group-size", type=int, default=8, help="G: predictions sampled per triplet (paper: 8 ALFWorld, 16 tau2)")
+    p.add_argument("--batch-size", type=int, default=32, help="triplets per update (paper: 32)")
+    p.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate (paper: 1e-6 full fine-tuning; LoRA wants ~1e-4)")
+    p.add_argument("--epochs", type=float, default=2, help="passes over the training triplets (paper: 2)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many updates (default: epochs)")
+    p.add_argument("--clip-eps", type=float, default=0.2, help="epsilon of the clipped ratio")
+    p.add_argument("--beta", type=float, default=0.001, help="KL coefficient to the reference policy (0: no reference pass)")
+    p.add_argument("--ppo-epochs", type=int, default=1, help="mu: optimisation passes over each sampled batch")
+    p.add_argument("--seq-mean", dest="token_mean", action="store_false", help="average the loss per sequence, then over sequences (default: over all tokens)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the G predictions")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per prediction (think + next_state)")
+    p.add_argument("--micro-batch", type=int, default=8, help="sequences per forward/backward (gradient accumulation)")
+    p.add_argument("--gen-batch", type=int, default=64, help="sequences per generate call")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
+    p.add_argument("--lora-rank", type=int, default=0, help="0: full fine-tuning; r > 0: hand-written LoRA adapters")
+    # held-out evaluation, checkpoints
+    p.add_argument("--val-frac", type=float, default=0.1, help="share of triplets held out (paper: 10%%)")
+    p.add_argument("--val-size", type=int, default=64, help="held-out triplets scored at each evaluation (greedy)")
+    p.add_argument("--eval-every", type=int, default=10, help="updates between held-out evaluations")
+    p.add_argument("--save-every", type=int, default=50, help="updates between checkpoints")
+    # the easy-triplet filter
+    p.add_argument("--filter-k", type=int, default=10, help="K: predictions per triplet in --mode filter (paper: 10)")
+    p.add_argument("--tau-easy", type=float, default=0.8, help="a triplet is easy when its mean reward reaches this")
+    p.add_argument("--keep-easy", type=float, default=0.1, help="probability of keeping an easy triplet (paper: 0.1)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--out", default="runs/wm", help="output folder")
+    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint")
+    args = p.parse_args(argv)
+    args.tau = args.tau if args.tau is not None else TAU.get(args.embedder, 0.2)
+    return args
+
+
+def heldout_split(triplets, frac, seed):
+    """A fixed random share of triplets for validation (the same for every mode and seed of training)."""
+    ids = sorted(t["id"] for t in triplets)
+    held = set(random.Random(seed).sample(ids, max(1, round(frac * len(ids))))) if frac > 0 else set()
+    return [t for t in triplets if t["id"] not in held], [t for t in triplets if t["id"] in held]
+
+
+def wm_heldout(model, tok, heldout, embed, tau, args):
+    """Greedy predictions on held-out triplets -> mean reward, similarity, format rate."""
+    prompts = [chat_prompt(tok, wm_prompt(t)) for t in heldout]
+    outputs = generate(model, tok, prompts, args.max_new_tokens, temperature=0, batch_size=args.gen_batch)
+    return mean_scores(sim_to_real(outputs, [t["next_state"] for t in heldout], embed, tau))
+
+
+def sft_target(tok, triplet):
+    """WM SFT's target tokens: an empty thought, then the real next state, then end of turn."""
+    text = f"<think> </think><next_state>{triplet['next_state']}</next_state>"
+    return tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+
+def sft_update(model, optimizer, seqs, args):
+    """One step of next-state token prediction: mean cross-entropy over all target tokens of the batch."""
+    device = next(model.parameters()).device
+    tokens = sum(len(c) for _, c in seqs)
+    optimizer.zero_grad(set_to_none=True)
+    model.train()
+    total = 0.0
+    for i in range(0, len(seqs), args.micro_batch):
+        ids, attn, P = collate(seqs[i:i + args.micro_batch], device)
+        logp, _ = completion_logprobs(model, ids, attn, P)
+        loss = -(logp * attn[:, P:]).sum() / tokens  # Eq. WM SFT: -1/|s| sum_t log pi(s_t | s_<t, state, action)
+        loss.backward()
+        total += loss.item()
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.max_grad_norm)
+    optimizer.step()
+    model.eval()
+    return dict(loss=total, grad_norm=grad_norm.item())
+
+
+def run_filter(args, triplets, model, tok, embed):
+    """Score every triplet with K predictions of the filter model; keep hard ones, easy ones w.p. keep_easy."""
+    out = Path(args.out)
+    scored_path = out / "scored.jsonl"
+    drop_partial_line(scored_path)
+    scored = read_jsonl(scored_path, required=("id", "filter_reward")) if args.resume and scored_path.exists() else []
+    if not args.resume:
+        scored_path.unlink(missing_ok=True)
+    done = {s["id"] for s in scored}
+    todo = [t for t in triplets if t["id"] not in done]
+    per_call = max(1, args.gen_batch // args.filter_k)  # triplets whose K predictions share one generate call
+    with open(scored_path, "a", encoding="utf-8") as f:
+        for i in tqdm(range(0, len(todo), per_call), desc="filter", unit="batch"):
+            chunk = todo[i:i + per_call]
+            prompts = [chat_prompt(tok, wm_prompt(t)) for t in chunk for _ in range(args.filter_k)]
+            outputs = generate(model, tok, prompts, args.max_new_tokens, args.temperature, batch_size=args.gen_batch)
+            recs = sim_to_real(outputs, [t["next_state"] for t in chunk for _ in range(args.filter_k)], embed, args.tau)
+            rows = [dict(t, filter_reward=sum(r["reward"] for r in recs[j * args.filter_k:(j + 1) * args.filter_k]) / args.filter_k)
+                    for j, t in enumerate(chunk)]
+            append_jsonl(f, rows)
+            scored += rows
+    rng = random.Random(args.seed)
+    easy = [s["filter_reward"] >= args.tau_easy for s in scored]
+    kept = [s for s, e in zip(scored, easy) if not e or rng.random() < args.keep_easy]
+    write_jsonl(out / "triplets.filtered.jsonl", kept)
+    stats = dict(triplets=len(scored), easy_fraction=sum(easy) / max(1, len(scored)), kept=len(kept),
+                 mean_filter_reward=sum(s["filter_reward"] for s in scored) / max(1, len(scored)))
+    write_jsonl(out / "metrics.jsonl", [dict(step=0, **stats)])
+    print(f"easy fraction {stats['easy_fraction']:.3f} (paper aims at ~0.3); kept {len(kept)} of {len(scored)} "
+          f"-> {out}/triplets.filtered.jsonl")
+    return stats
+
+
+def main(args):
+    set_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    triplets = read_jsonl(args.triplets, required=FIELDS)
+    if not triplets:
+        raise SystemExit(f"error: {args.triplets} holds no triplets")
+    ckpt = out / "checkpoint"
+    if args.resume and args.mode != "filter" and not (ckpt / "trainer.pt").exists():
+        raise SystemExit(f"error: --resume: no checkpoint in {ckpt}")
+    resume_weights = args.resume and args.mode != "filter" and args.lora_rank == 0
+    model, tok = load_model(str(ckpt / "model") if resume_weights else args.model, dtype=args.dtype)
+    embed = Embeddings(args.embedder)
+    if args.mode == "filter":
+        return run_filter(args, triplets, model, tok, embed)
+
+    # ---- setup: held-out split, trainable parameters, reference policy, optimizer (TRY NOT TO MODIFY) ----
+    train, heldout = heldout_split(triplets, args.val_frac, seed=0)
+    write_jsonl(out / "heldout.jsonl", heldout)
+    heldout = heldout[:args.val_size]
+    params = add_lora(model, args.lora_rank) if args.lora_rank else [p for p in model.parameters()]
+    # without LoRA the reference policy is a frozen copy of the starting weights (with LoRA: adapters off)
+    ref_model = copy.deepcopy(model).requires_grad_(False) if args.mode == "rwml" and args.beta > 0 and not args.lora_rank else None
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    steps_per_epoch = math.ceil(len(train) / args.batch_size)
+    total = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
+    start = load_checkpoint(ckpt, model, optimizer) if args.resume else 0
+    metrics_path = out / "metrics.jsonl"
+    if args.resume:
+        drop_partial_line(metrics_path)
+        write_jsonl(metrics_path, [m for m in read_jsonl(metrics_path) if m["step"] <= start] if metrics_path.exists() else [])
+    else:
+        metrics_path.unlink(missing_ok=True)
+    f_metrics = open(metrics_path, "a", encoding="utf-8")
+    if start == 0:
+        append_jsonl(f_metrics, [dict(step=0, **{f"heldout/{k}": v for k, v in wm_heldout(model, tok, heldout, embed, args.tau, args).items()})])
+
+    def batch_at(step):  # epoch e visits the training triplets in a shuffled order fixed by (seed, e)
+        epoch, i = divmod(step, steps_per_epoch)
+        order = random.Random(args.seed * 1000 + epoch).sample(train, len(train))
+        return order[i * args.batch_size:(i + 1) * args.batch_size]
+
+    for step in tqdm(range(start, total), initial=start, total=total, desc=f"train_wm {args.mode}", unit="update"):
+        t0 = time.time()
+        batch = batch_at(step)
+        if args.mode == "rwml":
+            # ---- ALGO LOGIC: RWML = GRPO with the sim-to-real gap reward ----
+            G = args.group_size
+            prompts = [chat_prompt(tok, wm_prompt(t)) for t in batch for _ in range(G)]
+            samples = sample(model, tok, prompts, args.max_new_tokens, args.temperature, batch_size=args.gen_batch)
+            scores = sim_to_real([text for _, _, text in samples], [t["next_state"] for t in batch for _ in range(G)],
+                                 embed, args.tau)
+            rewards = [s["reward"] for s in scores]
+            adv, no_signal = group_advantages(rewards, G)
+            stats = grpo_update(model, optimizer, [(p, c) for p, c, _ in samples], adv, args, ref_model)
+            stats.update(mean_scores(scores), reward_std=torch.tensor(rewards).std().item(), no_signal_groups=no_signal,
+                         completion_len=sum(len(c) for _, c, _ in samples) / len(samples))
+        else:
+            # ---- WM SFT baseline: next-state token prediction ----
+            seqs = [(tok(chat_prompt(tok, wm_prompt(t)), add_special_tokens=False)["input_ids"], sft_target(tok, t))
+                    for t in batch]
+            stats = sft_update(model, optimizer, seqs, args)
+        row = dict(step=step + 1, **{f"train/{k}": v for k, v in stats.items()}, seconds=time.time() - t0)
+        if (step + 1) % args.eval_every == 0 or step + 1 == total:
+            row.update({f"heldout/{k}": v for k, v in wm_heldout(model, tok, heldout, embed, args.tau, args).items()})
+        append_jsonl(f_metrics, [row])
+        if (step + 1) % args.save_every == 0 or step + 1 == total:
+            save_checkpoint(ckpt, model, tok, optimizer, step + 1, args)
+    f_metrics.close()
+    plot_metrics(metrics_path)
+    rows = read_jsonl(metrics_path)
+    first, last = rows[0], [r for r in rows if "heldout/reward" in r][-1]
+    print(f"held-out reward {first['heldout/reward']:.3f} -> {last['heldout/reward']:.3f}, similarity "
+          f"{first['heldout/similarity']:.3f} -> {last['heldout/similarity']:.3f}; model: {ckpt}/model")
+    return rows
+
+
+if __name__ == "__main__":
+    main(parse_args())
