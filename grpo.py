@@ -1,7 +1,9 @@
-"""The shared machinery of every RWML stage: model loading, batched sampling, JSONL files, curves.
+"""The shared machinery of every RWML stage, and GRPO written by hand.
 
-Every stage loads its model here (`load_model`) and samples from it here (`generate`), so a
-reader learns the plumbing once. This file imports nothing from the project and no environment.
+First half, plumbing: model loading (any HF id or folder; the offline tiny default), batched
+sampling, JSONL files, metric curves. Second half, the method: hand-written LoRA, GRPO's
+group-normalised advantage, clipped surrogate and KL to a reference, and checkpoints.
+This file imports nothing from the project and no environment.
 
     from grpo import load_model, generate
     model, tok = load_model("smollm2-135m")          # or any HF id / local folder
@@ -295,7 +297,10 @@ def completion_logprobs(model, ids, attn, P, with_entropy=False):
     logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=ids.shape[1] - P + 1).logits
     logp_all = logits[:, :-1].float().log_softmax(-1)  # the logits at column t predict the token at t + 1
     logp = logp_all.gather(-1, ids[:, P:, None]).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
+    entropy = None
+    if with_entropy:  # a diagnostic: kept out of the autograd graph
+        with torch.no_grad():
+            entropy = -(logp_all.exp() * logp_all).sum(-1)
     return logp, entropy
 
 

@@ -64,12 +64,18 @@ class Embeddings:
     def __init__(self, name=DEFAULT_EMBEDDER, batch_size=256):
         self.model, self.batch_size, self.cache = load_embedder(name), batch_size, {}
 
-    def __call__(self, texts):
+    def encode(self, texts):
+        return self.model.encode(texts, batch_size=self.batch_size, convert_to_tensor=True,
+                                 normalize_embeddings=True).float().cpu()
+
+    def __call__(self, texts, cache=True):
+        """[len(texts), dim]; cache=False for texts seen once (predictions), so the cache holds real states only."""
+        if not cache:
+            return self.encode(texts)
         new = [t for t in dict.fromkeys(texts) if t not in self.cache]
         if new:
-            vecs = self.model.encode(new, batch_size=self.batch_size, convert_to_tensor=True, normalize_embeddings=True)
-            self.cache.update(zip(new, vecs.float().cpu()))
-        return torch.stack([self.cache[t] for t in texts]) if texts else torch.zeros(0)
+            self.cache.update(zip(new, self.encode(new)))
+        return torch.stack([self.cache[t] for t in texts])
 
 
 def sim_to_real(outputs, next_states, embed, tau):
@@ -81,7 +87,7 @@ def sim_to_real(outputs, next_states, embed, tau):
     ok = [i for i, p in enumerate(predicted) if p is not None]
     records = [dict(reward=0.0, similarity=None, format=False) for _ in outputs]
     if ok:
-        e_pred = embed([predicted[i] for i in ok])
+        e_pred = embed([predicted[i] for i in ok], cache=False)
         e_real = embed([next_states[i] for i in ok])
         # ALGO LOGIC. Eq. sim-to-real gap reward: d = 1 - cos(E(s_hat), E(s)); r = 1[d < tau_d]
         cos = (e_pred * e_real).sum(-1)

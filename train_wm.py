@@ -28,7 +28,7 @@ from tqdm import tqdm
 from grpo import (TINY_MODEL, add_lora, append_jsonl, chat_prompt, collate, completion_logprobs, drop_partial_line,
                   generate, group_advantages, grpo_update, load_checkpoint, load_model, plot_metrics, read_jsonl, sample,
                   save_checkpoint, set_seed, write_jsonl)
-from reward import DEFAULT_EMBEDDER, TAU, Embeddings, mean_scores, sim_to_real, wm_prompt
+from reward import DEFAULT_EMBEDDER, TAU, Embeddings, judge, mean_scores, sim_to_real, wm_prompt
 
 FIELDS = ("id", "task", "history", "state", "action", "next_state")  # what a triplet needs here
 
@@ -40,6 +40,9 @@ def parse_args(argv=None):
     p.add_argument("--model", default=TINY_MODEL, help="HF id or local folder to start from")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="weights dtype (auto: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--embedder", default=DEFAULT_EMBEDDER, help="sentence-transformers id (paper: Qwen/Qwen3-Embedding-8B)")
+    p.add_argument("--reward", default="embedding", choices=["embedding", "judge", "judge-binary"],
+                   help="sim-to-real gap (the method), or the paper's LLM-as-a-judge ablation (score/10, or 1[score >= 5])")
+    p.add_argument("--judge-model", default=TINY_MODEL, help="HF id or folder of the judge for --reward judge*")
     p.add_argument("--tau", type=float, default=None, help="tau_d (paper: 0.2 ALFWorld with Qwen3-Embedding-8B; default: the embedder's calibrated value)")
     # GRPO (paper, ALFWorld: group 8, lr 1e-6, batch 32, 2 epochs)
     p.add_argument("--group-size", type=int, default=8, help="G: predictions sampled per triplet (paper: 8 ALFWorld, 16 tau2)")
@@ -161,6 +164,10 @@ def main(args):
     embed = Embeddings(args.embedder)
     if args.mode == "filter":
         return run_filter(args, triplets, model, tok, embed)
+    if args.reward != "embedding":  # the judge's verdicts replace the sim-to-real reward in RWML's update
+        jm, jt = load_model(args.judge_model, dtype=args.dtype)  # a frozen judge, never the model being trained
+        ask = lambda prompts: generate(jm, jt, [chat_prompt(jt, p) for p in prompts], 16, temperature=0,
+                                       batch_size=args.gen_batch)
 
     # ---- setup: held-out split, trainable parameters, reference policy, optimizer (TRY NOT TO MODIFY) ----
     train, heldout = heldout_split(triplets, args.val_frac, seed=0)
@@ -198,10 +205,13 @@ def main(args):
             samples = sample(model, tok, prompts, args.max_new_tokens, args.temperature, batch_size=args.gen_batch)
             scores = sim_to_real([text for _, _, text in samples], [t["next_state"] for t in batch for _ in range(G)],
                                  embed, args.tau)
-            rewards = [s["reward"] for s in scores]
+            rewards = [s["reward"] for s in scores] if args.reward == "embedding" else \
+                judge([text for _, _, text in samples], [t["next_state"] for t in batch for _ in range(G)], ask,
+                      binarise_at=0.5 if args.reward == "judge-binary" else None)
             adv, no_signal = group_advantages(rewards, G)
             stats = grpo_update(model, optimizer, [(p, c) for p, c, _ in samples], adv, args, ref_model)
-            stats.update(mean_scores(scores), reward_std=torch.tensor(rewards).std().item(), no_signal_groups=no_signal,
+            stats.update(mean_scores(scores), optimised_reward=sum(rewards) / len(rewards),
+                         reward_std=torch.tensor(rewards).std().item(), no_signal_groups=no_signal,
                          completion_len=sum(len(c) for _, c, _ in samples) / len(samples))
         else:
             # ---- WM SFT baseline: next-state token prediction ----

@@ -2,7 +2,7 @@
 
 import pytest
 
-from reward import Embeddings, calibrate, mean_scores, parse_next_state, rouge_reward, sim_to_real, wm_prompt
+from reward import Embeddings, calibrate, judge, mean_scores, parse_next_state, rouge_reward, sim_to_real, wm_prompt
 
 REAL = "You open the fridge 1. The fridge 1 is open. In it, you see a apple 1, a egg 2, and a lettuce 1."
 
@@ -38,9 +38,10 @@ def test_threshold_is_on_the_distance(embed):
     assert sim_to_real([close], [REAL], embed, tau=d - 1e-3)[0]["reward"] == 0.0
 
 
-def test_real_next_states_are_embedded_once(embed):
-    sim_to_real([f"<next_state>x{i}</next_state>" for i in range(5)], [REAL] * 5, embed, tau=0.2)
-    assert sum(1 for k in embed.cache if k == REAL) == 1 and REAL in embed.cache
+def test_real_next_states_are_embedded_once_and_predictions_not_kept(embed):
+    embed.cache.clear()
+    recs = sim_to_real([f"<next_state>x{i}</next_state>" for i in range(5)], [REAL] * 5, embed, tau=0.2)
+    assert list(embed.cache) == [REAL] and len(recs) == 5
 
 
 def test_rouge_is_rounded_to_fifths():
@@ -69,3 +70,17 @@ def test_wm_prompt_holds_task_history_state_and_action():
     for part in ("put a mug in the fridge.", "You are in a room.", "go to desk 1", "On the desk 1, you see a mug 1.",
                  "take mug 1 from desk 1", "<next_state>"):
         assert part in p
+
+
+def test_llm_judge_reward_with_the_tiny_model_as_judge(tiny):
+    from grpo import chat_prompt, generate
+
+    model, tok = tiny
+    ask = lambda prompts: generate(model, tok, [chat_prompt(tok, p) for p in prompts], 16, temperature=0)
+    outputs = [f"<next_state>{REAL}</next_state>", "no tags"]
+    real = judge(outputs, [REAL, REAL], ask)
+    binary = judge(outputs, [REAL, REAL], ask, binarise_at=0.5)
+    assert 0 <= real[0] <= 1 and real[1] == 0.0 and binary[0] in (0.0, 1.0) and binary[1] == 0.0
+    # a verdict is read from its tags; anything else is 0
+    assert judge(["<next_state>x</next_state>"] * 3, ["y"] * 3,
+                 lambda ps: ["<score>7</score>", "I'd say 9", "<score>12</score>"]) == [0.7, 0.0, 1.0]
