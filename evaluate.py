@@ -36,7 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--history", type=int, default=2, help="H: previous turns shown to the agent")
     p.add_argument("--temperature", type=float, default=0.4, help="sampling temperature at evaluation")
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens the agent may write per turn")
-    p.add_argument("--batch-games", type=int, default=8, help="episodes played in parallel")
+    p.add_argument("--batch-games", type=int, default=8, help="episodes played in parallel (with --wm: predictions per generate call)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first run")
     p.add_argument("--out", default="runs/eval", help="output folder")
     p.add_argument("--resume", action="store_true", help="keep finished episodes of a killed evaluation")

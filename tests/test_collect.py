@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 
 from collect import (ROLLOUT_FIELDS, TRIPLET_FIELDS, TURN_FIELDS, act, collect, list_games, make_env, parse_action,
-                     parse_args, split_intro, start)
+                     parse_args, split_intro, start, task_type)
 from conftest import ROOT
 from grpo import read_jsonl
 
@@ -19,7 +19,7 @@ from grpo import read_jsonl
 def first_game_of_each_type(split):
     seen = {}
     for g in list_games(split):
-        seen.setdefault(g.split("/")[-3].split("-")[0], g)
+        seen.setdefault(task_type(g), g)
     return seen
 
 
