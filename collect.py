@@ -25,8 +25,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from grpo import TINY_MODEL, append_jsonl, chat_prompt, drop_partial_line, generate, load_model, plot_metrics, \
-    read_jsonl, set_seed, write_jsonl
+from grpo import TINY_MODEL, append_jsonl, chat_prompt, drop_partial_line, load_model, plot_metrics, read_jsonl, sample, \
+    set_seed, write_jsonl
+from grpo import generate  # noqa: F401  (evaluate.py reaches grpo through collect.py)
 
 SPLITS = ("train", "valid_seen", "valid_unseen")
 ROLLOUT_FIELDS = ("env", "game", "split", "task_type", "task", "episode", "won", "steps", "invalid", "turns",
@@ -160,6 +161,7 @@ class Episode:
     observation: str = ""
     admissible: list = field(default_factory=list)
     turns: list = field(default_factory=list)
+    seqs: list = field(default_factory=list)  # per turn: (prompt_ids, completion_ids) the model wrote, None for a random turn
     won: bool = False
     done: bool = False
 
@@ -174,19 +176,21 @@ def start(game, split, index, seed, max_steps):
     return ep
 
 
-def act(ep, output, action, behaviour):
+def act(ep, output, action, behaviour, seq=None):
     """Apply one agent turn: an action outside the admissible list (or none at all) is recorded as invalid
-    and still sent to the engine, which answers with its own feedback ("Nothing happens.")."""
+    and still sent to the engine, which answers with its own feedback ("Nothing happens."). `seq` keeps
+    the turn's (prompt_ids, completion_ids) in memory for policy learning."""
     valid = action in ep.admissible
     obs, _, done, info = ep.env.step(action)
     ep.turns.append(dict(observation=ep.observation, output=output, action=action, valid=valid, behaviour=behaviour))
+    ep.seqs.append(seq)
     ep.observation = obs.strip()
     ep.admissible = [a for a in info["admissible_commands"] if a != "help"]
     ep.won, ep.done = bool(info["won"]), bool(done)
 
 
 def play(jobs, model, tok, args):
-    """Play (game, split, episode index) jobs, B at a time, one batched `generate` per turn; yields each
+    """Play (game, split, episode index) jobs, B at a time, one batched `sample` per turn; yields each
     finished Episode."""
     pending, active = list(jobs), []
     while pending or active:
@@ -197,13 +201,14 @@ def play(jobs, model, tok, args):
         prompts = [chat_prompt(tok, agent_prompt(ep.task, [(t["observation"], t["action"]) for t in ep.turns],
                                                  ep.observation, ep.admissible, len(ep.turns), args.history))
                    for ep in thinking]
-        outputs = generate(model, tok, prompts, args.max_new_tokens, args.temperature, stop=["</action>"])
+        outputs = sample(model, tok, prompts, args.max_new_tokens, args.temperature, stop=["</action>"])
         by_model = dict(zip(map(id, thinking), outputs))
         for ep, c in zip(active, coin):
             if c:
                 act(ep, None, ep.rng.choice(ep.admissible), "random")
             else:
-                act(ep, by_model[id(ep)], parse_action(by_model[id(ep)]), "model")
+                prompt_ids, completion_ids, text = by_model[id(ep)]
+                act(ep, text, parse_action(text), "model", (prompt_ids, completion_ids))
         for ep in [ep for ep in active if ep.done]:
             active.remove(ep)
             ep.env.close()

@@ -1,10 +1,13 @@
 """Evaluation (RWML paper, Sec. 4, Table 1): task success of a policy on ALFWorld's valid_seen (ID)
 and valid_unseen (OOD) splits, mean ± std over runs, per task type, with the invalid-action rate.
 
-    python evaluate.py --model smollm2-135m --games 10 --runs 3 --out runs/demo/eval
+    python evaluate.py --model smollm2-135m --games 10 --runs 3 --out runs/eval
+    python evaluate.py --model Base=smollm2-135m "RWML + Policy RL=runs/rwml_policy_rl/checkpoint/model" ...
 
-Writes, in --out: run{r}/{split}/rollouts.jsonl (every episode, readable), metrics.jsonl (one line
-per run), results.json, and prints a Markdown table shaped like the paper's Table 1.
+--model takes one or more HF ids or folders, each optionally as NAME=PATH (NAME is its row in the
+table). Writes, per model in --out/<name>/: run{r}/{split}/rollouts.jsonl (every episode, readable),
+metrics.jsonl (one line per run), results.json; and --out/table.md, the Markdown table shaped like the
+paper's Table 1 (one row per model), which is also printed.
 
 The world model and its reward (the command line of reward.py):
 
@@ -15,6 +18,7 @@ The world model and its reward (the command line of reward.py):
 
 import argparse
 import json
+import re
 import statistics
 from pathlib import Path
 
@@ -26,8 +30,7 @@ SPLIT_NAMES = {"valid_seen": "ID", "valid_unseen": "OOD"}
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=TINY_MODEL, help="HF id, local folder or checkpoint to evaluate")
-    p.add_argument("--name", default=None, help="row name in the table (default: --model)")
+    p.add_argument("--model", nargs="+", default=[TINY_MODEL], help="HF ids or folders to evaluate, each PATH or NAME=PATH")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="weights dtype (auto: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--splits", nargs="+", default=["valid_seen", "valid_unseen"], help="ALFWorld splits to evaluate")
     p.add_argument("--games", type=int, default=None, help="first N games of each split (default: all, 140 / 134)")
@@ -49,21 +52,32 @@ def parse_args(argv=None):
     wm.add_argument("--val-size", type=int, default=None, help="with --wm: the first N triplets only")
     args = p.parse_args(argv)
     args.tau = args.tau if args.tau is not None else TAU.get(args.embedder, 0.2)
+    args.models = [(m.rpartition("=")[0] or m, m.rpartition("=")[2]) for m in args.model]  # [(name, path)]
     return args
 
 
-def evaluate_wm(args, model=None, tok=None):
+def slug(name):
+    """A row name as a folder name: "RWML + Policy RL" -> "rwml_policy_rl"."""
+    return re.sub(r"[^a-z0-9.-]+", "_", name.lower()).strip("_")
+
+
+def evaluate_wm(args, model, tok, name, out, embed):
     """Held-out world-model quality: greedy predictions -> mean sim-to-real reward, similarity, format rate."""
     triplets = read_jsonl(args.wm, required=("task", "history", "state", "action", "next_state"))[:args.val_size]
-    if model is None:
-        model, tok = load_model(args.model, dtype=args.dtype)
     outputs = generate(model, tok, [chat_prompt(tok, wm_prompt(t)) for t in triplets], args.max_new_tokens,
                        temperature=0, batch_size=args.batch_games)
-    recs = sim_to_real(outputs, [t["next_state"] for t in triplets], Embeddings(args.embedder), args.tau)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    write_jsonl(Path(args.out) / "wm_predictions.jsonl",
+    recs = sim_to_real(outputs, [t["next_state"] for t in triplets], embed, args.tau)
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out / "wm_predictions.jsonl",
                 [dict(id=t.get("id"), output=o, next_state=t["next_state"], **r) for t, o, r in zip(triplets, outputs, recs)])
-    return dict(model=args.model, triplets=len(triplets), tau=args.tau, embedder=args.embedder, **mean_scores(recs))
+    res = dict(name=name, triplets=len(triplets), tau=args.tau, embedder=args.embedder, **mean_scores(recs))
+    (out / "wm_results.json").write_text(json.dumps(res, indent=1))
+    return res
+
+
+def wm_table(results):
+    lines = ["| World model | Held-out reward | Similarity | Format |", "|---|---|---|---|"]
+    return "\n".join(lines + [f"| {r['name']} | {r['reward']:.3f} | {r['similarity']:.3f} | {r['format']:.2f} |" for r in results])
 
 
 def mean_std(xs):
@@ -76,36 +90,36 @@ def pct(xs):
 
 
 def table(results):
-    """Markdown in the shape of the paper's Table 1: ID / OOD / AVG success (%), mean ± std over runs."""
-    cols = [s for s in SPLIT_NAMES if s in results["splits"]]
+    """Markdown in the shape of the paper's Table 1: ID / OOD / AVG success (%), mean ± std over runs, one
+    row per model; then each model's invalid-action rate, episode length and success per task type."""
+    cols = [s for s in SPLIT_NAMES if s in results[0]["splits"]]
     head = ["Method"] + [f"{SPLIT_NAMES[s]} ({s})" for s in cols] + (["AVG"] if len(cols) > 1 else [])
-    row = [results["name"]] + [pct(results["splits"][s]["success"]) for s in cols]
-    if len(cols) > 1:
-        row.append(pct([statistics.mean(v) for v in zip(*(results["splits"][s]["success"] for s in cols))]))
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), "| " + " | ".join(row) + " |", ""]
-    lines += ["| Split | Task type | Success (%) | Invalid actions (%) | Mean steps |", "|---|---|---|---|---|"]
-    for s in cols:
-        r = results["splits"][s]
-        lines.append(f"| {s} | all | {pct(r['success'])} | {pct(r['invalid_rate'])} | {statistics.mean(r['mean_steps']):.1f} |")
-        for t, v in sorted(r["per_task_type"].items()):
-            lines.append(f"| {s} | {t} | {pct(v)} | | |")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for res in results:
+        row = [res["name"]] + [pct(res["splits"][s]["success"]) for s in cols]
+        if len(cols) > 1:
+            row.append(pct([statistics.mean(v) for v in zip(*(res["splits"][s]["success"] for s in cols))]))
+        lines.append("| " + " | ".join(row) + " |")
+    types = sorted({t for res in results for s in cols for t in res["splits"][s]["per_task_type"]})
+    lines += ["", "| Method | Split | Invalid actions (%) | Mean steps | " + " | ".join(types) + " |", "|" + "---|" * (4 + len(types))]
+    for res in results:
+        for s in cols:
+            r = res["splits"][s]
+            lines.append(f"| {res['name']} | {s} | {pct(r['invalid_rate'])} | {statistics.mean(r['mean_steps']):.1f} | "
+                         + " | ".join(pct(r["per_task_type"][t]) if t in r["per_task_type"] else "" for t in types) + " |")
     return "\n".join(lines)
 
 
-def evaluate(args, model=None, tok=None):
+def evaluate(args, model, tok, name, out):
     """Play every split `args.runs` times with the model as policy; return the results dict."""
-    if model is None:
-        model, tok = load_model(args.model, dtype=args.dtype)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = dict(name=args.name or args.model, model=args.model, runs=args.runs, max_steps=args.max_steps,
-                   temperature=args.temperature, splits={})
+    results = dict(name=name, runs=args.runs, max_steps=args.max_steps, temperature=args.temperature, splits={})
     metrics = [dict(run=r) for r in range(args.runs)]  # one line per run: <metric>/<split>
     for split in args.splits:
         per_run = []
         for r in range(args.runs):
             run_args = argparse.Namespace(**{**vars(args), "split": split, "seed": args.seed + r, "episodes": 1,
-                                             "policy": "model", "epsilon": 0.0, "out": str(out / f"run{r}" / split)})
+                                             "policy": "model", "epsilon": 0.0, "model": name, "out": str(out / f"run{r}" / split)})
             rollouts = collect(run_args, model, tok, desc=f"eval {split} run {r}")
             per_run.append((rollouts, summary(rollouts)))
             metrics[r].update({f"{k}/{split}": v for k, v in per_run[-1][1].items()})
@@ -130,13 +144,18 @@ def main(args):
         rows = read_jsonl(args.score, required=("output", "next_state"))
         print(json.dumps(mean_scores(sim_to_real([r["output"] for r in rows], [r["next_state"] for r in rows],
                                                  Embeddings(args.embedder), args.tau))))
-    elif args.wm:
-        res = evaluate_wm(args)
-        (Path(args.out) / "wm_results.json").write_text(json.dumps(res, indent=1))
-        print(json.dumps(res))
-    else:
-        print(table(evaluate(args)))
-        print(f"-> {args.out}/results.json")
+    else:  # every model in turn, then one table
+        embed = Embeddings(args.embedder) if args.wm else None
+        results = []
+        for name, path in args.models:
+            model, tok = load_model(path, dtype=args.dtype)
+            out = Path(args.out) / slug(name)
+            results.append(evaluate_wm(args, model, tok, name, out, embed) if args.wm else evaluate(args, model, tok, name, out))
+            del model
+        md = wm_table(results) if args.wm else table(results)
+        (Path(args.out) / ("wm_table.md" if args.wm else "table.md")).write_text(md + "\n")
+        print(md)
+        print(f"-> {args.out}/")
 
 
 if __name__ == "__main__":

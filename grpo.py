@@ -10,6 +10,7 @@ This file imports nothing from the project and no environment.
     texts = generate(model, tok, ["Say hi."], max_new_tokens=16)
 """
 
+import copy
 import glob
 import importlib.util
 import json
@@ -395,3 +396,36 @@ def load_checkpoint(folder, model, optimizer):
     np.random.set_state(state["rng"]["numpy"])
     torch.set_rng_state(state["rng"]["torch"])
     return state["step"]
+
+
+def start_training(args, ckpt, reference):
+    """What a training script needs from args (model, dtype, lora_rank, lr, beta, resume) and its checkpoint
+    folder: (model, tok, ref_model, optimizer, first step). With --resume the weights (full fine-tuning)
+    or the adapters (LoRA), the optimizer and the RNG come from `ckpt`. The reference policy is the
+    *starting* model: a frozen copy of args.model for full fine-tuning (None when `reference` is False
+    or beta = 0), the same weights with adapters off under LoRA (also None here)."""
+    ckpt = Path(ckpt)
+    if args.resume and not (ckpt / "trainer.pt").exists():
+        raise SystemExit(f"error: --resume: no checkpoint in {ckpt}")
+    full_resume = args.resume and not args.lora_rank
+    model, tok = load_model(str(ckpt / "model") if full_resume else args.model, dtype=args.dtype)
+    ref_model = None
+    if reference and args.beta > 0 and not args.lora_rank:
+        ref_model = load_model(args.model, dtype=args.dtype)[0] if full_resume else copy.deepcopy(model)
+        ref_model.requires_grad_(False)
+    params = add_lora(model, args.lora_rank) if args.lora_rank else list(model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    step = load_checkpoint(ckpt, model, optimizer) if args.resume else 0
+    return model, tok, ref_model, optimizer, step
+
+
+def open_step_log(path, resume, step):
+    """A JSONL file of per-step lines (field `step`) opened for appending; on resume only the lines up to
+    the checkpoint's step are kept, so replayed steps are not written twice."""
+    path = Path(path)
+    if resume and path.exists():
+        drop_partial_line(path)
+        write_jsonl(path, [m for m in read_jsonl(path) if m["step"] <= step])
+    elif not resume:
+        path.unlink(missing_ok=True)
+    return open(path, "a", encoding="utf-8")

@@ -16,7 +16,6 @@ checkpoint/ (checkpoint/model is a plain HF folder for --model of later stages).
 """
 
 import argparse
-import copy
 import math
 import random
 import time
@@ -25,9 +24,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from grpo import (TINY_MODEL, add_lora, append_jsonl, chat_prompt, collate, completion_logprobs, drop_partial_line,
-                  generate, group_advantages, grpo_update, load_checkpoint, load_model, plot_metrics, read_jsonl, sample,
-                  save_checkpoint, set_seed, write_jsonl)
+from grpo import (TINY_MODEL, append_jsonl, chat_prompt, collate, completion_logprobs, drop_partial_line, generate,
+                  group_advantages, grpo_update, load_model, open_step_log, plot_metrics, read_jsonl, sample, save_checkpoint,
+                  set_seed, start_training, write_jsonl)
 from reward import DEFAULT_EMBEDDER, TAU, Embeddings, judge, mean_scores, sim_to_real, wm_prompt
 
 FIELDS = ("id", "task", "history", "state", "action", "next_state")  # what a triplet needs here
@@ -158,36 +157,23 @@ def main(args):
     if not triplets:
         raise SystemExit(f"error: {args.triplets} holds no triplets")
     ckpt = out / "checkpoint"
-    if args.resume and args.mode != "filter" and not (ckpt / "trainer.pt").exists():
-        raise SystemExit(f"error: --resume: no checkpoint in {ckpt}")
-    resume_weights = args.resume and args.mode != "filter" and args.lora_rank == 0
-    model, tok = load_model(str(ckpt / "model") if resume_weights else args.model, dtype=args.dtype)
-    embed = Embeddings(args.embedder, dtype=args.embed_dtype)
     if args.mode == "filter":
-        return run_filter(args, triplets, model, tok, embed)
+        model, tok = load_model(args.model, dtype=args.dtype)
+        return run_filter(args, triplets, model, tok, Embeddings(args.embedder, dtype=args.embed_dtype))
+    # ---- setup: model, reference policy, optimizer, held-out split (TRY NOT TO MODIFY) ----
+    model, tok, ref_model, optimizer, start = start_training(args, ckpt, reference=args.mode == "rwml")
+    embed = Embeddings(args.embedder, dtype=args.embed_dtype)
     if args.reward != "embedding":  # the judge's verdicts replace the sim-to-real reward in RWML's update
         jm, jt = load_model(args.judge_model, dtype=args.dtype)  # a frozen judge, never the model being trained
         ask = lambda prompts: generate(jm, jt, [chat_prompt(jt, p) for p in prompts], 16, temperature=0,
                                        batch_size=args.gen_batch)
-
-    # ---- setup: held-out split, trainable parameters, reference policy, optimizer (TRY NOT TO MODIFY) ----
     train, heldout = heldout_split(triplets, args.val_frac, seed=0)
     write_jsonl(out / "heldout.jsonl", heldout)
     heldout = heldout[:args.val_size]
-    params = add_lora(model, args.lora_rank) if args.lora_rank else [p for p in model.parameters()]
-    # without LoRA the reference policy is a frozen copy of the starting weights (with LoRA: adapters off)
-    ref_model = copy.deepcopy(model).requires_grad_(False) if args.mode == "rwml" and args.beta > 0 and not args.lora_rank else None
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     steps_per_epoch = math.ceil(len(train) / args.batch_size)
     total = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
-    start = load_checkpoint(ckpt, model, optimizer) if args.resume else 0
     metrics_path = out / "metrics.jsonl"
-    if args.resume:
-        drop_partial_line(metrics_path)
-        write_jsonl(metrics_path, [m for m in read_jsonl(metrics_path) if m["step"] <= start] if metrics_path.exists() else [])
-    else:
-        metrics_path.unlink(missing_ok=True)
-    f_metrics = open(metrics_path, "a", encoding="utf-8")
+    f_metrics = open_step_log(metrics_path, args.resume, start)
     if start == 0:
         append_jsonl(f_metrics, [dict(step=0, **{f"heldout/{k}": v for k, v in wm_heldout(model, tok, heldout, embed, args.tau, args).items()})])
 

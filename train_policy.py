@@ -1,0 +1,120 @@
+"""Policy learning (RWML paper, Sec. 3.3): GRPO on ALFWorld's terminal task-success reward, from the
+base model, a WM SFT checkpoint or an RWML checkpoint.
+
+    python train_policy.py --model runs/rwml/checkpoint/model --out runs/rwml_policy_rl
+
+Each update takes --games-per-step training games and plays G episodes of each from the same start,
+all of them in parallel through collect.py's batched loop (temperature 1.0, at most 15 steps). An
+episode's reward is 1 if it is won, else 0. With gamma = 1 and only a terminal reward, every agent turn
+of an episode gets the episode's group-normalised advantage; the loss covers the tokens the agent wrote
+in each turn, given the prompt it saw at that turn. Turns of a group whose episodes all failed (or all
+won) have advantage 0 and would add only the KL term: they are left out, so a step where every group
+is like that changes no weight.
+
+Writes, in --out: rollouts.jsonl (every training episode, with its update `step`), metrics.jsonl
+(+ metrics.png), checkpoint/ (checkpoint/model is a plain HF folder for evaluate.py --model).
+"""
+
+import argparse
+import random
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from collect import TINY_MODEL, list_games, play, rollout_record, summary
+from grpo import append_jsonl, group_advantages, grpo_update, open_step_log, plot_metrics, read_jsonl, save_checkpoint, \
+    set_seed, start_training
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=TINY_MODEL, help="HF id or folder to start from (base, WM SFT or RWML checkpoint/model)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="weights dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--split", default="train", help="ALFWorld split the policy trains on")
+    p.add_argument("--games", type=int, default=None, help="train on the first N games of the split (default: all 200)")
+    p.add_argument("--games-per-step", type=int, default=16, help="games per update, each played G times")
+    p.add_argument("--group-size", type=int, default=8, help="G: episodes per game from the same start (paper: 8)")
+    p.add_argument("--updates", type=int, default=100, help="GRPO updates")
+    p.add_argument("--max-steps", type=int, default=15, help="steps per episode (paper: 15 in policy RL)")
+    p.add_argument("--history", type=int, default=2, help="H: previous turns shown to the agent")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the episodes (paper: 1.0)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens the agent may write per turn")
+    p.add_argument("--batch-games", type=int, default=None, help="episodes in flight at once (default: all G x games-per-step)")
+    # GRPO
+    p.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate (paper: 1e-6 full fine-tuning; LoRA wants ~1e-4)")
+    p.add_argument("--clip-eps", type=float, default=0.2, help="epsilon of the clipped ratio")
+    p.add_argument("--beta", type=float, default=0.001, help="KL coefficient to the starting policy (0: no reference pass)")
+    p.add_argument("--ppo-epochs", type=int, default=1, help="mu: optimisation passes over each step's turns")
+    p.add_argument("--seq-mean", dest="token_mean", action="store_false", help="average the loss per turn, then over turns (default: over all tokens)")
+    p.add_argument("--micro-batch", type=int, default=8, help="turns per forward/backward (gradient accumulation)")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
+    p.add_argument("--lora-rank", type=int, default=0, help="0: full fine-tuning; r > 0: hand-written LoRA adapters")
+    p.add_argument("--save-every", type=int, default=10, help="updates between checkpoints")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--out", default="runs/policy", help="output folder")
+    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint")
+    args = p.parse_args(argv)
+    # what collect.play reads: the model acts alone, every episode of a step in flight at once
+    args.policy, args.epsilon = "model", 0.0
+    args.batch_games = args.batch_games or args.games_per_step * args.group_size
+    return args
+
+
+def turn_batch(episodes, G):
+    """Episodes in groups of G (one game each, in order) -> the agent turns to train on, their advantages,
+    and the number of groups without signal."""
+    adv, no_signal = group_advantages([float(ep.won) for ep in episodes], G)  # reward: 1 if won else 0
+    # Eq. multi-turn GRPO (gamma = 1, terminal reward): A_{i,t} = A_i for every turn t of episode i
+    turns = [(seq, a) for ep, a in zip(episodes, adv.tolist()) for seq in ep.seqs if seq is not None and a != 0]
+    return [s for s, _ in turns], [a for _, a in turns], no_signal
+
+
+def main(args):
+    set_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / "checkpoint"
+    games = list_games(args.split, args.games)
+    model, tok, ref_model, optimizer, start = start_training(args, ckpt, reference=True)
+    f_metrics = open_step_log(out / "metrics.jsonl", args.resume, start)
+    f_rollouts = open_step_log(out / "rollouts.jsonl", args.resume, start)
+    G, per_step = args.group_size, min(args.games_per_step, len(games))
+
+    def games_at(step):  # the k-th game drawn is in epoch k // n, each epoch a shuffled order fixed by (seed, epoch)
+        n = len(games)
+        return [random.Random(args.seed * 1000 + k // n).sample(games, n)[k % n] for k in range(step * per_step, (step + 1) * per_step)]
+
+    bar = tqdm(range(start, args.updates), initial=start, total=args.updates, desc="train_policy", unit="update")
+    for step in bar:
+        t0 = time.time()
+        # ---- interaction: G episodes of each game, all in flight through collect.play ----
+        jobs = [(g, args.split, i) for g in games_at(step) for i in range(G)]
+        played = {(ep.game, ep.index): ep for ep in play(jobs, model, tok, args)}
+        episodes = [played[g, i] for g, _, i in jobs]  # back in group order
+        rollouts = [dict(rollout_record(ep, args), step=step + 1) for ep in episodes]
+        append_jsonl(f_rollouts, rollouts)
+        rollout_seconds = time.time() - t0
+        # ---- ALGO LOGIC: GRPO on task success, every turn weighted by its episode's advantage ----
+        seqs, adv, no_signal = turn_batch(episodes, G)
+        stats = grpo_update(model, optimizer, seqs, adv, args, ref_model) if seqs else {}
+        row = dict(step=step + 1, **summary(rollouts), groups=len(jobs) // G, no_signal_groups=no_signal,
+                   trained_turns=len(seqs), updated=bool(seqs), **{f"train/{k}": v for k, v in stats.items()},
+                   rollout_seconds=rollout_seconds, seconds=time.time() - t0)
+        append_jsonl(f_metrics, [row])
+        bar.set_postfix(success=f"{row['success']:.2f}", invalid=f"{row['invalid_rate']:.2f}", no_signal=f"{no_signal}/{row['groups']}")
+        if (step + 1) % args.save_every == 0 or step + 1 == args.updates:
+            save_checkpoint(ckpt, model, tok, optimizer, step + 1, args)
+    f_metrics.close()
+    f_rollouts.close()
+    plot_metrics(out / "metrics.jsonl")
+    rows = read_jsonl(out / "metrics.jsonl")
+    if rows:
+        print(f"training success {rows[0]['success']:.3f} -> {rows[-1]['success']:.3f}, invalid-action rate "
+              f"{rows[0]['invalid_rate']:.3f} -> {rows[-1]['invalid_rate']:.3f}, updates with signal "
+              f"{sum(r['updated'] for r in rows)} of {len(rows)}; model: {ckpt}/model")
+    return rows
+
+
+if __name__ == "__main__":
+    main(parse_args())
