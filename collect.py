@@ -1,7 +1,7 @@
 """Interaction learning (RWML paper, Sec. 3.1): the agent plays real ALFWorld games and every turn
 becomes a triplet <state, action, next state> for world-model learning.
 
-    python collect.py --split train --games 20 --episodes 3 --out runs/demo/collect
+    python collect.py --split train --games 20 --episodes 3 --out runs/collect
 
 Writes, in --out:
   rollouts.jsonl   one episode a line (every turn's observation, raw model output, action, validity)
@@ -21,6 +21,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import zip_longest
 from pathlib import Path
 
 from tqdm import tqdm
@@ -40,7 +41,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--env", default="alfworld", choices=["alfworld"], help="environment")
     p.add_argument("--split", default="train", help=f"ALFWorld split: one of {', '.join(SPLITS)}")
-    p.add_argument("--games", type=int, default=None, help="play the first N games of the split (default: all)")
+    p.add_argument("--games", type=int, default=None, help="play N games of the split, spread over its task types (default: all)")
     p.add_argument("--episodes", type=int, default=3, help="episodes per game (paper: 3)")
     p.add_argument("--max-steps", type=int, default=30, help="steps per episode (paper: 30 at evaluation, 15 in policy RL)")
     p.add_argument("--history", type=int, default=2, help="H: previous (observation, action) turns shown in the state")
@@ -70,14 +71,19 @@ def alfworld_data():
 
 
 def list_games(split, n=None):
-    """The split's game files in a fixed (sorted) order, the first n of them."""
+    """The split's game files in a fixed order that takes the six task types in turn, the first n of them
+    (so that a small subset covers every task type)."""
     if split not in SPLITS:
         raise SystemExit(f"error: unknown ALFWorld split {split!r} (choose from {', '.join(SPLITS)})")
     root = alfworld_data()
     games = sorted(glob_games(root / "json_2.1.1" / split))
     if not games:
         raise SystemExit(f"error: no games in {root}/json_2.1.1/{split}")
-    return games[:n] if n else games
+    by_type = {}
+    for g in games:
+        by_type.setdefault(task_type(g), []).append(g)
+    in_turn = [g for row in zip_longest(*by_type.values()) for g in row if g]
+    return in_turn[:n] if n else in_turn
 
 
 def glob_games(folder):
@@ -141,6 +147,12 @@ def agent_prompt(task, history, observation, admissible, step, h):
                                admissible=", ".join(f"'{a}'" for a in admissible))
 
 
+def turn_prompt(tok, ep, h):
+    """The chat-rendered prompt the agent sees at an episode's current turn."""
+    return chat_prompt(tok, agent_prompt(ep.task, [(t["observation"], t["action"]) for t in ep.turns], ep.observation,
+                                         ep.admissible, len(ep.turns), h))
+
+
 def parse_action(text):
     """The last <action>...</action> of a model output, normalised like ALFWorld commands; "" without tags."""
     found = re.findall(r"<action>(.*?)</action>", text, flags=re.S)
@@ -198,9 +210,7 @@ def play(jobs, model, tok, args):
             active.append(start(*pending.pop(0), args.seed, args.max_steps))
         coin = [args.policy == "random" or ep.rng.random() < args.epsilon for ep in active]
         thinking = [ep for ep, c in zip(active, coin) if not c]
-        prompts = [chat_prompt(tok, agent_prompt(ep.task, [(t["observation"], t["action"]) for t in ep.turns],
-                                                 ep.observation, ep.admissible, len(ep.turns), args.history))
-                   for ep in thinking]
+        prompts = [turn_prompt(tok, ep, args.history) for ep in thinking]
         outputs = sample(model, tok, prompts, args.max_new_tokens, args.temperature, stop=["</action>"])
         by_model = dict(zip(map(id, thinking), outputs))
         for ep, c in zip(active, coin):

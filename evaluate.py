@@ -33,7 +33,7 @@ def parse_args(argv=None):
     p.add_argument("--model", nargs="+", default=[TINY_MODEL], help="HF ids or folders to evaluate, each PATH or NAME=PATH")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="weights dtype (auto: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--splits", nargs="+", default=["valid_seen", "valid_unseen"], help="ALFWorld splits to evaluate")
-    p.add_argument("--games", type=int, default=None, help="first N games of each split (default: all, 140 / 134)")
+    p.add_argument("--games", type=int, default=None, help="N games of each split, spread over its task types (default: all, 140 / 134)")
     p.add_argument("--runs", type=int, default=3, help="independent runs, seeds seed..seed+runs-1 (paper: 3)")
     p.add_argument("--max-steps", type=int, default=30, help="steps per episode (paper: 30)")
     p.add_argument("--history", type=int, default=2, help="H: previous turns shown to the agent")

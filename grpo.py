@@ -318,6 +318,21 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, clip_eps, beta, norm):
     return loss, dict(kl=(kl * mask).sum().item(), clipfrac=(clipped * mask).sum().item())
 
 
+def add_grpo_args(p):
+    """The flags `start_training` and `grpo_update` read, for train_wm.py and train_policy.py."""
+    g = p.add_argument_group("GRPO update and fine-tuning")
+    g.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate (paper: 1e-6 full fine-tuning; LoRA wants ~1e-4)")
+    g.add_argument("--clip-eps", type=float, default=0.2, help="epsilon of the clipped ratio")
+    g.add_argument("--beta", type=float, default=0.001, help="KL coefficient to the reference (starting) policy (0: no reference pass)")
+    g.add_argument("--ppo-epochs", type=int, default=1, help="mu: optimisation passes over each sampled batch")
+    g.add_argument("--seq-mean", dest="token_mean", action="store_false", help="average the loss per sequence, then over sequences (default: over all tokens)")
+    g.add_argument("--micro-batch", type=int, default=8, help="sequences per forward/backward (gradient accumulation)")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
+    g.add_argument("--lora-rank", type=int, default=0, help="0: full fine-tuning; r > 0: hand-written LoRA adapters")
+    g.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="weights dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    g.add_argument("--resume", action="store_true", help="continue from --out/checkpoint")
+
+
 def grpo_update(model, optimizer, seqs, adv, args, ref_model=None):
     """One GRPO update on sampled sequences [(prompt_ids, completion_ids)] with their advantages.
 

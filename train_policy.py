@@ -23,16 +23,15 @@ from pathlib import Path
 from tqdm import tqdm
 
 from collect import TINY_MODEL, list_games, play, rollout_record, summary
-from grpo import append_jsonl, group_advantages, grpo_update, open_step_log, plot_metrics, read_jsonl, save_checkpoint, \
-    set_seed, start_training
+from grpo import add_grpo_args, append_jsonl, group_advantages, grpo_update, open_step_log, plot_metrics, read_jsonl, \
+    save_checkpoint, set_seed, start_training
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=TINY_MODEL, help="HF id or folder to start from (base, WM SFT or RWML checkpoint/model)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="weights dtype (auto: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--split", default="train", help="ALFWorld split the policy trains on")
-    p.add_argument("--games", type=int, default=None, help="train on the first N games of the split (default: all 200)")
+    p.add_argument("--games", type=int, default=None, help="train on N games of the split (default: all 200)")
     p.add_argument("--games-per-step", type=int, default=16, help="games per update, each played G times")
     p.add_argument("--group-size", type=int, default=8, help="G: episodes per game from the same start (paper: 8)")
     p.add_argument("--updates", type=int, default=100, help="GRPO updates")
@@ -41,19 +40,10 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the episodes (paper: 1.0)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens the agent may write per turn")
     p.add_argument("--batch-games", type=int, default=None, help="episodes in flight at once (default: all G x games-per-step)")
-    # GRPO
-    p.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate (paper: 1e-6 full fine-tuning; LoRA wants ~1e-4)")
-    p.add_argument("--clip-eps", type=float, default=0.2, help="epsilon of the clipped ratio")
-    p.add_argument("--beta", type=float, default=0.001, help="KL coefficient to the starting policy (0: no reference pass)")
-    p.add_argument("--ppo-epochs", type=int, default=1, help="mu: optimisation passes over each step's turns")
-    p.add_argument("--seq-mean", dest="token_mean", action="store_false", help="average the loss per turn, then over turns (default: over all tokens)")
-    p.add_argument("--micro-batch", type=int, default=8, help="turns per forward/backward (gradient accumulation)")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
-    p.add_argument("--lora-rank", type=int, default=0, help="0: full fine-tuning; r > 0: hand-written LoRA adapters")
     p.add_argument("--save-every", type=int, default=10, help="updates between checkpoints")
+    add_grpo_args(p)  # --lr, --clip-eps, --beta, --ppo-epochs, --seq-mean, --micro-batch, --lora-rank, --dtype, --resume
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", default="runs/policy", help="output folder")
-    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint")
     args = p.parse_args(argv)
     # what collect.play reads: the model acts alone, every episode of a step in flight at once
     args.policy, args.epsilon = "model", 0.0

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from grpo import (TINY_MODEL, append_jsonl, chat_prompt, collate, completion_logprobs, drop_partial_line, generate,
+from grpo import (TINY_MODEL, add_grpo_args, append_jsonl, chat_prompt, collate, completion_logprobs, drop_partial_line, generate,
                   group_advantages, grpo_update, load_model, open_step_log, plot_metrics, read_jsonl, sample, save_checkpoint,
                   set_seed, start_training, write_jsonl)
 from reward import DEFAULT_EMBEDDER, TAU, Embeddings, judge, mean_scores, sim_to_real, wm_prompt
@@ -37,29 +37,20 @@ def parse_args(argv=None):
     p.add_argument("--mode", default="rwml", choices=["rwml", "sft", "filter"], help="what to run (see above)")
     p.add_argument("--triplets", required=True, help="triplets.jsonl from collect.py (or filtered by --mode filter)")
     p.add_argument("--model", default=TINY_MODEL, help="HF id or local folder to start from")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="weights dtype (auto: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--embedder", default=DEFAULT_EMBEDDER, help="sentence-transformers id (paper: Qwen/Qwen3-Embedding-8B)")
     p.add_argument("--embed-dtype", default="fp32", choices=["fp32", "bf16"], help="embedder dtype (bf16: 2.4x faster on AMX CPUs)")
     p.add_argument("--reward", default="embedding", choices=["embedding", "judge", "judge-binary"],
                    help="sim-to-real gap (the method), or the paper's LLM-as-a-judge ablation (score/10, or 1[score >= 5])")
     p.add_argument("--judge-model", default=TINY_MODEL, help="HF id or folder of the judge for --reward judge*")
     p.add_argument("--tau", type=float, default=None, help="tau_d (paper: 0.2 ALFWorld with Qwen3-Embedding-8B; default: the embedder's calibrated value)")
-    # GRPO (paper, ALFWorld: group 8, lr 1e-6, batch 32, 2 epochs)
+    # RWML (paper, ALFWorld: group 8, lr 1e-6, batch 32, 2 epochs)
     p.add_argument("--group-size", type=int, default=8, help="G: predictions sampled per triplet (paper: 8 ALFWorld, 16 tau2)")
     p.add_argument("--batch-size", type=int, default=32, help="triplets per update (paper: 32)")
-    p.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate (paper: 1e-6 full fine-tuning; LoRA wants ~1e-4)")
     p.add_argument("--epochs", type=float, default=2, help="passes over the training triplets (paper: 2)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many updates (default: epochs)")
-    p.add_argument("--clip-eps", type=float, default=0.2, help="epsilon of the clipped ratio")
-    p.add_argument("--beta", type=float, default=0.001, help="KL coefficient to the reference policy (0: no reference pass)")
-    p.add_argument("--ppo-epochs", type=int, default=1, help="mu: optimisation passes over each sampled batch")
-    p.add_argument("--seq-mean", dest="token_mean", action="store_false", help="average the loss per sequence, then over sequences (default: over all tokens)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the G predictions")
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per prediction (think + next_state)")
-    p.add_argument("--micro-batch", type=int, default=8, help="sequences per forward/backward (gradient accumulation)")
     p.add_argument("--gen-batch", type=int, default=64, help="sequences per generate call")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
-    p.add_argument("--lora-rank", type=int, default=0, help="0: full fine-tuning; r > 0: hand-written LoRA adapters")
     # held-out evaluation, checkpoints
     p.add_argument("--val-frac", type=float, default=0.1, help="share of triplets held out (paper: 10%%)")
     p.add_argument("--val-size", type=int, default=64, help="held-out triplets scored at each evaluation (greedy)")
@@ -69,9 +60,9 @@ def parse_args(argv=None):
     p.add_argument("--filter-k", type=int, default=10, help="K: predictions per triplet in --mode filter (paper: 10)")
     p.add_argument("--tau-easy", type=float, default=0.8, help="a triplet is easy when its mean reward reaches this")
     p.add_argument("--keep-easy", type=float, default=0.1, help="probability of keeping an easy triplet (paper: 0.1)")
+    add_grpo_args(p)  # --lr, --clip-eps, --beta, --ppo-epochs, --seq-mean, --micro-batch, --lora-rank, --dtype, --resume
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", default="runs/wm", help="output folder")
-    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint")
     args = p.parse_args(argv)
     args.tau = args.tau if args.tau is not None else TAU.get(args.embedder, 0.2)
     return args

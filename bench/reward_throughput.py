@@ -2,7 +2,7 @@
 next states, with a cold cache (every real next state new) and a warm one (real states seen before,
 as in GRPO where G predictions share one real next state).
 
-    python bench/reward_throughput.py --triplets runs/demo/collect/triplets.jsonl   # goal >= 2,000 pairs/s on CPU
+    python bench/reward_throughput.py --triplets runs/pipeline/collect/triplets.jsonl   # goal >= 2,000 pairs/s on CPU
 """
 
 import argparse

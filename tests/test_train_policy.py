@@ -1,0 +1,120 @@
+"""Policy learning on real ALFWorld episodes with the real tiny model, and the whole pipeline."""
+
+import copy
+import subprocess
+
+import pytest
+import torch
+
+import train_policy
+from collect import act, list_games, make_env, parse_action, play, start, task_type, turn_prompt
+from conftest import ROOT
+from grpo import add_lora, collate, completion_logprobs, load_model, read_jsonl
+
+G = 4
+
+
+def expert_plan(game):
+    """The PDDL planner's winning command sequence for a game."""
+    env = make_env(game, max_steps=50, expert=True)
+    _, info = env.reset()
+    plan, done = [], False
+    while not done:
+        plan.append(info["extra.expert_plan"][0])
+        _, _, done, info = env.step(plan[-1])
+    env.close()
+    assert info["won"]
+    return plan
+
+
+@pytest.fixture(scope="module")
+def group(tiny):
+    """One real group of G episodes of one game: a won episode (the planner's commands, written as the
+    agent's <action> output at each turn) and G - 1 episodes of the tiny model, which writes no action."""
+    model, tok = tiny
+    game = next(g for g in list_games("train") if task_type(g) == "pick_and_place_simple")
+    won = start(game, "train", 0, seed=0, max_steps=50)
+    for cmd in expert_plan(game):
+        output = f"<think>The next step of my plan.</think><action>{cmd}</action>"
+        ids = (tok(turn_prompt(tok, won, 2), add_special_tokens=False)["input_ids"], tok(output, add_special_tokens=False)["input_ids"])
+        act(won, output, parse_action(output), "model", ids)
+    won.env.close()
+    assert won.won and all(t["valid"] for t in won.turns)
+    args = train_policy.parse_args(["--max-steps", "3", "--max-new-tokens", "16", "--group-size", str(G), "--games-per-step", "1"])
+    lost = sorted(play([(game, "train", i) for i in range(1, G)], model, tok, args), key=lambda ep: ep.index)
+    return [won] + lost
+
+
+def test_play_keeps_the_tokens_of_every_model_turn(tiny, group):
+    tok = tiny[1]
+    for ep in group[1:]:
+        assert not ep.won and len(ep.turns) == len(ep.seqs) == 3
+        for turn, (prompt_ids, completion_ids) in zip(ep.turns, ep.seqs):
+            assert turn["output"] == tok.decode(completion_ids, skip_special_tokens=True)
+            assert tok.decode(prompt_ids).endswith("assistant\n") and turn["observation"] in tok.decode(prompt_ids)
+
+
+def test_every_turn_gets_its_episodes_advantage(group):
+    seqs, adv, no_signal = train_policy.turn_batch(group, G)
+    won, lost = group[0], group[1:]
+    n_won, n_lost = len(won.turns), sum(len(ep.turns) for ep in lost)
+    assert no_signal == 0 and len(seqs) == len(adv) == n_won + n_lost
+    # rewards 1, 0, 0, 0: mean 0.25, unbiased std 0.5 -> A = +1.5 for the won episode, -0.5 for each lost one
+    assert adv[:n_won] == pytest.approx([1.5] * n_won, abs=1e-3) and adv[n_won:] == pytest.approx([-0.5] * n_lost, abs=1e-3)
+    assert seqs[:n_won] == won.seqs and seqs[n_won:] == [s for ep in lost for s in ep.seqs]
+
+
+def test_a_group_where_every_episode_fails_gives_nothing_to_train(group):
+    seqs, adv, no_signal = train_policy.turn_batch(group[1:3], 2)
+    assert (seqs, adv, no_signal) == ([], [], 1)
+
+
+def test_one_update_makes_the_won_turns_likelier_and_the_lost_ones_less_likely(tiny, group):
+    model = copy.deepcopy(tiny[0])
+    seqs, adv, _ = train_policy.turn_batch(group, G)
+    params = add_lora(model, 8)
+    args = train_policy.parse_args(["--micro-batch", "4", "--beta", "0"])
+    n_won = len(group[0].turns)
+
+    def mean_logp():
+        with torch.no_grad():
+            per_seq = [completion_logprobs(model, *collate([s], model.device))[0].mean().item() for s in seqs]
+        return sum(per_seq[:n_won]) / n_won, sum(per_seq[n_won:]) / (len(seqs) - n_won)
+
+    won_before, lost_before = mean_logp()
+    train_policy.grpo_update(model, torch.optim.AdamW(params, lr=1e-3), seqs, adv, args)
+    won_after, lost_after = mean_logp()
+    assert won_after > won_before and lost_after < lost_before
+
+
+def test_train_policy_skips_steps_without_signal_checkpoints_and_resumes(tmp_path):
+    common = ["--games", "1", "--games-per-step", "1", "--group-size", "2", "--max-steps", "2", "--max-new-tokens", "8",
+              "--lora-rank", "4", "--out", str(tmp_path)]
+    rows = train_policy.main(train_policy.parse_args(common + ["--updates", "1"]))
+    assert len(rows) == 1 and rows[0] == dict(rows[0], step=1, success=0.0, groups=1, no_signal_groups=1, trained_turns=0, updated=False)
+    # no update happened: the checkpoint's merged weights are the starting model's
+    start, saved = load_model("smollm2-135m")[0], load_model(str(tmp_path / "checkpoint" / "model"))[0]
+    assert all(torch.equal(a, b) for a, b in zip(start.state_dict().values(), saved.state_dict().values()))
+    rows = train_policy.main(train_policy.parse_args(common + ["--updates", "2", "--resume"]))
+    assert [r["step"] for r in rows] == [1, 2]
+    rollouts = read_jsonl(tmp_path / "rollouts.jsonl", required=("step", "won", "turns"))
+    assert [r["step"] for r in rollouts] == [1, 1, 2, 2] and (tmp_path / "metrics.png").exists()
+    assert torch.load(tmp_path / "checkpoint" / "trainer.pt", weights_only=False)["step"] == 2
+
+
+def test_the_pipeline_runs_end_to_end_and_prints_table_1(tmp_path):
+    budget = dict(COLLECT="--policy random --games 1 --episodes 1 --max-steps 3", FILTER="--filter-k 1 --max-new-tokens 8",
+                  WM="--lora-rank 4 --batch-size 2 --max-new-tokens 8 --val-size 1 --eval-every 1",
+                  RWML="--group-size 2 --max-steps 1", SFT="--max-steps 1",
+                  POLICY="--lora-rank 4 --games 1 --games-per-step 1 --group-size 2 --updates 1 --max-steps 2 --max-new-tokens 8",
+                  WM_EVAL="--max-new-tokens 8 --val-size 1", EVAL="--games 1 --runs 1 --max-steps 2 --max-new-tokens 8")
+    r = subprocess.run(["make", "-o", "install", "pipeline", f"OUT={tmp_path}", *(f"{k}={v}" for k, v in budget.items())],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = (tmp_path / "eval" / "table.md").read_text().splitlines()
+    assert rows[0] == "| Method | ID (valid_seen) | OOD (valid_unseen) | AVG |"
+    assert [row.split(" | ")[0] for row in rows[2:8]] == ["| Base", "| WM SFT", "| RWML", "| Policy RL", "| WM SFT + Policy RL",
+                                                          "| RWML + Policy RL"]
+    assert rows[0] in r.stdout and (tmp_path / "wm_eval" / "wm_table.md").exists()
+    for stage in ("collect", "rwml", "wm_sft", "policy_rl", "wm_sft_policy_rl", "rwml_policy_rl", "eval/rwml_policy_rl"):
+        assert (tmp_path / stage / "metrics.png").exists(), stage
