@@ -36,10 +36,10 @@ else
 EMBED ?=
 COLLECT ?= --policy random --games 8 --episodes 2 --max-steps 8
 FILTER ?= --filter-k 2 --max-new-tokens 64
-WM ?= --lora-rank 8 --batch-size 8 --max-new-tokens 64 --eval-every 5 --val-size 16
+WM ?= --lora-rank 8 --batch-size 8 --micro-batch 2 --max-new-tokens 64 --eval-every 5 --val-size 16
 RWML ?= --group-size 4 --lr 1e-4 --max-steps 5
 SFT ?= --lr 1e-3 --max-steps 15
-POLICY ?= --lora-rank 8 --lr 1e-4 --games 8 --games-per-step 2 --group-size 4 --updates 2 --max-steps 6 --max-new-tokens 48
+POLICY ?= --lora-rank 8 --micro-batch 2 --lr 1e-4 --games 8 --games-per-step 2 --group-size 4 --updates 2 --max-steps 6 --max-new-tokens 48
 WM_EVAL ?= --max-new-tokens 64
 EVAL ?= --games 6 --runs 2 --max-steps 4 --max-new-tokens 48
 endif
