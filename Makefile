@@ -13,7 +13,7 @@ install:
 # RWML, and the WM SFT baseline -> Policy RL from the base model, from WM SFT and from RWML -> held-out
 # world-model scores, and ALFWorld success on valid_seen (ID) / valid_unseen (OOD) of all six models,
 # printed as the paper's Table 1 (also $(OUT)/eval/table.md); every stage draws its metrics.png.
-#   make pipeline                                           the tiny CPU budget below (41 min on 2 cores)
+#   make pipeline                                           the tiny CPU budget below (40 min on 2 cores)
 #   make pipeline MODEL=Qwen/Qwen2.5-7B-Instruct BUDGET=paper   the paper's settings (README: on a GPU)
 # Each budget variable can be overridden on the command line, e.g. `make pipeline POLICY="--updates 10"`.
 MODEL ?= smollm2-135m
