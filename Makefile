@@ -1,6 +1,7 @@
 # The pipeline and the tests. `make pipeline` and `make test` each install first.
 PYTHON ?= python
-OUT ?= runs/pipeline
+ENV ?= alfworld
+OUT ?= runs/pipeline$(if $(filter tau2,$(ENV)),_tau2)
 export ALFWORLD_DATA ?= $(abspath ../shared/alfworld)
 
 .PHONY: install pipeline test bench
@@ -15,8 +16,15 @@ install:
 # printed as the paper's Table 1 (also $(OUT)/eval/table.md); every stage draws its metrics.png.
 #   make pipeline                                           the tiny CPU budget below (40 min on 2 cores)
 #   make pipeline MODEL=Qwen/Qwen2.5-7B-Instruct BUDGET=paper   the paper's settings (README: on a GPU)
+#   make pipeline ENV=tau2 [BUDGET=paper]   the same on τ²-bench: Table 2 (Retail / Telecom / Airline / AVG);
+#                                            the tiny budget plays tau2's small `mock` domain
 # Each budget variable can be overridden on the command line, e.g. `make pipeline POLICY="--updates 10"`.
 MODEL ?= smollm2-135m
+ifeq ($(ENV),tau2)
+DOMAINS ?= $(if $(filter paper,$(BUDGET)),retail telecom airline,mock)
+USER_MODEL ?= local# the user simulator: the model itself, or a litellm id (paper: gpt-4.1, Qwen3-235B-A22B-Instruct)
+ENV_FLAGS = --env tau2 --domain $(DOMAINS) --user-model $(USER_MODEL)
+endif
 ifeq ($(BUDGET),paper)
 # the paper's settings (the scripts' defaults) and embedder. TUNE: LoRA, so that a 7-8B model trains on one
 # 80 GB GPU; the paper fine-tunes all weights (TUNE="--lr 1e-6 --dtype fp32", ~170 GB: several GPUs)
@@ -25,38 +33,45 @@ EMBED ?= --embedder Qwen/Qwen3-Embedding-8B
 COLLECT ?= --episodes 3
 FILTER ?=
 WM ?= $(TUNE)
-RWML ?=
+RWML ?= $(if $(ENV_FLAGS),--group-size 16)
 SFT ?=
 POLICY ?= $(TUNE)
 WM_EVAL ?=
 EVAL ?= --runs 3
 else
 # SmolLM2-135M writes no admissible action and no <next_state> tag: it explores with a random admissible
-# policy, learns the format from WM SFT, and shows the mechanics of every stage, not the paper's numbers
+# policy (ALFWorld; on τ² it talks to itself as the user), learns the format from WM SFT, and shows the
+# mechanics of every stage, not the paper's numbers
 EMBED ?=
+ifeq ($(ENV),tau2)
+COLLECT ?= --episodes 2 --max-steps 6 --max-new-tokens 48
+POLICY ?= --lora-rank 8 --micro-batch 2 --lr 1e-4 --games-per-step 2 --group-size 4 --updates 2 --max-steps 4 --max-new-tokens 48
+EVAL ?= --games 4 --runs 2 --max-steps 4 --max-new-tokens 48
+else
 COLLECT ?= --policy random --games 8 --episodes 2 --max-steps 8
+POLICY ?= --lora-rank 8 --micro-batch 2 --lr 1e-4 --games 8 --games-per-step 2 --group-size 4 --updates 2 --max-steps 6 --max-new-tokens 48
+EVAL ?= --games 6 --runs 2 --max-steps 4 --max-new-tokens 48
+endif
 FILTER ?= --filter-k 2 --max-new-tokens 64
 WM ?= --lora-rank 8 --batch-size 8 --micro-batch 2 --max-new-tokens 64 --eval-every 5 --val-size 16
 RWML ?= --group-size 4 --lr 1e-4 --max-steps 5
 SFT ?= --lr 1e-3 --max-steps 15
-POLICY ?= --lora-rank 8 --micro-batch 2 --lr 1e-4 --games 8 --games-per-step 2 --group-size 4 --updates 2 --max-steps 6 --max-new-tokens 48
 WM_EVAL ?= --max-new-tokens 64
-EVAL ?= --games 6 --runs 2 --max-steps 4 --max-new-tokens 48
 endif
 TRIPLETS = --triplets $(OUT)/filter/triplets.filtered.jsonl
 CKPT = checkpoint/model
 pipeline: install
-	$(PYTHON) collect.py --model $(MODEL) --split train $(COLLECT) --out $(OUT)/collect
-	$(PYTHON) evaluate.py --calibrate $(OUT)/collect/triplets.jsonl $(EMBED)
+	$(PYTHON) collect.py --model $(MODEL) $(ENV_FLAGS) --split train $(COLLECT) --out $(OUT)/collect
+	$(if $(ENV_FLAGS),,$(PYTHON) evaluate.py --calibrate $(OUT)/collect/triplets.jsonl $(EMBED))
 	$(PYTHON) train_wm.py --mode filter --model $(MODEL) --triplets $(OUT)/collect/triplets.jsonl $(FILTER) $(EMBED) --out $(OUT)/filter
 	$(PYTHON) train_wm.py --mode rwml --model $(MODEL) $(TRIPLETS) $(WM) $(RWML) $(EMBED) --out $(OUT)/rwml
 	$(PYTHON) train_wm.py --mode sft --model $(MODEL) $(TRIPLETS) $(WM) $(SFT) $(EMBED) --out $(OUT)/wm_sft
-	$(PYTHON) train_policy.py --model $(MODEL) $(POLICY) --out $(OUT)/policy_rl
-	$(PYTHON) train_policy.py --model $(OUT)/wm_sft/$(CKPT) $(POLICY) --out $(OUT)/wm_sft_policy_rl
-	$(PYTHON) train_policy.py --model $(OUT)/rwml/$(CKPT) $(POLICY) --out $(OUT)/rwml_policy_rl
+	$(PYTHON) train_policy.py --model $(MODEL) $(ENV_FLAGS) $(POLICY) --out $(OUT)/policy_rl
+	$(PYTHON) train_policy.py --model $(OUT)/wm_sft/$(CKPT) $(ENV_FLAGS) $(POLICY) --out $(OUT)/wm_sft_policy_rl
+	$(PYTHON) train_policy.py --model $(OUT)/rwml/$(CKPT) $(ENV_FLAGS) $(POLICY) --out $(OUT)/rwml_policy_rl
 	$(PYTHON) evaluate.py --wm $(OUT)/rwml/heldout.jsonl $(WM_EVAL) $(EMBED) --out $(OUT)/wm_eval --model "Base=$(MODEL)" \
 		"WM SFT=$(OUT)/wm_sft/$(CKPT)" "RWML=$(OUT)/rwml/$(CKPT)"
-	$(PYTHON) evaluate.py $(EVAL) --out $(OUT)/eval --model "Base=$(MODEL)" "WM SFT=$(OUT)/wm_sft/$(CKPT)" \
+	$(PYTHON) evaluate.py $(ENV_FLAGS) $(EVAL) --out $(OUT)/eval --model "Base=$(MODEL)" "WM SFT=$(OUT)/wm_sft/$(CKPT)" \
 		"RWML=$(OUT)/rwml/$(CKPT)" "Policy RL=$(OUT)/policy_rl/$(CKPT)" \
 		"WM SFT + Policy RL=$(OUT)/wm_sft_policy_rl/$(CKPT)" "RWML + Policy RL=$(OUT)/rwml_policy_rl/$(CKPT)"
 

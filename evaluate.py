@@ -1,13 +1,15 @@
-"""Evaluation (RWML paper, Sec. 4, Table 1): task success of a policy on ALFWorld's valid_seen (ID)
-and valid_unseen (OOD) splits, mean ± std over runs, per task type, with the invalid-action rate.
+"""Evaluation (RWML paper, Sec. 4, Tables 1 and 2): task success of a policy on ALFWorld's valid_seen (ID)
+and valid_unseen (OOD) splits, or on τ²-bench's test tasks per domain, mean ± std over runs, with the
+invalid-action (τ²: invalid tool-call) rate.
 
     python evaluate.py --model smollm2-135m --games 10 --runs 3 --out runs/eval
+    python evaluate.py --env tau2 --domain retail telecom airline --runs 3 --out runs/eval_tau2
     python evaluate.py --model Base=smollm2-135m "RWML + Policy RL=runs/rwml_policy_rl/checkpoint/model" ...
 
 --model takes one or more HF ids or folders, each optionally as NAME=PATH (NAME is its row in the
 table). Writes, per model in --out/<name>/: run{r}/{split}/rollouts.jsonl (every episode, readable),
 metrics.jsonl (one line per run), results.json; and --out/table.md, the Markdown table shaped like the
-paper's Table 1 (one row per model), which is also printed.
+paper's Table 1 (one row per model; τ²: Retail / Telecom / Airline / AVG), which is also printed.
 
 The world model and its reward (the command line of reward.py):
 
@@ -22,8 +24,9 @@ import re
 import statistics
 from pathlib import Path
 
-from collect import TINY_MODEL, chat_prompt, collect, generate, load_model, plot_metrics, read_jsonl, summary, write_jsonl
-from reward import DEFAULT_EMBEDDER, TAU, Embeddings, calibrate, mean_scores, sim_to_real, wm_prompt
+from collect import TINY_MODEL, add_tau2_args, chat_prompt, collect, generate, load_model, plot_metrics, read_jsonl, summary, \
+    write_jsonl
+from reward import DEFAULT_EMBEDDER, Embeddings, calibrate, default_tau, mean_scores, sim_to_real, wm_prompt
 
 SPLIT_NAMES = {"valid_seen": "ID", "valid_unseen": "OOD"}
 
@@ -32,10 +35,13 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", nargs="+", default=[TINY_MODEL], help="HF ids or folders to evaluate, each PATH or NAME=PATH")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="weights dtype (auto: bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--splits", nargs="+", default=["valid_seen", "valid_unseen"], help="ALFWorld splits to evaluate")
-    p.add_argument("--games", type=int, default=None, help="N games of each split, spread over its task types (default: all, 140 / 134)")
+    p.add_argument("--env", default="alfworld", choices=["alfworld", "tau2"], help="environment: ALFWorld or τ²-bench")
+    p.add_argument("--splits", nargs="+", default=None, help="splits to evaluate (default: ALFWorld valid_seen valid_unseen; τ² test)")
+    p.add_argument("--games", type=int, default=None, help="N games of each split (τ²: tasks of each domain) "
+                   "(default: all; ALFWorld 140 / 134, τ² test retail 40, airline 20, telecom 40)")
     p.add_argument("--runs", type=int, default=3, help="independent runs, seeds seed..seed+runs-1 (paper: 3)")
-    p.add_argument("--max-steps", type=int, default=30, help="steps per episode (paper: 30)")
+    p.add_argument("--max-steps", type=int, default=30, help="agent steps per episode (paper: 30)")
+    add_tau2_args(p)  # --domain, --tasks, --user-model
     p.add_argument("--history", type=int, default=2, help="H: previous turns shown to the agent")
     p.add_argument("--temperature", type=float, default=0.4, help="sampling temperature at evaluation")
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens the agent may write per turn")
@@ -48,10 +54,10 @@ def parse_args(argv=None):
     wm.add_argument("--score", metavar="PREDICTIONS", help="score a JSONL of `output` (with <next_state> tags) and `next_state`")
     wm.add_argument("--calibrate", metavar="TRIPLETS", help="print next-state distance quantiles that place tau_d")
     wm.add_argument("--embedder", default=DEFAULT_EMBEDDER, help="sentence-transformers id (paper: Qwen/Qwen3-Embedding-8B)")
-    wm.add_argument("--tau", type=float, default=None, help="tau_d (default: the embedder's calibrated value)")
+    wm.add_argument("--tau", type=float, default=None, help="tau_d (default: the embedder's calibrated value; 0.4 for τ² triplets)")
     wm.add_argument("--val-size", type=int, default=None, help="with --wm: the first N triplets only")
     args = p.parse_args(argv)
-    args.tau = args.tau if args.tau is not None else TAU.get(args.embedder, 0.2)
+    args.splits = args.splits or (["test"] if args.env == "tau2" else ["valid_seen", "valid_unseen"])
     args.models = [(m.rpartition("=")[0] or m, m.rpartition("=")[2]) for m in args.model]  # [(name, path)]
     return args
 
@@ -64,13 +70,14 @@ def slug(name):
 def evaluate_wm(args, model, tok, name, out, embed):
     """Held-out world-model quality: greedy predictions -> mean sim-to-real reward, similarity, format rate."""
     triplets = read_jsonl(args.wm, required=("task", "history", "state", "action", "next_state"))[:args.val_size]
+    tau = args.tau if args.tau is not None else default_tau(args.embedder, triplets)
     outputs = generate(model, tok, [chat_prompt(tok, wm_prompt(t)) for t in triplets], args.max_new_tokens,
                        temperature=0, batch_size=args.batch_games)
-    recs = sim_to_real(outputs, [t["next_state"] for t in triplets], embed, args.tau)
+    recs = sim_to_real(outputs, [t["next_state"] for t in triplets], embed, tau, [t.get("kind") for t in triplets])
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(out / "wm_predictions.jsonl",
                 [dict(id=t.get("id"), output=o, next_state=t["next_state"], **r) for t, o, r in zip(triplets, outputs, recs)])
-    res = dict(name=name, triplets=len(triplets), tau=args.tau, embedder=args.embedder, **mean_scores(recs))
+    res = dict(name=name, triplets=len(triplets), tau=tau, embedder=args.embedder, **mean_scores(recs))
     (out / "wm_results.json").write_text(json.dumps(res, indent=1))
     return res
 
@@ -90,35 +97,41 @@ def pct(xs):
 
 
 def table(results):
-    """Markdown in the shape of the paper's Table 1: ID / OOD / AVG success (%), mean ± std over runs, one
-    row per model; then each model's invalid-action rate, episode length and success per task type."""
-    cols = [s for s in SPLIT_NAMES if s in results[0]["splits"]]
-    head = ["Method"] + [f"{SPLIT_NAMES[s]} ({s})" for s in cols] + (["AVG"] if len(cols) > 1 else [])
+    """Markdown in the shape of the paper's Tables 1 and 2: ID / OOD / AVG success (%) on ALFWorld, or one
+    column per τ²-bench domain and AVG, mean ± std over runs, one row per model; then each model's
+    invalid-action rate, episode length and (ALFWorld) success per task type."""
+    cols = list(results[0]["splits"])
+    head = ["Method"] + [f"{SPLIT_NAMES[s]} ({s})" if s in SPLIT_NAMES else s.capitalize() for s in cols] + (["AVG"] if len(cols) > 1 else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for res in results:
         row = [res["name"]] + [pct(res["splits"][s]["success"]) for s in cols]
         if len(cols) > 1:
             row.append(pct([statistics.mean(v) for v in zip(*(res["splits"][s]["success"] for s in cols))]))
         lines.append("| " + " | ".join(row) + " |")
-    types = sorted({t for res in results for s in cols for t in res["splits"][s]["per_task_type"]})
-    lines += ["", "| Method | Split | Invalid actions (%) | Mean steps | " + " | ".join(types) + " |", "|" + "---|" * (4 + len(types))]
+    tau2 = results[0].get("env") == "tau2"
+    types = [] if tau2 else sorted({t for res in results for s in cols for t in res["splits"][s]["per_task_type"]})
+    head = ["Method", "Split", "Invalid tool calls (%)" if tau2 else "Invalid actions (%)", "Mean steps"] + types
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for res in results:
         for s in cols:
             r = res["splits"][s]
-            lines.append(f"| {res['name']} | {s} | {pct(r['invalid_rate'])} | {statistics.mean(r['mean_steps']):.1f} | "
-                         + " | ".join(pct(r["per_task_type"][t]) if t in r["per_task_type"] else "" for t in types) + " |")
+            row = [res["name"], s, pct(r["invalid_rate"]), f"{statistics.mean(r['mean_steps']):.1f}"]
+            lines.append("| " + " | ".join(row + [pct(r["per_task_type"][t]) if t in r["per_task_type"] else "" for t in types]) + " |")
     return "\n".join(lines)
 
 
 def evaluate(args, model, tok, name, out):
-    """Play every split `args.runs` times with the model as policy; return the results dict."""
+    """Play every split (τ²: every domain's split) `args.runs` times with the model as policy; return the
+    results dict, with one entry per column of the table in results["splits"]."""
     out.mkdir(parents=True, exist_ok=True)
-    results = dict(name=name, runs=args.runs, max_steps=args.max_steps, temperature=args.temperature, splits={})
-    metrics = [dict(run=r) for r in range(args.runs)]  # one line per run: <metric>/<split>
-    for split in args.splits:
+    results = dict(name=name, env=args.env, runs=args.runs, max_steps=args.max_steps, temperature=args.temperature, splits={})
+    metrics = [dict(run=r) for r in range(args.runs)]  # one line per run: <metric>/<column>
+    columns = [(s, dict(split=s)) for s in args.splits] if args.env == "alfworld" else \
+        [(d if len(args.splits) == 1 else f"{d}/{s}", dict(split=s, domain=[d])) for d in args.domain for s in args.splits]
+    for split, where in columns:
         per_run = []
         for r in range(args.runs):
-            run_args = argparse.Namespace(**{**vars(args), "split": split, "seed": args.seed + r, "episodes": 1,
+            run_args = argparse.Namespace(**{**vars(args), **where, "seed": args.seed + r, "episodes": 1,
                                              "policy": "model", "epsilon": 0.0, "model": name, "out": str(out / f"run{r}" / split)})
             rollouts = collect(run_args, model, tok, desc=f"eval {split} run {r}")
             per_run.append((rollouts, summary(rollouts)))
@@ -142,8 +155,10 @@ def main(args):
             print(f"{name:>14} ({v['pairs']} pairs): d = 1 - cos quantiles 5/25/50/75/95% = {v['quantiles']}")
     elif args.score:
         rows = read_jsonl(args.score, required=("output", "next_state"))
-        print(json.dumps(mean_scores(sim_to_real([r["output"] for r in rows], [r["next_state"] for r in rows],
-                                                 Embeddings(args.embedder), args.tau))))
+        tau = args.tau if args.tau is not None else default_tau(args.embedder, rows)
+        recs = sim_to_real([r["output"] for r in rows], [r["next_state"] for r in rows], Embeddings(args.embedder), tau,
+                           [r.get("kind") for r in rows])
+        print(json.dumps(mean_scores(recs)))
     else:  # every model in turn, then one table
         embed = Embeddings(args.embedder) if args.wm else None
         results = []

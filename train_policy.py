@@ -1,11 +1,12 @@
-"""Policy learning (RWML paper, Sec. 3.3): GRPO on ALFWorld's terminal task-success reward, from the
-base model, a WM SFT checkpoint or an RWML checkpoint.
+"""Policy learning (RWML paper, Sec. 3.3): GRPO on the terminal task-success reward of ALFWorld or
+τ²-bench, from the base model, a WM SFT checkpoint or an RWML checkpoint.
 
     python train_policy.py --model runs/rwml/checkpoint/model --out runs/rwml_policy_rl
+    python train_policy.py --env tau2 --domain retail airline telecom --model runs/rwml_tau2/checkpoint/model --out runs/tau2_policy
 
 Each update takes --games-per-step training games and plays G episodes of each from the same start,
-all of them in parallel through collect.py's batched loop (temperature 1.0, at most 15 steps). An
-episode's reward is 1 if it is won, else 0. With gamma = 1 and only a terminal reward, every agent turn
+all of them in parallel through collect.py's batched loop (temperature 1.0, at most 15 steps; τ²: 30). An
+episode's reward is 1 if it is won (τ²: tau2's evaluator gives reward 1), else 0. With gamma = 1 and only a terminal reward, every agent turn
 of an episode gets the episode's group-normalised advantage; the loss covers the tokens the agent wrote
 in each turn, given the prompt it saw at that turn. Turns of a group whose episodes all failed (or all
 won) have advantage 0 and would add only the KL term: they are left out, so a step where every group
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from collect import TINY_MODEL, list_games, play, rollout_record, summary
+from collect import TINY_MODEL, add_tau2_args, play, rollout_record, select_games, summary
 from grpo import add_grpo_args, append_jsonl, group_advantages, grpo_update, open_step_log, plot_metrics, read_jsonl, \
     save_checkpoint, set_seed, start_training
 
@@ -30,12 +31,14 @@ from grpo import add_grpo_args, append_jsonl, group_advantages, grpo_update, ope
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=TINY_MODEL, help="HF id or folder to start from (base, WM SFT or RWML checkpoint/model)")
-    p.add_argument("--split", default="train", help="ALFWorld split the policy trains on")
-    p.add_argument("--games", type=int, default=None, help="train on N games of the split (default: all 200)")
+    p.add_argument("--env", default="alfworld", choices=["alfworld", "tau2"], help="environment: ALFWorld or τ²-bench")
+    p.add_argument("--split", default="train", help="split the policy trains on")
+    p.add_argument("--games", type=int, default=None, help="train on N games (τ²: tasks) of the split (default: all; ALFWorld 200)")
     p.add_argument("--games-per-step", type=int, default=16, help="games per update, each played G times")
     p.add_argument("--group-size", type=int, default=8, help="G: episodes per game from the same start (paper: 8)")
     p.add_argument("--updates", type=int, default=100, help="GRPO updates")
-    p.add_argument("--max-steps", type=int, default=15, help="steps per episode (paper: 15 in policy RL)")
+    p.add_argument("--max-steps", type=int, default=None, help="agent steps per episode (default, as the paper: 15 ALFWorld, 30 τ²)")
+    add_tau2_args(p)  # --domain, --tasks, --user-model
     p.add_argument("--history", type=int, default=2, help="H: previous turns shown to the agent")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the episodes (paper: 1.0)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens the agent may write per turn")
@@ -47,6 +50,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     # what collect.play reads: the model acts alone, every episode of a step in flight at once
     args.policy, args.epsilon = "model", 0.0
+    args.max_steps = args.max_steps or (30 if args.env == "tau2" else 15)
     args.batch_games = args.batch_games or args.games_per_step * args.group_size
     return args
 
@@ -65,7 +69,7 @@ def main(args):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "checkpoint"
-    games = list_games(args.split, args.games)
+    games = select_games(args)
     model, tok, ref_model, optimizer, start = start_training(args, ckpt, reference=True)
     f_metrics = open_step_log(out / "metrics.jsonl", args.resume, start)
     f_rollouts = open_step_log(out / "rollouts.jsonl", args.resume, start)

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from grpo import (TINY_MODEL, add_grpo_args, append_jsonl, chat_prompt, collate, completion_logprobs, drop_partial_line, generate,
                   group_advantages, grpo_update, load_model, open_step_log, plot_metrics, read_jsonl, sample, save_checkpoint,
                   set_seed, start_training, write_jsonl)
-from reward import DEFAULT_EMBEDDER, TAU, Embeddings, judge, mean_scores, sim_to_real, wm_prompt
+from reward import DEFAULT_EMBEDDER, Embeddings, default_tau, judge, mean_scores, sim_to_real, wm_prompt
 
 FIELDS = ("id", "task", "history", "state", "action", "next_state")  # what a triplet needs here
 
@@ -42,7 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--reward", default="embedding", choices=["embedding", "judge", "judge-binary"],
                    help="sim-to-real gap (the method), or the paper's LLM-as-a-judge ablation (score/10, or 1[score >= 5])")
     p.add_argument("--judge-model", default=TINY_MODEL, help="HF id or folder of the judge for --reward judge*")
-    p.add_argument("--tau", type=float, default=None, help="tau_d (paper: 0.2 ALFWorld with Qwen3-Embedding-8B; default: the embedder's calibrated value)")
+    p.add_argument("--tau", type=float, default=None, help="tau_d (paper: 0.2 ALFWorld with Qwen3-Embedding-8B, 0.4 τ²; default: "
+                   "the embedder's calibrated value for ALFWorld, 0.4 for τ² triplets)")
     # RWML (paper, ALFWorld: group 8, lr 1e-6, batch 32, 2 epochs)
     p.add_argument("--group-size", type=int, default=8, help="G: predictions sampled per triplet (paper: 8 ALFWorld, 16 tau2)")
     p.add_argument("--batch-size", type=int, default=32, help="triplets per update (paper: 32)")
@@ -63,9 +64,7 @@ def parse_args(argv=None):
     add_grpo_args(p)  # --lr, --clip-eps, --beta, --ppo-epochs, --seq-mean, --micro-batch, --lora-rank, --dtype, --resume
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", default="runs/wm", help="output folder")
-    args = p.parse_args(argv)
-    args.tau = args.tau if args.tau is not None else TAU.get(args.embedder, 0.2)
-    return args
+    return p.parse_args(argv)
 
 
 def heldout_split(triplets, frac, seed):
@@ -79,7 +78,7 @@ def wm_heldout(model, tok, heldout, embed, tau, args):
     """Greedy predictions on held-out triplets -> mean reward, similarity, format rate."""
     prompts = [chat_prompt(tok, wm_prompt(t)) for t in heldout]
     outputs = generate(model, tok, prompts, args.max_new_tokens, temperature=0, batch_size=args.gen_batch)
-    return mean_scores(sim_to_real(outputs, [t["next_state"] for t in heldout], embed, tau))
+    return mean_scores(sim_to_real(outputs, [t["next_state"] for t in heldout], embed, tau, [t.get("kind") for t in heldout]))
 
 
 def sft_target(tok, triplet):
@@ -123,7 +122,8 @@ def run_filter(args, triplets, model, tok, embed):
             chunk = todo[i:i + per_call]
             prompts = [chat_prompt(tok, wm_prompt(t)) for t in chunk for _ in range(args.filter_k)]
             outputs = generate(model, tok, prompts, args.max_new_tokens, args.temperature, batch_size=args.gen_batch)
-            recs = sim_to_real(outputs, [t["next_state"] for t in chunk for _ in range(args.filter_k)], embed, args.tau)
+            recs = sim_to_real(outputs, [t["next_state"] for t in chunk for _ in range(args.filter_k)], embed, args.tau,
+                               [t.get("kind") for t in chunk for _ in range(args.filter_k)])
             rows = [dict(t, filter_reward=sum(r["reward"] for r in recs[j * args.filter_k:(j + 1) * args.filter_k]) / args.filter_k)
                     for j, t in enumerate(chunk)]
             append_jsonl(f, rows)
@@ -147,6 +147,7 @@ def main(args):
     triplets = read_jsonl(args.triplets, required=FIELDS)
     if not triplets:
         raise SystemExit(f"error: {args.triplets} holds no triplets")
+    args.tau = args.tau if args.tau is not None else default_tau(args.embedder, triplets)
     ckpt = out / "checkpoint"
     if args.mode == "filter":
         model, tok = load_model(args.model, dtype=args.dtype)
@@ -182,7 +183,7 @@ def main(args):
             prompts = [chat_prompt(tok, wm_prompt(t)) for t in batch for _ in range(G)]
             samples = sample(model, tok, prompts, args.max_new_tokens, args.temperature, batch_size=args.gen_batch)
             scores = sim_to_real([text for _, _, text in samples], [t["next_state"] for t in batch for _ in range(G)],
-                                 embed, args.tau)
+                                 embed, args.tau, [t.get("kind") for t in batch for _ in range(G)])
             rewards = [s["reward"] for s in scores] if args.reward == "embedding" else \
                 judge([text for _, _, text in samples], [t["next_state"] for t in batch for _ in range(G)], ask,
                       binarise_at=0.5 if args.reward == "judge-binary" else None)
