@@ -521,7 +521,7 @@ def step_tau2(ep, max_steps, seq=None):
     agent_turn = o.to_role == Role.AGENT
     seen = len(o.trajectory)
     o.step()
-    names = {c.id: c.name for m in o.trajectory if getattr(m, "tool_calls", None) for c in m.tool_calls}
+    names = {c.id: c.name for c in getattr(o.trajectory[seen - 1], "tool_calls", None) or []}  # what tool answers answer
     ep.messages += [message_record(m, names) for m in o.trajectory[seen:]]
     if agent_turn:
         m = ep.messages[-1]
@@ -571,7 +571,7 @@ def play_tau2(jobs, model, tok, args):
 
 def mask_json(text):
     """A tool's answer with every value replaced by its type (keys and structure stay), the world model's
-    target for tool calls (paper, τ²-bench). Text that is not a JSON object or list (a plain value) is "str"."""
+    target for tool calls (paper, τ²-bench). Text that is not JSON (a bare string value) is "str"."""
     def mask(v):
         if isinstance(v, dict):
             return {k: mask(x) for k, x in v.items()}
