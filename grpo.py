@@ -297,7 +297,7 @@ def collate(seqs, device):
 def completion_logprobs(model, ids, attn, P, with_entropy=False):
     """log pi(token) of every completion token, [B, C]; positions count from each row's first real token."""
     pos = (attn.cumsum(1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=ids.shape[1] - P + 1).logits
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=ids.shape[1] - P + 1, use_cache=False).logits
     logp_all = logits[:, :-1].float().log_softmax(-1)  # the logits at column t predict the token at t + 1
     logp = logp_all.gather(-1, ids[:, P:, None]).squeeze(-1)
     entropy = None
@@ -332,7 +332,13 @@ def add_grpo_args(p):
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
     g.add_argument("--lora-rank", type=int, default=0, help="0: full fine-tuning; r > 0: hand-written LoRA adapters")
     g.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="weights dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    g.add_argument("--grad-checkpointing", action="store_true",
+                   help="keep only each layer's input for backward and recompute the rest (less memory, ~1.3x compute)")
     g.add_argument("--resume", action="store_true", help="continue from --out/checkpoint")
+    g.add_argument("--max-memory-gb", type=float, default=None,
+                   help="memory per device: halve --micro-batch and the sampling batch until the memory plan fits")
+    g.add_argument("--dry-run", action="store_true", help="print the memory plan (weights, grads, AdamW, activations, "
+                   "KV cache) and exit")
 
 
 def grpo_update(model, optimizer, seqs, adv, args, ref_model=None):
@@ -356,7 +362,6 @@ def grpo_update(model, optimizer, seqs, adv, args, ref_model=None):
     tokens = lengths.sum().item()
     model.train()
     for epoch in range(args.ppo_epochs):
-        optimizer.zero_grad(set_to_none=True)
         for k, idx in enumerate(chunks):
             ids, attn, P = collate([seqs[i] for i in idx], device)
             mask = attn[:, P:].float()
@@ -380,8 +385,104 @@ def grpo_update(model, optimizer, seqs, adv, args, ref_model=None):
                 stats["clipfrac"] += s["clipfrac"] / tokens
         stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)  # free the gradients: the next rollouts need the memory
     model.eval()
     return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory plan: what one device holds while training, by arithmetic on the model's config
+# ---------------------------------------------------------------------------------------------
+def count_params(config, lora_rank=0):
+    """(parameters, LoRA adapter parameters) of `config`'s model, built on the meta device: no memory used."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in model.parameters())  # tied embeddings once
+    adapters = sum(lora_rank * (m.in_features + m.out_features) for name, m in model.named_modules()
+                   if name.rsplit(".", 1)[-1] in LORA_TARGETS and isinstance(m, torch.nn.Linear))
+    return total, adapters
+
+
+def memory_plan(config, dtype=torch.bfloat16, lora_rank=0, reference=True, grad_checkpointing=False,
+                micro_batch=8, seq_len=1024, completion_len=256, gen_batch=64, prompt_len=None):
+    """Bytes of each part of a training run on one device, and its peak. The update's micro-batch holds
+    `seq_len` tokens a sequence, `completion_len` of them scored; sampling runs `gen_batch` prompts of
+    `prompt_len` tokens at once. Gradients live from the first backward to the optimizer step and are
+    freed before sampling, so:
+        peak = weights + reference + AdamW moments + max(gradients + activations + logits, KV cache + prefill)
+    Activations are counted op by op on a Llama/Qwen decoder layer (what autograd keeps for backward)
+    and checked against measured peaks of the tiny model in tests/test_memory.py."""
+    B = torch.finfo(dtype).bits // 8
+    n, n_lora = count_params(config, lora_rank)
+    L, h, I, V = config.num_hidden_layers, config.hidden_size, config.intermediate_size, config.vocab_size
+    hd = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
+    prompt_len = prompt_len or seq_len - completion_len
+    trainable, tb = (n_lora, 4) if lora_rank else (n, B)  # LoRA adapters are fp32 whatever the weights are
+    # per token and layer: 2 RMSNorms keep input, normalised and scaled (6h); attention keeps q, k, v after
+    # RoPE (k, v repeated to q's width), its output and o_proj's input (5q); the MLP keeps gate, up, silu(gate)
+    # and down_proj's input (4I). LoRA: frozen norm scales keep no normalised copy (-2h); with bf16 weights
+    # each adapter keeps its own fp32 copy of its input, which replaces the bf16 inputs of frozen layers.
+    layer = (6 * h + 5 * q + 4 * I) * B
+    if lora_rank:
+        layer -= 2 * h * B
+        if B != 4:
+            layer += (5 * h + q + I) * 4 - (2 * h + q + I) * B
+    tokens = micro_batch * seq_len
+    activations = tokens * (L * h * B + layer) if grad_checkpointing else tokens * L * layer  # checkpointing: layer inputs + one layer
+    plan = dict(
+        weights=n * B,
+        reference=n * B if reference and not lora_rank else 0,  # LoRA: the same weights with adapters off
+        grads=trainable * tb,
+        adam=2 * trainable * tb,
+        activations=activations,
+        logits=micro_batch * (completion_len + 1) * V * (B + 16),  # logits, fp32 log-softmax, its gradient
+        kv_cache=gen_batch * (prompt_len + completion_len) * L * 2 * kv * B,
+        prefill=gen_batch * prompt_len * (4 * h + 3 * I) * B,  # one layer's MLP over every prompt token at once
+    )
+    plan["peak"] = plan["weights"] + plan["reference"] + plan["adam"] + \
+        max(plan["grads"] + plan["activations"] + plan["logits"], plan["kv_cache"] + plan["prefill"])
+    return plan
+
+
+def plan_memory(args, prompt_len, completion_len, gen_batch, reference):
+    """The run's memory plan, printed (sequences of prompt_len + completion_len tokens, `gen_batch` sampled at
+    once). --max-memory-gb halves --micro-batch and the sampling batch until the plan fits; --dry-run stops
+    after printing. Returns the sampling batch to use."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve_model(args.model))
+    seq_len = prompt_len + completion_len
+    dtype = default_dtype(torch.device("cuda" if torch.cuda.is_available() else "cpu")) if args.dtype == "auto" else \
+        {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    budget = args.max_memory_gb * 1e9 if args.max_memory_gb else float("inf")
+
+    def plan():
+        return memory_plan(config, dtype, args.lora_rank, reference and args.beta > 0, args.grad_checkpointing,
+                           args.micro_batch, seq_len, completion_len, gen_batch, prompt_len)
+
+    p = plan()
+    while p["peak"] > budget and (args.micro_batch > 1 or gen_batch > 1):
+        train, sampling = p["grads"] + p["activations"] + p["logits"], p["kv_cache"] + p["prefill"]
+        if (train >= sampling and args.micro_batch > 1) or gen_batch == 1:
+            args.micro_batch //= 2
+        else:
+            gen_batch //= 2
+        p = plan()
+    print(f"memory plan ({args.model}, {str(dtype).split('.')[-1]}, "
+          f"{f'LoRA r {args.lora_rank}' if args.lora_rank else 'full fine-tuning'}"
+          f"{', gradient checkpointing' if args.grad_checkpointing else ''}; micro-batch {args.micro_batch} x {seq_len} "
+          f"tokens, sampling {gen_batch} x {prompt_len} + {completion_len}), GB per device:")
+    print("  " + "  ".join(f"{k} {v / 1e9:.2f}" for k, v in p.items()))
+    if p["peak"] > budget:
+        raise SystemExit(f"error: the plan needs {p['peak'] / 1e9:.1f} GB even with micro-batch 1 and one sequence "
+                         f"sampled at a time, over --max-memory-gb {args.max_memory_gb}: try --lora-rank, "
+                         "--grad-checkpointing or shorter sequences")
+    if args.dry_run:
+        raise SystemExit(0)
+    return gen_batch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,7 +532,9 @@ def start_training(args, ckpt, reference):
         ref_model = load_model(args.model, dtype=args.dtype)[0] if full_resume else copy.deepcopy(model)
         ref_model.requires_grad_(False)
     params = add_lora(model, args.lora_rank) if args.lora_rank else list(model.parameters())
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    if args.grad_checkpointing:  # only active in model.train(), i.e. in the updates, not while sampling
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=dict(use_reentrant=False))
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=True)  # fused: no temporary copies
     step = load_checkpoint(ckpt, model, optimizer) if args.resume else 0
     return model, tok, ref_model, optimizer, step
 

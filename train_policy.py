@@ -24,8 +24,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from collect import TINY_MODEL, add_tau2_args, play, rollout_record, select_games, summary
-from grpo import add_grpo_args, append_jsonl, group_advantages, grpo_update, open_step_log, plot_metrics, read_jsonl, \
-    save_checkpoint, set_seed, start_training
+from grpo import add_grpo_args, append_jsonl, group_advantages, grpo_update, open_step_log, plan_memory, plot_metrics, \
+    read_jsonl, save_checkpoint, set_seed, start_training
 
 
 def parse_args(argv=None):
@@ -44,7 +44,9 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens the agent may write per turn")
     p.add_argument("--batch-games", type=int, default=None, help="episodes in flight at once (default: all G x games-per-step)")
     p.add_argument("--save-every", type=int, default=10, help="updates between checkpoints")
-    add_grpo_args(p)  # --lr, --clip-eps, --beta, --ppo-epochs, --seq-mean, --micro-batch, --lora-rank, --dtype, --resume
+    p.add_argument("--plan-prompt-len", type=int, default=None,
+                   help="prompt tokens a turn is planned for in the memory plan (default: 1,536 ALFWorld, 8,192 τ²)")
+    add_grpo_args(p)  # --lr, --clip-eps, --beta, --ppo-epochs, --micro-batch, --lora-rank, --dtype, --grad-checkpointing, ...
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", default="runs/policy", help="output folder")
     args = p.parse_args(argv)
@@ -70,6 +72,8 @@ def main(args):
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "checkpoint"
     games = select_games(args)
+    args.batch_games = plan_memory(args, args.plan_prompt_len or (8192 if args.env == "tau2" else 1536), args.max_new_tokens,
+                                   args.batch_games, reference=True)
     model, tok, ref_model, optimizer, start = start_training(args, ckpt, reference=True)
     f_metrics = open_step_log(out / "metrics.jsonl", args.resume, start)
     f_rollouts = open_step_log(out / "rollouts.jsonl", args.resume, start)

@@ -23,10 +23,11 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+from transformers import AutoTokenizer
 
 from grpo import (TINY_MODEL, add_grpo_args, append_jsonl, chat_prompt, collate, completion_logprobs, drop_partial_line, generate,
-                  group_advantages, grpo_update, load_model, open_step_log, plot_metrics, read_jsonl, sample, save_checkpoint,
-                  set_seed, start_training, write_jsonl)
+                  group_advantages, grpo_update, load_model, open_step_log, plan_memory, plot_metrics, read_jsonl, resolve_model,
+                  sample, save_checkpoint, set_seed, start_training, write_jsonl)
 from reward import DEFAULT_EMBEDDER, Embeddings, default_tau, judge, mean_scores, sim_to_real, wm_prompt
 
 FIELDS = ("id", "task", "history", "state", "action", "next_state")  # what a triplet needs here
@@ -61,7 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--filter-k", type=int, default=10, help="K: predictions per triplet in --mode filter (paper: 10)")
     p.add_argument("--tau-easy", type=float, default=0.8, help="a triplet is easy when its mean reward reaches this")
     p.add_argument("--keep-easy", type=float, default=0.1, help="probability of keeping an easy triplet (paper: 0.1)")
-    add_grpo_args(p)  # --lr, --clip-eps, --beta, --ppo-epochs, --seq-mean, --micro-batch, --lora-rank, --dtype, --resume
+    add_grpo_args(p)  # --lr, --clip-eps, --beta, --ppo-epochs, --micro-batch, --lora-rank, --dtype, --grad-checkpointing, ...
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", default="runs/wm", help="output folder")
     return p.parse_args(argv)
@@ -91,7 +92,6 @@ def sft_update(model, optimizer, seqs, args):
     """One step of next-state token prediction: mean cross-entropy over all target tokens of the batch."""
     device = next(model.parameters()).device
     tokens = sum(len(c) for _, c in seqs)
-    optimizer.zero_grad(set_to_none=True)
     model.train()
     total = 0.0
     for i in range(0, len(seqs), args.micro_batch):
@@ -102,6 +102,7 @@ def sft_update(model, optimizer, seqs, args):
         total += loss.item()
     grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.max_grad_norm)
     optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     model.eval()
     return dict(loss=total, grad_norm=grad_norm.item())
 
@@ -152,6 +153,9 @@ def main(args):
     if args.mode == "filter":
         model, tok = load_model(args.model, dtype=args.dtype)
         return run_filter(args, triplets, model, tok, Embeddings(args.embedder, dtype=args.embed_dtype))
+    tok = AutoTokenizer.from_pretrained(resolve_model(args.model))  # the plan needs the prompts' lengths, not the weights
+    prompt_len = max(len(tok(chat_prompt(tok, wm_prompt(t)), add_special_tokens=False)["input_ids"]) for t in triplets)
+    args.gen_batch = plan_memory(args, prompt_len, args.max_new_tokens, args.gen_batch, reference=args.mode == "rwml")
     # ---- setup: model, reference policy, optimizer, held-out split (TRY NOT TO MODIFY) ----
     model, tok, ref_model, optimizer, start = start_training(args, ckpt, reference=args.mode == "rwml")
     embed = Embeddings(args.embedder, dtype=args.embed_dtype)
