@@ -270,6 +270,81 @@ def merged_state_dict(model):
 
 
 # ---------------------------------------------------------------------------------------------
+# Several devices: `torchrun --nproc_per_node N train_*.py ...` starts one process (rank) per device. Each
+# rank samples its share of the batch; PyTorch DDP averages the gradients, so the update is the same one.
+# ---------------------------------------------------------------------------------------------
+def init_distributed():
+    """(rank, world size): (0, 1) when run alone; under torchrun one process group, NCCL on GPUs, gloo on CPUs."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return rank_world()
+
+
+def rank_world():
+    import torch.distributed as dist
+
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def gather(items):
+    """Every rank's list, concatenated in rank order, on every rank."""
+    import torch.distributed as dist
+
+    if rank_world()[1] == 1:
+        return list(items)
+    parts = [None] * rank_world()[1]
+    dist.all_gather_object(parts, list(items))
+    return [x for part in parts for x in part]
+
+
+def all_sum(values):
+    """Element-wise sums of a list of numbers over the ranks."""
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if rank_world()[1] > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+_DDP = {}  # id(model) -> its DistributedDataParallel wrapper
+
+
+def ddp(model):
+    """The model's DDP wrapper under torchrun (made once: it broadcasts rank 0's weights), else the model.
+    Only gradient passes go through it; sampling and no-grad passes use the model itself."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if rank_world()[1] == 1:
+        return model
+    if id(model) not in _DDP:
+        _DDP[id(model)] = DistributedDataParallel(model, device_ids=[model.device.index] if model.device.type == "cuda" else None)
+    return _DDP[id(model)]
+
+
+def micro_batches(model, net, n_items, size):
+    """[(indices, sync context)]: this rank's n_items in micro-batches of `size` for gradient accumulation.
+    Under DDP every rank gets as many micro-batches as the rank with the most (the extra ones empty: run
+    `zero_pass` for them), and gradients are synced (averaged over ranks) after the last one only."""
+    from contextlib import nullcontext
+
+    chunks = [list(range(i, min(i + size, n_items))) for i in range(0, n_items, size)]
+    total = max(gather([len(chunks)]))
+    chunks += [[] for _ in range(total - len(chunks))]
+    return [(idx, net.no_sync() if net is not model and k < total - 1 else nullcontext()) for k, idx in enumerate(chunks)]
+
+
+def zero_pass(net, seqs, device):
+    """A forward and backward pass that adds nothing to the gradients, for DDP's sync on a rank with no data."""
+    ids, attn, P = collate(seqs[:1] or [([0], [0])], device)
+    (completion_logprobs(net, ids, attn, P)[0].sum() * 0).backward()
+
+
+# ---------------------------------------------------------------------------------------------
 # GRPO (Shao et al., 2024), written out (ALGO LOGIC: the lines a reader should study)
 # ---------------------------------------------------------------------------------------------
 def group_advantages(rewards, group_size, eps=1e-4):
@@ -349,45 +424,53 @@ def grpo_update(model, optimizer, seqs, adv, args, ref_model=None):
     the whole batch (each token weighs the same, long completions are not diluted; DAPO); False takes
     each sequence's mean, then the mean over sequences (the GRPO paper's formula).
     The reference policy is the base weights under `adapters_off` with LoRA, else `ref_model`.
+    Under torchrun each rank passes its own sequences (any number, even none) and every rank must call
+    this: the batch is all ranks' sequences together, and the stats are over all of them.
     """
     device = next(model.parameters()).device
+    net, world = ddp(model), rank_world()[1]  # net: the model, or its DDP wrapper under torchrun
     params = [p for p in model.parameters() if p.requires_grad]
     lora = any(isinstance(m, LoRALinear) for m in model.modules())
     adv = torch.as_tensor(adv, dtype=torch.float32)
     lengths = torch.tensor([max(1, len(c)) for _, c in seqs], dtype=torch.float32)
-    norm = torch.full_like(lengths, lengths.sum().item()) if args.token_mean else lengths * len(seqs)
-    chunks = [list(range(i, min(i + args.micro_batch, len(seqs)))) for i in range(0, len(seqs), args.micro_batch)]
+    tokens, n_seqs = all_sum([lengths.sum().item(), len(seqs)])  # over all ranks
+    # DDP averages gradients over ranks, hence the factor world: the average is the gradient of the whole batch
+    norm = torch.full_like(lengths, tokens / world) if args.token_mean else lengths * n_seqs / world
     old, ref = {}, {}
     stats = dict(loss=0.0, kl=0.0, clipfrac=0.0, entropy=0.0)
-    tokens = lengths.sum().item()
     model.train()
     for epoch in range(args.ppo_epochs):
-        for k, idx in enumerate(chunks):
-            ids, attn, P = collate([seqs[i] for i in idx], device)
-            mask = attn[:, P:].float()
-            logp, entropy = completion_logprobs(model, ids, attn, P, with_entropy=epoch == 0)
-            if k not in old:  # the sampling policy = the weights before this update's first step
-                old[k] = logp.detach()
-                stats["entropy"] += (entropy.detach() * mask).sum().item() / tokens
-            if args.beta > 0 and k not in ref:
-                with torch.no_grad():
-                    if lora:
-                        with adapters_off(model):
-                            ref[k] = completion_logprobs(model, ids, attn, P)[0]
-                    else:
-                        ref[k] = completion_logprobs(ref_model, ids, attn, P)[0]
-            loss, s = grpo_loss(logp, old[k], ref.get(k), adv[idx].to(device), mask, args.clip_eps, args.beta,
-                                norm[idx].to(device))
-            loss.backward()
+        for k, (idx, sync) in enumerate(micro_batches(model, net, len(seqs), args.micro_batch)):
+            with sync:
+                if not idx:
+                    zero_pass(net, seqs, device)
+                    continue
+                ids, attn, P = collate([seqs[i] for i in idx], device)
+                mask = attn[:, P:].float()
+                logp, entropy = completion_logprobs(net, ids, attn, P, with_entropy=epoch == 0)
+                if k not in old:  # the sampling policy = the weights before this update's first step
+                    old[k] = logp.detach()
+                    stats["entropy"] += (entropy.detach() * mask).sum().item() / tokens
+                if args.beta > 0 and k not in ref:
+                    with torch.no_grad():
+                        if lora:
+                            with adapters_off(model):
+                                ref[k] = completion_logprobs(model, ids, attn, P)[0]
+                        else:
+                            ref[k] = completion_logprobs(ref_model, ids, attn, P)[0]
+                loss, s = grpo_loss(logp, old[k], ref.get(k), adv[idx].to(device), mask, args.clip_eps, args.beta,
+                                    norm[idx].to(device))
+                loss.backward()
             if epoch == args.ppo_epochs - 1:
-                stats["loss"] += loss.item()
+                stats["loss"] += loss.item() / world
                 stats["kl"] += s["kl"] / tokens
                 stats["clipfrac"] += s["clipfrac"] / tokens
         stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)  # free the gradients: the next rollouts need the memory
     model.eval()
-    return stats
+    grad_norm = stats.pop("grad_norm")
+    return dict(zip(stats, all_sum(list(stats.values()))), grad_norm=grad_norm)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -471,11 +554,12 @@ def plan_memory(args, prompt_len, completion_len, gen_batch, reference):
         else:
             gen_batch //= 2
         p = plan()
-    print(f"memory plan ({args.model}, {str(dtype).split('.')[-1]}, "
-          f"{f'LoRA r {args.lora_rank}' if args.lora_rank else 'full fine-tuning'}"
-          f"{', gradient checkpointing' if args.grad_checkpointing else ''}; micro-batch {args.micro_batch} x {seq_len} "
-          f"tokens, sampling {gen_batch} x {prompt_len} + {completion_len}), GB per device:")
-    print("  " + "  ".join(f"{k} {v / 1e9:.2f}" for k, v in p.items()))
+    if rank_world()[0] == 0:
+        print(f"memory plan ({args.model}, {str(dtype).split('.')[-1]}, "
+              f"{f'LoRA r {args.lora_rank}' if args.lora_rank else 'full fine-tuning'}"
+              f"{', gradient checkpointing' if args.grad_checkpointing else ''}; micro-batch {args.micro_batch} x {seq_len} "
+              f"tokens, sampling {gen_batch} x {prompt_len} + {completion_len}), GB per device:")
+        print("  " + "  ".join(f"{k} {v / 1e9:.2f}" for k, v in p.items()))
     if p["peak"] > budget:
         raise SystemExit(f"error: the plan needs {p['peak'] / 1e9:.1f} GB even with micro-batch 1 and one sequence "
                          f"sampled at a time, over --max-memory-gb {args.max_memory_gb}: try --lora-rank, "
@@ -490,7 +574,10 @@ def plan_memory(args, prompt_len, completion_len, gen_batch, reference):
 # ---------------------------------------------------------------------------------------------
 def save_checkpoint(folder, model, tok, optimizer, step, args):
     """folder/model: plain HF weights (adapters merged); folder/trainer.pt: step, optimizer, adapters, RNG.
-    Written aside and renamed, so a kill mid-save keeps the previous checkpoint."""
+    Written aside and renamed, so a kill mid-save keeps the previous checkpoint. Under torchrun rank 0 writes
+    (every rank holds the same weights and optimizer state)."""
+    if rank_world()[0] > 0:
+        return
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -536,12 +623,18 @@ def start_training(args, ckpt, reference):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=dict(use_reentrant=False))
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=True)  # fused: no temporary copies
     step = load_checkpoint(ckpt, model, optimizer) if args.resume else 0
+    rank, world = rank_world()
+    if args.resume and rank > 0:  # the checkpoint holds rank 0's RNG: the other ranks draw their own
+        set_seed(args.seed + 1000 * step + rank)
+    ddp(model)  # under torchrun: wrapped now, so every rank starts from rank 0's weights (LoRA's random A too)
     return model, tok, ref_model, optimizer, step
 
 
 def open_step_log(path, resume, step):
     """A JSONL file of per-step lines (field `step`) opened for appending; on resume only the lines up to
-    the checkpoint's step are kept, so replayed steps are not written twice."""
+    the checkpoint's step are kept, so replayed steps are not written twice. Under torchrun rank 0 writes."""
+    if rank_world()[0] > 0:
+        return open(os.devnull, "w")
     path = Path(path)
     if resume and path.exists():
         drop_partial_line(path)

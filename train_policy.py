@@ -24,8 +24,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from collect import TINY_MODEL, add_tau2_args, play, rollout_record, select_games, summary
-from grpo import add_grpo_args, append_jsonl, group_advantages, grpo_update, open_step_log, plan_memory, plot_metrics, \
-    read_jsonl, save_checkpoint, set_seed, start_training
+from grpo import add_grpo_args, all_sum, append_jsonl, gather, group_advantages, grpo_update, init_distributed, \
+    open_step_log, plan_memory, plot_metrics, read_jsonl, save_checkpoint, set_seed, start_training
 
 
 def parse_args(argv=None):
@@ -67,7 +67,8 @@ def turn_batch(episodes, G):
 
 
 def main(args):
-    set_seed(args.seed)
+    rank, world = init_distributed()  # (0, 1) unless started by torchrun
+    set_seed(args.seed + rank)  # ranks play differently; DDP starts them all from rank 0's weights
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "checkpoint"
@@ -83,21 +84,22 @@ def main(args):
         n = len(games)
         return [random.Random(args.seed * 1000 + k // n).sample(games, n)[k % n] for k in range(step * per_step, (step + 1) * per_step)]
 
-    bar = tqdm(range(start, args.updates), initial=start, total=args.updates, desc="train_policy", unit="update")
+    bar = tqdm(range(start, args.updates), initial=start, total=args.updates, desc="train_policy", unit="update", disable=rank > 0)
     for step in bar:
         t0 = time.time()
-        # ---- interaction: G episodes of each game, all in flight through collect.play ----
-        jobs = [(g, args.split, i) for g in games_at(step) for i in range(G)]
+        # ---- interaction: G episodes of each game, all in flight through collect.play (torchrun: each rank its games) ----
+        jobs = [(g, args.split, i) for g in games_at(step)[rank::world] for i in range(G)]
         played = {(ep.game, ep.index): ep for ep in play(jobs, model, tok, args)}
         episodes = [played[g, i] for g, _, i in jobs]  # back in group order
-        rollouts = [dict(rollout_record(ep, args), step=step + 1) for ep in episodes]
+        rollouts = gather(dict(rollout_record(ep, args), step=step + 1) for ep in episodes)  # all ranks' episodes
         append_jsonl(f_rollouts, rollouts)
         rollout_seconds = time.time() - t0
         # ---- ALGO LOGIC: GRPO on task success, every turn weighted by its episode's advantage ----
         seqs, adv, no_signal = turn_batch(episodes, G)
-        stats = grpo_update(model, optimizer, seqs, adv, args, ref_model) if seqs else {}
-        row = dict(step=step + 1, **summary(rollouts), groups=len(jobs) // G, no_signal_groups=no_signal,
-                   trained_turns=len(seqs), updated=bool(seqs), **{f"train/{k}": v for k, v in stats.items()},
+        trained, no_signal = all_sum([len(seqs), no_signal])  # over all ranks: every rank updates, or none
+        stats = grpo_update(model, optimizer, seqs, adv, args, ref_model) if trained else {}
+        row = dict(step=step + 1, **summary(rollouts), groups=len(rollouts) // G, no_signal_groups=int(no_signal),
+                   trained_turns=int(trained), updated=bool(trained), **{f"train/{k}": v for k, v in stats.items()},
                    rollout_seconds=rollout_seconds, seconds=time.time() - t0)
         append_jsonl(f_metrics, [row])
         bar.set_postfix(success=f"{row['success']:.2f}", invalid=f"{row['invalid_rate']:.2f}", no_signal=f"{no_signal}/{row['groups']}")
@@ -105,6 +107,8 @@ def main(args):
             save_checkpoint(ckpt, model, tok, optimizer, step + 1, args)
     f_metrics.close()
     f_rollouts.close()
+    if rank > 0:
+        return None
     plot_metrics(out / "metrics.jsonl")
     rows = read_jsonl(out / "metrics.jsonl")
     if rows:

@@ -25,9 +25,10 @@ import torch
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from grpo import (TINY_MODEL, add_grpo_args, append_jsonl, chat_prompt, collate, completion_logprobs, drop_partial_line, generate,
-                  group_advantages, grpo_update, load_model, open_step_log, plan_memory, plot_metrics, read_jsonl, resolve_model,
-                  sample, save_checkpoint, set_seed, start_training, write_jsonl)
+from grpo import (TINY_MODEL, add_grpo_args, all_sum, append_jsonl, chat_prompt, collate, completion_logprobs, ddp,
+                  drop_partial_line, gather, generate, group_advantages, grpo_update, init_distributed, load_model,
+                  micro_batches, open_step_log, plan_memory, plot_metrics, rank_world, read_jsonl, resolve_model, sample,
+                  save_checkpoint, set_seed, start_training, write_jsonl, zero_pass)
 from reward import DEFAULT_EMBEDDER, Embeddings, default_tau, judge, mean_scores, sim_to_real, wm_prompt
 
 FIELDS = ("id", "task", "history", "state", "action", "next_state")  # what a triplet needs here
@@ -76,10 +77,12 @@ def heldout_split(triplets, frac, seed):
 
 
 def wm_heldout(model, tok, heldout, embed, tau, args):
-    """Greedy predictions on held-out triplets -> mean reward, similarity, format rate."""
+    """Greedy predictions on held-out triplets -> mean reward, similarity, format rate (ranks share the work)."""
+    rank, world = rank_world()
+    heldout = heldout[rank::world]
     prompts = [chat_prompt(tok, wm_prompt(t)) for t in heldout]
     outputs = generate(model, tok, prompts, args.max_new_tokens, temperature=0, batch_size=args.gen_batch)
-    return mean_scores(sim_to_real(outputs, [t["next_state"] for t in heldout], embed, tau, [t.get("kind") for t in heldout]))
+    return mean_scores(gather(sim_to_real(outputs, [t["next_state"] for t in heldout], embed, tau, [t.get("kind") for t in heldout])))
 
 
 def sft_target(tok, triplet):
@@ -89,22 +92,28 @@ def sft_target(tok, triplet):
 
 
 def sft_update(model, optimizer, seqs, args):
-    """One step of next-state token prediction: mean cross-entropy over all target tokens of the batch."""
+    """One step of next-state token prediction: mean cross-entropy over all target tokens of the batch
+    (under torchrun: of all ranks' batches)."""
     device = next(model.parameters()).device
-    tokens = sum(len(c) for _, c in seqs)
+    net, world = ddp(model), rank_world()[1]
+    tokens = all_sum([sum(len(c) for _, c in seqs)])[0]
     model.train()
     total = 0.0
-    for i in range(0, len(seqs), args.micro_batch):
-        ids, attn, P = collate(seqs[i:i + args.micro_batch], device)
-        logp, _ = completion_logprobs(model, ids, attn, P)
-        loss = -(logp * attn[:, P:]).sum() / tokens  # Eq. WM SFT: -1/|s| sum_t log pi(s_t | s_<t, state, action)
-        loss.backward()
-        total += loss.item()
+    for idx, sync in micro_batches(model, net, len(seqs), args.micro_batch):
+        with sync:
+            if not idx:
+                zero_pass(net, seqs, device)
+                continue
+            ids, attn, P = collate([seqs[i] for i in idx], device)
+            logp, _ = completion_logprobs(net, ids, attn, P)
+            loss = -(logp * attn[:, P:]).sum() / tokens  # Eq. WM SFT: -1/|s| sum_t log pi(s_t | s_<t, state, action)
+            (loss * world).backward()  # x world: DDP averages the ranks' gradients
+            total += loss.item()
     grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     model.eval()
-    return dict(loss=total, grad_norm=grad_norm.item())
+    return dict(loss=all_sum([total])[0], grad_norm=grad_norm.item())
 
 
 def run_filter(args, triplets, model, tok, embed):
@@ -142,7 +151,8 @@ def run_filter(args, triplets, model, tok, embed):
 
 
 def main(args):
-    set_seed(args.seed)
+    rank, world = init_distributed()  # (0, 1) unless started by torchrun
+    set_seed(args.seed + rank)  # ranks sample differently; DDP starts them all from rank 0's weights
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     triplets = read_jsonl(args.triplets, required=FIELDS)
@@ -151,6 +161,8 @@ def main(args):
     args.tau = args.tau if args.tau is not None else default_tau(args.embedder, triplets)
     ckpt = out / "checkpoint"
     if args.mode == "filter":
+        if world > 1:
+            raise SystemExit("error: --mode filter runs on one device: start it with python, not torchrun")
         model, tok = load_model(args.model, dtype=args.dtype)
         return run_filter(args, triplets, model, tok, Embeddings(args.embedder, dtype=args.embed_dtype))
     tok = AutoTokenizer.from_pretrained(resolve_model(args.model))  # the plan needs the prompts' lengths, not the weights
@@ -164,7 +176,8 @@ def main(args):
         ask = lambda prompts: generate(jm, jt, [chat_prompt(jt, p) for p in prompts], 16, temperature=0,
                                        batch_size=args.gen_batch)
     train, heldout = heldout_split(triplets, args.val_frac, seed=0)
-    write_jsonl(out / "heldout.jsonl", heldout)
+    if rank == 0:
+        write_jsonl(out / "heldout.jsonl", heldout)
     heldout = heldout[:args.val_size]
     steps_per_epoch = math.ceil(len(train) / args.batch_size)
     total = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
@@ -178,9 +191,9 @@ def main(args):
         order = random.Random(args.seed * 1000 + epoch).sample(train, len(train))
         return order[i * args.batch_size:(i + 1) * args.batch_size]
 
-    for step in tqdm(range(start, total), initial=start, total=total, desc=f"train_wm {args.mode}", unit="update"):
+    for step in tqdm(range(start, total), initial=start, total=total, desc=f"train_wm {args.mode}", unit="update", disable=rank > 0):
         t0 = time.time()
-        batch = batch_at(step)
+        batch = batch_at(step)[rank::world]  # under torchrun each rank takes its share of the triplets
         if args.mode == "rwml":
             # ---- ALGO LOGIC: RWML = GRPO with the sim-to-real gap reward ----
             G = args.group_size
@@ -193,9 +206,10 @@ def main(args):
                       binarise_at=0.5 if args.reward == "judge-binary" else None)
             adv, no_signal = group_advantages(rewards, G)
             stats = grpo_update(model, optimizer, [(p, c) for p, c, _ in samples], adv, args, ref_model)
-            stats.update(mean_scores(scores), optimised_reward=sum(rewards) / len(rewards),
-                         reward_std=torch.tensor(rewards).std().item(), no_signal_groups=no_signal,
-                         completion_len=sum(len(c) for _, c, _ in samples) / len(samples))
+            rewards, lengths = gather(rewards), gather(len(c) for _, c, _ in samples)  # all ranks' samples
+            stats.update(mean_scores(gather(scores)), optimised_reward=sum(rewards) / len(rewards),
+                         reward_std=torch.tensor(rewards).std().item(), no_signal_groups=sum(gather([no_signal])),
+                         completion_len=sum(lengths) / len(lengths))
         else:
             # ---- WM SFT baseline: next-state token prediction ----
             seqs = [(tok(chat_prompt(tok, wm_prompt(t)), add_special_tokens=False)["input_ids"], sft_target(tok, t))
@@ -208,6 +222,8 @@ def main(args):
         if (step + 1) % args.save_every == 0 or step + 1 == total:
             save_checkpoint(ckpt, model, tok, optimizer, step + 1, args)
     f_metrics.close()
+    if rank > 0:
+        return None
     plot_metrics(metrics_path)
     rows = read_jsonl(metrics_path)
     first, last = rows[0], [r for r in rows if "heldout/reward" in r][-1]

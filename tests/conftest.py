@@ -15,3 +15,15 @@ def tiny():
     from grpo import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def triplets(tmp_path_factory):
+    """Real ALFWorld triplets: 2 training games, one random-policy episode of 5 steps each."""
+    from collect import collect
+    from collect import parse_args as collect_args
+
+    out = tmp_path_factory.mktemp("collect")
+    collect(collect_args(["--policy", "random", "--split", "train", "--games", "2", "--episodes", "1", "--max-steps", "5",
+                          "--out", str(out)]))
+    return out / "triplets.jsonl"

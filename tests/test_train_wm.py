@@ -4,23 +4,12 @@ import copy
 import subprocess
 import sys
 
-import pytest
 import torch
 
 import train_wm
-from collect import collect
-from collect import parse_args as collect_args
 from conftest import ROOT
 from grpo import chat_prompt, read_jsonl
 from reward import wm_prompt
-
-
-@pytest.fixture(scope="module")
-def triplets(tmp_path_factory):
-    out = tmp_path_factory.mktemp("collect")
-    collect(collect_args(["--policy", "random", "--split", "train", "--games", "2", "--episodes", "1", "--max-steps", "5",
-                          "--out", str(out)]))
-    return out / "triplets.jsonl"
 
 
 def wm_args(triplets, out, *extra):
