@@ -18,6 +18,7 @@ import os
 import random
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -199,7 +200,7 @@ def sample(model, tok, prompts, max_new_tokens=256, temperature=1.0, stop=None, 
     batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     sampling = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature > 0 else dict(do_sample=False)
     out = model.generate(**batch, max_new_tokens=max_new_tokens, stop_strings=stop, tokenizer=tok if stop else None,
-                         **sampling).cpu()
+                         synced_gpus=False, **sampling).cpu()  # ranks sample alone (under FSDP: see `full_weights`)
     eos = model.generation_config.eos_token_id
     ends = set(eos if isinstance(eos, list) else [eos]) | {tok.pad_token_id}
     results = []
@@ -319,7 +320,7 @@ def ddp(model):
     Only gradient passes go through it; sampling and no-grad passes use the model itself."""
     from torch.nn.parallel import DistributedDataParallel
 
-    if rank_world()[1] == 1:
+    if rank_world()[1] == 1 or is_sharded(model):  # FSDP syncs gradients itself
         return model
     if id(model) not in _DDP:
         _DDP[id(model)] = DistributedDataParallel(model, device_ids=[model.device.index] if model.device.type == "cuda" else None)
@@ -342,6 +343,46 @@ def zero_pass(net, seqs, device):
     """A forward and backward pass that adds nothing to the gradients, for DDP's sync on a rank with no data."""
     ids, attn, P = collate(seqs[:1] or [([0], [0])], device)
     (completion_logprobs(net, ids, attn, P)[0].sum() * 0).backward()
+
+
+def shard(model):
+    """--fsdp (full fine-tuning of a model too big for one device): FSDP2 splits each decoder layer's weights,
+    gradients and AdamW moments over the ranks; a layer is gathered whole only while it computes."""
+    from torch.distributed.fsdp import fully_shard
+
+    for m in model.modules():
+        if type(m).__name__ in model._no_split_modules:  # the decoder layers
+            fully_shard(m)
+    fully_shard(model)
+    return model
+
+
+def is_sharded(model):
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+@contextmanager
+def full_weights(model):
+    """`with full_weights(model):` around sampling. Under --fsdp every rank gathers the whole model once and
+    keeps it while it samples: ranks sample different numbers of tokens, and per-forward gathers would
+    wait for each other forever. Does nothing otherwise."""
+    if not is_sharded(model):
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    parts = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in parts:
+        m.set_reshard_after_forward(False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in parts:
+            m.set_reshard_after_forward(True)
+            m.reshard()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -407,6 +448,8 @@ def add_grpo_args(p):
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
     g.add_argument("--lora-rank", type=int, default=0, help="0: full fine-tuning; r > 0: hand-written LoRA adapters")
     g.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="weights dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    g.add_argument("--fsdp", action="store_true", help="under torchrun, full fine-tuning: shard weights, gradients and "
+                   "AdamW moments over the ranks (FSDP2) instead of a whole copy per rank (DDP)")
     g.add_argument("--grad-checkpointing", action="store_true",
                    help="keep only each layer's input for backward and recompute the rest (less memory, ~1.3x compute)")
     g.add_argument("--resume", action="store_true", help="continue from --out/checkpoint")
@@ -414,6 +457,12 @@ def add_grpo_args(p):
                    help="memory per device: halve --micro-batch and the sampling batch until the memory plan fits")
     g.add_argument("--dry-run", action="store_true", help="print the memory plan (weights, grads, AdamW, activations, "
                    "KV cache) and exit")
+
+
+def clip_gradients(model, max_norm):
+    """Scale the trainable gradients to a total norm of at most max_norm; returns the norm before (a float)."""
+    norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
+    return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # FSDP: a distributed tensor
 
 
 def grpo_update(model, optimizer, seqs, adv, args, ref_model=None):
@@ -429,7 +478,6 @@ def grpo_update(model, optimizer, seqs, adv, args, ref_model=None):
     """
     device = next(model.parameters()).device
     net, world = ddp(model), rank_world()[1]  # net: the model, or its DDP wrapper under torchrun
-    params = [p for p in model.parameters() if p.requires_grad]
     lora = any(isinstance(m, LoRALinear) for m in model.modules())
     adv = torch.as_tensor(adv, dtype=torch.float32)
     lengths = torch.tensor([max(1, len(c)) for _, c in seqs], dtype=torch.float32)
@@ -465,7 +513,7 @@ def grpo_update(model, optimizer, seqs, adv, args, ref_model=None):
                 stats["loss"] += loss.item() / world
                 stats["kl"] += s["kl"] / tokens
                 stats["clipfrac"] += s["clipfrac"] / tokens
-        stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
+        stats["grad_norm"] = clip_gradients(model, args.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)  # free the gradients: the next rollouts need the memory
     model.eval()
@@ -489,12 +537,15 @@ def count_params(config, lora_rank=0):
 
 
 def memory_plan(config, dtype=torch.bfloat16, lora_rank=0, reference=True, grad_checkpointing=False,
-                micro_batch=8, seq_len=1024, completion_len=256, gen_batch=64, prompt_len=None):
+                micro_batch=8, seq_len=1024, completion_len=256, gen_batch=64, prompt_len=None, shards=1):
     """Bytes of each part of a training run on one device, and its peak. The update's micro-batch holds
     `seq_len` tokens a sequence, `completion_len` of them scored; sampling runs `gen_batch` prompts of
     `prompt_len` tokens at once. Gradients live from the first backward to the optimizer step and are
     freed before sampling, so:
         peak = weights + reference + AdamW moments + max(gradients + activations + logits, KV cache + prefill)
+    With FSDP over `shards` ranks, weights, gradients and moments are split; sampling holds the whole weights
+    (`full_weights`) and the reference stays whole, so the peak is instead
+        reference + moments + max(weights + gradients + activations + logits, whole weights + KV cache + prefill)
     Activations are counted op by op on a Llama/Qwen decoder layer (what autograd keeps for backward)
     and checked against measured peaks of the tiny model in tests/test_memory.py."""
     B = torch.finfo(dtype).bits // 8
@@ -516,17 +567,18 @@ def memory_plan(config, dtype=torch.bfloat16, lora_rank=0, reference=True, grad_
     tokens = micro_batch * seq_len
     activations = tokens * (L * h * B + layer) if grad_checkpointing else tokens * L * layer  # checkpointing: layer inputs + one layer
     plan = dict(
-        weights=n * B,
+        weights=n * B // shards,
         reference=n * B if reference and not lora_rank else 0,  # LoRA: the same weights with adapters off
-        grads=trainable * tb,
-        adam=2 * trainable * tb,
+        grads=trainable * tb // shards,
+        adam=2 * trainable * tb // shards,
         activations=activations,
         logits=micro_batch * (completion_len + 1) * V * (B + 16),  # logits, fp32 log-softmax, its gradient
         kv_cache=gen_batch * (prompt_len + completion_len) * L * 2 * kv * B,
         prefill=gen_batch * prompt_len * (4 * h + 3 * I) * B,  # one layer's MLP over every prompt token at once
     )
-    plan["peak"] = plan["weights"] + plan["reference"] + plan["adam"] + \
-        max(plan["grads"] + plan["activations"] + plan["logits"], plan["kv_cache"] + plan["prefill"])
+    sampling = n * B if shards > 1 else 0  # FSDP gathers the whole weights to sample
+    plan["peak"] = plan["reference"] + plan["adam"] + max(plan["weights"] + plan["grads"] + plan["activations"] + plan["logits"],
+                                                          max(plan["weights"], sampling) + plan["kv_cache"] + plan["prefill"])
     return plan
 
 
@@ -541,10 +593,11 @@ def plan_memory(args, prompt_len, completion_len, gen_batch, reference):
     dtype = default_dtype(torch.device("cuda" if torch.cuda.is_available() else "cpu")) if args.dtype == "auto" else \
         {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     budget = args.max_memory_gb * 1e9 if args.max_memory_gb else float("inf")
+    world = rank_world()[1]
 
     def plan():
         return memory_plan(config, dtype, args.lora_rank, reference and args.beta > 0, args.grad_checkpointing,
-                           args.micro_batch, seq_len, completion_len, gen_batch, prompt_len)
+                           args.micro_batch, seq_len, completion_len, gen_batch, prompt_len, world if args.fsdp else 1)
 
     p = plan()
     while p["peak"] > budget and (args.micro_batch > 1 or gen_batch > 1):
@@ -557,7 +610,7 @@ def plan_memory(args, prompt_len, completion_len, gen_batch, reference):
     if rank_world()[0] == 0:
         print(f"memory plan ({args.model}, {str(dtype).split('.')[-1]}, "
               f"{f'LoRA r {args.lora_rank}' if args.lora_rank else 'full fine-tuning'}"
-              f"{', gradient checkpointing' if args.grad_checkpointing else ''}; micro-batch {args.micro_batch} x {seq_len} "
+              f"{', gradient checkpointing' if args.grad_checkpointing else ''}{f', FSDP over {world}' if args.fsdp else ''}; micro-batch {args.micro_batch} x {seq_len} "
               f"tokens, sampling {gen_batch} x {prompt_len} + {completion_len}), GB per device:")
         print("  " + "  ".join(f"{k} {v / 1e9:.2f}" for k, v in p.items()))
     if p["peak"] > budget:
@@ -576,15 +629,22 @@ def save_checkpoint(folder, model, tok, optimizer, step, args):
     """folder/model: plain HF weights (adapters merged); folder/trainer.pt: step, optimizer, adapters, RNG.
     Written aside and renamed, so a kill mid-save keeps the previous checkpoint. Under torchrun rank 0 writes
     (every rank holds the same weights and optimizer state)."""
+    if is_sharded(model):  # every rank sends its shards; rank 0 gets the whole weights and optimizer state
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+        whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights, optimizer_state = get_model_state_dict(model, options=whole), get_optimizer_state_dict(model, optimizer, options=whole)
+    else:
+        weights, optimizer_state = merged_state_dict(model), optimizer.state_dict()
     if rank_world()[0] > 0:
         return
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp / "model", state_dict=merged_state_dict(model))
+    model.save_pretrained(tmp / "model", state_dict=weights)
     tok.save_pretrained(tmp / "model")
     adapters = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad and n.endswith((".A", ".B"))}
-    torch.save(dict(step=step, optimizer=optimizer.state_dict(), adapters=adapters or None, args=vars(args),
+    torch.save(dict(step=step, optimizer=optimizer_state, adapters=adapters or None, args=vars(args),
                     rng=dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())),
                tmp / "trainer.pt")
     shutil.rmtree(folder, ignore_errors=True)
@@ -596,7 +656,12 @@ def load_checkpoint(folder, model, optimizer):
     state = torch.load(Path(folder) / "trainer.pt", weights_only=False)
     if state["adapters"]:
         model.load_state_dict(state["adapters"], strict=False)
-    optimizer.load_state_dict(state["optimizer"])
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state["optimizer"])
     random.setstate(state["rng"]["python"])
     np.random.set_state(state["rng"]["numpy"])
     torch.set_rng_state(state["rng"]["torch"])
@@ -618,7 +683,9 @@ def start_training(args, ckpt, reference):
     if reference and args.beta > 0 and not args.lora_rank:
         ref_model = load_model(args.model, dtype=args.dtype)[0] if full_resume else copy.deepcopy(model)
         ref_model.requires_grad_(False)
-    params = add_lora(model, args.lora_rank) if args.lora_rank else list(model.parameters())
+    if args.fsdp and (args.lora_rank or rank_world()[1] == 1):
+        raise SystemExit("error: --fsdp shards full fine-tuning over torchrun's ranks: use it without --lora-rank, under torchrun")
+    params = add_lora(model, args.lora_rank) if args.lora_rank else list((shard(model) if args.fsdp else model).parameters())
     if args.grad_checkpointing:  # only active in model.train(), i.e. in the updates, not while sampling
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=dict(use_reentrant=False))
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=True)  # fused: no temporary copies

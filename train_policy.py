@@ -24,7 +24,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from collect import TINY_MODEL, add_tau2_args, play, rollout_record, select_games, summary
-from grpo import add_grpo_args, all_sum, append_jsonl, gather, group_advantages, grpo_update, init_distributed, \
+from grpo import add_grpo_args, all_sum, append_jsonl, full_weights, gather, group_advantages, grpo_update, init_distributed, \
     open_step_log, plan_memory, plot_metrics, read_jsonl, save_checkpoint, set_seed, start_training
 
 
@@ -89,7 +89,8 @@ def main(args):
         t0 = time.time()
         # ---- interaction: G episodes of each game, all in flight through collect.play (torchrun: each rank its games) ----
         jobs = [(g, args.split, i) for g in games_at(step)[rank::world] for i in range(G)]
-        played = {(ep.game, ep.index): ep for ep in play(jobs, model, tok, args)}
+        with full_weights(model):  # (the whole model on every rank under --fsdp)
+            played = {(ep.game, ep.index): ep for ep in play(jobs, model, tok, args)}
         episodes = [played[g, i] for g, _, i in jobs]  # back in group order
         rollouts = gather(dict(rollout_record(ep, args), step=step + 1) for ep in episodes)  # all ranks' episodes
         append_jsonl(f_rollouts, rollouts)

@@ -25,8 +25,8 @@ import torch
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from grpo import (TINY_MODEL, add_grpo_args, all_sum, append_jsonl, chat_prompt, collate, completion_logprobs, ddp,
-                  drop_partial_line, gather, generate, group_advantages, grpo_update, init_distributed, load_model,
+from grpo import (TINY_MODEL, add_grpo_args, all_sum, append_jsonl, chat_prompt, clip_gradients, collate, completion_logprobs, ddp,
+                  drop_partial_line, full_weights, gather, generate, group_advantages, grpo_update, init_distributed, load_model,
                   micro_batches, open_step_log, plan_memory, plot_metrics, rank_world, read_jsonl, resolve_model, sample,
                   save_checkpoint, set_seed, start_training, write_jsonl, zero_pass)
 from reward import DEFAULT_EMBEDDER, Embeddings, default_tau, judge, mean_scores, sim_to_real, wm_prompt
@@ -81,7 +81,8 @@ def wm_heldout(model, tok, heldout, embed, tau, args):
     rank, world = rank_world()
     heldout = heldout[rank::world]
     prompts = [chat_prompt(tok, wm_prompt(t)) for t in heldout]
-    outputs = generate(model, tok, prompts, args.max_new_tokens, temperature=0, batch_size=args.gen_batch)
+    with full_weights(model):
+        outputs = generate(model, tok, prompts, args.max_new_tokens, temperature=0, batch_size=args.gen_batch)
     return mean_scores(gather(sim_to_real(outputs, [t["next_state"] for t in heldout], embed, tau, [t.get("kind") for t in heldout])))
 
 
@@ -109,11 +110,11 @@ def sft_update(model, optimizer, seqs, args):
             loss = -(logp * attn[:, P:]).sum() / tokens  # Eq. WM SFT: -1/|s| sum_t log pi(s_t | s_<t, state, action)
             (loss * world).backward()  # x world: DDP averages the ranks' gradients
             total += loss.item()
-    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.max_grad_norm)
+    grad_norm = clip_gradients(model, args.max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     model.eval()
-    return dict(loss=all_sum([total])[0], grad_norm=grad_norm.item())
+    return dict(loss=all_sum([total])[0], grad_norm=grad_norm)
 
 
 def run_filter(args, triplets, model, tok, embed):
@@ -198,7 +199,8 @@ def main(args):
             # ---- ALGO LOGIC: RWML = GRPO with the sim-to-real gap reward ----
             G = args.group_size
             prompts = [chat_prompt(tok, wm_prompt(t)) for t in batch for _ in range(G)]
-            samples = sample(model, tok, prompts, args.max_new_tokens, args.temperature, batch_size=args.gen_batch)
+            with full_weights(model):  # (the whole model on every rank under --fsdp)
+                samples = sample(model, tok, prompts, args.max_new_tokens, args.temperature, batch_size=args.gen_batch)
             scores = sim_to_real([text for _, _, text in samples], [t["next_state"] for t in batch for _ in range(G)],
                                  embed, args.tau, [t.get("kind") for t in batch for _ in range(G)])
             rewards = [s["reward"] for s in scores] if args.reward == "embedding" else \

@@ -1,10 +1,12 @@
 """One GRPO update of the tiny model, alone or as one rank under torchrun (tests/test_distributed.py).
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/ddp_worker.py OUT.pt [seq-mean]
+    python -m torch.distributed.run --nproc_per_node 2 tests/ddp_worker.py OUT.pt token-mean|seq-mean|fsdp
 
 Rank 0 takes the first 4 of 6 sequences, rank 1 the last 2: ranks with different numbers of micro-batches.
+token-mean / seq-mean: LoRA under DDP; fsdp: full fine-tuning sharded by FSDP2, with a reference model.
 """
 
+import copy
 import sys
 import types
 from pathlib import Path
@@ -12,35 +14,55 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from grpo import add_lora, ddp, grpo_update, init_distributed, load_model  # noqa: E402
+from grpo import add_lora, ddp, grpo_update, init_distributed, load_model, shard  # noqa: E402
 
 SPLIT = 4  # rank 0: sequences [0, 4), rank 1: [4, 6)
+CHECKED = ("model.layers.0.self_attn.q_proj.weight", "model.layers.29.mlp.down_proj.weight", "model.norm.weight")
 
 
-def case(token_mean=True):
-    """(model, optimizer, seqs, advantages, args): the same on every rank and in the single-process run."""
+def case(mode):
+    """(model, reference, seqs, advantages, args): the same on every rank and in the single-process run."""
     model, tok = load_model("smollm2-135m", device="cpu", dtype="fp32")
-    params = add_lora(model, rank=4)
     g = torch.Generator().manual_seed(0)
-    for p in params:  # non-zero A and B: gradients reach both
-        p.data = torch.randn(p.shape, generator=g) * 0.02
+    ref = None
+    if mode == "fsdp":
+        ref = copy.deepcopy(model).requires_grad_(False)
+    else:
+        for p in add_lora(model, rank=4):  # non-zero A and B: gradients reach both
+            p.data = torch.randn(p.shape, generator=g) * 0.02
     seqs = [(torch.randint(100, 40000, (20 + 3 * i,), generator=g).tolist(),
              torch.randint(100, 40000, (5 + 2 * i,), generator=g).tolist()) for i in range(6)]
     adv = [1.0, -1.0, 0.5, -0.5, 1.5, -1.5]
-    args = types.SimpleNamespace(micro_batch=2, ppo_epochs=2, clip_eps=0.2, beta=0.01, max_grad_norm=1e9, token_mean=token_mean)
-    optimizer = torch.optim.SGD(params, lr=1e-2)  # the update is the gradient itself (Adam's first step is ~sign(g))
-    return model, optimizer, seqs, adv, args
+    args = types.SimpleNamespace(micro_batch=2, ppo_epochs=2, clip_eps=0.2, beta=0.01, max_grad_norm=1e9,
+                                 token_mean=mode != "seq-mean")
+    return model, ref, seqs, adv, args
 
 
-def adapters(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+def optimizer_for(model):
+    # SGD: the update is the gradient itself (Adam's first step is ~sign(g), blind to a wrong scale)
+    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+
+
+def trained(model):
+    """The tensors compared: LoRA adapters, or a few full weights."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad and (n.endswith((".A", ".B")) or n in CHECKED)}
 
 
 if __name__ == "__main__":
     rank, world = init_distributed()
-    model, optimizer, seqs, adv, args = case(token_mean=sys.argv[2:] != ["seq-mean"])
+    mode = sys.argv[2]
+    model, ref, seqs, adv, args = case(mode)
+    if mode == "fsdp":
+        shard(model)
     ddp(model)
     mine = slice(0, SPLIT) if rank == 0 else slice(SPLIT, None)
-    stats = grpo_update(model, optimizer, seqs[mine], adv[mine], args)
+    stats = grpo_update(model, optimizer_for(model), seqs[mine], adv[mine], args, ref)
+    if mode == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        weights = {n: full[n] for n in CHECKED if n in full}
+    else:
+        weights = trained(model)
     if rank == 0:
-        torch.save(dict(adapters=adapters(model), stats=stats), sys.argv[1])
+        torch.save(dict(weights=weights, stats=stats), sys.argv[1])

@@ -1,4 +1,4 @@
-"""torchrun with PyTorch DDP (gloo on CPU): the same update as one process, and both training scripts end to end."""
+"""torchrun (gloo on CPU): DDP and FSDP make the update of one process; both training scripts end to end."""
 
 import os
 import subprocess
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from ddp_worker import adapters, case
+from ddp_worker import case, optimizer_for, trained
 from grpo import grpo_update, read_jsonl
 
 
@@ -18,31 +18,36 @@ def torchrun(*args, timeout=600):
                            *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-@pytest.mark.parametrize("mode", ["token-mean", "seq-mean"])
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean", "fsdp"])
 def test_two_ranks_make_the_update_of_the_whole_batch(tmp_path, mode):
-    model, optimizer, seqs, adv, args = case(token_mean=mode == "token-mean")
-    before = adapters(model)
-    alone = grpo_update(model, optimizer, seqs, adv, args)  # all 6 sequences in one process
-    r = torchrun("tests/ddp_worker.py", str(tmp_path / "ddp.pt"), mode)
+    model, ref, seqs, adv, args = case(mode)
+    before = trained(model)
+    alone = grpo_update(model, optimizer_for(model), seqs, adv, args, ref)  # all 6 sequences in one process
+    r = torchrun("tests/ddp_worker.py", str(tmp_path / "ranks.pt"), mode)
     assert r.returncode == 0, r.stderr[-3000:]
-    ranks = torch.load(tmp_path / "ddp.pt")
-    for name, p in adapters(model).items():
-        step_alone, step_ddp = p - before[name], ranks["adapters"][name] - before[name]
+    ranks = torch.load(tmp_path / "ranks.pt")
+    assert ranks["weights"].keys() == before.keys()
+    for name, p in trained(model).items():
+        step_alone, step_ranks = p - before[name], ranks["weights"][name] - before[name]
         assert step_alone.abs().max() > 0
-        assert (step_ddp - step_alone).abs().max() < 1e-3 * step_alone.abs().max(), name  # fp32 sums in another order
+        assert (step_ranks - step_alone).abs().max() < 1e-3 * step_alone.abs().max(), name  # fp32 sums in another order
     for k in ("loss", "kl", "clipfrac", "entropy", "grad_norm"):
         assert ranks["stats"][k] == pytest.approx(alone[k], rel=1e-3, abs=1e-9), k
 
 
-def test_torchrun_trains_the_world_model_and_the_policy(triplets, tmp_path):
-    r = torchrun("train_wm.py", "--mode", "rwml", "--triplets", str(triplets), "--out", str(tmp_path / "rwml"),
-                 "--batch-size", "3", "--group-size", "2", "--max-new-tokens", "8", "--val-size", "3", "--eval-every", "1",
-                 "--lora-rank", "4", "--lr", "1e-4", "--max-steps", "2", "--micro-batch", "2")
+def test_torchrun_trains_the_world_model_with_fsdp_and_the_policy_with_ddp(triplets, tmp_path):
+    rwml = ["train_wm.py", "--mode", "rwml", "--triplets", str(triplets), "--out", str(tmp_path / "rwml"), "--batch-size", "3",
+            "--group-size", "2", "--max-new-tokens", "8", "--val-size", "3", "--eval-every", "1", "--lr", "1e-5",
+            "--micro-batch", "2", "--save-every", "1", "--fsdp"]  # full fine-tuning, sharded over the 2 ranks
+    r = torchrun(*rwml, "--max-steps", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "FSDP over 2" in r.stdout
+    r = torchrun(*rwml, "--max-steps", "3", "--resume")  # the sharded optimizer state comes back from trainer.pt
     assert r.returncode == 0, r.stderr[-3000:]
     rows = read_jsonl(tmp_path / "rwml" / "metrics.jsonl")
-    assert [row["step"] for row in rows] == [0, 1, 2]  # rank 0 writes, once per step
-    assert "train/reward" in rows[1] and "heldout/reward" in rows[2]
-    assert (tmp_path / "rwml" / "checkpoint" / "model" / "config.json").exists()
+    assert [row["step"] for row in rows] == [0, 1, 2, 3]  # rank 0 writes, once per step
+    assert "train/reward" in rows[1] and "heldout/reward" in rows[3]
+    assert torch.load(tmp_path / "rwml" / "checkpoint" / "trainer.pt", weights_only=False)["step"] == 3
     r = torchrun("train_policy.py", "--games", "2", "--games-per-step", "2", "--group-size", "2", "--updates", "1",
                  "--max-steps", "2", "--max-new-tokens", "8", "--lora-rank", "4", "--out", str(tmp_path / "policy"))
     assert r.returncode == 0, r.stderr[-3000:]
