@@ -27,8 +27,8 @@ ENV_FLAGS = --env tau2 --domain $(DOMAINS) --user-model $(USER_MODEL)
 endif
 ifeq ($(BUDGET),paper)
 # the paper's settings (the scripts' defaults) and embedder. TUNE: LoRA, so that a 7-8B model trains on one
-# 80 GB GPU; the paper fine-tunes all weights (TUNE="--lr 1e-6 --dtype fp32", ~170 GB: several GPUs)
-TUNE ?= --lora-rank 64 --lr 1e-5 --micro-batch 2
+# 80 GB GPU; the paper fine-tunes all weights (TUNE="--lr 1e-6 --dtype fp32", ~160-180 GB: FSDP over several GPUs, README)
+TUNE ?= --lora-rank 64 --lr 1e-5 --micro-batch 2 --grad-checkpointing
 EMBED ?= --embedder Qwen/Qwen3-Embedding-8B
 COLLECT ?= --episodes 3
 FILTER ?=
@@ -90,3 +90,4 @@ bench: install
 	$(PYTHON) bench/collect_throughput.py
 	$(PYTHON) bench/reward_throughput.py --triplets $(OUT)/collect/triplets.jsonl
 	$(PYTHON) bench/grpo_update.py
+	$(PYTHON) bench/memory_plan.py

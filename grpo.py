@@ -1,8 +1,9 @@
 """The shared machinery of every RWML stage, and GRPO written by hand.
 
 First half, plumbing: model loading (any HF id or folder; the offline tiny default), batched
-sampling, JSONL files, metric curves. Second half, the method: hand-written LoRA, GRPO's
-group-normalised advantage, clipped surrogate and KL to a reference, and checkpoints.
+sampling, JSONL files, metric curves, torchrun (DDP / FSDP). Second half, the method: hand-written
+LoRA, GRPO's group-normalised advantage, clipped surrogate and KL to a reference; then the memory
+plan (--dry-run) and checkpoints.
 This file imports nothing from the project and no environment.
 
     from grpo import load_model, generate
@@ -339,10 +340,14 @@ def micro_batches(model, net, n_items, size):
     return [(idx, net.no_sync() if net is not model and k < total - 1 else nullcontext()) for k, idx in enumerate(chunks)]
 
 
-def zero_pass(net, seqs, device):
-    """A forward and backward pass that adds nothing to the gradients, for DDP's sync on a rank with no data."""
+def zero_pass(net, seqs, device, ref_model=None):
+    """A forward and backward pass that adds nothing to the gradients, for the syncs of a rank with no data
+    (and a pass of a sharded reference model, whose layer gathers every rank must join too)."""
     ids, attn, P = collate(seqs[:1] or [([0], [0])], device)
     (completion_logprobs(net, ids, attn, P)[0].sum() * 0).backward()
+    if ref_model is not None and is_sharded(ref_model):
+        with torch.no_grad():
+            completion_logprobs(ref_model, ids, attn, P)
 
 
 def shard(model):
@@ -491,7 +496,7 @@ def grpo_update(model, optimizer, seqs, adv, args, ref_model=None):
         for k, (idx, sync) in enumerate(micro_batches(model, net, len(seqs), args.micro_batch)):
             with sync:
                 if not idx:
-                    zero_pass(net, seqs, device)
+                    zero_pass(net, seqs, device, ref_model if epoch == 0 and args.beta > 0 else None)
                     continue
                 ids, attn, P = collate([seqs[i] for i in idx], device)
                 mask = attn[:, P:].float()
@@ -543,8 +548,8 @@ def memory_plan(config, dtype=torch.bfloat16, lora_rank=0, reference=True, grad_
     `prompt_len` tokens at once. Gradients live from the first backward to the optimizer step and are
     freed before sampling, so:
         peak = weights + reference + AdamW moments + max(gradients + activations + logits, KV cache + prefill)
-    With FSDP over `shards` ranks, weights, gradients and moments are split; sampling holds the whole weights
-    (`full_weights`) and the reference stays whole, so the peak is instead
+    With FSDP over `shards` ranks, weights, gradients, moments and the reference are split, and sampling
+    holds the whole weights (`full_weights`), so the peak is instead
         reference + moments + max(weights + gradients + activations + logits, whole weights + KV cache + prefill)
     Activations are counted op by op on a Llama/Qwen decoder layer (what autograd keeps for backward)
     and checked against measured peaks of the tiny model in tests/test_memory.py."""
@@ -568,7 +573,7 @@ def memory_plan(config, dtype=torch.bfloat16, lora_rank=0, reference=True, grad_
     activations = tokens * (L * h * B + layer) if grad_checkpointing else tokens * L * layer  # checkpointing: layer inputs + one layer
     plan = dict(
         weights=n * B // shards,
-        reference=n * B if reference and not lora_rank else 0,  # LoRA: the same weights with adapters off
+        reference=n * B // shards if reference and not lora_rank else 0,  # LoRA: the same weights with adapters off
         grads=trainable * tb // shards,
         adam=2 * trainable * tb // shards,
         activations=activations,
@@ -685,6 +690,8 @@ def start_training(args, ckpt, reference):
         ref_model.requires_grad_(False)
     if args.fsdp and (args.lora_rank or rank_world()[1] == 1):
         raise SystemExit("error: --fsdp shards full fine-tuning over torchrun's ranks: use it without --lora-rank, under torchrun")
+    if args.fsdp and ref_model is not None:
+        shard(ref_model)  # the reference too: each rank keeps 1 / N of it
     params = add_lora(model, args.lora_rank) if args.lora_rank else list((shard(model) if args.fsdp else model).parameters())
     if args.grad_checkpointing:  # only active in model.train(), i.e. in the updates, not while sampling
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=dict(use_reentrant=False))

@@ -1,9 +1,11 @@
 """One GRPO update (generation + scoring + loss + optimizer step) of grpo.py against TRL's GRPOTrainer
-on the same tiny model, prompts, G, batch, completion length, beta and reward, in one run; plus the
-peak memory (max RSS) of each, measured in its own process.
+on the same model, prompts, G, batch, completion length, beta and reward, in one run; plus the peak
+memory of each, measured in its own process (CUDA: torch.cuda.max_memory_allocated; CPU: max RSS), and
+completion tokens sampled per second of update.
 
     pip install trl==1.16.0          # bench-only dependency
     python bench/grpo_update.py      # goal: time ratio ours / TRL <= 1.0
+    python bench/grpo_update.py --model Qwen/Qwen2.5-0.5B-Instruct --group-size 8 --max-new-tokens 256   # on a GPU
 """
 
 import argparse
@@ -33,18 +35,19 @@ def ours(a):
     set_seed(a.seed)
     model, tok = load_model(a.model)
     ref = __import__("copy").deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)
     args = argparse.Namespace(micro_batch=len(PROMPTS) * a.group_size, ppo_epochs=1, clip_eps=0.2, beta=a.beta,
                               max_grad_norm=1.0, token_mean=True)
     prompts = [chat_prompt(tok, p) for p in PROMPTS for _ in range(a.group_size)]
-    times = []
+    times, tokens = [], []
     for _ in range(a.steps):
         t0 = time.time()
         samples = sample(model, tok, prompts, a.max_new_tokens, 1.0)
         adv, _ = group_advantages(reward([t for _, _, t in samples]), a.group_size)
         grpo_update(model, opt, [(p, c) for p, c, _ in samples], adv, args, ref)
         times.append(time.time() - t0)
-    return times
+        tokens.append(sum(len(c) for _, c, _ in samples))
+    return times, tokens
 
 
 def trl(a):
@@ -54,8 +57,10 @@ def trl(a):
 
     from grpo import resolve_model
 
+    import torch
+
     class Timer(TrainerCallback):
-        times = []
+        times, tokens = [], []
 
         def on_step_begin(self, *args, **kw):
             self.t0 = time.time()
@@ -63,15 +68,20 @@ def trl(a):
         def on_step_end(self, *args, **kw):
             self.times.append(time.time() - self.t0)
 
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "completions/mean_length" in logs:
+                self.tokens.append(logs["completions/mean_length"] * len(PROMPTS) * a.group_size)
+
     data = Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in PROMPTS] * a.steps})
     config = GRPOConfig(output_dir="/tmp/trl_bench", per_device_train_batch_size=len(PROMPTS) * a.group_size,
                         num_generations=a.group_size, max_completion_length=a.max_new_tokens, beta=a.beta,
-                        learning_rate=1e-6, max_steps=a.steps, use_cpu=True, report_to="none", save_strategy="no",
-                        logging_steps=1, seed=a.seed, bf16=False, max_grad_norm=1.0, temperature=1.0)
+                        learning_rate=1e-6, max_steps=a.steps, use_cpu=not torch.cuda.is_available(), report_to="none",
+                        save_strategy="no", logging_steps=1, seed=a.seed, bf16=torch.cuda.is_available(), max_grad_norm=1.0,
+                        temperature=1.0)
     trainer = GRPOTrainer(model=resolve_model(a.model), reward_funcs=lambda completions, **kw: reward(
         [c[0]["content"] for c in completions]), args=config, train_dataset=data, callbacks=[Timer()])
     trainer.train()
-    return Timer.times
+    return Timer.times, Timer.tokens
 
 
 if __name__ == "__main__":
@@ -84,9 +94,13 @@ if __name__ == "__main__":
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
     a = p.parse_args()
-    if a.side:  # a child process: one side, its step times and peak memory as JSON
-        times = (ours if a.side == "ours" else trl)(a)
-        print(json.dumps(dict(times=times, max_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)))
+    if a.side:  # a child process: one side, its step times, tokens and peak memory as JSON
+        import torch
+
+        times, tokens = (ours if a.side == "ours" else trl)(a)
+        peak = torch.cuda.max_memory_allocated() / 2 ** 20 if torch.cuda.is_available() else \
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps(dict(times=times, tokens=tokens, peak_mb=peak)))
         raise SystemExit
     res = {}
     for side in ("ours", "trl"):
@@ -96,7 +110,8 @@ if __name__ == "__main__":
         res[side] = json.loads(out.stdout.strip().splitlines()[-1])
         step = statistics.median(res[side]["times"][1:] or res[side]["times"])
         res[side]["step"] = step
+        rate = sum(res[side]["tokens"]) / sum(res[side]["times"][:len(res[side]["tokens"])]) if res[side]["tokens"] else float("nan")
         print(f"{side:>4}: update {step:.2f} s (steps {[round(t, 2) for t in res[side]['times']]}), "
-              f"peak RSS {res[side]['max_rss_mb']:.0f} MB")
+              f"{rate:.0f} sampled tokens/s, peak memory {res[side]['peak_mb']:.0f} MB")
     print(f"time ours / TRL: {res['ours']['step'] / res['trl']['step']:.2f} (goal <= 1.0); "
-          f"peak memory ours / TRL: {res['ours']['max_rss_mb'] / res['trl']['max_rss_mb']:.2f}")
+          f"peak memory ours / TRL: {res['ours']['peak_mb'] / res['trl']['peak_mb']:.2f}")

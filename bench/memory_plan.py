@@ -115,15 +115,19 @@ def paper_table(seq_len, completion_len, micro_batch, gen_batch):
     rows = []
     for name, (kind, fields) in PAPER_MODELS.items():
         config = AutoConfig.for_model(kind, **fields)
-        for label, dtype, rank, ckpt in [("LoRA r 64, bf16", torch.bfloat16, 64, False),
-                                         ("LoRA r 64, bf16, checkpointing", torch.bfloat16, 64, True),
-                                         ("full, bf16, checkpointing", torch.bfloat16, 0, True),
-                                         ("full, fp32 (paper: lr 1e-6), checkpointing", torch.float32, 0, True)]:
-            p = memory_plan(config, dtype, rank, True, ckpt, micro_batch, seq_len, completion_len, gen_batch)
+        for label, dtype, rank, ckpt, shards in [("LoRA r 64, bf16", torch.bfloat16, 64, False, 1),
+                                                 ("LoRA r 64, bf16, checkpointing", torch.bfloat16, 64, True, 1),
+                                                 ("full, bf16, checkpointing", torch.bfloat16, 0, True, 1),
+                                                 ("full, bf16, checkpointing, FSDP over 2", torch.bfloat16, 0, True, 2),
+                                                 ("full, fp32 (paper: lr 1e-6), checkpointing", torch.float32, 0, True, 1),
+                                                 ("full, fp32, checkpointing, FSDP over 4", torch.float32, 0, True, 4),
+                                                 ("full, fp32, checkpointing, FSDP over 8", torch.float32, 0, True, 8)]:
+            p = memory_plan(config, dtype, rank, True, ckpt, micro_batch, seq_len, completion_len, gen_batch, shards=shards)
             rows.append(f"| {name} | {label} | " + " | ".join(f"{v / 1e9:.1f}" for v in p.values()) + " |")
     head = list(memory_plan(AutoConfig.for_model("qwen2", **PAPER_MODELS["Qwen/Qwen2.5-7B-Instruct"][1])).keys())
     print(f"GB per device; micro-batch {micro_batch} x {seq_len} tokens ({completion_len} scored), "
-          f"sampling {gen_batch} prompts x {seq_len - completion_len} + {completion_len} tokens")
+          f"sampling {gen_batch} prompts x {seq_len - completion_len} + {completion_len} tokens; "
+          "FSDP: weights, reference, grads, adam per rank, the whole weights while sampling")
     print("| model | fine-tuning | " + " | ".join(head) + " |")
     print("|---" * (len(head) + 2) + "|")
     print("\n".join(rows))

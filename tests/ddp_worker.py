@@ -3,7 +3,7 @@
     python -m torch.distributed.run --nproc_per_node 2 tests/ddp_worker.py OUT.pt token-mean|seq-mean|fsdp
 
 Rank 0 takes the first 4 of 6 sequences, rank 1 the last 2: ranks with different numbers of micro-batches.
-token-mean / seq-mean: LoRA under DDP; fsdp: full fine-tuning sharded by FSDP2, with a reference model.
+token-mean / seq-mean: LoRA under DDP; fsdp: full fine-tuning and its reference model sharded by FSDP2.
 """
 
 import copy
@@ -54,6 +54,7 @@ if __name__ == "__main__":
     model, ref, seqs, adv, args = case(mode)
     if mode == "fsdp":
         shard(model)
+        shard(ref)
     ddp(model)
     mine = slice(0, SPLIT) if rank == 0 else slice(SPLIT, None)
     stats = grpo_update(model, optimizer_for(model), seqs[mine], adv[mine], args, ref)
