@@ -158,18 +158,31 @@ def default_dtype(device):
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def load_model(name=TINY_MODEL, device=None, dtype="auto"):
-    """(model, tokenizer) for an HF id, a local folder, or the tiny default; left padding for batches."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_config(name, what="config"):
+    """The config (or, what="tokenizer", the tokenizer) of an HF id, a local folder or the tiny default;
+    one that cannot be read is a one-line error. Tokenizers pad on the left for batched generation."""
+    from transformers import AutoConfig, AutoTokenizer
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = default_dtype(device) if dtype == "auto" else {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
-    path = resolve_model(name)
-    tok = AutoTokenizer.from_pretrained(path)
+    try:
+        if what == "config":
+            return AutoConfig.from_pretrained(resolve_model(name))
+        tok = AutoTokenizer.from_pretrained(resolve_model(name))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: model {name!r}: {str(e).strip().splitlines()[0]}") from None
     tok.padding_side = "left"  # generation appends on the right, so prompts are aligned on the right
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    return tok
+
+
+def load_model(name=TINY_MODEL, device=None, dtype="auto"):
+    """(model, tokenizer) for an HF id, a local folder, or the tiny default; left padding for batches."""
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = default_dtype(device) if dtype == "auto" else {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    tok = load_config(name, "tokenizer")
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=dtype).to(device)
     model.generation_config.pad_token_id = tok.pad_token_id
     return model, tok
 
@@ -341,13 +354,15 @@ def micro_batches(model, net, n_items, size):
 
 
 def zero_pass(net, seqs, device, ref_model=None):
-    """A forward and backward pass that adds nothing to the gradients, for the syncs of a rank with no data
-    (and a pass of a sharded reference model, whose layer gathers every rank must join too)."""
+    """A forward and backward pass that adds nothing to the gradients, for the syncs of a rank with no data;
+    with a sharded reference model, its pass too, in between as in `grpo_update`: collectives must come in
+    the same order on every rank."""
     ids, attn, P = collate(seqs[:1] or [([0], [0])], device)
-    (completion_logprobs(net, ids, attn, P)[0].sum() * 0).backward()
+    logp = completion_logprobs(net, ids, attn, P)[0]
     if ref_model is not None and is_sharded(ref_model):
         with torch.no_grad():
             completion_logprobs(ref_model, ids, attn, P)
+    (logp.sum() * 0).backward()
 
 
 def shard(model):
@@ -591,9 +606,7 @@ def plan_memory(args, prompt_len, completion_len, gen_batch, reference):
     """The run's memory plan, printed (sequences of prompt_len + completion_len tokens, `gen_batch` sampled at
     once). --max-memory-gb halves --micro-batch and the sampling batch until the plan fits; --dry-run stops
     after printing. Returns the sampling batch to use."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(resolve_model(args.model))
+    config = load_config(args.model)
     seq_len = prompt_len + completion_len
     dtype = default_dtype(torch.device("cuda" if torch.cuda.is_available() else "cpu")) if args.dtype == "auto" else \
         {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
@@ -634,14 +647,15 @@ def save_checkpoint(folder, model, tok, optimizer, step, args):
     """folder/model: plain HF weights (adapters merged); folder/trainer.pt: step, optimizer, adapters, RNG.
     Written aside and renamed, so a kill mid-save keeps the previous checkpoint. Under torchrun rank 0 writes
     (every rank holds the same weights and optimizer state)."""
+    rank = rank_world()[0]
     if is_sharded(model):  # every rank sends its shards; rank 0 gets the whole weights and optimizer state
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
         whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
         weights, optimizer_state = get_model_state_dict(model, options=whole), get_optimizer_state_dict(model, optimizer, options=whole)
-    else:
+    elif rank == 0:
         weights, optimizer_state = merged_state_dict(model), optimizer.state_dict()
-    if rank_world()[0] > 0:
+    if rank > 0:
         return
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")

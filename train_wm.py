@@ -23,11 +23,10 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from transformers import AutoTokenizer
 
 from grpo import (TINY_MODEL, add_grpo_args, all_sum, append_jsonl, chat_prompt, clip_gradients, collate, completion_logprobs, ddp,
                   drop_partial_line, full_weights, gather, generate, group_advantages, grpo_update, init_distributed, load_model,
-                  micro_batches, open_step_log, plan_memory, plot_metrics, rank_world, read_jsonl, resolve_model, sample,
+                  load_config, micro_batches, open_step_log, plan_memory, plot_metrics, rank_world, read_jsonl, sample,
                   save_checkpoint, set_seed, start_training, write_jsonl, zero_pass)
 from reward import DEFAULT_EMBEDDER, Embeddings, default_tau, judge, mean_scores, sim_to_real, wm_prompt
 
@@ -166,7 +165,7 @@ def main(args):
             raise SystemExit("error: --mode filter runs on one device: start it with python, not torchrun")
         model, tok = load_model(args.model, dtype=args.dtype)
         return run_filter(args, triplets, model, tok, Embeddings(args.embedder, dtype=args.embed_dtype))
-    tok = AutoTokenizer.from_pretrained(resolve_model(args.model))  # the plan needs the prompts' lengths, not the weights
+    tok = load_config(args.model, "tokenizer")  # the plan needs the prompts' lengths, not the weights
     prompt_len = max(len(tok(chat_prompt(tok, wm_prompt(t)), add_special_tokens=False)["input_ids"]) for t in triplets)
     args.gen_batch = plan_memory(args, prompt_len, args.max_new_tokens, args.gen_batch, reference=args.mode == "rwml")
     # ---- setup: model, reference policy, optimizer, held-out split (TRY NOT TO MODIFY) ----

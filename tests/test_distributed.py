@@ -1,6 +1,7 @@
 """torchrun (gloo on CPU): DDP and FSDP make the update of one process; both training scripts end to end."""
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -12,10 +13,18 @@ from ddp_worker import case, optimizer_for, trained
 from grpo import grpo_update, read_jsonl
 
 
-def torchrun(*args, timeout=600):
+def torchrun(*args, timeout=300):
+    """Two ranks on CPU; a hang (a collective one rank never joins) fails the test and kills every rank."""
     env = dict(os.environ, OMP_NUM_THREADS="1")  # two ranks share the cores
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-                           *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+                          *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        raise AssertionError(f"torchrun {' '.join(args[:2])} did not finish in {timeout} s") from None
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
 
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean", "fsdp"])

@@ -83,6 +83,7 @@ def run(*args):
 
 @pytest.fixture(scope="module")
 def triplets(tmp_path_factory):
+    """A few small triplets (the plan reads only their prompt lengths)."""
     path = tmp_path_factory.mktemp("plan") / "triplets.jsonl"
     rows = [dict(id=f"t{i}", task="put a mug in the sink", history=[], state="You are in the kitchen. " * 20,
                  action="go to sink 1", next_state="You arrive at sink 1.") for i in range(3)]
@@ -103,3 +104,8 @@ def test_max_memory_shrinks_the_batches_then_refuses(triplets, tmp_path):
     assert "micro-batch 8 x" not in r.stdout and "micro-batch" in r.stdout  # 8 (the default) did not fit in 4 GB
     r = run("train_wm.py", "--triplets", str(triplets), "--out", str(tmp_path), "--dry-run", "--max-memory-gb", "0.5")
     assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("error: the plan needs")
+
+
+def test_a_model_that_cannot_be_read_is_a_one_line_error(triplets, tmp_path):
+    r = run("train_wm.py", "--triplets", str(triplets), "--out", str(tmp_path), "--model", str(tmp_path / "nothing"), "--dry-run")
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith(f"error: model '{tmp_path / 'nothing'}': ")
