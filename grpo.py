@@ -602,6 +602,12 @@ def memory_plan(config, dtype=torch.bfloat16, lora_rank=0, reference=True, grad_
     return plan
 
 
+def peak_memory():
+    """{"peak_gb": the most this process's tensors have held on its GPU so far} on CUDA, for the metrics
+    lines next to the plan; {} on CPU."""
+    return dict(peak_gb=torch.cuda.max_memory_allocated() / 1e9) if torch.cuda.is_available() else {}
+
+
 def plan_memory(args, prompt_len, completion_len, gen_batch, reference):
     """The run's memory plan, printed (sequences of prompt_len + completion_len tokens, `gen_batch` sampled at
     once). --max-memory-gb halves --micro-batch and the sampling batch until the plan fits; --dry-run stops

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from collect import TINY_MODEL, add_tau2_args, play, rollout_record, select_games, summary
 from grpo import add_grpo_args, all_sum, append_jsonl, full_weights, gather, group_advantages, grpo_update, init_distributed, \
-    open_step_log, plan_memory, plot_metrics, read_jsonl, save_checkpoint, set_seed, start_training
+    open_step_log, peak_memory, plan_memory, plot_metrics, read_jsonl, save_checkpoint, set_seed, start_training
 
 
 def parse_args(argv=None):
@@ -101,7 +101,7 @@ def main(args):
         stats = grpo_update(model, optimizer, seqs, adv, args, ref_model) if trained else {}
         row = dict(step=step + 1, **summary(rollouts), groups=len(rollouts) // G, no_signal_groups=int(no_signal),
                    trained_turns=int(trained), updated=bool(trained), **{f"train/{k}": v for k, v in stats.items()},
-                   rollout_seconds=rollout_seconds, seconds=time.time() - t0)
+                   rollout_seconds=rollout_seconds, seconds=time.time() - t0, **peak_memory())
         append_jsonl(f_metrics, [row])
         bar.set_postfix(success=f"{row['success']:.2f}", invalid=f"{row['invalid_rate']:.2f}", no_signal=f"{no_signal}/{row['groups']}")
         if (step + 1) % args.save_every == 0 or step + 1 == args.updates:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from grpo import (TINY_MODEL, add_grpo_args, all_sum, append_jsonl, chat_prompt, clip_gradients, collate, completion_logprobs, ddp,
                   drop_partial_line, full_weights, gather, generate, group_advantages, grpo_update, init_distributed, load_model,
-                  load_config, micro_batches, open_step_log, plan_memory, plot_metrics, rank_world, read_jsonl, sample,
+                  load_config, micro_batches, open_step_log, peak_memory, plan_memory, plot_metrics, rank_world, read_jsonl, sample,
                   save_checkpoint, set_seed, start_training, write_jsonl, zero_pass)
 from reward import DEFAULT_EMBEDDER, Embeddings, default_tau, judge, mean_scores, sim_to_real, wm_prompt
 
@@ -216,7 +216,7 @@ def main(args):
             seqs = [(tok(chat_prompt(tok, wm_prompt(t)), add_special_tokens=False)["input_ids"], sft_target(tok, t))
                     for t in batch]
             stats = sft_update(model, optimizer, seqs, args)
-        row = dict(step=step + 1, **{f"train/{k}": v for k, v in stats.items()}, seconds=time.time() - t0)
+        row = dict(step=step + 1, **{f"train/{k}": v for k, v in stats.items()}, seconds=time.time() - t0, **peak_memory())
         if (step + 1) % args.eval_every == 0 or step + 1 == total:
             row.update({f"heldout/{k}": v for k, v in wm_heldout(model, tok, heldout, embed, args.tau, args).items()})
         append_jsonl(f_metrics, [row])
