@@ -14,7 +14,7 @@ install:
 # RWML, and the WM SFT baseline -> Policy RL from the base model, from WM SFT and from RWML -> held-out
 # world-model scores, and ALFWorld success on valid_seen (ID) / valid_unseen (OOD) of all six models,
 # printed as the paper's Table 1 (also $(OUT)/eval/table.md); every stage draws its metrics.png.
-#   make pipeline                                           the tiny CPU budget below (40 min on 2 cores)
+#   make pipeline                                           the tiny CPU budget below (38 min on 2 cores)
 #   make pipeline MODEL=Qwen/Qwen2.5-7B-Instruct BUDGET=paper   the paper's settings (README: on a GPU)
 #   make pipeline ENV=tau2 [BUDGET=paper]   the same on τ²-bench: Table 2 (Retail / Telecom / Airline / AVG);
 #                                            the tiny budget plays tau2's small `mock` domain
