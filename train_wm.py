@@ -15,7 +15,6 @@ Writes, in --out: heldout.jsonl (the validation triplets), metrics.jsonl (+ metr
 checkpoint/ (checkpoint/model is a plain HF folder for --model of later stages).
 """
 
-import argparse
 import math
 import random
 import time
@@ -24,44 +23,49 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from grpo import (TINY_MODEL, add_grpo_args, all_sum, append_jsonl, chat_prompt, clip_gradients, collate, completion_logprobs, ddp,
+from grpo import (TINY_MODEL, add_grpo_args, all_sum, append_jsonl, chat_prompt, collate, completion_logprobs, ddp,
                   drop_partial_line, full_weights, gather, generate, group_advantages, grpo_update, init_distributed, load_model,
                   load_config, micro_batches, open_step_log, peak_memory, plan_memory, plot_metrics, rank_world, read_jsonl, sample,
-                  save_checkpoint, set_seed, start_training, write_jsonl, zero_pass)
+                  optimizer_step, save_checkpoint, set_seed, start_training, write_jsonl, zero_pass)
+from checks import SkipCounter, check_model, claim_out, count, distance_threshold, fail, fraction, non_negative, parser, \
+    positive, ranged
 from reward import DEFAULT_EMBEDDER, Embeddings, default_tau, judge, mean_scores, sim_to_real, wm_prompt
 
 FIELDS = ("id", "task", "history", "state", "action", "next_state")  # what a triplet needs here
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--mode", default="rwml", choices=["rwml", "sft", "filter"], help="what to run (see above)")
     p.add_argument("--triplets", required=True, help="triplets.jsonl from collect.py (or filtered by --mode filter)")
-    p.add_argument("--model", default=TINY_MODEL, help="HF id or local folder to start from")
+    p.add_argument("--model", type=check_model, default=TINY_MODEL, help="HF id or local folder to start from")
     p.add_argument("--embedder", default=DEFAULT_EMBEDDER, help="sentence-transformers id (paper: Qwen/Qwen3-Embedding-8B)")
     p.add_argument("--embed-dtype", default="fp32", choices=["fp32", "bf16"], help="embedder dtype (bf16: 2.4x faster on AMX CPUs)")
     p.add_argument("--reward", default="embedding", choices=["embedding", "judge", "judge-binary"],
                    help="sim-to-real gap (the method), or the paper's LLM-as-a-judge ablation (score/10, or 1[score >= 5])")
-    p.add_argument("--judge-model", default=TINY_MODEL, help="HF id or folder of the judge for --reward judge*")
-    p.add_argument("--tau", type=float, default=None, help="tau_d (paper: 0.2 ALFWorld with Qwen3-Embedding-8B, 0.4 τ²; default: "
+    p.add_argument("--judge-model", type=check_model, default=TINY_MODEL, help="HF id or folder of the judge for --reward judge*")
+    p.add_argument("--tau", type=distance_threshold(), default=None, help="tau_d (paper: 0.2 ALFWorld with Qwen3-Embedding-8B, 0.4 τ²; default: "
                    "the embedder's calibrated value for ALFWorld, 0.4 for τ² triplets)")
     # RWML (paper, ALFWorld: group 8, lr 1e-6, batch 32, 2 epochs)
-    p.add_argument("--group-size", type=int, default=8, help="G: predictions sampled per triplet (paper: 8 ALFWorld, 16 tau2)")
-    p.add_argument("--batch-size", type=int, default=32, help="triplets per update (paper: 32)")
-    p.add_argument("--epochs", type=float, default=2, help="passes over the training triplets (paper: 2)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many updates (default: epochs)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the G predictions")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per prediction (think + next_state)")
-    p.add_argument("--gen-batch", type=int, default=64, help="sequences per generate call")
+    p.add_argument("--group-size", type=count(2, "GRPO normalises within a group"), default=8, help="G: predictions sampled per triplet (paper: 8 ALFWorld, 16 tau2)")
+    p.add_argument("--batch-size", type=count(), default=32, help="triplets per update (paper: 32)")
+    p.add_argument("--epochs", type=positive(), default=2, help="passes over the training triplets (paper: 2)")
+    p.add_argument("--max-steps", type=count(), default=None, help="stop after this many updates (default: epochs)")
+    p.add_argument("--temperature", type=non_negative("0 is greedy"), default=1.0, help="sampling temperature of the G predictions")
+    p.add_argument("--max-new-tokens", type=count(), default=256, help="tokens per prediction (think + next_state)")
+    p.add_argument("--gen-batch", type=count(), default=64, help="sequences per generate call")
     # held-out evaluation, checkpoints
-    p.add_argument("--val-frac", type=float, default=0.1, help="share of triplets held out (paper: 10%%)")
-    p.add_argument("--val-size", type=int, default=64, help="held-out triplets scored at each evaluation (greedy)")
-    p.add_argument("--eval-every", type=int, default=10, help="updates between held-out evaluations")
-    p.add_argument("--save-every", type=int, default=50, help="updates between checkpoints")
+    p.add_argument("--val-frac", type=ranged(float, lambda v: 0 < v < 1, "in (0, 1)", "the held-out share"), default=0.1,
+                   help="share of triplets held out, at least one (paper: 10%%)")
+    p.add_argument("--val-size", type=count(), default=None,
+                   help="held-out triplets scored at each evaluation (greedy; default: all of them)")
+    p.add_argument("--eval-every", type=count(), default=10, help="updates between held-out evaluations")
+    p.add_argument("--save-every", type=count(), default=50, help="updates between checkpoints")
     # the easy-triplet filter
-    p.add_argument("--filter-k", type=int, default=10, help="K: predictions per triplet in --mode filter (paper: 10)")
-    p.add_argument("--tau-easy", type=float, default=0.8, help="a triplet is easy when its mean reward reaches this")
-    p.add_argument("--keep-easy", type=float, default=0.1, help="probability of keeping an easy triplet (paper: 0.1)")
+    p.add_argument("--filter-k", type=count(), default=10, help="K: predictions per triplet in --mode filter (paper: 10)")
+    p.add_argument("--tau-easy", type=non_negative(), default=0.8,
+                   help="a triplet is easy when its mean reward reaches this (above 1: none is)")
+    p.add_argument("--keep-easy", type=fraction(), default=0.1, help="probability of keeping an easy triplet (paper: 0.1)")
     add_grpo_args(p)  # --lr, --clip-eps, --beta, --ppo-epochs, --micro-batch, --lora-rank, --dtype, --grad-checkpointing, ...
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", default="runs/wm", help="output folder")
@@ -69,9 +73,9 @@ def parse_args(argv=None):
 
 
 def heldout_split(triplets, frac, seed):
-    """A fixed random share of triplets for validation (the same for every mode and seed of training)."""
+    """A fixed random share of triplets for validation (the same for every mode and seed of training), at least one."""
     ids = sorted(t["id"] for t in triplets)
-    held = set(random.Random(seed).sample(ids, max(1, round(frac * len(ids))))) if frac > 0 else set()
+    held = set(random.Random(seed).sample(ids, max(1, round(frac * len(ids)))))
     return [t for t in triplets if t["id"] not in held], [t for t in triplets if t["id"] in held]
 
 
@@ -109,11 +113,9 @@ def sft_update(model, optimizer, seqs, args):
             loss = -(logp * attn[:, P:]).sum() / tokens  # Eq. WM SFT: -1/|s| sum_t log pi(s_t | s_<t, state, action)
             (loss * world).backward()  # x world: DDP averages the ranks' gradients
             total += loss.item()
-    grad_norm = clip_gradients(model, args.max_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    grad_norm, skipped = optimizer_step(model, optimizer, total, args.max_grad_norm)  # no step on NaN / Inf
     model.eval()
-    return dict(loss=all_sum([total])[0], grad_norm=grad_norm)
+    return dict(loss=all_sum([total])[0], grad_norm=grad_norm, skipped=int(skipped))
 
 
 def run_filter(args, triplets, model, tok, embed):
@@ -153,11 +155,16 @@ def run_filter(args, triplets, model, tok, embed):
 def main(args):
     rank, world = init_distributed()  # (0, 1) unless started by torchrun
     set_seed(args.seed + rank)  # ranks sample differently; DDP starts them all from rank 0's weights
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_out(args.out, f"train_wm --mode {args.mode}", args.resume) if rank == 0 else Path(args.out)
     triplets = read_jsonl(args.triplets, required=FIELDS)
     if not triplets:
-        raise SystemExit(f"error: {args.triplets} holds no triplets")
+        fail(f"{args.triplets} holds no triplets")
+    train, heldout = heldout_split(triplets, args.val_frac, seed=0)
+    if args.mode != "filter" and not train:
+        fail(f"--val-frac {args.val_frac} holds out all {len(triplets)} triplets of {args.triplets}: none left to train on")
+    if args.mode != "filter" and (args.val_size or 0) > len(heldout):
+        fail(f"--val-size {args.val_size}: --val-frac {args.val_frac} holds out {len(heldout)} of the {len(triplets)} "
+             f"triplets; ask for at most {len(heldout)}, or leave --val-size out to score them all")
     args.tau = args.tau if args.tau is not None else default_tau(args.embedder, triplets)
     ckpt = out / "checkpoint"
     if args.mode == "filter":
@@ -175,7 +182,6 @@ def main(args):
         jm, jt = load_model(args.judge_model, dtype=args.dtype)  # a frozen judge, never the model being trained
         ask = lambda prompts: generate(jm, jt, [chat_prompt(jt, p) for p in prompts], 16, temperature=0,
                                        batch_size=args.gen_batch)
-    train, heldout = heldout_split(triplets, args.val_frac, seed=0)
     if rank == 0:
         write_jsonl(out / "heldout.jsonl", heldout)
     heldout = heldout[:args.val_size]
@@ -185,6 +191,8 @@ def main(args):
     f_metrics = open_step_log(metrics_path, args.resume, start)
     if start == 0:
         append_jsonl(f_metrics, [dict(step=0, **{f"heldout/{k}": v for k, v in wm_heldout(model, tok, heldout, embed, args.tau, args).items()})])
+
+    skips = SkipCounter()  # updates skipped for a non-finite loss or gradient norm
 
     def batch_at(step):  # epoch e visits the training triplets in a shuffled order fixed by (seed, e)
         epoch, i = divmod(step, steps_per_epoch)
@@ -216,10 +224,13 @@ def main(args):
             seqs = [(tok(chat_prompt(tok, wm_prompt(t)), add_special_tokens=False)["input_ids"], sft_target(tok, t))
                     for t in batch]
             stats = sft_update(model, optimizer, seqs, args)
-        row = dict(step=step + 1, **{f"train/{k}": v for k, v in stats.items()}, seconds=time.time() - t0, **peak_memory())
+        skipped = stats.pop("skipped")
+        row = dict(step=step + 1, **{f"train/{k}": v for k, v in stats.items()}, skipped_updates=skips.update(skipped),
+                   seconds=time.time() - t0, **peak_memory())
         if (step + 1) % args.eval_every == 0 or step + 1 == total:
             row.update({f"heldout/{k}": v for k, v in wm_heldout(model, tok, heldout, embed, args.tau, args).items()})
         append_jsonl(f_metrics, [row])
+        skips.check(step + 1)  # a few non-finite updates in a row: stop, naming the step
         if (step + 1) % args.save_every == 0 or step + 1 == total:
             save_checkpoint(ckpt, model, tok, optimizer, step + 1, args)
     f_metrics.close()

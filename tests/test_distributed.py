@@ -46,7 +46,7 @@ def test_two_ranks_make_the_update_of_the_whole_batch(tmp_path, mode):
 
 def test_torchrun_trains_the_world_model_with_fsdp_and_the_policy_with_ddp(triplets, tmp_path):
     rwml = ["train_wm.py", "--mode", "rwml", "--triplets", str(triplets), "--out", str(tmp_path / "rwml"), "--batch-size", "3",
-            "--group-size", "2", "--max-new-tokens", "8", "--val-size", "3", "--eval-every", "1", "--lr", "1e-5",
+            "--group-size", "2", "--max-new-tokens", "8", "--eval-every", "1", "--lr", "1e-5",
             "--micro-batch", "2", "--save-every", "1", "--fsdp"]  # full fine-tuning, sharded over the 2 ranks
     r = torchrun(*rwml, "--max-steps", "2")
     assert r.returncode == 0, r.stderr[-3000:]

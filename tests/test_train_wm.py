@@ -14,7 +14,7 @@ from reward import wm_prompt
 
 def wm_args(triplets, out, *extra):
     return train_wm.parse_args(["--triplets", str(triplets), "--out", str(out), "--batch-size", "2", "--group-size", "2",
-                                "--max-new-tokens", "12", "--val-size", "2", "--eval-every", "1", "--lora-rank", "4",
+                                "--max-new-tokens", "12", "--eval-every", "1", "--lora-rank", "4",
                                 "--lr", "1e-4", *extra])
 
 
