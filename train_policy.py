@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from checks import SkipCounter, check_model, claim_out, count, non_negative, parser
+from checks import SkipCounter, check_model, claim_out, at_least, non_negative, parser
 from collect import TINY_MODEL, add_tau2_args, play, rollout_record, select_games, summary
 from grpo import add_grpo_args, all_sum, append_jsonl, full_weights, gather, group_advantages, grpo_update, init_distributed, \
     open_step_log, peak_memory, plan_memory, plot_metrics, read_jsonl, save_checkpoint, set_seed, start_training
@@ -33,18 +33,18 @@ def parse_args(argv=None):
     p.add_argument("--model", type=check_model, default=TINY_MODEL, help="HF id or folder to start from (base, WM SFT or RWML checkpoint/model)")
     p.add_argument("--env", default="alfworld", choices=["alfworld", "tau2"], help="environment: ALFWorld or τ²-bench")
     p.add_argument("--split", default="train", help="split the policy trains on")
-    p.add_argument("--games", type=count(), default=None, help="train on N games (τ²: tasks) of the split (default: all; ALFWorld 200)")
-    p.add_argument("--games-per-step", type=count(), default=16, help="games per update, each played G times")
-    p.add_argument("--group-size", type=count(2, "GRPO normalises within a group"), default=8, help="G: episodes per game from the same start (paper: 8)")
-    p.add_argument("--updates", type=count(), default=100, help="GRPO updates")
-    p.add_argument("--max-steps", type=count(), default=None, help="agent steps per episode (default, as the paper: 15 ALFWorld, 30 τ²)")
+    p.add_argument("--games", type=at_least(), default=None, help="train on N games (τ²: tasks) of the split (default: all; ALFWorld 200)")
+    p.add_argument("--games-per-step", type=at_least(), default=16, help="games per update, each played G times")
+    p.add_argument("--group-size", type=at_least(2, "GRPO normalises within a group"), default=8, help="G: episodes per game from the same start (paper: 8)")
+    p.add_argument("--updates", type=at_least(), default=100, help="GRPO updates")
+    p.add_argument("--max-steps", type=at_least(), default=None, help="agent steps per episode (default, as the paper: 15 ALFWorld, 30 τ²)")
     add_tau2_args(p)  # --domain, --tasks, --user-model
-    p.add_argument("--history", type=count(0), default=2, help="H: previous turns shown to the agent")
+    p.add_argument("--history", type=at_least(0), default=2, help="H: previous turns shown to the agent")
     p.add_argument("--temperature", type=non_negative("0 is greedy"), default=1.0, help="sampling temperature of the episodes (paper: 1.0)")
-    p.add_argument("--max-new-tokens", type=count(), default=256, help="tokens the agent may write per turn")
-    p.add_argument("--batch-games", type=count(), default=None, help="episodes in flight at once (default: all G x games-per-step)")
-    p.add_argument("--save-every", type=count(), default=10, help="updates between checkpoints")
-    p.add_argument("--plan-prompt-len", type=count(), default=None,
+    p.add_argument("--max-new-tokens", type=at_least(), default=256, help="tokens the agent may write per turn")
+    p.add_argument("--batch-games", type=at_least(), default=None, help="episodes in flight at once (default: all G x games-per-step)")
+    p.add_argument("--save-every", type=at_least(), default=10, help="updates between checkpoints")
+    p.add_argument("--plan-prompt-len", type=at_least(), default=None,
                    help="prompt tokens a turn is planned for in the memory plan (default: 1,536 ALFWorld, 8,192 τ²)")
     add_grpo_args(p)  # --lr, --clip-eps, --beta, --ppo-epochs, --micro-batch, --lora-rank, --dtype, --grad-checkpointing, ...
     p.add_argument("--seed", type=int, default=0, help="random seed")

@@ -27,7 +27,7 @@ from grpo import (TINY_MODEL, add_grpo_args, all_sum, append_jsonl, chat_prompt,
                   drop_partial_line, full_weights, gather, generate, group_advantages, grpo_update, init_distributed, load_model,
                   load_config, micro_batches, open_step_log, peak_memory, plan_memory, plot_metrics, rank_world, read_jsonl, sample,
                   optimizer_step, save_checkpoint, set_seed, start_training, write_jsonl, zero_pass)
-from checks import SkipCounter, check_model, claim_out, count, distance_threshold, fail, fraction, non_negative, parser, \
+from checks import SkipCounter, check_model, claim_out, at_least, distance_threshold, fail, fraction, non_negative, parser, \
     positive, ranged
 from reward import DEFAULT_EMBEDDER, Embeddings, default_tau, judge, mean_scores, sim_to_real, wm_prompt
 
@@ -47,22 +47,22 @@ def parse_args(argv=None):
     p.add_argument("--tau", type=distance_threshold(), default=None, help="tau_d (paper: 0.2 ALFWorld with Qwen3-Embedding-8B, 0.4 τ²; default: "
                    "the embedder's calibrated value for ALFWorld, 0.4 for τ² triplets)")
     # RWML (paper, ALFWorld: group 8, lr 1e-6, batch 32, 2 epochs)
-    p.add_argument("--group-size", type=count(2, "GRPO normalises within a group"), default=8, help="G: predictions sampled per triplet (paper: 8 ALFWorld, 16 tau2)")
-    p.add_argument("--batch-size", type=count(), default=32, help="triplets per update (paper: 32)")
+    p.add_argument("--group-size", type=at_least(2, "GRPO normalises within a group"), default=8, help="G: predictions sampled per triplet (paper: 8 ALFWorld, 16 tau2)")
+    p.add_argument("--batch-size", type=at_least(), default=32, help="triplets per update (paper: 32)")
     p.add_argument("--epochs", type=positive(), default=2, help="passes over the training triplets (paper: 2)")
-    p.add_argument("--max-steps", type=count(), default=None, help="stop after this many updates (default: epochs)")
+    p.add_argument("--max-steps", type=at_least(), default=None, help="stop after this many updates (default: epochs)")
     p.add_argument("--temperature", type=non_negative("0 is greedy"), default=1.0, help="sampling temperature of the G predictions")
-    p.add_argument("--max-new-tokens", type=count(), default=256, help="tokens per prediction (think + next_state)")
-    p.add_argument("--gen-batch", type=count(), default=64, help="sequences per generate call")
+    p.add_argument("--max-new-tokens", type=at_least(), default=256, help="tokens per prediction (think + next_state)")
+    p.add_argument("--gen-batch", type=at_least(), default=64, help="sequences per generate call")
     # held-out evaluation, checkpoints
     p.add_argument("--val-frac", type=ranged(float, lambda v: 0 < v < 1, "in (0, 1)", "the held-out share"), default=0.1,
                    help="share of triplets held out, at least one (paper: 10%%)")
-    p.add_argument("--val-size", type=count(), default=None,
+    p.add_argument("--val-size", type=at_least(), default=None,
                    help="held-out triplets scored at each evaluation (greedy; default: all of them)")
-    p.add_argument("--eval-every", type=count(), default=10, help="updates between held-out evaluations")
-    p.add_argument("--save-every", type=count(), default=50, help="updates between checkpoints")
+    p.add_argument("--eval-every", type=at_least(), default=10, help="updates between held-out evaluations")
+    p.add_argument("--save-every", type=at_least(), default=50, help="updates between checkpoints")
     # the easy-triplet filter
-    p.add_argument("--filter-k", type=count(), default=10, help="K: predictions per triplet in --mode filter (paper: 10)")
+    p.add_argument("--filter-k", type=at_least(), default=10, help="K: predictions per triplet in --mode filter (paper: 10)")
     p.add_argument("--tau-easy", type=non_negative(), default=0.8,
                    help="a triplet is easy when its mean reward reaches this (above 1: none is)")
     p.add_argument("--keep-easy", type=fraction(), default=0.1, help="probability of keeping an easy triplet (paper: 0.1)")
