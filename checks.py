@@ -46,7 +46,9 @@ def ranged(kind, ok, text, why=None):
         try:
             v = kind(value)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'}, got {value!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"must be {'an integer' if kind is int else 'a number'}, got {value!r}"
+            ) from None
         if not (math.isfinite(v) and ok(v)):
             raise argparse.ArgumentTypeError(f"must be {text}{f' ({why})' if why else ''}, got {value}")
         return v
@@ -72,8 +74,12 @@ def non_negative(why=None):
 
 def fraction(why=None, below_one=False):
     """A probability or share in [0, 1] (or [0, 1) with below_one)."""
-    return ranged(float, (lambda v: 0 <= v < 1) if below_one else (lambda v: 0 <= v <= 1),
-                  "in [0, 1)" if below_one else "in [0, 1]", why)
+    return ranged(
+        float,
+        (lambda v: 0 <= v < 1) if below_one else (lambda v: 0 <= v <= 1),
+        "in [0, 1)" if below_one else "in [0, 1]",
+        why,
+    )
 
 
 def distance_threshold():
@@ -149,9 +155,11 @@ class SkipCounter:
 
     def check(self, step):
         if self.in_a_row >= MAX_SKIPPED_IN_A_ROW:
-            fail(f"step {step}: the loss or gradient norm was not finite in {self.in_a_row} updates in a row "
-                 f"(steps {step - self.in_a_row + 1}-{step}); no weight was changed by them and no checkpoint "
-                 "was written from them: try a lower --lr")
+            fail(
+                f"step {step}: the loss or gradient norm was not finite in {self.in_a_row} updates in a row "
+                f"(steps {step - self.in_a_row + 1}-{step}); no weight was changed by them and no checkpoint "
+                "was written from them: try a lower --lr"
+            )
 
 
 def json_safe(value):

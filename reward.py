@@ -46,7 +46,7 @@ Predict what the agent receives after its next message: the user's reply to a me
 The agent's next message: {action}
 
 First reason step by step about the consequences of this message inside <think> </think> tags.
-Then write the next message the agent receives inside <next_state> </next_state> tags."""
+Then write the next message the agent receives inside <next_state> </next_state> tags."""  # noqa: E501
 
 
 def wm_prompt(triplet):
@@ -55,7 +55,9 @@ def wm_prompt(triplet):
     if triplet.get("env") == "tau2":
         return WM_PROMPT_TAU2.format(state=triplet["state"], action=triplet["action"])
     history = "\n".join(f"- Observation: {o}\n  Action: {a or '(none)'}" for o, a in triplet["history"]) or "(none)"
-    return WM_PROMPT.format(task=triplet["task"], history=history, state=triplet["state"], action=triplet["action"] or "(none)")
+    return WM_PROMPT.format(
+        task=triplet["task"], history=history, state=triplet["state"], action=triplet["action"] or "(none)"
+    )
 
 
 def parse_next_state(text):
@@ -85,8 +87,11 @@ class Embeddings:
         self.model, self.batch_size, self.cache = load_embedder(name, dtype), batch_size, {}
 
     def encode(self, texts):
-        return self.model.encode(texts, batch_size=self.batch_size, convert_to_tensor=True,
-                                 normalize_embeddings=True).float().cpu()
+        return (
+            self.model.encode(texts, batch_size=self.batch_size, convert_to_tensor=True, normalize_embeddings=True)
+            .float()
+            .cpu()
+        )
 
     def __call__(self, texts, cache=True):
         """[len(texts), dim]; cache=False for texts seen once (predictions), so the cache holds real states only."""
@@ -130,8 +135,12 @@ def mean_scores(records):
     sims = [r["similarity"] for r in records if r["similarity"] is not None]
     rouge = [r["rouge"] for r in records if "rouge" in r]
     n = max(1, len(records))
-    return dict(reward=sum(r["reward"] for r in records) / n, similarity=sum(sims) / len(sims) if sims else 0.0,
-                format=sum(r["format"] for r in records) / n, **(dict(rouge=sum(rouge) / len(rouge)) if rouge else {}))
+    return dict(
+        reward=sum(r["reward"] for r in records) / n,
+        similarity=sum(sims) / len(sims) if sims else 0.0,
+        format=sum(r["format"] for r in records) / n,
+        **(dict(rouge=sum(rouge) / len(rouge)) if rouge else {}),
+    )
 
 
 def rouge_reward(prediction, reference):
@@ -148,7 +157,7 @@ def rouge_reward(prediction, reference):
 JUDGE_PROMPT = """You compare a predicted next state of an environment with the real one.
 Real next state: {real}
 Predicted next state: {pred}
-How well does the prediction match the real next state in meaning? Answer with one number from 0 to 10 inside <score></score> tags."""
+How well does the prediction match the real next state in meaning? Answer with one number from 0 to 10 inside <score></score> tags."""  # noqa: E501
 
 
 def judge(outputs, next_states, ask, binarise_at=None):
@@ -179,15 +188,24 @@ def calibrate(triplets, embed, pairs=2000, seed=0):
         by_verb.setdefault((t["action"] or " ").split(" ")[0], set()).add(template(t["next_state"]))
     groups = {
         "same template": [tuple(rng.sample(sorted(g), 2)) for g in by_template.values() if len(g) > 1],
-        "same verb": [tuple(rng.sample(sorted(g), 2)) for g in by_verb.values() if len(g) > 1 for _ in range(pairs // 10)],
-        "random": [(a, b) for a, b in ((rng.choice(triplets)["next_state"], rng.choice(triplets)["next_state"])
-                                       for _ in range(pairs)) if template(a) != template(b)],
+        "same verb": [
+            tuple(rng.sample(sorted(g), 2)) for g in by_verb.values() if len(g) > 1 for _ in range(pairs // 10)
+        ],
+        "random": [
+            (a, b)
+            for a, b in ((rng.choice(triplets)["next_state"], rng.choice(triplets)["next_state"]) for _ in range(pairs))
+            if template(a) != template(b)
+        ],
     }
     out = {}
     for name, ps in groups.items():
         ps = rng.sample(ps, min(pairs, len(ps)))
         if ps:
             d = 1 - (embed([a for a, _ in ps]) * embed([b for _, b in ps])).sum(-1)
-            out[name] = dict(pairs=len(ps), quantiles=[round(x, 3) for x in
-                                                       torch.quantile(d, torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95])).tolist()])
+            out[name] = dict(
+                pairs=len(ps),
+                quantiles=[
+                    round(x, 3) for x in torch.quantile(d, torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95])).tolist()
+                ],
+            )
     return out

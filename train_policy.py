@@ -2,15 +2,16 @@
 τ²-bench, from the base model, a WM SFT checkpoint or an RWML checkpoint.
 
     python train_policy.py --model runs/rwml/checkpoint/model --out runs/rwml_policy_rl
-    python train_policy.py --env tau2 --domain retail airline telecom --model runs/rwml_tau2/checkpoint/model --out runs/tau2_policy
+    python train_policy.py --env tau2 --domain retail airline telecom --model runs/rwml_tau2/checkpoint/model \
+        --out runs/tau2_policy
 
 Each update takes --games-per-step training games and plays G episodes of each from the same start,
 all of them in parallel through collect.py's batched loop (temperature 1.0, at most 15 steps; τ²: 30). An
-episode's reward is 1 if it is won (τ²: tau2's evaluator gives reward 1), else 0. With gamma = 1 and only a terminal reward, every agent turn
-of an episode gets the episode's group-normalised advantage; the loss covers the tokens the agent wrote
-in each turn, given the prompt it saw at that turn. Turns of a group whose episodes all failed (or all
-won) have advantage 0 and would add only the KL term: they are left out, so a step where every group
-is like that changes no weight.
+episode's reward is 1 if it is won (τ²: tau2's evaluator gives reward 1), else 0. With gamma = 1 and only a
+terminal reward, every agent turn of an episode gets the episode's group-normalised advantage; the loss
+covers the tokens the agent wrote in each turn, given the prompt it saw at that turn. Turns of a group
+whose episodes all failed (or all won) have advantage 0 and would add only the KL term: they are left out,
+so a step where every group is like that changes no weight.
 
 Writes, in --out: rollouts.jsonl (every training episode, with its update `step`), metrics.jsonl
 (+ metrics.png), checkpoint/ (checkpoint/model is a plain HF folder for evaluate.py --model).
@@ -22,36 +23,54 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from checks import SkipCounter, check_model, claim_out, at_least, non_negative, parser
-from collect import TINY_MODEL, add_tau2_args, play, rollout_record, select_games, summary
-from grpo import add_grpo_args, all_sum, append_jsonl, full_weights, gather, group_advantages, grpo_update, init_distributed, \
-    open_step_log, peak_memory, plan_memory, plot_metrics, read_jsonl, save_checkpoint, set_seed, start_training
+from checks import SkipCounter, at_least, check_model, claim_out, parser
+from collect import add_play_args, play, play_settings, rollout_record, select_games
+from distributed import all_sum, full_weights, gather, init_distributed
+from episode import summary
+from grpo import add_grpo_args, group_advantages, grpo_update, save_checkpoint, start_training
+from lm import TINY_MODEL
+from memory import fit_memory, peak_memory
+from runs import append_jsonl, open_step_log, plot_metrics, read_jsonl, set_seed
 
 
 def parse_args(argv=None):
     p = parser(__doc__)
-    p.add_argument("--model", type=check_model, default=TINY_MODEL, help="HF id or folder to start from (base, WM SFT or RWML checkpoint/model)")
-    p.add_argument("--env", default="alfworld", choices=["alfworld", "tau2"], help="environment: ALFWorld or τ²-bench")
+    p.add_argument(
+        "--model",
+        type=check_model,
+        default=TINY_MODEL,
+        help="HF id or folder to start from (base, WM SFT or RWML checkpoint/model)",
+    )
     p.add_argument("--split", default="train", help="split the policy trains on")
-    p.add_argument("--games", type=at_least(), default=None, help="train on N games (τ²: tasks) of the split (default: all; ALFWorld 200)")
+    p.add_argument(
+        "--games",
+        type=at_least(),
+        default=None,
+        help="train on N games (τ²: tasks) of the split (default: all; ALFWorld 200)",
+    )
     p.add_argument("--games-per-step", type=at_least(), default=16, help="games per update, each played G times")
-    p.add_argument("--group-size", type=at_least(2, "GRPO normalises within a group"), default=8, help="G: episodes per game from the same start (paper: 8)")
+    p.add_argument(
+        "--group-size",
+        type=at_least(2, "GRPO normalises within a group"),
+        default=8,
+        help="G: episodes per game from the same start (paper: 8)",
+    )
     p.add_argument("--updates", type=at_least(), default=100, help="GRPO updates")
-    p.add_argument("--max-steps", type=at_least(), default=None, help="agent steps per episode (default, as the paper: 15 ALFWorld, 30 τ²)")
-    add_tau2_args(p)  # --domain, --tasks, --user-model
-    p.add_argument("--history", type=at_least(0), default=2, help="H: previous turns shown to the agent")
-    p.add_argument("--temperature", type=non_negative("0 is greedy"), default=1.0, help="sampling temperature of the episodes (paper: 1.0)")
-    p.add_argument("--max-new-tokens", type=at_least(), default=256, help="tokens the agent may write per turn")
-    p.add_argument("--batch-games", type=at_least(), default=None, help="episodes in flight at once (default: all G x games-per-step)")
+    # --max-steps default: as the paper, 15 on ALFWorld and 30 on τ²; --batch-games: all G x games-per-step at once
+    add_play_args(p, max_steps=None, temperature=1.0, batch_games=None)
     p.add_argument("--save-every", type=at_least(), default=10, help="updates between checkpoints")
-    p.add_argument("--plan-prompt-len", type=at_least(), default=None,
-                   help="prompt tokens a turn is planned for in the memory plan (default: 1,536 ALFWorld, 8,192 τ²)")
-    add_grpo_args(p)  # --lr, --clip-eps, --beta, --ppo-epochs, --micro-batch, --lora-rank, --dtype, --grad-checkpointing, ...
+    p.add_argument(
+        "--plan-prompt-len",
+        type=at_least(),
+        default=None,
+        help="prompt tokens a turn is planned for in the memory plan (default: 1,536 ALFWorld, 8,192 τ²)",
+    )
+    add_grpo_args(
+        p
+    )  # --lr, --clip-eps, --beta, --ppo-epochs, --micro-batch, --lora-rank, --dtype, --grad-checkpointing, ...
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", default="runs/policy", help="output folder")
     args = p.parse_args(argv)
-    # what collect.play reads: the model acts alone, every episode of a step in flight at once
-    args.policy, args.epsilon = "model", 0.0
     args.max_steps = args.max_steps or (30 if args.env == "tau2" else 15)
     args.batch_games = args.batch_games or args.games_per_step * args.group_size
     return args
@@ -71,9 +90,22 @@ def main(args):
     set_seed(args.seed + rank)  # ranks play differently; DDP starts them all from rank 0's weights
     out = claim_out(args.out, "train_policy", args.resume) if rank == 0 else Path(args.out)
     ckpt = out / "checkpoint"
-    games = select_games(args)
-    args.batch_games = plan_memory(args, args.plan_prompt_len or (8192 if args.env == "tau2" else 1536), args.max_new_tokens,
-                                   args.batch_games, reference=True)
+    games = select_games(args.env, args.split, args.games, args.domain, args.tasks)
+    args.micro_batch, args.batch_games = fit_memory(
+        args.model,
+        args.dtype,
+        args.lora_rank,
+        args.beta > 0,
+        args.grad_checkpointing,
+        args.micro_batch,
+        args.batch_games,
+        args.plan_prompt_len or (8192 if args.env == "tau2" else 1536),
+        args.max_new_tokens,
+        args.fsdp,
+        args.max_memory_gb,
+        args.dry_run,
+    )
+    settings = play_settings(args)  # the model acts alone (policy "model"), every episode of a step in flight at once
     model, tok, ref_model, optimizer, start = start_training(args, ckpt, reference=True)
     f_metrics = open_step_log(out / "metrics.jsonl", args.resume, start)
     f_rollouts = open_step_log(out / "rollouts.jsonl", args.resume, start)
@@ -82,17 +114,27 @@ def main(args):
 
     def games_at(step):  # the k-th game drawn is in epoch k // n, each epoch a shuffled order fixed by (seed, epoch)
         n = len(games)
-        return [random.Random(args.seed * 1000 + k // n).sample(games, n)[k % n] for k in range(step * per_step, (step + 1) * per_step)]
+        return [
+            random.Random(args.seed * 1000 + k // n).sample(games, n)[k % n]
+            for k in range(step * per_step, (step + 1) * per_step)
+        ]
 
-    bar = tqdm(range(start, args.updates), initial=start, total=args.updates, desc="train_policy", unit="update", disable=rank > 0)
+    bar = tqdm(
+        range(start, args.updates),
+        initial=start,
+        total=args.updates,
+        desc="train_policy",
+        unit="update",
+        disable=rank > 0,
+    )
     for step in bar:
         t0 = time.time()
-        # ---- interaction: G episodes of each game, all in flight through collect.play (torchrun: each rank its games) ----
+        # ---- interaction: G episodes of each game, all in flight through collect.play (torchrun: per rank) ----
         jobs = [(g, args.split, i) for g in games_at(step)[rank::world] for i in range(G)]
         with full_weights(model):  # (the whole model on every rank under --fsdp)
-            played = {(ep.game, ep.index): ep for ep in play(jobs, model, tok, args)}
+            played = {(ep.game, ep.index): ep for ep in play(jobs, model, tok, settings)}
         episodes = [played[g, i] for g, _, i in jobs]  # back in group order
-        rollouts = gather(dict(rollout_record(ep, args), step=step + 1) for ep in episodes)  # all ranks' episodes
+        rollouts = gather(dict(rollout_record(ep, settings), step=step + 1) for ep in episodes)  # all ranks' episodes
         append_jsonl(f_rollouts, rollouts)
         rollout_seconds = time.time() - t0
         # ---- ALGO LOGIC: GRPO on task success, every turn weighted by its episode's advantage ----
@@ -100,13 +142,26 @@ def main(args):
         trained, no_signal = all_sum([len(seqs), no_signal])  # over all ranks: every rank updates, or none
         stats = grpo_update(model, optimizer, seqs, adv, args, ref_model) if trained else dict(skipped=0)
         skipped = stats.pop("skipped")
-        row = dict(step=step + 1, **summary(rollouts), groups=len(rollouts) // G, no_signal_groups=int(no_signal),
-                   trained_turns=int(trained), updated=bool(trained) and not skipped,
-                   **{f"train/{k}": v for k, v in stats.items()}, skipped_updates=skips.update(skipped),
-                   rollout_seconds=rollout_seconds, seconds=time.time() - t0, **peak_memory())
+        row = dict(
+            step=step + 1,
+            **summary(rollouts),
+            groups=len(rollouts) // G,
+            no_signal_groups=int(no_signal),
+            trained_turns=int(trained),
+            updated=bool(trained) and not skipped,
+            **{f"train/{k}": v for k, v in stats.items()},
+            skipped_updates=skips.update(skipped),
+            rollout_seconds=rollout_seconds,
+            seconds=time.time() - t0,
+            **peak_memory(),
+        )
         append_jsonl(f_metrics, [row])
         skips.check(step + 1)  # a few non-finite updates in a row: stop, naming the step
-        bar.set_postfix(success=f"{row['success']:.2f}", invalid=f"{row['invalid_rate']:.2f}", no_signal=f"{no_signal}/{row['groups']}")
+        bar.set_postfix(
+            success=f"{row['success']:.2f}",
+            invalid=f"{row['invalid_rate']:.2f}",
+            no_signal=f"{no_signal}/{row['groups']}",
+        )
         if (step + 1) % args.save_every == 0 or step + 1 == args.updates:
             save_checkpoint(ckpt, model, tok, optimizer, step + 1, args)
     f_metrics.close()
@@ -116,9 +171,11 @@ def main(args):
     plot_metrics(out / "metrics.jsonl")
     rows = read_jsonl(out / "metrics.jsonl")
     if rows:
-        print(f"training success {rows[0]['success']:.3f} -> {rows[-1]['success']:.3f}, invalid-action rate "
-              f"{rows[0]['invalid_rate']:.3f} -> {rows[-1]['invalid_rate']:.3f}, updates with signal "
-              f"{sum(r['updated'] for r in rows)} of {len(rows)}; model: {ckpt}/model")
+        print(
+            f"training success {rows[0]['success']:.3f} -> {rows[-1]['success']:.3f}, invalid-action rate "
+            f"{rows[0]['invalid_rate']:.3f} -> {rows[-1]['invalid_rate']:.3f}, updates with signal "
+            f"{sum(r['updated'] for r in rows)} of {len(rows)}; model: {ckpt}/model"
+        )
     return rows
 
 

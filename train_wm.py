@@ -23,13 +23,35 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from grpo import (TINY_MODEL, add_grpo_args, all_sum, append_jsonl, chat_prompt, collate, completion_logprobs, ddp,
-                  drop_partial_line, full_weights, gather, generate, group_advantages, grpo_update, init_distributed, load_model,
-                  load_config, micro_batches, open_step_log, peak_memory, plan_memory, plot_metrics, rank_world, read_jsonl, sample,
-                  optimizer_step, save_checkpoint, set_seed, start_training, write_jsonl, zero_pass)
-from checks import SkipCounter, check_model, claim_out, at_least, distance_threshold, fail, fraction, non_negative, parser, \
-    positive, ranged
+from checks import (
+    SkipCounter,
+    at_least,
+    check_model,
+    claim_out,
+    distance_threshold,
+    fail,
+    fraction,
+    non_negative,
+    parser,
+    positive,
+    ranged,
+)
+from distributed import all_sum, ddp, full_weights, gather, init_distributed, micro_batches, rank_world
+from grpo import (
+    add_grpo_args,
+    collate,
+    completion_logprobs,
+    group_advantages,
+    grpo_update,
+    optimizer_step,
+    save_checkpoint,
+    start_training,
+    zero_pass,
+)
+from lm import TINY_MODEL, chat_prompt, generate, load_model, load_tokenizer, sample
+from memory import fit_memory, peak_memory
 from reward import DEFAULT_EMBEDDER, Embeddings, default_tau, judge, mean_scores, sim_to_real, wm_prompt
+from runs import append_jsonl, open_step_log, plot_metrics, read_jsonl, resume_jsonl, set_seed, write_jsonl
 
 FIELDS = ("id", "task", "history", "state", "action", "next_state")  # what a triplet needs here
 
@@ -39,34 +61,74 @@ def parse_args(argv=None):
     p.add_argument("--mode", default="rwml", choices=["rwml", "sft", "filter"], help="what to run (see above)")
     p.add_argument("--triplets", required=True, help="triplets.jsonl from collect.py (or filtered by --mode filter)")
     p.add_argument("--model", type=check_model, default=TINY_MODEL, help="HF id or local folder to start from")
-    p.add_argument("--embedder", default=DEFAULT_EMBEDDER, help="sentence-transformers id (paper: Qwen/Qwen3-Embedding-8B)")
-    p.add_argument("--embed-dtype", default="fp32", choices=["fp32", "bf16"], help="embedder dtype (bf16: 2.4x faster on AMX CPUs)")
-    p.add_argument("--reward", default="embedding", choices=["embedding", "judge", "judge-binary"],
-                   help="sim-to-real gap (the method), or the paper's LLM-as-a-judge ablation (score/10, or 1[score >= 5])")
-    p.add_argument("--judge-model", type=check_model, default=TINY_MODEL, help="HF id or folder of the judge for --reward judge*")
-    p.add_argument("--tau", type=distance_threshold(), default=None, help="tau_d (paper: 0.2 ALFWorld with Qwen3-Embedding-8B, 0.4 τ²; default: "
-                   "the embedder's calibrated value for ALFWorld, 0.4 for τ² triplets)")
+    p.add_argument(
+        "--embedder", default=DEFAULT_EMBEDDER, help="sentence-transformers id (paper: Qwen/Qwen3-Embedding-8B)"
+    )
+    p.add_argument(
+        "--embed-dtype", default="fp32", choices=["fp32", "bf16"], help="embedder dtype (bf16: 2.4x faster on AMX CPUs)"
+    )
+    p.add_argument(
+        "--reward",
+        default="embedding",
+        choices=["embedding", "judge", "judge-binary"],
+        help="sim-to-real gap (the method), or the paper's LLM-as-a-judge ablation (score/10, or 1[score >= 5])",
+    )
+    p.add_argument(
+        "--judge-model", type=check_model, default=TINY_MODEL, help="HF id or folder of the judge for --reward judge*"
+    )
+    p.add_argument(
+        "--tau",
+        type=distance_threshold(),
+        default=None,
+        help="tau_d (paper: 0.2 ALFWorld with Qwen3-Embedding-8B, 0.4 τ²; default: "
+        "the embedder's calibrated value for ALFWorld, 0.4 for τ² triplets)",
+    )
     # RWML (paper, ALFWorld: group 8, lr 1e-6, batch 32, 2 epochs)
-    p.add_argument("--group-size", type=at_least(2, "GRPO normalises within a group"), default=8, help="G: predictions sampled per triplet (paper: 8 ALFWorld, 16 tau2)")
+    p.add_argument(
+        "--group-size",
+        type=at_least(2, "GRPO normalises within a group"),
+        default=8,
+        help="G: predictions sampled per triplet (paper: 8 ALFWorld, 16 tau2)",
+    )
     p.add_argument("--batch-size", type=at_least(), default=32, help="triplets per update (paper: 32)")
     p.add_argument("--epochs", type=positive(), default=2, help="passes over the training triplets (paper: 2)")
     p.add_argument("--max-steps", type=at_least(), default=None, help="stop after this many updates (default: epochs)")
-    p.add_argument("--temperature", type=non_negative("0 is greedy"), default=1.0, help="sampling temperature of the G predictions")
+    p.add_argument(
+        "--temperature", type=non_negative("0 is greedy"), default=1.0, help="sampling temperature of the G predictions"
+    )
     p.add_argument("--max-new-tokens", type=at_least(), default=256, help="tokens per prediction (think + next_state)")
     p.add_argument("--gen-batch", type=at_least(), default=64, help="sequences per generate call")
     # held-out evaluation, checkpoints
-    p.add_argument("--val-frac", type=ranged(float, lambda v: 0 < v < 1, "in (0, 1)", "the held-out share"), default=0.1,
-                   help="share of triplets held out, at least one (paper: 10%%)")
-    p.add_argument("--val-size", type=at_least(), default=None,
-                   help="held-out triplets scored at each evaluation (greedy; default: all of them)")
+    p.add_argument(
+        "--val-frac",
+        type=ranged(float, lambda v: 0 < v < 1, "in (0, 1)", "the held-out share"),
+        default=0.1,
+        help="share of triplets held out, at least one (paper: 10%%)",
+    )
+    p.add_argument(
+        "--val-size",
+        type=at_least(),
+        default=None,
+        help="held-out triplets scored at each evaluation (greedy; default: all of them)",
+    )
     p.add_argument("--eval-every", type=at_least(), default=10, help="updates between held-out evaluations")
     p.add_argument("--save-every", type=at_least(), default=50, help="updates between checkpoints")
     # the easy-triplet filter
-    p.add_argument("--filter-k", type=at_least(), default=10, help="K: predictions per triplet in --mode filter (paper: 10)")
-    p.add_argument("--tau-easy", type=non_negative(), default=0.8,
-                   help="a triplet is easy when its mean reward reaches this (above 1: none is)")
-    p.add_argument("--keep-easy", type=fraction(), default=0.1, help="probability of keeping an easy triplet (paper: 0.1)")
-    add_grpo_args(p)  # --lr, --clip-eps, --beta, --ppo-epochs, --micro-batch, --lora-rank, --dtype, --grad-checkpointing, ...
+    p.add_argument(
+        "--filter-k", type=at_least(), default=10, help="K: predictions per triplet in --mode filter (paper: 10)"
+    )
+    p.add_argument(
+        "--tau-easy",
+        type=non_negative(),
+        default=0.8,
+        help="a triplet is easy when its mean reward reaches this (above 1: none is)",
+    )
+    p.add_argument(
+        "--keep-easy", type=fraction(), default=0.1, help="probability of keeping an easy triplet (paper: 0.1)"
+    )
+    add_grpo_args(
+        p
+    )  # --lr, --clip-eps, --beta, --ppo-epochs, --micro-batch, --lora-rank, --dtype, --grad-checkpointing, ...
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", default="runs/wm", help="output folder")
     return p.parse_args(argv)
@@ -79,14 +141,28 @@ def heldout_split(triplets, frac, seed):
     return [t for t in triplets if t["id"] not in held], [t for t in triplets if t["id"] in held]
 
 
+def predict_and_score(model, tok, triplets, embed, tau, max_new_tokens, batch_size):
+    """The model's greedy next-state predictions for `triplets` and their sim-to-real scores: (outputs, records)."""
+    outputs = generate(
+        model,
+        tok,
+        [chat_prompt(tok, wm_prompt(t)) for t in triplets],
+        max_new_tokens,
+        temperature=0,
+        batch_size=batch_size,
+    )
+    return outputs, sim_to_real(
+        outputs, [t["next_state"] for t in triplets], embed, tau, [t.get("kind") for t in triplets]
+    )
+
+
 def wm_heldout(model, tok, heldout, embed, tau, args):
     """Greedy predictions on held-out triplets -> mean reward, similarity, format rate (ranks share the work)."""
     rank, world = rank_world()
     heldout = heldout[rank::world]
-    prompts = [chat_prompt(tok, wm_prompt(t)) for t in heldout]
     with full_weights(model):
-        outputs = generate(model, tok, prompts, args.max_new_tokens, temperature=0, batch_size=args.gen_batch)
-    return mean_scores(gather(sim_to_real(outputs, [t["next_state"] for t in heldout], embed, tau, [t.get("kind") for t in heldout])))
+        _, scores = predict_and_score(model, tok, heldout, embed, tau, args.max_new_tokens, args.gen_batch)
+    return mean_scores(gather(scores))
 
 
 def sft_target(tok, triplet):
@@ -103,16 +179,12 @@ def sft_update(model, optimizer, seqs, args):
     tokens = all_sum([sum(len(c) for _, c in seqs)])[0]
     model.train()
     total = 0.0
-    for idx, sync in micro_batches(model, net, len(seqs), args.micro_batch):
-        with sync:
-            if not idx:
-                zero_pass(net, seqs, device)
-                continue
-            ids, attn, P = collate([seqs[i] for i in idx], device)
-            logp, _ = completion_logprobs(net, ids, attn, P)
-            loss = -(logp * attn[:, P:]).sum() / tokens  # Eq. WM SFT: -1/|s| sum_t log pi(s_t | s_<t, state, action)
-            (loss * world).backward()  # x world: DDP averages the ranks' gradients
-            total += loss.item()
+    for idx in micro_batches(model, len(seqs), args.micro_batch, lambda: zero_pass(net, seqs, device)):
+        ids, attn, P = collate([seqs[i] for i in idx], device)
+        logp, _ = completion_logprobs(net, ids, attn, P)
+        loss = -(logp * attn[:, P:]).sum() / tokens  # Eq. WM SFT: -1/|s| sum_t log pi(s_t | s_<t, state, action)
+        (loss * world).backward()  # x world: DDP averages the ranks' gradients
+        total += loss.item()
     grad_norm, skipped = optimizer_step(model, optimizer, total, args.max_grad_norm)  # no step on NaN / Inf
     model.eval()
     return dict(loss=all_sum([total])[0], grad_norm=grad_norm, skipped=int(skipped))
@@ -122,33 +194,47 @@ def run_filter(args, triplets, model, tok, embed):
     """Score every triplet with K predictions of the filter model; keep hard ones, easy ones w.p. keep_easy."""
     out = Path(args.out)
     scored_path = out / "scored.jsonl"
-    drop_partial_line(scored_path)
-    scored = read_jsonl(scored_path, required=("id", "filter_reward")) if args.resume and scored_path.exists() else []
-    if not args.resume:
-        scored_path.unlink(missing_ok=True)
+    scored = resume_jsonl(scored_path, args.resume, required=("id", "filter_reward"))
     done = {s["id"] for s in scored}
     todo = [t for t in triplets if t["id"] not in done]
     per_call = max(1, args.gen_batch // args.filter_k)  # triplets whose K predictions share one generate call
     with open(scored_path, "a", encoding="utf-8") as f:
         for i in tqdm(range(0, len(todo), per_call), desc="filter", unit="batch"):
-            chunk = todo[i:i + per_call]
+            chunk = todo[i : i + per_call]
             prompts = [chat_prompt(tok, wm_prompt(t)) for t in chunk for _ in range(args.filter_k)]
             outputs = generate(model, tok, prompts, args.max_new_tokens, args.temperature, batch_size=args.gen_batch)
-            recs = sim_to_real(outputs, [t["next_state"] for t in chunk for _ in range(args.filter_k)], embed, args.tau,
-                               [t.get("kind") for t in chunk for _ in range(args.filter_k)])
-            rows = [dict(t, filter_reward=sum(r["reward"] for r in recs[j * args.filter_k:(j + 1) * args.filter_k]) / args.filter_k)
-                    for j, t in enumerate(chunk)]
+            recs = sim_to_real(
+                outputs,
+                [t["next_state"] for t in chunk for _ in range(args.filter_k)],
+                embed,
+                args.tau,
+                [t.get("kind") for t in chunk for _ in range(args.filter_k)],
+            )
+            rows = [
+                dict(
+                    t,
+                    filter_reward=sum(r["reward"] for r in recs[j * args.filter_k : (j + 1) * args.filter_k])
+                    / args.filter_k,
+                )
+                for j, t in enumerate(chunk)
+            ]
             append_jsonl(f, rows)
             scored += rows
     rng = random.Random(args.seed)
     easy = [s["filter_reward"] >= args.tau_easy for s in scored]
     kept = [s for s, e in zip(scored, easy) if not e or rng.random() < args.keep_easy]
     write_jsonl(out / "triplets.filtered.jsonl", kept)
-    stats = dict(triplets=len(scored), easy_fraction=sum(easy) / max(1, len(scored)), kept=len(kept),
-                 mean_filter_reward=sum(s["filter_reward"] for s in scored) / max(1, len(scored)))
+    stats = dict(
+        triplets=len(scored),
+        easy_fraction=sum(easy) / max(1, len(scored)),
+        kept=len(kept),
+        mean_filter_reward=sum(s["filter_reward"] for s in scored) / max(1, len(scored)),
+    )
     write_jsonl(out / "metrics.jsonl", [dict(step=0, **stats)])
-    print(f"easy fraction {stats['easy_fraction']:.3f} (paper aims at ~0.3); kept {len(kept)} of {len(scored)} "
-          f"-> {out}/triplets.filtered.jsonl")
+    print(
+        f"easy fraction {stats['easy_fraction']:.3f} (paper aims at ~0.3); kept {len(kept)} of {len(scored)} "
+        f"-> {out}/triplets.filtered.jsonl"
+    )
     return stats
 
 
@@ -161,10 +247,15 @@ def main(args):
         fail(f"{args.triplets} holds no triplets")
     train, heldout = heldout_split(triplets, args.val_frac, seed=0)
     if args.mode != "filter" and not train:
-        fail(f"--val-frac {args.val_frac} holds out all {len(triplets)} triplets of {args.triplets}: none left to train on")
+        fail(
+            f"--val-frac {args.val_frac} holds out all {len(triplets)} triplets of {args.triplets}: "
+            "none left to train on"
+        )
     if args.mode != "filter" and (args.val_size or 0) > len(heldout):
-        fail(f"--val-size {args.val_size}: --val-frac {args.val_frac} holds out {len(heldout)} of the {len(triplets)} "
-             f"triplets; ask for at most {len(heldout)}, or leave --val-size out to score them all")
+        fail(
+            f"--val-size {args.val_size}: --val-frac {args.val_frac} holds out {len(heldout)} of the {len(triplets)} "
+            f"triplets; ask for at most {len(heldout)}, or leave --val-size out to score them all"
+        )
     args.tau = args.tau if args.tau is not None else default_tau(args.embedder, triplets)
     ckpt = out / "checkpoint"
     if args.mode == "filter":
@@ -172,34 +263,58 @@ def main(args):
             raise SystemExit("error: --mode filter runs on one device: start it with python, not torchrun")
         model, tok = load_model(args.model, dtype=args.dtype)
         return run_filter(args, triplets, model, tok, Embeddings(args.embedder, dtype=args.embed_dtype))
-    tok = load_config(args.model, "tokenizer")  # the plan needs the prompts' lengths, not the weights
+    tok = load_tokenizer(args.model)  # the plan needs the prompts' lengths, not the weights
     prompt_len = max(len(tok(chat_prompt(tok, wm_prompt(t)), add_special_tokens=False)["input_ids"]) for t in triplets)
-    args.gen_batch = plan_memory(args, prompt_len, args.max_new_tokens, args.gen_batch, reference=args.mode == "rwml")
+    args.micro_batch, args.gen_batch = fit_memory(
+        args.model,
+        args.dtype,
+        args.lora_rank,
+        args.mode == "rwml" and args.beta > 0,
+        args.grad_checkpointing,
+        args.micro_batch,
+        args.gen_batch,
+        prompt_len,
+        args.max_new_tokens,
+        args.fsdp,
+        args.max_memory_gb,
+        args.dry_run,
+    )
     # ---- setup: model, reference policy, optimizer, held-out split (TRY NOT TO MODIFY) ----
     model, tok, ref_model, optimizer, start = start_training(args, ckpt, reference=args.mode == "rwml")
     embed = Embeddings(args.embedder, dtype=args.embed_dtype)
     if args.reward != "embedding":  # the judge's verdicts replace the sim-to-real reward in RWML's update
         jm, jt = load_model(args.judge_model, dtype=args.dtype)  # a frozen judge, never the model being trained
-        ask = lambda prompts: generate(jm, jt, [chat_prompt(jt, p) for p in prompts], 16, temperature=0,
-                                       batch_size=args.gen_batch)
+        ask = lambda prompts: generate(
+            jm, jt, [chat_prompt(jt, p) for p in prompts], 16, temperature=0, batch_size=args.gen_batch
+        )
     if rank == 0:
         write_jsonl(out / "heldout.jsonl", heldout)
-    heldout = heldout[:args.val_size]
+    heldout = heldout[: args.val_size]
     steps_per_epoch = math.ceil(len(train) / args.batch_size)
     total = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
     metrics_path = out / "metrics.jsonl"
     f_metrics = open_step_log(metrics_path, args.resume, start)
     if start == 0:
-        append_jsonl(f_metrics, [dict(step=0, **{f"heldout/{k}": v for k, v in wm_heldout(model, tok, heldout, embed, args.tau, args).items()})])
+        append_jsonl(
+            f_metrics,
+            [
+                dict(
+                    step=0,
+                    **{f"heldout/{k}": v for k, v in wm_heldout(model, tok, heldout, embed, args.tau, args).items()},
+                )
+            ],
+        )
 
     skips = SkipCounter()  # updates skipped for a non-finite loss or gradient norm
 
     def batch_at(step):  # epoch e visits the training triplets in a shuffled order fixed by (seed, e)
         epoch, i = divmod(step, steps_per_epoch)
         order = random.Random(args.seed * 1000 + epoch).sample(train, len(train))
-        return order[i * args.batch_size:(i + 1) * args.batch_size]
+        return order[i * args.batch_size : (i + 1) * args.batch_size]
 
-    for step in tqdm(range(start, total), initial=start, total=total, desc=f"train_wm {args.mode}", unit="update", disable=rank > 0):
+    for step in tqdm(
+        range(start, total), initial=start, total=total, desc=f"train_wm {args.mode}", unit="update", disable=rank > 0
+    ):
         t0 = time.time()
         batch = batch_at(step)[rank::world]  # under torchrun each rank takes its share of the triplets
         if args.mode == "rwml":
@@ -208,25 +323,48 @@ def main(args):
             prompts = [chat_prompt(tok, wm_prompt(t)) for t in batch for _ in range(G)]
             with full_weights(model):  # (the whole model on every rank under --fsdp)
                 samples = sample(model, tok, prompts, args.max_new_tokens, args.temperature, batch_size=args.gen_batch)
-            scores = sim_to_real([text for _, _, text in samples], [t["next_state"] for t in batch for _ in range(G)],
-                                 embed, args.tau, [t.get("kind") for t in batch for _ in range(G)])
-            rewards = [s["reward"] for s in scores] if args.reward == "embedding" else \
-                judge([text for _, _, text in samples], [t["next_state"] for t in batch for _ in range(G)], ask,
-                      binarise_at=0.5 if args.reward == "judge-binary" else None)
+            scores = sim_to_real(
+                [text for _, _, text in samples],
+                [t["next_state"] for t in batch for _ in range(G)],
+                embed,
+                args.tau,
+                [t.get("kind") for t in batch for _ in range(G)],
+            )
+            rewards = (
+                [s["reward"] for s in scores]
+                if args.reward == "embedding"
+                else judge(
+                    [text for _, _, text in samples],
+                    [t["next_state"] for t in batch for _ in range(G)],
+                    ask,
+                    binarise_at=0.5 if args.reward == "judge-binary" else None,
+                )
+            )
             adv, no_signal = group_advantages(rewards, G)
             stats = grpo_update(model, optimizer, [(p, c) for p, c, _ in samples], adv, args, ref_model)
             rewards, lengths = gather(rewards), gather(len(c) for _, c, _ in samples)  # all ranks' samples
-            stats.update(mean_scores(gather(scores)), optimised_reward=sum(rewards) / len(rewards),
-                         reward_std=torch.tensor(rewards).std().item(), no_signal_groups=sum(gather([no_signal])),
-                         completion_len=sum(lengths) / len(lengths))
+            stats.update(
+                mean_scores(gather(scores)),
+                optimised_reward=sum(rewards) / len(rewards),
+                reward_std=torch.tensor(rewards).std().item(),
+                no_signal_groups=sum(gather([no_signal])),
+                completion_len=sum(lengths) / len(lengths),
+            )
         else:
             # ---- WM SFT baseline: next-state token prediction ----
-            seqs = [(tok(chat_prompt(tok, wm_prompt(t)), add_special_tokens=False)["input_ids"], sft_target(tok, t))
-                    for t in batch]
+            seqs = [
+                (tok(chat_prompt(tok, wm_prompt(t)), add_special_tokens=False)["input_ids"], sft_target(tok, t))
+                for t in batch
+            ]
             stats = sft_update(model, optimizer, seqs, args)
         skipped = stats.pop("skipped")
-        row = dict(step=step + 1, **{f"train/{k}": v for k, v in stats.items()}, skipped_updates=skips.update(skipped),
-                   seconds=time.time() - t0, **peak_memory())
+        row = dict(
+            step=step + 1,
+            **{f"train/{k}": v for k, v in stats.items()},
+            skipped_updates=skips.update(skipped),
+            seconds=time.time() - t0,
+            **peak_memory(),
+        )
         if (step + 1) % args.eval_every == 0 or step + 1 == total:
             row.update({f"heldout/{k}": v for k, v in wm_heldout(model, tok, heldout, embed, args.tau, args).items()})
         append_jsonl(f_metrics, [row])
@@ -239,8 +377,10 @@ def main(args):
     plot_metrics(metrics_path)
     rows = read_jsonl(metrics_path)
     first, last = rows[0], [r for r in rows if "heldout/reward" in r][-1]
-    print(f"held-out reward {first['heldout/reward']:.3f} -> {last['heldout/reward']:.3f}, similarity "
-          f"{first['heldout/similarity']:.3f} -> {last['heldout/similarity']:.3f}; model: {ckpt}/model")
+    print(
+        f"held-out reward {first['heldout/reward']:.3f} -> {last['heldout/reward']:.3f}, similarity "
+        f"{first['heldout/similarity']:.3f} -> {last['heldout/similarity']:.3f}; model: {ckpt}/model"
+    )
     return rows
 
 

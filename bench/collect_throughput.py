@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from collect import collect, load_model, parse_args  # noqa: E402
+from collect import collect, parse_args  # noqa: E402
+from lm import load_model  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 p.add_argument("--model", default="smollm2-135m")
@@ -26,9 +27,28 @@ model, tok = load_model(a.model)
 rates = {}
 for b in (a.batch_games, 1):
     with tempfile.TemporaryDirectory() as out:
-        args = parse_args(["--split", "valid_unseen", "--games", str(a.games), "--episodes", "1", "--model", a.model,
-                           "--max-steps", str(a.max_steps), "--max-new-tokens", str(a.max_new_tokens),
-                           "--batch-games", str(b), "--seed", str(a.seed), "--out", out])
+        args = parse_args(
+            [
+                "--split",
+                "valid_unseen",
+                "--games",
+                str(a.games),
+                "--episodes",
+                "1",
+                "--model",
+                a.model,
+                "--max-steps",
+                str(a.max_steps),
+                "--max-new-tokens",
+                str(a.max_new_tokens),
+                "--batch-games",
+                str(b),
+                "--seed",
+                str(a.seed),
+                "--out",
+                out,
+            ]
+        )
         t0 = time.time()
         rollouts = collect(args, model, tok, desc=f"B={b}")
         seconds = time.time() - t0

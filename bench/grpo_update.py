@@ -30,14 +30,22 @@ def reward(texts):
 def ours(a):
     import torch
 
-    from grpo import chat_prompt, group_advantages, grpo_update, load_model, sample, set_seed
+    from grpo import group_advantages, grpo_update
+    from lm import chat_prompt, load_model, sample
+    from runs import set_seed
 
     set_seed(a.seed)
     model, tok = load_model(a.model)
     ref = __import__("copy").deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)
-    args = argparse.Namespace(micro_batch=len(PROMPTS) * a.group_size, ppo_epochs=1, clip_eps=0.2, beta=a.beta,
-                              max_grad_norm=1.0, token_mean=True)
+    args = argparse.Namespace(
+        micro_batch=len(PROMPTS) * a.group_size,
+        ppo_epochs=1,
+        clip_eps=0.2,
+        beta=a.beta,
+        max_grad_norm=1.0,
+        token_mean=True,
+    )
     prompts = [chat_prompt(tok, p) for p in PROMPTS for _ in range(a.group_size)]
     times, tokens = [], []
     for _ in range(a.steps):
@@ -51,13 +59,12 @@ def ours(a):
 
 
 def trl(a):
+    import torch
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from grpo import resolve_model
-
-    import torch
+    from lm import resolve_model
 
     class Timer(TrainerCallback):
         times, tokens = [], []
@@ -73,13 +80,30 @@ def trl(a):
                 self.tokens.append(logs["completions/mean_length"] * len(PROMPTS) * a.group_size)
 
     data = Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in PROMPTS] * a.steps})
-    config = GRPOConfig(output_dir="/tmp/trl_bench", per_device_train_batch_size=len(PROMPTS) * a.group_size,
-                        num_generations=a.group_size, max_completion_length=a.max_new_tokens, beta=a.beta,
-                        learning_rate=1e-6, max_steps=a.steps, use_cpu=not torch.cuda.is_available(), report_to="none",
-                        save_strategy="no", logging_steps=1, seed=a.seed, bf16=torch.cuda.is_available(), max_grad_norm=1.0,
-                        temperature=1.0)
-    trainer = GRPOTrainer(model=resolve_model(a.model), reward_funcs=lambda completions, **kw: reward(
-        [c[0]["content"] for c in completions]), args=config, train_dataset=data, callbacks=[Timer()])
+    config = GRPOConfig(
+        output_dir="/tmp/trl_bench",
+        per_device_train_batch_size=len(PROMPTS) * a.group_size,
+        num_generations=a.group_size,
+        max_completion_length=a.max_new_tokens,
+        beta=a.beta,
+        learning_rate=1e-6,
+        max_steps=a.steps,
+        use_cpu=not torch.cuda.is_available(),
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        seed=a.seed,
+        bf16=torch.cuda.is_available(),
+        max_grad_norm=1.0,
+        temperature=1.0,
+    )
+    trainer = GRPOTrainer(
+        model=resolve_model(a.model),
+        reward_funcs=lambda completions, **kw: reward([c[0]["content"] for c in completions]),
+        args=config,
+        train_dataset=data,
+        callbacks=[Timer()],
+    )
     trainer.train()
     return Timer.times, Timer.tokens
 
@@ -98,8 +122,11 @@ if __name__ == "__main__":
         import torch
 
         times, tokens = (ours if a.side == "ours" else trl)(a)
-        peak = torch.cuda.max_memory_allocated() / 2 ** 20 if torch.cuda.is_available() else \
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak = (
+            torch.cuda.max_memory_allocated() / 2**20
+            if torch.cuda.is_available()
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        )
         print(json.dumps(dict(times=times, tokens=tokens, peak_mb=peak)))
         raise SystemExit
     res = {}
@@ -110,8 +137,16 @@ if __name__ == "__main__":
         res[side] = json.loads(out.stdout.strip().splitlines()[-1])
         step = statistics.median(res[side]["times"][1:] or res[side]["times"])
         res[side]["step"] = step
-        rate = sum(res[side]["tokens"]) / sum(res[side]["times"][:len(res[side]["tokens"])]) if res[side]["tokens"] else float("nan")
-        print(f"{side:>4}: update {step:.2f} s (steps {[round(t, 2) for t in res[side]['times']]}), "
-              f"{rate:.0f} sampled tokens/s, peak memory {res[side]['peak_mb']:.0f} MB")
-    print(f"time ours / TRL: {res['ours']['step'] / res['trl']['step']:.2f} (goal <= 1.0); "
-          f"peak memory ours / TRL: {res['ours']['peak_mb'] / res['trl']['peak_mb']:.2f}")
+        rate = (
+            sum(res[side]["tokens"]) / sum(res[side]["times"][: len(res[side]["tokens"])])
+            if res[side]["tokens"]
+            else float("nan")
+        )
+        print(
+            f"{side:>4}: update {step:.2f} s (steps {[round(t, 2) for t in res[side]['times']]}), "
+            f"{rate:.0f} sampled tokens/s, peak memory {res[side]['peak_mb']:.0f} MB"
+        )
+    print(
+        f"time ours / TRL: {res['ours']['step'] / res['trl']['step']:.2f} (goal <= 1.0); "
+        f"peak memory ours / TRL: {res['ours']['peak_mb'] / res['trl']['peak_mb']:.2f}"
+    )

@@ -1,6 +1,6 @@
 """The memory plan (grpo.memory_plan) next to measured peaks, and the plan at paper scale.
 
-    python bench/memory_plan.py            # tiny model: planned vs measured peak of one GRPO update and one sampling call
+    python bench/memory_plan.py            # tiny model: planned vs measured peak of one update and one sampling call
     python bench/memory_plan.py --paper    # the plan for Qwen2.5-7B-Instruct and Qwen3-8B (no download: configs below)
 
 Measured = bytes of the tensors alive at once (PeakMemory below counts every storage an op creates until
@@ -19,15 +19,38 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from grpo import add_lora, grpo_update, load_model, memory_plan, sample, set_seed  # noqa: E402
+from grpo import add_lora, grpo_update  # noqa: E402
+from lm import load_model, sample  # noqa: E402
+from memory import memory_plan  # noqa: E402
+from runs import set_seed  # noqa: E402
 
 # the paper's models, from their config.json on the HF hub (only the fields the plan reads)
 PAPER_MODELS = {
-    "Qwen/Qwen2.5-7B-Instruct": ("qwen2", dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                                               num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
-                                               tie_word_embeddings=False)),
-    "Qwen/Qwen3-8B": ("qwen3", dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
-                                    num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=False)),
+    "Qwen/Qwen2.5-7B-Instruct": (
+        "qwen2",
+        dict(
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            vocab_size=152064,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "Qwen/Qwen3-8B": (
+        "qwen3",
+        dict(
+            hidden_size=4096,
+            intermediate_size=12288,
+            num_hidden_layers=36,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            vocab_size=151936,
+            tie_word_embeddings=False,
+        ),
+    ),
 }
 
 
@@ -44,7 +67,9 @@ class PeakMemory(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        inputs = {
+            t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)
+        }
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()
@@ -64,8 +89,16 @@ def tensor_bytes(*models, optimizer=None):
     return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
 
 
-def measure_update(dtype="fp32", lora_rank=0, beta=0.0, grad_checkpointing=False, micro_batch=2, prompt_len=192,
-                   completion_len=64, seed=0):
+def measure_update(
+    dtype="fp32",
+    lora_rank=0,
+    beta=0.0,
+    grad_checkpointing=False,
+    micro_batch=2,
+    prompt_len=192,
+    completion_len=64,
+    seed=0,
+):
     """(measured, planned) peak bytes of a GRPO update of the tiny model on CPU: the second one, when AdamW's
     moments exist, over two micro-batches (the second forward runs with the first one's gradients)."""
     set_seed(seed)
@@ -79,17 +112,32 @@ def measure_update(dtype="fp32", lora_rank=0, beta=0.0, grad_checkpointing=False
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)
     g = torch.Generator().manual_seed(seed)
     n_seqs = 2 * micro_batch
-    seqs = [(torch.randint(100, 40000, (prompt_len,), generator=g).tolist(),
-             torch.randint(100, 40000, (completion_len,), generator=g).tolist()) for _ in range(n_seqs)]
-    args = types.SimpleNamespace(micro_batch=micro_batch, ppo_epochs=1, clip_eps=0.2, beta=beta, max_grad_norm=1.0,
-                                 token_mean=True)
+    seqs = [
+        (
+            torch.randint(100, 40000, (prompt_len,), generator=g).tolist(),
+            torch.randint(100, 40000, (completion_len,), generator=g).tolist(),
+        )
+        for _ in range(n_seqs)
+    ]
+    args = types.SimpleNamespace(
+        micro_batch=micro_batch, ppo_epochs=1, clip_eps=0.2, beta=beta, max_grad_norm=1.0, token_mean=True
+    )
     adv = torch.linspace(-1, 1, n_seqs)
     grpo_update(model, optimizer, seqs, adv, args, ref)
     before = tensor_bytes(model, ref, optimizer=optimizer)
     with PeakMemory() as m:
         grpo_update(model, optimizer, seqs, adv, args, ref)
-    planned = memory_plan(model.config, model.dtype, lora_rank, ref is not None, grad_checkpointing, micro_batch,
-                          prompt_len + completion_len, completion_len, gen_batch=0)
+    planned = memory_plan(
+        model.config,
+        model.dtype,
+        lora_rank,
+        ref is not None,
+        grad_checkpointing,
+        micro_batch,
+        prompt_len + completion_len,
+        completion_len,
+        gen_batch=0,
+    )
     return before + m.peak, planned["peak"]
 
 
@@ -115,19 +163,25 @@ def paper_table(seq_len, completion_len, micro_batch, gen_batch):
     rows = []
     for name, (kind, fields) in PAPER_MODELS.items():
         config = AutoConfig.for_model(kind, **fields)
-        for label, dtype, rank, ckpt, shards in [("LoRA r 64, bf16", torch.bfloat16, 64, False, 1),
-                                                 ("LoRA r 64, bf16, checkpointing", torch.bfloat16, 64, True, 1),
-                                                 ("full, bf16, checkpointing", torch.bfloat16, 0, True, 1),
-                                                 ("full, bf16, checkpointing, FSDP over 2", torch.bfloat16, 0, True, 2),
-                                                 ("full, fp32 (paper: lr 1e-6), checkpointing", torch.float32, 0, True, 1),
-                                                 ("full, fp32, checkpointing, FSDP over 4", torch.float32, 0, True, 4),
-                                                 ("full, fp32, checkpointing, FSDP over 8", torch.float32, 0, True, 8)]:
-            p = memory_plan(config, dtype, rank, True, ckpt, micro_batch, seq_len, completion_len, gen_batch, shards=shards)
+        for label, dtype, rank, ckpt, shards in [
+            ("LoRA r 64, bf16", torch.bfloat16, 64, False, 1),
+            ("LoRA r 64, bf16, checkpointing", torch.bfloat16, 64, True, 1),
+            ("full, bf16, checkpointing", torch.bfloat16, 0, True, 1),
+            ("full, bf16, checkpointing, FSDP over 2", torch.bfloat16, 0, True, 2),
+            ("full, fp32 (paper: lr 1e-6), checkpointing", torch.float32, 0, True, 1),
+            ("full, fp32, checkpointing, FSDP over 4", torch.float32, 0, True, 4),
+            ("full, fp32, checkpointing, FSDP over 8", torch.float32, 0, True, 8),
+        ]:
+            p = memory_plan(
+                config, dtype, rank, True, ckpt, micro_batch, seq_len, completion_len, gen_batch, shards=shards
+            )
             rows.append(f"| {name} | {label} | " + " | ".join(f"{v / 1e9:.1f}" for v in p.values()) + " |")
     head = list(memory_plan(AutoConfig.for_model("qwen2", **PAPER_MODELS["Qwen/Qwen2.5-7B-Instruct"][1])).keys())
-    print(f"GB per device; micro-batch {micro_batch} x {seq_len} tokens ({completion_len} scored), "
-          f"sampling {gen_batch} prompts x {seq_len - completion_len} + {completion_len} tokens; "
-          "FSDP: weights, reference, grads, adam per rank, the whole weights while sampling")
+    print(
+        f"GB per device; micro-batch {micro_batch} x {seq_len} tokens ({completion_len} scored), "
+        f"sampling {gen_batch} prompts x {seq_len - completion_len} + {completion_len} tokens; "
+        "FSDP: weights, reference, grads, adam per rank, the whole weights while sampling"
+    )
     print("| model | fine-tuning | " + " | ".join(head) + " |")
     print("|---" * (len(head) + 2) + "|")
     print("\n".join(rows))
@@ -136,7 +190,9 @@ def paper_table(seq_len, completion_len, micro_batch, gen_batch):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--paper", action="store_true", help="print the plan for the paper's 7-8B models instead")
-    p.add_argument("--seq-len", type=int, default=1664, help="--paper: tokens per trained sequence (policy turn ~1,400 + 256)")
+    p.add_argument(
+        "--seq-len", type=int, default=1664, help="--paper: tokens per trained sequence (policy turn ~1,400 + 256)"
+    )
     p.add_argument("--completion-len", type=int, default=256, help="--paper: tokens written per turn")
     p.add_argument("--micro-batch", type=int, default=2, help="--paper: sequences per forward/backward")
     p.add_argument("--gen-batch", type=int, default=64, help="--paper: prompts sampled at once")
@@ -145,12 +201,16 @@ def main():
     if args.paper:
         return paper_table(args.seq_len, args.completion_len, args.micro_batch, args.gen_batch)
     print("| SmolLM2-135M on CPU | planned GB | measured GB | planned / measured |\n|---|---|---|---|")
-    cases = [("update: full fine-tuning fp32, beta 0.001 (reference copy)", lambda: measure_update(beta=0.001)),
-             ("update: full fine-tuning bf16, micro-batch 4", lambda: measure_update("bf16", micro_batch=4)),
-             ("update: LoRA r 8, bf16", lambda: measure_update("bf16", 8, 0.001)),
-             ("update: LoRA r 8, fp32, gradient checkpointing, 448 tokens", lambda: measure_update(
-                 "fp32", 8, 0.001, True, prompt_len=384)),
-             ("sampling: 8 prompts x 256 + 32 tokens", measure_sampling)]
+    cases = [
+        ("update: full fine-tuning fp32, beta 0.001 (reference copy)", lambda: measure_update(beta=0.001)),
+        ("update: full fine-tuning bf16, micro-batch 4", lambda: measure_update("bf16", micro_batch=4)),
+        ("update: LoRA r 8, bf16", lambda: measure_update("bf16", 8, 0.001)),
+        (
+            "update: LoRA r 8, fp32, gradient checkpointing, 448 tokens",
+            lambda: measure_update("fp32", 8, 0.001, True, prompt_len=384),
+        ),
+        ("sampling: 8 prompts x 256 + 32 tokens", measure_sampling),
+    ]
     for label, run in cases:
         measured, planned = run()
         print(f"| {label} | {planned / 1e9:.3f} | {measured / 1e9:.3f} | {planned / measured:.2f} |", flush=True)

@@ -32,13 +32,22 @@ rates, rewards = {}, {}
 for dtype in ("fp32", "bf16"):
     embed = Embeddings(a.embedder, dtype=dtype)
     sim_to_real(outputs[:64], real[:64], embed, 0.2)  # warm-up
-    for name, reals in (("cold", real), ("grouped", [r for r in real[:a.pairs // a.group_size] for _ in range(a.group_size)])):
+    for name, reals in (
+        ("cold", real),
+        ("grouped", [r for r in real[: a.pairs // a.group_size] for _ in range(a.group_size)]),
+    ):
         embed.cache.clear()
         t0 = time.time()
         recs = sim_to_real(outputs, reals, embed, 0.2)
         rates[dtype, name] = a.pairs / (time.time() - t0)
         rewards[dtype, name] = [r["reward"] for r in recs]
-        print(f"{dtype} {name:>8}: {rates[dtype, name]:,.0f} pairs/s ({a.pairs} pairs, {len(states)} distinct real states)")
+        print(
+            f"{dtype} {name:>8}: {rates[dtype, name]:,.0f} pairs/s ({a.pairs} pairs, "
+            f"{len(states)} distinct real states)"
+        )
 flips = sum(x != y for x, y in zip(rewards["fp32", "cold"], rewards["bf16", "cold"]))
-print(f"bf16 / fp32 speed: {rates['bf16', 'cold'] / rates['fp32', 'cold']:.2f}x; rewards that differ: {flips} of {a.pairs}; "
-      f"goal >= 2,000 pairs/s")
+print(
+    f"bf16 / fp32 speed: {rates['bf16', 'cold'] / rates['fp32', 'cold']:.2f}x; "
+    f"rewards that differ: {flips} of {a.pairs}; "
+    f"goal >= 2,000 pairs/s"
+)

@@ -12,7 +12,7 @@ os.environ.setdefault("ALFWORLD_DATA", str(ROOT.parent / "shared" / "alfworld"))
 @pytest.fixture(scope="session")
 def tiny():
     """The real SmolLM2-135M-Instruct, loaded once for the whole session: (model, tokenizer)."""
-    from grpo import load_model
+    from lm import load_model
 
     return load_model("smollm2-135m")
 
@@ -24,6 +24,22 @@ def triplets(tmp_path_factory):
     from collect import parse_args as collect_args
 
     out = tmp_path_factory.mktemp("collect")
-    collect(collect_args(["--policy", "random", "--split", "train", "--games", "2", "--episodes", "1", "--max-steps", "5",
-                          "--out", str(out)]))
+    collect(
+        collect_args(
+            [
+                "--policy",
+                "random",
+                "--split",
+                "train",
+                "--games",
+                "2",
+                "--episodes",
+                "1",
+                "--max-steps",
+                "5",
+                "--out",
+                str(out),
+            ]
+        )
+    )
     return out / "triplets.jsonl"

@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from grpo import add_lora, ddp, grpo_update, init_distributed, load_model, shard  # noqa: E402
+from distributed import ddp, init_distributed, shard  # noqa: E402
+from grpo import add_lora, grpo_update  # noqa: E402
+from lm import load_model  # noqa: E402
 
 SPLIT = 4  # rank 0: sequences [0, 4), rank 1: [4, 6)
 CHECKED = ("model.layers.0.self_attn.q_proj.weight", "model.layers.29.mlp.down_proj.weight", "model.norm.weight")
@@ -30,11 +32,17 @@ def case(mode):
     else:
         for p in add_lora(model, rank=4):  # non-zero A and B: gradients reach both
             p.data = torch.randn(p.shape, generator=g) * 0.02
-    seqs = [(torch.randint(100, 40000, (20 + 3 * i,), generator=g).tolist(),
-             torch.randint(100, 40000, (5 + 2 * i,), generator=g).tolist()) for i in range(6)]
+    seqs = [
+        (
+            torch.randint(100, 40000, (20 + 3 * i,), generator=g).tolist(),
+            torch.randint(100, 40000, (5 + 2 * i,), generator=g).tolist(),
+        )
+        for i in range(6)
+    ]
     adv = [1.0, -1.0, 0.5, -0.5, 1.5, -1.5]
-    args = types.SimpleNamespace(micro_batch=2, ppo_epochs=2, clip_eps=0.2, beta=0.01, max_grad_norm=1e9,
-                                 token_mean=mode != "seq-mean")
+    args = types.SimpleNamespace(
+        micro_batch=2, ppo_epochs=2, clip_eps=0.2, beta=0.01, max_grad_norm=1e9, token_mean=mode != "seq-mean"
+    )
     return model, ref, seqs, adv, args
 
 
@@ -45,7 +53,11 @@ def optimizer_for(model):
 
 def trained(model):
     """The tensors compared: LoRA adapters, or a few full weights."""
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad and (n.endswith((".A", ".B")) or n in CHECKED)}
+    return {
+        n: p.detach().clone()
+        for n, p in model.named_parameters()
+        if p.requires_grad and (n.endswith((".A", ".B")) or n in CHECKED)
+    }
 
 
 if __name__ == "__main__":

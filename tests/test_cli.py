@@ -13,10 +13,18 @@ import torch
 
 from checks import MAX_SKIPPED_IN_A_ROW, SkipCounter, claim_out, json_line
 from conftest import ROOT
-from grpo import add_lora, chat_prompt, grpo_update, read_jsonl, sample, save_checkpoint
+from grpo import add_lora, grpo_update, save_checkpoint
+from lm import chat_prompt, sample
+from runs import read_jsonl
 
-TRIPLET = dict(id="g#0#0", task="put a mug in the sink", history=[], state="You are in the kitchen.", action="go to sink 1",
-               next_state="You arrive at sink 1. On the sink 1, you see nothing.")
+TRIPLET = dict(
+    id="g#0#0",
+    task="put a mug in the sink",
+    history=[],
+    state="You are in the kitchen.",
+    action="go to sink 1",
+    next_state="You arrive at sink 1. On the sink 1, you see nothing.",
+)
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +36,14 @@ def triplets(tmp_path_factory):
 
 
 def run(script, *argv, env=None):
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, argv)], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *map(str, argv)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+        timeout=300,
+    )
 
 
 def assert_one_error_line(r, rc, message, alone=True):
@@ -42,8 +56,12 @@ def assert_one_error_line(r, rc, message, alone=True):
 
 # (script, argv, exit status, the message); T: the triplets file, O: a fresh output folder
 BAD_ARGUMENTS = [
-    ("train_wm.py", ["--triplets", "T", "--out", "O", "--group-size", "1"], 2,
-     "--group-size must be ≥ 2 (GRPO normalises within a group), got 1"),
+    (
+        "train_wm.py",
+        ["--triplets", "T", "--out", "O", "--group-size", "1"],
+        2,
+        "--group-size must be ≥ 2 (GRPO normalises within a group), got 1",
+    ),
     ("train_wm.py", ["--triplets", "T", "--out", "O", "--group-size", "0"], 2, "--group-size must be ≥ 2"),
     ("train_wm.py", ["--triplets", "T", "--out", "O", "--batch-size", "0"], 2, "--batch-size must be ≥ 1, got 0"),
     ("train_wm.py", ["--triplets", "T", "--out", "O", "--lora-rank", "-1"], 2, "--lora-rank must be ≥ 0"),
@@ -51,17 +69,44 @@ BAD_ARGUMENTS = [
     ("train_wm.py", ["--triplets", "T", "--out", "O", "--lr", "nan"], 2, "--lr must be > 0, got nan"),
     ("train_wm.py", ["--triplets", "T", "--out", "O", "--lr", "fast"], 2, "--lr must be a number, got 'fast'"),
     ("train_wm.py", ["--triplets", "T", "--out", "O", "--tau", "0"], 2, "--tau must be in (0, 2]"),
-    ("train_wm.py", ["--triplets", "T", "--out", "O", "--keep-easy", "1.1"], 2, "--keep-easy must be in [0, 1], got 1.1"),
-    ("train_wm.py", ["--triplets", "T", "--out", "O", "--temperature", "-1"], 2, "--temperature must be ≥ 0 (0 is greedy)"),
+    (
+        "train_wm.py",
+        ["--triplets", "T", "--out", "O", "--keep-easy", "1.1"],
+        2,
+        "--keep-easy must be in [0, 1], got 1.1",
+    ),
+    (
+        "train_wm.py",
+        ["--triplets", "T", "--out", "O", "--temperature", "-1"],
+        2,
+        "--temperature must be ≥ 0 (0 is greedy)",
+    ),
     ("train_wm.py", ["--triplets", "T", "--out", "O", "--max-steps", "0"], 2, "--max-steps must be ≥ 1"),
     ("train_wm.py", ["--triplets", "T", "--out", "O", "--val-frac", "1"], 2, "--val-frac must be in (0, 1)"),
-    ("train_wm.py", ["--triplets", "T", "--out", "O", "--val-size", "2"], 1,
-     "--val-size 2: --val-frac 0.1 holds out 1 of the 12 triplets; ask for at most 1"),
-    ("train_wm.py", ["--triplets", "T", "--out", "O", "--val-frac", "0.99"], 1,
-     "--val-frac 0.99 holds out all 12 triplets of"),
-    ("train_wm.py", ["--triplets", "T", "--out", "O", "--model", "/no/such/folder"], 1, "model folder /no/such/folder does not exist"),
-    ("train_wm.py", ["--triplets", "T", "--out", "O", "--model", "no-such-org/no-such-model", "--dry-run"], 1,
-     "model 'no-such-org/no-such-model' (not a local folder, and the Hugging Face Hub could not give it)"),
+    (
+        "train_wm.py",
+        ["--triplets", "T", "--out", "O", "--val-size", "2"],
+        1,
+        "--val-size 2: --val-frac 0.1 holds out 1 of the 12 triplets; ask for at most 1",
+    ),
+    (
+        "train_wm.py",
+        ["--triplets", "T", "--out", "O", "--val-frac", "0.99"],
+        1,
+        "--val-frac 0.99 holds out all 12 triplets of",
+    ),
+    (
+        "train_wm.py",
+        ["--triplets", "T", "--out", "O", "--model", "/no/such/folder"],
+        1,
+        "model folder /no/such/folder does not exist",
+    ),
+    (
+        "train_wm.py",
+        ["--triplets", "T", "--out", "O", "--model", "no-such-org/no-such-model", "--dry-run"],
+        1,
+        "model 'no-such-org/no-such-model' (not a local folder, and the Hugging Face Hub could not give it)",
+    ),
     ("train_wm.py", ["--triplets", "O/missing.jsonl", "--out", "O"], 1, "missing.jsonl does not exist"),
     ("train_policy.py", ["--games", "0", "--updates", "1", "--out", "O"], 2, "--games must be ≥ 1, got 0"),
     ("train_policy.py", ["--updates", "0", "--out", "O"], 2, "--updates must be ≥ 1"),
@@ -72,16 +117,29 @@ BAD_ARGUMENTS = [
     ("collect.py", ["--env", "nope", "--out", "O"], 2, "argument --env: invalid choice: 'nope'"),
     ("collect.py", ["--policy", "random", "--split", "nope", "--out", "O"], 1, "unknown ALFWorld split 'nope'"),
     ("collect.py", ["--env", "tau2", "--domain", "nope", "--out", "O"], 1, "unknown τ²-bench domain 'nope'"),
-    ("collect.py", ["--env", "tau2", "--policy", "random", "--out", "O"], 2, "--policy random needs ALFWorld's admissible"),
+    (
+        "collect.py",
+        ["--env", "tau2", "--policy", "random", "--out", "O"],
+        2,
+        "--policy random needs ALFWorld's admissible",
+    ),
     ("evaluate.py", ["--runs", "0", "--out", "O"], 2, "--runs must be ≥ 1"),
-    ("evaluate.py", ["--model", "Mine=runs/no/checkpoint/model", "--out", "O"], 1, "model folder runs/no/checkpoint/model does not exist"),
+    (
+        "evaluate.py",
+        ["--model", "Mine=runs/no/checkpoint/model", "--out", "O"],
+        1,
+        "model folder runs/no/checkpoint/model does not exist",
+    ),
     ("evaluate.py", ["--wm", "T", "--val-size", "13", "--out", "O"], 1, "--val-size 13: "),
 ]
 
 
 @pytest.mark.parametrize("script, argv, rc, message", BAD_ARGUMENTS, ids=[" ".join(c[1][-2:]) for c in BAD_ARGUMENTS])
 def test_a_bad_argument_is_one_error_line(script, argv, rc, message, triplets, tmp_path):
-    argv = [str(triplets) if a == "T" else a.replace("O", str(tmp_path / "out"), 1) if a.startswith("O") else a for a in argv]
+    argv = [
+        str(triplets) if a == "T" else a.replace("O", str(tmp_path / "out"), 1) if a.startswith("O") else a
+        for a in argv
+    ]
     assert_one_error_line(run(script, *argv), rc, message)
 
 
@@ -90,12 +148,17 @@ def test_missing_alfworld_data_is_one_error_line(tmp_path):
     assert_one_error_line(r, 1, "ALFWorld data not found: /nonexistent")
 
 
-@pytest.mark.parametrize("content, message", [
-    ("", "holds no triplets"),
-    (json.dumps(TRIPLET) + '\n{"id": "b",\n', "t.jsonl:2: malformed JSON line"),
-    (json.dumps(TRIPLET) + "\n" + json.dumps({k: v for k, v in TRIPLET.items() if k != "next_state"}) + "\n",
-     "t.jsonl:2: missing field 'next_state'"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("", "holds no triplets"),
+        (json.dumps(TRIPLET) + '\n{"id": "b",\n', "t.jsonl:2: malformed JSON line"),
+        (
+            json.dumps(TRIPLET) + "\n" + json.dumps({k: v for k, v in TRIPLET.items() if k != "next_state"}) + "\n",
+            "t.jsonl:2: missing field 'next_state'",
+        ),
+    ],
+)
 def test_bad_triplet_files_name_the_line(content, message, tmp_path):
     (tmp_path / "t.jsonl").write_text(content)
     assert_one_error_line(run("train_wm.py", "--triplets", tmp_path / "t.jsonl", "--out", tmp_path / "out"), 1, message)
@@ -103,8 +166,11 @@ def test_bad_triplet_files_name_the_line(content, message, tmp_path):
 
 def test_out_must_be_a_folder_of_this_stage(triplets, tmp_path):
     (tmp_path / "file").write_text("")
-    assert_one_error_line(run("train_wm.py", "--triplets", triplets, "--out", tmp_path / "file"), 1,
-                          f"--out {tmp_path / 'file'} is a file, not a folder")
+    assert_one_error_line(
+        run("train_wm.py", "--triplets", triplets, "--out", tmp_path / "file"),
+        1,
+        f"--out {tmp_path / 'file'} is a file, not a folder",
+    )
     claim_out(tmp_path / "collected", "collect")  # what collect.py marks its --out with
     for extra in ([], ["--resume"]):  # with or without --resume: the records of two stages never mix
         r = run("train_wm.py", "--triplets", triplets, "--out", tmp_path / "collected", *extra)
@@ -115,11 +181,36 @@ def test_out_must_be_a_folder_of_this_stage(triplets, tmp_path):
 
 def test_a_lost_run_stops_after_non_finite_updates_and_keeps_finite_checkpoints(triplets, tmp_path):
     """lr 1e30: the first AdamW step moves the LoRA weights by ~1e30, every later loss is NaN."""
-    r = run("train_wm.py", "--mode", "sft", "--triplets", triplets, "--out", tmp_path, "--lr", "1e30", "--lora-rank", "4",
-            "--batch-size", "2", "--max-steps", "8", "--save-every", "1", "--eval-every", "100", "--max-new-tokens", "4")
+    r = run(
+        "train_wm.py",
+        "--mode",
+        "sft",
+        "--triplets",
+        triplets,
+        "--out",
+        tmp_path,
+        "--lr",
+        "1e30",
+        "--lora-rank",
+        "4",
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "8",
+        "--save-every",
+        "1",
+        "--eval-every",
+        "100",
+        "--max-new-tokens",
+        "4",
+    )
     last = 1 + MAX_SKIPPED_IN_A_ROW
-    assert_one_error_line(r, 1, f"step {last}: the loss or gradient norm was not finite in {MAX_SKIPPED_IN_A_ROW} updates in a row",
-                          alone=False)
+    assert_one_error_line(
+        r,
+        1,
+        f"step {last}: the loss or gradient norm was not finite in {MAX_SKIPPED_IN_A_ROW} updates in a row",
+        alone=False,
+    )
     text = (tmp_path / "metrics.jsonl").read_text()
     assert "NaN" not in text and "Infinity" not in text
     rows = [json.loads(line) for line in text.splitlines()]  # strict JSON

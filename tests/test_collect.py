@@ -10,10 +10,10 @@ from collections import Counter
 
 import pytest
 
-from collect import (ROLLOUT_FIELDS, TRIPLET_FIELDS, TURN_FIELDS, act, collect, list_games, make_env, parse_action,
-                     parse_args, split_intro, start, task_type)
+from alfworld_env import list_games, make_env, split_intro, task_type
+from collect import ROLLOUT_FIELDS, TRIPLET_FIELDS, TURN_FIELDS, act, collect, parse_action, parse_args, start
 from conftest import ROOT
-from grpo import read_jsonl
+from runs import read_jsonl
 
 
 def first_game_of_each_type(split):
@@ -59,8 +59,26 @@ def test_output_without_tags_is_an_invalid_action_not_a_crash():
 
 
 def test_collect_with_the_tiny_model_writes_schema_valid_records(tiny, tmp_path):
-    args = parse_args(["--split", "train", "--games", "2", "--episodes", "1", "--max-steps", "3", "--epsilon", "0.5",
-                       "--max-new-tokens", "24", "--seed", "1", "--out", str(tmp_path)])
+    args = parse_args(
+        [
+            "--split",
+            "train",
+            "--games",
+            "2",
+            "--episodes",
+            "1",
+            "--max-steps",
+            "3",
+            "--epsilon",
+            "0.5",
+            "--max-new-tokens",
+            "24",
+            "--seed",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     collect(args, *tiny)
     rollouts = read_jsonl(tmp_path / "rollouts.jsonl", required=ROLLOUT_FIELDS)
     triplets = read_jsonl(tmp_path / "triplets.jsonl", required=TRIPLET_FIELDS)
@@ -79,15 +97,32 @@ def test_collect_with_the_tiny_model_writes_schema_valid_records(tiny, tmp_path)
         for i, trip in enumerate(mine):
             obs, _, _, _ = env.step(trip["action"])
             assert trip["next_state"] == obs.strip()
-            assert trip["history"] == [[t["observation"], t["action"]] for t in r["turns"][max(0, i - 2):i]]
+            assert trip["history"] == [[t["observation"], t["action"]] for t in r["turns"][max(0, i - 2) : i]]
         env.close()
     metrics = read_jsonl(tmp_path / "metrics.jsonl", required=["step", "success", "invalid_rate"])
     assert len(metrics) == 2 and (tmp_path / "metrics.png").exists()
 
 
 def run_collect(out, *extra):
-    cmd = [sys.executable, str(ROOT / "collect.py"), "--policy", "random", "--split", "valid_seen", "--games", "4",
-           "--episodes", "2", "--max-steps", "8", "--batch-games", "3", "--out", str(out), *extra]
+    cmd = [
+        sys.executable,
+        str(ROOT / "collect.py"),
+        "--policy",
+        "random",
+        "--split",
+        "valid_seen",
+        "--games",
+        "4",
+        "--episodes",
+        "2",
+        "--max-steps",
+        "8",
+        "--batch-games",
+        "3",
+        "--out",
+        str(out),
+        *extra,
+    ]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -106,8 +141,9 @@ def test_kill_and_resume_gives_the_same_episodes_once(tmp_path):
     proc.wait()
     assert len(rollouts(cut / "rollouts.jsonl")) < 8
     # the worst moments to die: triplets of an unfinished episode written, half a rollout line written
-    unfinished = {f"{r['game']}#{r['episode']}" for r in rollouts(ref / "rollouts.jsonl")} - \
-                 {f"{r['game']}#{r['episode']}" for r in rollouts(cut / "rollouts.jsonl")}
+    unfinished = {f"{r['game']}#{r['episode']}" for r in rollouts(ref / "rollouts.jsonl")} - {
+        f"{r['game']}#{r['episode']}" for r in rollouts(cut / "rollouts.jsonl")
+    }
     stray = [l for l in open(ref / "triplets.jsonl") if json.loads(l)["id"].rsplit("#", 1)[0] in unfinished][:2]
     with open(cut / "triplets.jsonl", "a") as f:
         f.writelines(stray)
@@ -120,13 +156,20 @@ def test_kill_and_resume_gives_the_same_episodes_once(tmp_path):
     assert len(open(cut / "metrics.jsonl").readlines()) == 8
 
 
-@pytest.mark.parametrize("extra, env, message", [
-    (["--split", "nope"], {}, "unknown ALFWorld split 'nope'"),
-    (["--split", "train"], {"ALFWORLD_DATA": "/nonexistent"}, "ALFWorld data not found: /nonexistent"),
-])
+@pytest.mark.parametrize(
+    "extra, env, message",
+    [
+        (["--split", "nope"], {}, "unknown ALFWorld split 'nope'"),
+        (["--split", "train"], {"ALFWORLD_DATA": "/nonexistent"}, "ALFWorld data not found: /nonexistent"),
+    ],
+)
 def test_bad_input_is_a_one_line_error(extra, env, message):
-    r = subprocess.run([sys.executable, str(ROOT / "collect.py"), "--policy", "random", "--out", "/tmp/unused", *extra],
-                       capture_output=True, text=True, env={**os.environ, **env})
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "collect.py"), "--policy", "random", "--out", "/tmp/unused", *extra],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+    )
     lines = r.stderr.strip().splitlines()
     assert r.returncode != 0 and len(lines) == 1 and lines[0].startswith(f"error: {message}"), r.stderr
 

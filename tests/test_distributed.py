@@ -7,18 +7,25 @@ import sys
 
 import pytest
 import torch
+from ddp_worker import case, optimizer_for, trained
 
 from conftest import ROOT
-from ddp_worker import case, optimizer_for, trained
-from grpo import grpo_update, read_jsonl
+from grpo import grpo_update
+from runs import read_jsonl
 
 
 def torchrun(*args, timeout=300):
     """Two ranks on CPU; a hang (a collective one rank never joins) fails the test and kills every rank."""
     env = dict(os.environ, OMP_NUM_THREADS="1")  # two ranks share the cores
-    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-                          *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                         start_new_session=True)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
     try:
         out, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -45,9 +52,30 @@ def test_two_ranks_make_the_update_of_the_whole_batch(tmp_path, mode):
 
 
 def test_torchrun_trains_the_world_model_with_fsdp_and_the_policy_with_ddp(triplets, tmp_path):
-    rwml = ["train_wm.py", "--mode", "rwml", "--triplets", str(triplets), "--out", str(tmp_path / "rwml"), "--batch-size", "3",
-            "--group-size", "2", "--max-new-tokens", "8", "--eval-every", "1", "--lr", "1e-5",
-            "--micro-batch", "2", "--save-every", "1", "--fsdp"]  # full fine-tuning, sharded over the 2 ranks
+    rwml = [
+        "train_wm.py",
+        "--mode",
+        "rwml",
+        "--triplets",
+        str(triplets),
+        "--out",
+        str(tmp_path / "rwml"),
+        "--batch-size",
+        "3",
+        "--group-size",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--eval-every",
+        "1",
+        "--lr",
+        "1e-5",
+        "--micro-batch",
+        "2",
+        "--save-every",
+        "1",
+        "--fsdp",
+    ]  # full fine-tuning, sharded over the 2 ranks
     r = torchrun(*rwml, "--max-steps", "2")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "FSDP over 2" in r.stdout
@@ -57,8 +85,25 @@ def test_torchrun_trains_the_world_model_with_fsdp_and_the_policy_with_ddp(tripl
     assert [row["step"] for row in rows] == [0, 1, 2, 3]  # rank 0 writes, once per step
     assert "train/reward" in rows[1] and "heldout/reward" in rows[3]
     assert torch.load(tmp_path / "rwml" / "checkpoint" / "trainer.pt", weights_only=False)["step"] == 3
-    r = torchrun("train_policy.py", "--games", "2", "--games-per-step", "2", "--group-size", "2", "--updates", "1",
-                 "--max-steps", "2", "--max-new-tokens", "8", "--lora-rank", "4", "--out", str(tmp_path / "policy"))
+    r = torchrun(
+        "train_policy.py",
+        "--games",
+        "2",
+        "--games-per-step",
+        "2",
+        "--group-size",
+        "2",
+        "--updates",
+        "1",
+        "--max-steps",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--lora-rank",
+        "4",
+        "--out",
+        str(tmp_path / "policy"),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     rollouts = read_jsonl(tmp_path / "policy" / "rollouts.jsonl")
     assert len(rollouts) == 4 and len({(x["game"], x["episode"]) for x in rollouts}) == 4  # 2 games x G 2, from 2 ranks

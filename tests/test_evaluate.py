@@ -9,7 +9,9 @@ from reward import Embeddings
 
 
 def test_evaluate_writes_results_and_a_table_1_shaped_markdown(tiny, tmp_path):
-    args = parse_args(["--games", "1", "--runs", "2", "--max-steps", "2", "--max-new-tokens", "16", "--out", str(tmp_path)])
+    args = parse_args(
+        ["--games", "1", "--runs", "2", "--max-steps", "2", "--max-new-tokens", "16", "--out", str(tmp_path)]
+    )
     results = evaluate(args, *tiny, "smollm2-135m", tmp_path)
     assert json.loads((tmp_path / "results.json").read_text()) == results
     for split in ("valid_seen", "valid_unseen"):
@@ -26,9 +28,13 @@ def test_evaluate_writes_results_and_a_table_1_shaped_markdown(tiny, tmp_path):
 
 
 def test_table_averages_id_and_ood_per_run():
-    results = dict(name="m", splits={
-        "valid_seen": dict(success=[0.5, 0.25], invalid_rate=[0.0, 0.0], mean_steps=[3, 3], per_task_type={}),
-        "valid_unseen": dict(success=[0.0, 0.25], invalid_rate=[0.0, 0.0], mean_steps=[3, 3], per_task_type={})})
+    results = dict(
+        name="m",
+        splits={
+            "valid_seen": dict(success=[0.5, 0.25], invalid_rate=[0.0, 0.0], mean_steps=[3, 3], per_task_type={}),
+            "valid_unseen": dict(success=[0.0, 0.25], invalid_rate=[0.0, 0.0], mean_steps=[3, 3], per_task_type={}),
+        },
+    )
     # per-run AVG = (50+0)/2, (25+25)/2 = 25, 25 -> 25.0 ± 0.0
     assert table([results]).splitlines()[2] == "| m | 37.5 ± 17.7 | 12.5 ± 17.7 | 25.0 ± 0.0 |"
 
@@ -39,8 +45,14 @@ def test_models_are_named_rows():
     assert slug("RWML + Policy RL") == "rwml_policy_rl"
 
 
-TRIPLET = dict(id="g#0#0", task="put a mug in the fridge.", history=[], state="On the desk 1, you see a mug 1.",
-               action="take mug 1 from desk 1", next_state="You pick up the mug 1 from the desk 1.")
+TRIPLET = dict(
+    id="g#0#0",
+    task="put a mug in the fridge.",
+    history=[],
+    state="On the desk 1, you see a mug 1.",
+    action="take mug 1 from desk 1",
+    next_state="You pick up the mug 1 from the desk 1.",
+)
 
 
 def test_wm_evaluation_writes_scored_predictions(tiny, tmp_path):
@@ -50,13 +62,20 @@ def test_wm_evaluation_writes_scored_predictions(tiny, tmp_path):
     res = evaluate_wm(args, *tiny, "base", tmp_path / "o", Embeddings(args.embedder))
     assert res["triplets"] == 2 and res["tau"] == 0.2 and 0 <= res["reward"] <= res["format"] <= 1
     preds = [json.loads(l) for l in open(tmp_path / "o" / "wm_predictions.jsonl")]
-    assert [p["id"] for p in preds] == ["g#0#0", "g#0#1"] and all({"output", "reward", "similarity", "format"} <= p.keys() for p in preds)
+    assert [p["id"] for p in preds] == ["g#0#0", "g#0#1"] and all(
+        {"output", "reward", "similarity", "format"} <= p.keys() for p in preds
+    )
 
 
 def test_score_a_predictions_file(tmp_path, capsys):
     path = tmp_path / "p.jsonl"
-    rows = [dict(output=f"<think>take</think><next_state>{TRIPLET['next_state']}</next_state>", next_state=TRIPLET["next_state"]),
-            dict(output="no tags at all", next_state=TRIPLET["next_state"])]
+    rows = [
+        dict(
+            output=f"<think>take</think><next_state>{TRIPLET['next_state']}</next_state>",
+            next_state=TRIPLET["next_state"],
+        ),
+        dict(output="no tags at all", next_state=TRIPLET["next_state"]),
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     main(parse_args(["--score", str(path)]))
     assert json.loads(capsys.readouterr().out) == dict(reward=0.5, similarity=pytest.approx(1.0, abs=1e-5), format=0.5)

@@ -6,14 +6,25 @@ import copy
 import pytest
 import torch
 
-from grpo import (adapters_off, add_lora, chat_prompt, collate, completion_logprobs, group_advantages, grpo_loss,
-                  grpo_update, load_checkpoint, sample, save_checkpoint, set_seed)
+from grpo import (
+    adapters_off,
+    add_lora,
+    collate,
+    completion_logprobs,
+    group_advantages,
+    grpo_loss,
+    grpo_update,
+    load_checkpoint,
+    save_checkpoint,
+)
+from lm import chat_prompt, sample
+from runs import set_seed
 
 
 def test_group_advantages_by_hand():
     adv, no_signal = group_advantages([1, 0, 0, 1, 1, 1, 1, 1], group_size=4)
     # group 1: mean 0.5, unbiased std sqrt(4 * 0.25 / 3) = 0.57735; group 2: all equal -> 0, no signal
-    a = 0.5 / (3 ** -0.5 + 1e-4)
+    a = 0.5 / (3**-0.5 + 1e-4)
     assert adv[:4].tolist() == pytest.approx([a, -a, -a, a], rel=1e-5)
     assert adv[4:].tolist() == [0, 0, 0, 0] and no_signal == 1
 
@@ -37,8 +48,10 @@ def test_clipped_objective_gradient_sign_and_clipping(a):
 def test_kl_zero_and_ratio_one_when_policy_old_and_reference_coincide(tiny):
     model, tok = copy.deepcopy(tiny[0]), tiny[1]
     add_lora(model, rank=4)  # B = 0: the adapted model is the reference
-    seqs = [(tok(chat_prompt(tok, "Name a fruit."))["input_ids"], tok(" apple")["input_ids"] + [tok.eos_token_id]),
-            (tok(chat_prompt(tok, "Hi"))["input_ids"], tok(" hello there")["input_ids"])]
+    seqs = [
+        (tok(chat_prompt(tok, "Name a fruit."))["input_ids"], tok(" apple")["input_ids"] + [tok.eos_token_id]),
+        (tok(chat_prompt(tok, "Hi"))["input_ids"], tok(" hello there")["input_ids"]),
+    ]
     ids, attn, P = collate(seqs, "cpu")
     with torch.no_grad():
         logp, _ = completion_logprobs(model, ids, attn, P)
@@ -77,7 +90,7 @@ def test_grpo_on_a_verifiable_reward_raises_the_mean_reward(tiny):
     score = lambda: [float("apple" in t.lower()) for _, _, t in samples]
     samples = sample(model, tok, prompts * 2, max_new_tokens=6)
     before = sum(score()) / 32
-    for step in range(4):
+    for _ in range(4):
         samples = sample(model, tok, prompts, max_new_tokens=6)
         adv, _ = group_advantages(score(), group_size=8)
         grpo_update(model, opt, [(p, c) for p, c, _ in samples], adv, args_for(beta=0.01))
@@ -100,7 +113,8 @@ def test_checkpoint_resume_restores_step_optimizer_and_adapters(tiny, tmp_path):
     s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
     assert s1.keys() == s2.keys() and all(torch.equal(s1[k]["exp_avg"], s2[k]["exp_avg"]) for k in s1)
     # the exported folder is a plain HF model with the adapters merged in
-    from grpo import load_model
+    from lm import load_model
+
     merged, _ = load_model(str(tmp_path / "ckpt" / "model"))
     ids = torch.tensor([tok("a b c d")["input_ids"]])
     with torch.no_grad():

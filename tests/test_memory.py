@@ -11,7 +11,9 @@ import torch
 
 from bench.memory_plan import PeakMemory, measure_sampling, measure_update
 from conftest import ROOT
-from grpo import add_lora, chat_prompt, collate, completion_logprobs, count_params, memory_plan
+from grpo import add_lora, collate, completion_logprobs
+from lm import chat_prompt
+from memory import count_params, memory_plan
 
 
 def test_peak_tracker_counts_live_tensors_only():
@@ -31,9 +33,14 @@ def test_parameter_counts_match_the_model(tiny):
     assert n_lora == sum(p.numel() for p in add_lora(model, 8))
 
 
-@pytest.mark.parametrize("case", [dict(dtype="fp32", beta=0.001),  # full fine-tuning with the reference copy
-                                  dict(dtype="bf16", lora_rank=8, beta=0.001, micro_batch=3),
-                                  dict(dtype="fp32", lora_rank=8, grad_checkpointing=True, prompt_len=384)])
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(dtype="fp32", beta=0.001),  # full fine-tuning with the reference copy
+        dict(dtype="bf16", lora_rank=8, beta=0.001, micro_batch=3),
+        dict(dtype="fp32", lora_rank=8, grad_checkpointing=True, prompt_len=384),
+    ],
+)
 def test_plan_matches_measured_peak_of_an_update(case):
     measured, planned = measure_update(**case)
     assert 0.9 < planned / measured < 1.15, (planned, measured)
@@ -48,8 +55,9 @@ def test_plan_parts_follow_the_settings(tiny):
     config = tiny[0].config
     base = memory_plan(config, torch.bfloat16, micro_batch=2, seq_len=1024, completion_len=256)
     lora = memory_plan(config, torch.bfloat16, lora_rank=8, micro_batch=2, seq_len=1024, completion_len=256)
-    ckpt = memory_plan(config, torch.bfloat16, lora_rank=8, grad_checkpointing=True, micro_batch=2, seq_len=1024,
-                       completion_len=256)
+    ckpt = memory_plan(
+        config, torch.bfloat16, lora_rank=8, grad_checkpointing=True, micro_batch=2, seq_len=1024, completion_len=256
+    )
     assert lora["reference"] == 0 and base["reference"] == base["weights"]  # LoRA: the reference is adapters off
     assert lora["adam"] < base["adam"] / 10 and ckpt["activations"] < lora["activations"] / 5
     double = memory_plan(config, torch.bfloat16, micro_batch=4, seq_len=1024, completion_len=256)
@@ -62,8 +70,10 @@ def test_grad_checkpointing_gives_the_same_gradients(tiny):
     for m in model.modules():
         if hasattr(m, "B"):
             torch.nn.init.normal_(m.B, std=0.01)  # non-zero B: gradients reach A too
-    seqs = [(tok(chat_prompt(tok, "Name a fruit."))["input_ids"], tok(" apple pie")["input_ids"]),
-            (tok(chat_prompt(tok, "Name a colour, please."))["input_ids"], tok(" red")["input_ids"])]
+    seqs = [
+        (tok(chat_prompt(tok, "Name a fruit."))["input_ids"], tok(" apple pie")["input_ids"]),
+        (tok(chat_prompt(tok, "Name a colour, please."))["input_ids"], tok(" red")["input_ids"]),
+    ]
     ids, attn, P = collate(seqs, "cpu")
     grads = []
     for checkpointing in (False, True):
@@ -85,8 +95,17 @@ def run(*args):
 def triplets(tmp_path_factory):
     """A few small triplets (the plan reads only their prompt lengths)."""
     path = tmp_path_factory.mktemp("plan") / "triplets.jsonl"
-    rows = [dict(id=f"t{i}", task="put a mug in the sink", history=[], state="You are in the kitchen. " * 20,
-                 action="go to sink 1", next_state="You arrive at sink 1.") for i in range(3)]
+    rows = [
+        dict(
+            id=f"t{i}",
+            task="put a mug in the sink",
+            history=[],
+            state="You are in the kitchen. " * 20,
+            action="go to sink 1",
+            next_state="You arrive at sink 1.",
+        )
+        for i in range(3)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -107,5 +126,16 @@ def test_max_memory_shrinks_the_batches_then_refuses(triplets, tmp_path):
 
 
 def test_a_model_that_cannot_be_read_is_a_one_line_error(triplets, tmp_path):
-    r = run("train_wm.py", "--triplets", str(triplets), "--out", str(tmp_path), "--model", str(tmp_path / "nothing"), "--dry-run")
-    assert r.returncode == 1 and r.stderr.strip().splitlines() == [f"error: model folder {tmp_path / 'nothing'} does not exist"]
+    r = run(
+        "train_wm.py",
+        "--triplets",
+        str(triplets),
+        "--out",
+        str(tmp_path),
+        "--model",
+        str(tmp_path / "nothing"),
+        "--dry-run",
+    )
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        f"error: model folder {tmp_path / 'nothing'} does not exist"
+    ]

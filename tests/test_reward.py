@@ -20,9 +20,11 @@ def test_parse_next_state():
 
 
 def test_identical_next_state_scores_1_unrelated_0_missing_tags_0(embed):
-    outputs = [f"<think>opening it</think><next_state>{REAL}</next_state>",
-               "<think>?</think><next_state>The stock market closed higher on Tuesday.</next_state>",
-               REAL]  # right text but no tags
+    outputs = [
+        f"<think>opening it</think><next_state>{REAL}</next_state>",
+        "<think>?</think><next_state>The stock market closed higher on Tuesday.</next_state>",
+        REAL,
+    ]  # right text but no tags
     recs = sim_to_real(outputs, [REAL] * 3, embed, tau=0.2)
     assert [r["reward"] for r in recs] == [1.0, 0.0, 0.0]
     assert recs[0]["similarity"] == pytest.approx(1.0, abs=1e-5) and recs[1]["similarity"] < 0.3
@@ -31,7 +33,9 @@ def test_identical_next_state_scores_1_unrelated_0_missing_tags_0(embed):
 
 
 def test_threshold_is_on_the_distance(embed):
-    close = "<next_state>You open the fridge 1. The fridge 1 is open. In it, you see a apple 1 and a egg 2.</next_state>"
+    close = (
+        "<next_state>You open the fridge 1. The fridge 1 is open. In it, you see a apple 1 and a egg 2.</next_state>"
+    )
     d = 1 - sim_to_real([close], [REAL], embed, tau=0.2)[0]["similarity"]
     assert 0 < d < 0.2
     assert sim_to_real([close], [REAL], embed, tau=d + 1e-3)[0]["reward"] == 1.0
@@ -53,27 +57,43 @@ def test_rouge_is_rounded_to_fifths():
 
 
 def test_calibration_separates_near_and_random_pairs(embed):
-    triplets = [dict(game="g", action=a, next_state=s) for a, s in [
-        ("go to drawer 1", "You arrive at loc 6. The drawer 1 is closed."),
-        ("go to drawer 2", "You arrive at loc 7. The drawer 2 is closed."),
-        ("open fridge 1", REAL),
-        ("take mug 1 from desk 1", "You pick up the mug 1 from the desk 1."),
-        ("go to shelf 2", "You arrive at loc 3. On the shelf 2, you see a vase 2."),
-        ("look", "Nothing happens.")]]
+    triplets = [
+        dict(game="g", action=a, next_state=s)
+        for a, s in [
+            ("go to drawer 1", "You arrive at loc 6. The drawer 1 is closed."),
+            ("go to drawer 2", "You arrive at loc 7. The drawer 2 is closed."),
+            ("open fridge 1", REAL),
+            ("take mug 1 from desk 1", "You pick up the mug 1 from the desk 1."),
+            ("go to shelf 2", "You arrive at loc 3. On the shelf 2, you see a vase 2."),
+            ("look", "Nothing happens."),
+        ]
+    ]
     out = calibrate(triplets, embed, pairs=50)
     assert out["same template"]["quantiles"][2] < out["random"]["quantiles"][2]
 
 
 def test_wm_prompt_holds_task_history_state_and_action():
-    p = wm_prompt(dict(task="put a mug in the fridge.", history=[["You are in a room.", "go to desk 1"]],
-                       state="On the desk 1, you see a mug 1.", action="take mug 1 from desk 1"))
-    for part in ("put a mug in the fridge.", "You are in a room.", "go to desk 1", "On the desk 1, you see a mug 1.",
-                 "take mug 1 from desk 1", "<next_state>"):
+    p = wm_prompt(
+        dict(
+            task="put a mug in the fridge.",
+            history=[["You are in a room.", "go to desk 1"]],
+            state="On the desk 1, you see a mug 1.",
+            action="take mug 1 from desk 1",
+        )
+    )
+    for part in (
+        "put a mug in the fridge.",
+        "You are in a room.",
+        "go to desk 1",
+        "On the desk 1, you see a mug 1.",
+        "take mug 1 from desk 1",
+        "<next_state>",
+    ):
         assert part in p
 
 
 def test_llm_judge_reward_with_the_tiny_model_as_judge(tiny):
-    from grpo import chat_prompt, generate
+    from lm import chat_prompt, generate
 
     model, tok = tiny
     ask = lambda prompts: generate(model, tok, [chat_prompt(tok, p) for p in prompts], 16, temperature=0)
@@ -82,5 +102,6 @@ def test_llm_judge_reward_with_the_tiny_model_as_judge(tiny):
     binary = judge(outputs, [REAL, REAL], ask, binarise_at=0.5)
     assert 0 <= real[0] <= 1 and real[1] == 0.0 and binary[0] in (0.0, 1.0) and binary[1] == 0.0
     # a verdict is read from its tags; anything else is 0
-    assert judge(["<next_state>x</next_state>"] * 3, ["y"] * 3,
-                 lambda ps: ["<score>7</score>", "I'd say 9", "<score>12</score>"]) == [0.7, 0.0, 1.0]
+    assert judge(
+        ["<next_state>x</next_state>"] * 3, ["y"] * 3, lambda ps: ["<score>7</score>", "I'd say 9", "<score>12</score>"]
+    ) == [0.7, 0.0, 1.0]

@@ -5,9 +5,9 @@ import subprocess
 
 import pytest
 
-from collect import (collect, list_tasks, mask_json, parse_args, parse_reply, rollout_record, start_tau2, step_tau2,
-                     tool_call_text, triplet_records)
+from collect import collect, parse_args, rollout_record, triplet_records
 from conftest import ROOT
+from tau2_env import list_tasks, mask_json, parse_reply, start_tau2, step_tau2, tool_call_text
 
 
 def replay(name, drop_last_write=False, tok=None):
@@ -41,8 +41,10 @@ def replay(name, drop_last_write=False, tok=None):
     return ep
 
 
-TELECOM = "telecom/[mms_issue]airplane_mode_on|bad_network_preference|break_app_both_permissions|data_usage_exceeded|" \
-          "unseat_sim_card|user_abroad_roaming_disabled_on[PERSONA:Hard]"  # the user acts on the phone too
+TELECOM = (
+    "telecom/[mms_issue]airplane_mode_on|bad_network_preference|break_app_both_permissions|data_usage_exceeded|"
+    "unseat_sim_card|user_abroad_roaming_disabled_on[PERSONA:Hard]"
+)  # the user acts on the phone too
 
 
 @pytest.mark.parametrize("name", ["retail/5", "airline/8", TELECOM])
@@ -58,9 +60,15 @@ def test_the_local_user_sees_tau2s_prompt_its_phone_tools_and_their_results(tiny
     ep = replay(TELECOM, tok=tiny[1])
     first, second, last = ep.user_prompts[0], ep.user_prompts[1], ep.user_prompts[-1]
     assert "<scenario>" in first and "toggle_airplane_mode" in first  # tau2's user prompt, then the phone's tools
-    assert first.rstrip().endswith("Hi! How can I help you today?<|im_end|>\n<|im_start|>assistant")  # the agent, as "user"
-    assert '<tool_call>{"name": "toggle_airplane_mode"' in second and "Tool result: " in second  # its own call and the phone's answer
-    assert '"name": "refuel_data"' not in last and ep.turns[0]["action"].startswith('<tool_call>{"name": "refuel_data"')  # the agent's side
+    assert first.rstrip().endswith(
+        "Hi! How can I help you today?<|im_end|>\n<|im_start|>assistant"
+    )  # the agent, as "user"
+    assert (
+        '<tool_call>{"name": "toggle_airplane_mode"' in second and "Tool result: " in second
+    )  # its own call and the phone's answer
+    assert '"name": "refuel_data"' not in last and ep.turns[0]["action"].startswith(
+        '<tool_call>{"name": "refuel_data"'
+    )  # the agent's side
 
 
 def test_gold_replay_triplets_mask_tool_answers_to_their_schema():
@@ -71,42 +79,67 @@ def test_gold_replay_triplets_mask_tool_answers_to_their_schema():
     assert len(tools) == len(ep.turns) - 1 == 5  # five gold tool calls, then the message to the user
     assert [t["kind"] for t in triplets][-1] == "user" and triplets[-1]["next_state"].endswith("###STOP###")
     for t in tools:
-        assert t["action"].startswith("<tool_call>") and "The conversation so far" in t["state"] and "Policy:" in t["state"]
+        assert (
+            t["action"].startswith("<tool_call>")
+            and "The conversation so far" in t["state"]
+            and "Policy:" in t["state"]
+        )
     # a real answer (get_order_details): every leaf is a type name, every key stays
     real = next(m["content"] for m in rollout["messages"] if m.get("name") == "get_order_details")
     masked = json.loads(next(t["next_state"] for t in tools if "get_order_details" in t["action"]))
 
     def leaves(v):
-        return [x for y in v.values() for x in leaves(y)] if isinstance(v, dict) else \
-            [x for y in v for x in leaves(y)] if isinstance(v, list) else [v]
+        return (
+            [x for y in v.values() for x in leaves(y)]
+            if isinstance(v, dict)
+            else [x for y in v for x in leaves(y)]
+            if isinstance(v, list)
+            else [v]
+        )
 
     def keys(v):
-        return {k for k, y in v.items() for k in [k, *keys(y)]} if isinstance(v, dict) else \
-            {k for y in v for k in keys(y)} if isinstance(v, list) else set()
+        return (
+            {k for k, y in v.items() for k in [k, *keys(y)]}
+            if isinstance(v, dict)
+            else {k for y in v for k in keys(y)}
+            if isinstance(v, list)
+            else set()
+        )
 
     assert keys(masked) == keys(json.loads(real)) and set(leaves(masked)) <= {"str", "int", "float", "bool", "null"}
-    assert mask_json(json.dumps({"price": 342.81, "items": [{"ok": True}], "note": None})) == \
-        '{"price": "float", "items": [{"ok": "bool"}], "note": "null"}'
+    assert (
+        mask_json(json.dumps({"price": 342.81, "items": [{"ok": True}], "note": None}))
+        == '{"price": "float", "items": [{"ok": "bool"}], "note": "null"}'
+    )
     assert mask_json("yusuf_rossi_9620") == "str"  # a plain value is masked too
 
 
 def test_parse_reply_tool_calls_messages_and_invalid_calls():
     names = {"get_order_details"}
-    content, calls, valid = parse_reply('<think>look it up</think><tool_call>{"name": "get_order_details", '
-                                        '"arguments": {"order_id": "#W1"}}</tool_call>', names)
-    assert content is None and valid and calls[0].name == "get_order_details" and calls[0].arguments == {"order_id": "#W1"}
+    content, calls, valid = parse_reply(
+        '<think>look it up</think><tool_call>{"name": "get_order_details", '
+        '"arguments": {"order_id": "#W1"}}</tool_call>',
+        names,
+    )
+    assert (
+        content is None and valid and calls[0].name == "get_order_details" and calls[0].arguments == {"order_id": "#W1"}
+    )
     assert parse_reply("Sure, what is your zip code?", names) == ("Sure, what is your zip code?", None, True)
-    for bad in ['<tool_call>{"name": "get_order_details", "arguments": {"order_id": </tool_call>',   # not JSON
-                '<tool_call>{"name": "drop_database", "arguments": {}}</tool_call>',                 # unknown tool
-                '<tool_call>{"name": "get_order_details"}</tool_call>',                              # no arguments
-                '<tool_call>{"name": "get_order_details", "arguments": {"order_id": "#W1"}']:       # cut off
+    for bad in [
+        '<tool_call>{"name": "get_order_details", "arguments": {"order_id": </tool_call>',  # not JSON
+        '<tool_call>{"name": "drop_database", "arguments": {}}</tool_call>',  # unknown tool
+        '<tool_call>{"name": "get_order_details"}</tool_call>',  # no arguments
+        '<tool_call>{"name": "get_order_details", "arguments": {"order_id": "#W1"}',
+    ]:  # cut off
         content, calls, valid = parse_reply(bad, names)
         assert calls is None and not valid and content == bad  # sent to the user as text, recorded invalid
     assert parse_reply("<think>never closed", names) == ("(no message)", None, False)
 
 
 def test_unknown_domain_split_and_task_are_one_line_errors():
-    with pytest.raises(SystemExit, match=r"^error: unknown τ²-bench domain 'shop' \(choose from retail, airline, telecom, mock\)$"):
+    with pytest.raises(
+        SystemExit, match=r"^error: unknown τ²-bench domain 'shop' \(choose from retail, airline, telecom, mock\)$"
+    ):
         list_tasks(["shop"], "test")
     with pytest.raises(SystemExit, match=r"^error: τ²-bench domain retail has no split 'valid'"):
         list_tasks(["retail"], "valid")
@@ -117,26 +150,69 @@ def test_unknown_domain_split_and_task_are_one_line_errors():
 
 
 # ---- the tiny model as agent and user on tau2's small `mock` domain (short prompts: fast on CPU) ----
-ROLLOUT = {"env", "game", "split", "task_type", "task", "episode", "won", "reward", "steps", "invalid", "termination",
-           "reward_info", "turns", "messages", "policy", "epsilon", "model", "user_model", "seed"}
+ROLLOUT = {
+    "env",
+    "game",
+    "split",
+    "task_type",
+    "task",
+    "episode",
+    "won",
+    "reward",
+    "steps",
+    "invalid",
+    "termination",
+    "reward_info",
+    "turns",
+    "messages",
+    "policy",
+    "epsilon",
+    "model",
+    "user_model",
+    "seed",
+}
 TRIPLET = {"id", "env", "game", "task", "history", "state", "action", "next_state", "kind", "valid"}
 
 
 @pytest.fixture(scope="module")
 def mock_run(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("collect_tau2")
-    args = parse_args(["--env", "tau2", "--domain", "mock", "--split", "train", "--games", "2", "--episodes", "1",
-                       "--max-steps", "3", "--max-new-tokens", "24", "--out", str(out)])
+    args = parse_args(
+        [
+            "--env",
+            "tau2",
+            "--domain",
+            "mock",
+            "--split",
+            "train",
+            "--games",
+            "2",
+            "--episodes",
+            "1",
+            "--max-steps",
+            "3",
+            "--max-new-tokens",
+            "24",
+            "--out",
+            str(out),
+        ]
+    )
     return args, collect(args, *tiny), out
 
 
 def test_tiny_model_episodes_run_to_their_step_limit_and_write_schema_valid_records(mock_run):
     args, rollouts, out = mock_run
     rows = [json.loads(line) for line in open(out / "rollouts.jsonl")]
-    assert rows == rollouts and [r["game"] for r in rows] == ["mock/create_task_1", "mock/create_task_1_with_env_assertions"]
+    assert rows == rollouts and [r["game"] for r in rows] == [
+        "mock/create_task_1",
+        "mock/create_task_1_with_env_assertions",
+    ]
     for r in rows:
         assert set(r) == ROLLOUT and r["termination"] == "max_steps" and r["steps"] == 3 and r["reward"] == 0.0
-        assert [m["role"] for m in r["messages"]] [:2] == ["assistant", "user"]  # tau2's greeting, then the user simulator
+        assert [m["role"] for m in r["messages"]][:2] == [
+            "assistant",
+            "user",
+        ]  # tau2's greeting, then the user simulator
         assert r["user_model"] == "local" and all({"output", "action", "valid"} == set(t) for t in r["turns"])
     triplets = [json.loads(line) for line in open(out / "triplets.jsonl")]
     assert len(triplets) == 6 and len({t["id"] for t in triplets}) == 6  # 3 agent messages each, every one answered
@@ -144,8 +220,25 @@ def test_tiny_model_episodes_run_to_their_step_limit_and_write_schema_valid_reco
         assert set(t) == TRIPLET and t["env"] == "tau2" and t["kind"] in ("user", "tool") and t["next_state"]
         assert t["state"].startswith("Policy:") and "create_task" in t["state"]  # the mock domain's policy and tools
     assert (out / "metrics.png").exists()
-    again = collect(parse_args(["--env", "tau2", "--domain", "mock", "--split", "train", "--games", "2", "--episodes", "1",
-                                "--out", str(out), "--resume"]))  # nothing left to play: no model is even loaded
+    again = collect(
+        parse_args(
+            [
+                "--env",
+                "tau2",
+                "--domain",
+                "mock",
+                "--split",
+                "train",
+                "--games",
+                "2",
+                "--episodes",
+                "1",
+                "--out",
+                str(out),
+                "--resume",
+            ]
+        )
+    )  # nothing left to play: no model is even loaded
     assert again == rollouts and len(open(out / "triplets.jsonl").readlines()) == 6
 
 
@@ -153,9 +246,26 @@ def test_rwml_trains_on_tau2_triplets(mock_run, tmp_path):
     import train_wm
 
     _, _, out = mock_run
-    args = train_wm.parse_args(["--triplets", str(out / "triplets.jsonl"), "--out", str(tmp_path), "--batch-size", "2",
-                                "--group-size", "2", "--max-new-tokens", "16", "--max-steps", "1", "--val-size", "1",
-                                "--lora-rank", "4"])
+    args = train_wm.parse_args(
+        [
+            "--triplets",
+            str(out / "triplets.jsonl"),
+            "--out",
+            str(tmp_path),
+            "--batch-size",
+            "2",
+            "--group-size",
+            "2",
+            "--max-new-tokens",
+            "16",
+            "--max-steps",
+            "1",
+            "--val-size",
+            "1",
+            "--lora-rank",
+            "4",
+        ]
+    )
     rows = train_wm.main(args)
     assert args.tau == 0.4  # the paper's tau_d for τ²-bench
     assert [r["step"] for r in rows] == [0, 1] and 0 <= rows[1]["train/reward"] <= 1
@@ -166,30 +276,103 @@ def test_policy_rl_and_evaluation_on_tau2(tiny, tmp_path):
     import evaluate
     import train_policy
 
-    args = train_policy.parse_args(["--env", "tau2", "--domain", "mock", "--games", "1", "--games-per-step", "1",
-                                    "--group-size", "2", "--updates", "1", "--max-steps", "2", "--max-new-tokens", "16",
-                                    "--lora-rank", "4", "--out", str(tmp_path / "policy")])
+    args = train_policy.parse_args(
+        [
+            "--env",
+            "tau2",
+            "--domain",
+            "mock",
+            "--games",
+            "1",
+            "--games-per-step",
+            "1",
+            "--group-size",
+            "2",
+            "--updates",
+            "1",
+            "--max-steps",
+            "2",
+            "--max-new-tokens",
+            "16",
+            "--lora-rank",
+            "4",
+            "--out",
+            str(tmp_path / "policy"),
+        ]
+    )
     rows = train_policy.main(args)
     rollouts = [json.loads(line) for line in open(tmp_path / "policy" / "rollouts.jsonl")]
-    assert len(rollouts) == 2 and {r["game"] for r in rollouts} == {"mock/create_task_1"} and all(r["step"] == 1 for r in rollouts)
-    assert rows[0]["groups"] == 1 and rows[0]["success"] == 0.0 and rows[0]["no_signal_groups"] == 1 and not rows[0]["updated"]
-    ev = evaluate.parse_args(["--env", "tau2", "--domain", "mock", "--games", "1", "--runs", "1", "--max-steps", "2",
-                              "--max-new-tokens", "16", "--out", str(tmp_path / "eval")])
+    assert (
+        len(rollouts) == 2
+        and {r["game"] for r in rollouts} == {"mock/create_task_1"}
+        and all(r["step"] == 1 for r in rollouts)
+    )
+    assert (
+        rows[0]["groups"] == 1
+        and rows[0]["success"] == 0.0
+        and rows[0]["no_signal_groups"] == 1
+        and not rows[0]["updated"]
+    )
+    ev = evaluate.parse_args(
+        [
+            "--env",
+            "tau2",
+            "--domain",
+            "mock",
+            "--games",
+            "1",
+            "--runs",
+            "1",
+            "--max-steps",
+            "2",
+            "--max-new-tokens",
+            "16",
+            "--out",
+            str(tmp_path / "eval"),
+        ]
+    )
     results = evaluate.evaluate(ev, *tiny, "base", tmp_path / "eval")
     assert list(results["splits"]) == ["mock"] and results["splits"]["mock"]["games"] == 1
     md = evaluate.table([results, dict(results, name="again")]).splitlines()
     assert md[:4] == ["| Method | Mock |", "|---|---|", "| base | 0.0 ± 0.0 |", "| again | 0.0 ± 0.0 |"]
-    assert md[5:8] == ["| Method | Split | Invalid tool calls (%) | Mean steps |", "|---|---|---|---|", "| base | mock | 0.0 ± 0.0 | 2.0 |"]
+    assert md[5:8] == [
+        "| Method | Split | Invalid tool calls (%) | Mean steps |",
+        "|---|---|---|---|",
+        "| base | mock | 0.0 ± 0.0 | 2.0 |",
+    ]
 
 
 def test_make_pipeline_env_tau2_runs_every_stage_on_tau2():
     """The Makefile's τ² plumbing (the stages themselves run above and in the ALFWorld pipeline test)."""
-    r = subprocess.run(["make", "-n", "pipeline", "ENV=tau2", "BUDGET=paper", "MODEL=Qwen/Qwen3-8B", "USER_MODEL=gpt-4.1"],
-                       cwd=ROOT, capture_output=True, text=True, check=True)
+    r = subprocess.run(
+        [
+            "make",
+            "-n",
+            "pipeline",
+            "PYTHON=python",
+            "ENV=tau2",
+            "BUDGET=paper",
+            "MODEL=Qwen/Qwen3-8B",
+            "USER_MODEL=gpt-4.1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     steps = [line for line in r.stdout.splitlines() if line.startswith("python ") and ".py" in line]
     env = "--env tau2 --domain retail telecom airline --user-model gpt-4.1"
-    assert [s.split()[1] for s in steps] == ["collect.py", "train_wm.py", "train_wm.py", "train_wm.py", "train_policy.py",
-                                            "train_policy.py", "train_policy.py", "evaluate.py", "evaluate.py"]  # no ALFWorld calibration
+    assert [s.split()[1] for s in steps] == [
+        "collect.py",
+        "train_wm.py",
+        "train_wm.py",
+        "train_wm.py",
+        "train_policy.py",
+        "train_policy.py",
+        "train_policy.py",
+        "evaluate.py",
+        "evaluate.py",
+    ]  # no ALFWorld calibration
     assert all(env in s for s in steps if s.split()[1] in ("collect.py", "train_policy.py")) and env in steps[-1]
     assert "--mode rwml" in steps[2] and "--group-size 16" in steps[2]  # the paper's RWML group on τ²
     assert "runs/pipeline_tau2/eval" in steps[-1]

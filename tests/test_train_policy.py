@@ -2,14 +2,18 @@
 
 import copy
 import subprocess
+import sys
 
 import pytest
 import torch
 
 import train_policy
-from collect import act, list_games, make_env, parse_action, play, start, task_type, turn_prompt
+from alfworld_env import list_games, make_env, task_type
+from collect import act, parse_action, play, play_settings, start, turn_prompt
 from conftest import ROOT
-from grpo import add_lora, collate, completion_logprobs, load_model, read_jsonl
+from grpo import add_lora, collate, completion_logprobs
+from lm import load_model
+from runs import read_jsonl
 
 G = 4
 
@@ -36,12 +40,19 @@ def group(tiny):
     won = start(game, "train", 0, seed=0, max_steps=50)
     for cmd in expert_plan(game):
         output = f"<think>The next step of my plan.</think><action>{cmd}</action>"
-        ids = (tok(turn_prompt(tok, won, 2), add_special_tokens=False)["input_ids"], tok(output, add_special_tokens=False)["input_ids"])
+        ids = (
+            tok(turn_prompt(tok, won, 2), add_special_tokens=False)["input_ids"],
+            tok(output, add_special_tokens=False)["input_ids"],
+        )
         act(won, output, parse_action(output), "model", ids)
     won.env.close()
     assert won.won and all(t["valid"] for t in won.turns)
-    args = train_policy.parse_args(["--max-steps", "3", "--max-new-tokens", "16", "--group-size", str(G), "--games-per-step", "1"])
-    lost = sorted(play([(game, "train", i) for i in range(1, G)], model, tok, args), key=lambda ep: ep.index)
+    args = train_policy.parse_args(
+        ["--max-steps", "3", "--max-new-tokens", "16", "--group-size", str(G), "--games-per-step", "1"]
+    )
+    lost = sorted(
+        play([(game, "train", i) for i in range(1, G)], model, tok, play_settings(args)), key=lambda ep: ep.index
+    )
     return [won] + lost
 
 
@@ -60,7 +71,9 @@ def test_every_turn_gets_its_episodes_advantage(group):
     n_won, n_lost = len(won.turns), sum(len(ep.turns) for ep in lost)
     assert no_signal == 0 and len(seqs) == len(adv) == n_won + n_lost
     # rewards 1, 0, 0, 0: mean 0.25, unbiased std 0.5 -> A = +1.5 for the won episode, -0.5 for each lost one
-    assert adv[:n_won] == pytest.approx([1.5] * n_won, abs=1e-3) and adv[n_won:] == pytest.approx([-0.5] * n_lost, abs=1e-3)
+    assert adv[:n_won] == pytest.approx([1.5] * n_won, abs=1e-3) and adv[n_won:] == pytest.approx(
+        [-0.5] * n_lost, abs=1e-3
+    )
     assert seqs[:n_won] == won.seqs and seqs[n_won:] == [s for ep in lost for s in ep.seqs]
 
 
@@ -88,10 +101,26 @@ def test_one_update_makes_the_won_turns_likelier_and_the_lost_ones_less_likely(t
 
 
 def test_train_policy_skips_steps_without_signal_checkpoints_and_resumes(tmp_path):
-    common = ["--games", "1", "--games-per-step", "1", "--group-size", "2", "--max-steps", "2", "--max-new-tokens", "8",
-              "--lora-rank", "4", "--out", str(tmp_path)]
+    common = [
+        "--games",
+        "1",
+        "--games-per-step",
+        "1",
+        "--group-size",
+        "2",
+        "--max-steps",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--lora-rank",
+        "4",
+        "--out",
+        str(tmp_path),
+    ]
     rows = train_policy.main(train_policy.parse_args(common + ["--updates", "1"]))
-    assert len(rows) == 1 and rows[0] == dict(rows[0], step=1, success=0.0, groups=1, no_signal_groups=1, trained_turns=0, updated=False)
+    assert len(rows) == 1 and rows[0] == dict(
+        rows[0], step=1, success=0.0, groups=1, no_signal_groups=1, trained_turns=0, updated=False
+    )
     # no update happened: the checkpoint's merged weights are the starting model's
     start, saved = load_model("smollm2-135m")[0], load_model(str(tmp_path / "checkpoint" / "model"))[0]
     assert all(torch.equal(a, b) for a, b in zip(start.state_dict().values(), saved.state_dict().values()))
@@ -103,18 +132,49 @@ def test_train_policy_skips_steps_without_signal_checkpoints_and_resumes(tmp_pat
 
 
 def test_the_pipeline_runs_end_to_end_and_prints_table_1(tmp_path):
-    budget = dict(COLLECT="--policy random --games 1 --episodes 1 --max-steps 3", FILTER="--filter-k 1 --max-new-tokens 8",
-                  WM="--lora-rank 4 --batch-size 2 --max-new-tokens 8 --val-size 1 --eval-every 1",
-                  RWML="--group-size 2 --max-steps 1", SFT="--max-steps 1",
-                  POLICY="--lora-rank 4 --games 1 --games-per-step 1 --group-size 2 --updates 1 --max-steps 2 --max-new-tokens 8",
-                  WM_EVAL="--max-new-tokens 8 --val-size 1", EVAL="--games 1 --runs 1 --max-steps 2 --max-new-tokens 8")
-    r = subprocess.run(["make", "-o", "install", "pipeline", f"OUT={tmp_path}", *(f"{k}={v}" for k, v in budget.items())],
-                       cwd=ROOT, capture_output=True, text=True)
+    budget = dict(
+        COLLECT="--policy random --games 1 --episodes 1 --max-steps 3",
+        FILTER="--filter-k 1 --max-new-tokens 8",
+        WM="--lora-rank 4 --batch-size 2 --max-new-tokens 8 --val-size 1 --eval-every 1",
+        RWML="--group-size 2 --max-steps 1",
+        SFT="--max-steps 1",
+        POLICY="--lora-rank 4 --games 1 --games-per-step 1 --group-size 2 --updates 1 --max-steps 2 --max-new-tokens 8",
+        WM_EVAL="--max-new-tokens 8 --val-size 1",
+        EVAL="--games 1 --runs 1 --max-steps 2 --max-new-tokens 8",
+    )
+    r = subprocess.run(
+        [
+            "make",
+            "-o",
+            "install",
+            "pipeline",
+            f"OUT={tmp_path}",
+            f"PYTHON={sys.executable}",
+            *(f"{k}={v}" for k, v in budget.items()),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     rows = (tmp_path / "eval" / "table.md").read_text().splitlines()
     assert rows[0] == "| Method | ID (valid_seen) | OOD (valid_unseen) | AVG |"
-    assert [row.split(" | ")[0] for row in rows[2:8]] == ["| Base", "| WM SFT", "| RWML", "| Policy RL", "| WM SFT + Policy RL",
-                                                          "| RWML + Policy RL"]
+    assert [row.split(" | ")[0] for row in rows[2:8]] == [
+        "| Base",
+        "| WM SFT",
+        "| RWML",
+        "| Policy RL",
+        "| WM SFT + Policy RL",
+        "| RWML + Policy RL",
+    ]
     assert rows[0] in r.stdout and (tmp_path / "wm_eval" / "wm_table.md").exists()
-    for stage in ("collect", "rwml", "wm_sft", "policy_rl", "wm_sft_policy_rl", "rwml_policy_rl", "eval/rwml_policy_rl"):
+    for stage in (
+        "collect",
+        "rwml",
+        "wm_sft",
+        "policy_rl",
+        "wm_sft_policy_rl",
+        "rwml_policy_rl",
+        "eval/rwml_policy_rl",
+    ):
         assert (tmp_path / stage / "metrics.png").exists(), stage

@@ -8,22 +8,43 @@ import torch
 
 import train_wm
 from conftest import ROOT
-from grpo import chat_prompt, read_jsonl
+from lm import chat_prompt
 from reward import wm_prompt
+from runs import read_jsonl
 
 
 def wm_args(triplets, out, *extra):
-    return train_wm.parse_args(["--triplets", str(triplets), "--out", str(out), "--batch-size", "2", "--group-size", "2",
-                                "--max-new-tokens", "12", "--eval-every", "1", "--lora-rank", "4",
-                                "--lr", "1e-4", *extra])
+    return train_wm.parse_args(
+        [
+            "--triplets",
+            str(triplets),
+            "--out",
+            str(out),
+            "--batch-size",
+            "2",
+            "--group-size",
+            "2",
+            "--max-new-tokens",
+            "12",
+            "--eval-every",
+            "1",
+            "--lora-rank",
+            "4",
+            "--lr",
+            "1e-4",
+            *extra,
+        ]
+    )
 
 
 def test_sft_lowers_the_loss_on_its_batch(tiny, triplets):
     model, tok = copy.deepcopy(tiny[0]), tiny[1]
     args = wm_args(triplets, "/unused")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    seqs = [(tok(chat_prompt(tok, wm_prompt(t)), add_special_tokens=False)["input_ids"], train_wm.sft_target(tok, t))
-            for t in read_jsonl(triplets)[:2]]
+    seqs = [
+        (tok(chat_prompt(tok, wm_prompt(t)), add_special_tokens=False)["input_ids"], train_wm.sft_target(tok, t))
+        for t in read_jsonl(triplets)[:2]
+    ]
     losses = [train_wm.sft_update(model, opt, seqs, args)["loss"] for _ in range(3)]
     assert losses[2] < losses[1] < losses[0]
 
@@ -31,8 +52,18 @@ def test_sft_lowers_the_loss_on_its_batch(tiny, triplets):
 def test_rwml_runs_checkpoints_and_resumes_without_duplicate_steps(triplets, tmp_path):
     rows = train_wm.main(wm_args(triplets, tmp_path, "--max-steps", "2", "--save-every", "1"))
     assert [r["step"] for r in rows] == [0, 1, 2]
-    for k in ("train/reward", "train/similarity", "train/kl", "train/clipfrac", "train/entropy", "train/no_signal_groups",
-              "train/completion_len", "heldout/reward", "heldout/similarity", "seconds"):
+    for k in (
+        "train/reward",
+        "train/similarity",
+        "train/kl",
+        "train/clipfrac",
+        "train/entropy",
+        "train/no_signal_groups",
+        "train/completion_len",
+        "heldout/reward",
+        "heldout/similarity",
+        "seconds",
+    ):
         assert k in rows[1], k
     assert (tmp_path / "metrics.png").exists() and (tmp_path / "checkpoint" / "model" / "config.json").exists()
     held = read_jsonl(tmp_path / "heldout.jsonl")
@@ -44,7 +75,9 @@ def test_rwml_runs_checkpoints_and_resumes_without_duplicate_steps(triplets, tmp
 
 def test_filter_keeps_hard_triplets_and_a_tenth_of_easy_ones(triplets, tmp_path):
     n = len(read_jsonl(triplets))
-    stats = train_wm.main(wm_args(triplets, tmp_path / "none", "--mode", "filter", "--filter-k", "2", "--tau-easy", "1.5"))
+    stats = train_wm.main(
+        wm_args(triplets, tmp_path / "none", "--mode", "filter", "--filter-k", "2", "--tau-easy", "1.5")
+    )
     assert stats == dict(stats, triplets=n, easy_fraction=0.0, kept=n)  # nothing is easy: all kept
     stats = train_wm.main(wm_args(triplets, tmp_path / "all", "--mode", "filter", "--filter-k", "2", "--tau-easy", "0"))
     assert stats["easy_fraction"] == 1.0 and stats["kept"] < n / 2  # everything easy: ~10% kept
@@ -54,7 +87,16 @@ def test_filter_keeps_hard_triplets_and_a_tenth_of_easy_ones(triplets, tmp_path)
 
 def test_a_malformed_triplets_file_is_a_one_line_error(tmp_path):
     bad = tmp_path / "t.jsonl"
-    bad.write_text('{"id": "a", "task": "t", "history": [], "state": "s", "action": "a", "next_state": "n"}\n{"id": "b",\n')
-    r = subprocess.run([sys.executable, str(ROOT / "train_wm.py"), "--triplets", str(bad), "--out", str(tmp_path / "o")],
-                       capture_output=True, text=True)
-    assert r.returncode == 1 and r.stderr.strip() == f"error: {bad}:2: malformed JSON line (Expecting property name enclosed in double quotes)"
+    bad.write_text(
+        '{"id": "a", "task": "t", "history": [], "state": "s", "action": "a", "next_state": "n"}\n{"id": "b",\n'
+    )
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "train_wm.py"), "--triplets", str(bad), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        r.returncode == 1
+        and r.stderr.strip()
+        == f"error: {bad}:2: malformed JSON line (Expecting property name enclosed in double quotes)"
+    )

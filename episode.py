@@ -1,0 +1,34 @@
+"""One episode being played: the record that ALFWorld's loop (collect.py) and τ²-bench's (tau2_env.py) fill
+turn by turn, and the statistics of finished episodes that every stage logs."""
+
+import random
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Episode:
+    game: str
+    split: str
+    index: int  # episode number of this game
+    rng: random.Random
+    env: object = None
+    task: str = ""
+    observation: str = ""
+    admissible: list = field(default_factory=list)
+    turns: list = field(default_factory=list)
+    seqs: list = field(
+        default_factory=list
+    )  # per turn: (prompt_ids, completion_ids) the model wrote, None for a random turn
+    won: bool = False
+    done: bool = False
+
+
+def summary(rollouts):
+    """Success rate, invalid-action rate (per turn) and mean episode length of rollout records."""
+    n = max(1, len(rollouts))
+    turns = max(1, sum(r["steps"] for r in rollouts))
+    return dict(
+        success=sum(r["won"] for r in rollouts) / n,
+        invalid_rate=sum(r["invalid"] for r in rollouts) / turns,
+        mean_steps=sum(r["steps"] for r in rollouts) / n,
+    )

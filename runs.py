@@ -1,0 +1,124 @@
+"""What a run writes and reads back: seeds, JSONL records (one object a line, whole lines only), the
+records a resumed run keeps, and the metric curves every stage draws from its metrics.jsonl."""
+
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from checks import fail, json_line
+from distributed import rank_world
+
+
+def set_seed(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def read_jsonl(path, required=()):
+    """All records of a JSONL file; a malformed line or a missing field is a one-line error."""
+    path = Path(path)
+    if not path.exists():
+        fail(f"{path} does not exist")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                fail(f"{path}:{lineno}: malformed JSON line ({e.msg})")
+            if not isinstance(row, dict):
+                fail(f"{path}:{lineno}: expected a JSON object")
+            missing = [k for k in required if k not in row]
+            if missing:
+                fail(f"{path}:{lineno}: missing field {missing[0]!r}")
+            rows.append(row)
+    return rows
+
+
+def drop_partial_line(path):
+    """Cut an unterminated last line (a run killed mid-write) so appending continues cleanly."""
+    path = Path(path)
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+def append_jsonl(f, rows):
+    """Write whole lines in one call and flush, so a kill never leaves half a record behind."""
+    f.write("".join(json_line(r) for r in rows))  # NaN / Infinity written as null: strict JSON
+    f.flush()
+
+
+def write_jsonl(path, rows):
+    """Replace a JSONL file whole (written aside, then renamed)."""
+    tmp = Path(f"{path}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        append_jsonl(f, rows)
+    os.replace(tmp, path)
+
+
+def resume_jsonl(path, resume, keep=lambda row: True, required=()):
+    """The records a resumed run keeps of `path` (those `keep` accepts), the file rewritten to hold just them,
+    after dropping an unterminated last line; without `resume` the file is removed and nothing is kept."""
+    path = Path(path)
+    if not resume:
+        path.unlink(missing_ok=True)
+        return []
+    if not path.exists():
+        return []
+    drop_partial_line(path)
+    rows = [r for r in read_jsonl(path, required) if keep(r)]
+    write_jsonl(path, rows)
+    return rows
+
+
+def open_step_log(path, resume, step):
+    """A JSONL file of per-step lines (field `step`) opened for appending; on resume only the lines up to
+    the checkpoint's step are kept, so replayed steps are not written twice. Under torchrun rank 0 writes."""
+    if rank_world()[0] > 0:
+        return open(os.devnull, "w")
+    resume_jsonl(path, resume, keep=lambda m: m["step"] <= step)
+    return open(path, "a", encoding="utf-8")
+
+
+def plot_metrics(jsonl_path, png_path=None, x="step"):
+    """Turn a metrics JSONL into one PNG with a panel per numeric metric (x: `x`, else line index)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_jsonl(jsonl_path)
+    keys = [
+        k
+        for k in dict.fromkeys(k for r in rows for k in r)
+        if k != x and any(isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool) for r in rows)
+    ]
+    png_path = Path(png_path or Path(jsonl_path).with_suffix(".png"))
+    if not keys:
+        return None
+    cols = min(3, len(keys))
+    fig, axes = plt.subplots(
+        (len(keys) + cols - 1) // cols, cols, figsize=(4 * cols, 3 * ((len(keys) + cols - 1) // cols)), squeeze=False
+    )
+    for ax, k in zip(axes.flat, keys):
+        pts = [(r.get(x, i), r[k]) for i, r in enumerate(rows) if isinstance(r.get(k), (int, float))]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 50 else None)
+        ax.set_title(k, fontsize=9)
+        ax.set_xlabel(x if any(x in r for r in rows) else "record")
+    for ax in list(axes.flat)[len(keys) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return png_path
