@@ -171,7 +171,8 @@ def grpo_update(model, optimizer, seqs, adv, args, ref_model=None):
     adv = torch.as_tensor(adv, dtype=torch.float32)
     lengths = torch.tensor([max(1, len(c)) for _, c in seqs], dtype=torch.float32)
     tokens, n_seqs = all_sum([lengths.sum().item(), len(seqs)])  # over all ranks
-    # the loss normaliser of each sequence (token mean, or sequence mean); x world: DDP averages the ranks' gradients
+    # Eq. loss normalisation: token mean (every completion token of the batch weighs the same) or sequence mean;
+    # / world because DDP averages the ranks' gradients
     norm = torch.full_like(lengths, tokens / world) if args.token_mean else lengths * n_seqs / world
     old, ref = {}, {}
     stats = dict(loss=0.0, kl=0.0, clipfrac=0.0, entropy=0.0)
@@ -179,10 +180,9 @@ def grpo_update(model, optimizer, seqs, adv, args, ref_model=None):
     model.train()
     for epoch in range(args.ppo_epochs):
         epoch_loss = 0.0
-        reference = ref_model if epoch == 0 and args.beta > 0 else None  # (its pass runs in zero passes too, see there)
-        for k, idx in enumerate(
-            micro_batches(model, len(seqs), args.micro_batch, lambda: zero_pass(net, seqs, device, reference))
-        ):
+        # under torchrun, a rank with fewer micro-batches runs zero passes (a sharded reference's pass too)
+        idle = lambda: zero_pass(net, seqs, device, ref_model if epoch == 0 and args.beta > 0 else None)
+        for k, idx in enumerate(micro_batches(model, len(seqs), args.micro_batch, idle)):
             ids, attn, P = collate([seqs[i] for i in idx], device)
             mask = attn[:, P:].float()
             logp, entropy = completion_logprobs(net, ids, attn, P, with_entropy=epoch == 0)
