@@ -101,7 +101,7 @@ def parse_args(argv=None):
 def add_play_args(p, max_steps, temperature, batch_games):
     """The flags of how episodes are played (the fields of `Play`), shared by collect.py, train_policy.py and
     evaluate.py with their own defaults."""
-    p.add_argument("--env", default="alfworld", choices=["alfworld", "tau2"], help="environment: ALFWorld or τ²-bench")
+    p.add_argument("--env", default="alfworld", choices=["alfworld", "tau2"], help="ALFWorld or τ²-bench")
     p.add_argument(
         "--max-steps",
         type=at_least(),
@@ -169,13 +169,16 @@ def play_settings(args, **override):
 # ---------------------------------------------------------------------------------------------
 AGENT_PROMPT = """You are an expert agent operating in the ALFRED Embodied Environment.
 Your task is to: {task}
-Prior to this step, you have already taken {step} step(s). Below are the most recent {h} observations and the corresponding actions you took:
+Prior to this step, you have already taken {step} step(s). Below are the most recent {h} observations and the \
+corresponding actions you took:
 {history}
 You are now at step {next_step} and your current observation is: {observation}
 Your admissible actions of the current situation are: [{admissible}].
 
-Now it's your turn to take an action. You should first reason step-by-step about the current situation. This reasoning process MUST be enclosed within <think> </think> tags.
-Once you've finished your reasoning, you should choose an admissible action for the current step and present it within <action> </action> tags."""  # noqa: E501 (the paper's prompt, verbatim)
+Now it's your turn to take an action. You should first reason step-by-step about the current situation. This \
+reasoning process MUST be enclosed within <think> </think> tags.
+Once you've finished your reasoning, you should choose an admissible action for the current step and present \
+it within <action> </action> tags."""
 
 
 def format_history(history):

@@ -39,14 +39,16 @@ First reason step by step about the consequences of this action inside <think> <
 Then write the environment's next observation inside <next_state> </next_state> tags."""
 
 
-WM_PROMPT_TAU2 = """You are a world model of a customer-service environment: an agent helps a user by talking to them and by calling tools on the company's database.
-Predict what the agent receives after its next message: the user's reply to a message, or the tool's answer to a tool call, written as JSON in which every value is replaced by its type (str, int, float, bool, null).
+WM_PROMPT_TAU2 = """You are a world model of a customer-service environment: an agent helps a user by talking \
+to them and by calling tools on the company's database.
+Predict what the agent receives after its next message: the user's reply to a message, or the tool's answer \
+to a tool call, written as JSON in which every value is replaced by its type (str, int, float, bool, null).
 {state}
 
 The agent's next message: {action}
 
 First reason step by step about the consequences of this message inside <think> </think> tags.
-Then write the next message the agent receives inside <next_state> </next_state> tags."""  # noqa: E501
+Then write the next message the agent receives inside <next_state> </next_state> tags."""
 
 
 def wm_prompt(triplet):
@@ -157,7 +159,8 @@ def rouge_reward(prediction, reference):
 JUDGE_PROMPT = """You compare a predicted next state of an environment with the real one.
 Real next state: {real}
 Predicted next state: {pred}
-How well does the prediction match the real next state in meaning? Answer with one number from 0 to 10 inside <score></score> tags."""  # noqa: E501
+How well does the prediction match the real next state in meaning? Answer with one number from 0 to 10 inside \
+<score></score> tags."""
 
 
 def judge(outputs, next_states, ask, binarise_at=None):

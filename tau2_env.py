@@ -87,12 +87,13 @@ TAU2_CONTEXT = """Policy:
 Tools (JSON schemas):
 {tools}"""
 
-TAU2_AGENT_PROMPT = """You are a customer service agent. Help the user by following the policy, and use the tools to read and change the company's database.
+TAU2_AGENT_PROMPT = """You are a customer service agent. Help the user by following the policy, and use the \
+tools to read and change the company's database.
 {context}
 
 Each of your messages either talks to the user or calls one tool, never both. To call a tool, write only
 <tool_call>{{"name": "<tool name>", "arguments": {{<arguments as JSON>}}}}</tool_call>
-Otherwise write your message to the user."""  # noqa: E501
+Otherwise write your message to the user."""
 
 
 def tool_call_text(call):
