@@ -8,6 +8,7 @@ GGUF) and batched sampling. Every stage generates through `sample`.
 
 import glob
 import importlib.util
+import inspect
 import os
 import shutil
 import tempfile
@@ -114,6 +115,15 @@ def load_model(name=TINY_MODEL, device=None, dtype="auto"):
     return model, tok
 
 
+def checkpoint_activations(model):
+    """Gradient (activation) checkpointing, non-reentrant, under the name the installed transformers has
+    (`activation_checkpointing_enable`; before 5.2x `gradient_checkpointing_enable`, as on the GPU machines)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=dict(use_reentrant=False))
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(use_reentrant=False))
+
+
 # ---------------------------------------------------------------------------------------------
 # Batched sampling: one `generate` call for all prompts
 # ---------------------------------------------------------------------------------------------
@@ -129,27 +139,33 @@ def chat_prompt(tok, user, system=None):
 
 
 @torch.no_grad()
-def sample(model, tok, prompts, max_new_tokens=256, temperature=1.0, stop=None, batch_size=None):
-    """Sample one completion per prompt, all prompts in one left-padded batch (or in chunks of batch_size).
+def sample(model, tok, prompts, max_new_tokens=256, temperature=1.0, stop=None, batch_size=None, n=1, share=True):
+    """Sample one completion per prompt (`n` per prompt: each prompt repeated n times in a row), all in one
+    left-padded batch, or in chunks of `batch_size` rows.
 
     `prompts` are chat-rendered strings (see `chat_prompt`); temperature 0 is greedy; `stop` lists
     strings that end a completion early (e.g. "</action>"). Returns [(prompt_ids, completion_ids, text)],
     the completion cut after its end-of-sequence token (kept, so training learns to stop).
+    A prompt that occurs several times in a chunk (GRPO's group of G) is prefilled once (`share=False`:
+    each copy on its own, the plain path that bench/sample_throughput.py compares against).
     """
+    prompts = [p for p in prompts for _ in range(n)]
     if batch_size and len(prompts) > batch_size:
         return [
             r
             for i in range(0, len(prompts), batch_size)
-            for r in sample(model, tok, prompts[i : i + batch_size], max_new_tokens, temperature, stop)
+            for r in sample(model, tok, prompts[i : i + batch_size], max_new_tokens, temperature, stop, share=share)
         ]
     if not prompts:
         return []
     batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    cache = shared_prefill(model, prompts, batch) if share else None
     sampling = (
         dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature > 0 else dict(do_sample=False)
     )
     out = model.generate(
         **batch,
+        **{cache_arg(model): cache},
         max_new_tokens=max_new_tokens,
         stop_strings=stop,
         tokenizer=tok if stop else None,
@@ -168,6 +184,31 @@ def sample(model, tok, prompts, max_new_tokens=256, temperature=1.0, stop=None, 
     return results
 
 
-def generate(model, tok, prompts, max_new_tokens=256, temperature=1.0, stop=None, batch_size=None):
+def cache_arg(model):
+    """The name of the KV cache argument and output: `cache` (transformers >= 5.2x), else `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def shared_prefill(model, prompts, batch):
+    """The KV cache of every row's prompt but its last token, computed once per distinct prompt and copied to
+    its rows; `generate` then runs the last prompt token and the decoding of all rows together. None when no
+    prompt repeats. Left padding ends every row at the same column, so the distinct rows' cache lines up with
+    the full batch's, and the positions are those `generate` gives each row (its attention mask's cumsum).
+    """
+    first = {}  # distinct prompt -> its first row
+    for i, p in enumerate(prompts):
+        first.setdefault(p, i)
+    if len(first) == len(prompts) or batch["input_ids"].shape[1] < 2:
+        return None
+    rows = torch.tensor(list(first.values()), device=model.device)
+    ids, mask = batch["input_ids"][rows, :-1], batch["attention_mask"][rows, :-1]
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    cache = getattr(model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True), cache_arg(model))
+    slot = {p: k for k, p in enumerate(first)}
+    cache.reorder_cache(torch.tensor([slot[p] for p in prompts], device=model.device))  # row i <- its prompt
+    return cache
+
+
+def generate(model, tok, prompts, max_new_tokens=256, temperature=1.0, stop=None, batch_size=None, n=1):
     """The completion texts of `sample`."""
-    return [text for _, _, text in sample(model, tok, prompts, max_new_tokens, temperature, stop, batch_size)]
+    return [text for _, _, text in sample(model, tok, prompts, max_new_tokens, temperature, stop, batch_size, n)]

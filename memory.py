@@ -37,11 +37,13 @@ def memory_plan(
     gen_batch=64,
     prompt_len=None,
     shards=1,
+    distinct=None,
 ):
     """Bytes of each part of a training run on one device, and its peak. The update's micro-batch holds
     `seq_len` tokens a sequence, `completion_len` of them scored; sampling runs `gen_batch` prompts of
-    `prompt_len` tokens at once. Gradients live from the first backward to the optimizer step and are
-    freed before sampling, so:
+    `prompt_len` tokens at once, `distinct` of them different (default: all; lm.sample prefills each
+    distinct prompt once, so a group of G copies costs one prefill). Gradients live from the first backward
+    to the optimizer step and are freed before sampling, so:
         peak = weights + reference + AdamW moments + max(gradients + activations + logits, KV cache + prefill)
     With FSDP over `shards` ranks, weights, gradients, moments and the reference are split, and sampling
     holds the whole weights (`full_weights`), so the peak is instead
@@ -76,7 +78,7 @@ def memory_plan(
         activations=activations,
         logits=micro_batch * (completion_len + 1) * V * (B + 16),  # logits, fp32 log-softmax, its gradient
         kv_cache=gen_batch * (prompt_len + completion_len) * L * 2 * kv * B,
-        prefill=gen_batch * prompt_len * (4 * h + 3 * I) * B,  # one layer's MLP over every prompt token at once
+        prefill=(distinct or gen_batch) * prompt_len * (4 * h + 3 * I) * B,  # one layer's MLP over the prompts at once
     )
     sampling = n * B if shards > 1 else 0  # FSDP gathers the whole weights to sample
     plan["peak"] = (

@@ -357,6 +357,15 @@ def mask_json(text):
     return json.dumps(mask(value))
 
 
+def wm_state(domain, task, messages):
+    """The world model's τ² state before an agent message: policy and tools, the user's basic information
+    (`task`) and the conversation so far."""
+    return (
+        f"{tau2_domain(domain)[2]}\n\nUser information: {task or '(none)'}\n\n"
+        f"The conversation so far:\n{conversation(messages)}"
+    )
+
+
 def tau2_triplet_records(rollout):
     """Agent message t gives <state: policy, tools, the user's basic information and the conversation so far,
     action: the message or tool call, next_state: the user's reply (kind "user") or the tool's answer masked
@@ -375,10 +384,6 @@ def tau2_triplet_records(rollout):
             kind, nxt = "user", replies[0]["content"] if replies else ""
         if not nxt:
             continue  # the episode ended before an answer
-        state = (
-            f"{tau2_domain(domain)[2]}\n\nUser information: {rollout['task'] or '(none)'}\n\n"
-            f"The conversation so far:\n{conversation(msgs[:i])}"
-        )
         out.append(
             dict(
                 id=f"{rollout['game']}#{rollout['episode']}#{len(out)}",
@@ -386,7 +391,7 @@ def tau2_triplet_records(rollout):
                 game=rollout["game"],
                 task=rollout["task"],
                 history=[],
-                state=state,
+                state=wm_state(domain, rollout["task"], msgs[:i]),
                 action=message_text(m),
                 next_state=nxt,
                 kind=kind,

@@ -201,8 +201,10 @@ def run_filter(args, triplets, model, tok, embed):
     with open(scored_path, "a", encoding="utf-8") as f:
         for i in tqdm(range(0, len(todo), per_call), desc="filter", unit="batch"):
             chunk = todo[i : i + per_call]
-            prompts = [chat_prompt(tok, wm_prompt(t)) for t in chunk for _ in range(args.filter_k)]
-            outputs = generate(model, tok, prompts, args.max_new_tokens, args.temperature, batch_size=args.gen_batch)
+            prompts = [chat_prompt(tok, wm_prompt(t)) for t in chunk]  # K predictions each, one prefill each
+            outputs = generate(
+                model, tok, prompts, args.max_new_tokens, args.temperature, batch_size=args.gen_batch, n=args.filter_k
+            )
             recs = sim_to_real(
                 outputs,
                 [t["next_state"] for t in chunk for _ in range(args.filter_k)],
@@ -320,9 +322,11 @@ def main(args):
         if args.mode == "rwml":
             # ---- ALGO LOGIC: RWML = GRPO with the sim-to-real gap reward ----
             G = args.group_size
-            prompts = [chat_prompt(tok, wm_prompt(t)) for t in batch for _ in range(G)]
+            prompts = [chat_prompt(tok, wm_prompt(t)) for t in batch]  # G predictions each (prefilled once)
             with full_weights(model):  # (the whole model on every rank under --fsdp)
-                samples = sample(model, tok, prompts, args.max_new_tokens, args.temperature, batch_size=args.gen_batch)
+                samples = sample(
+                    model, tok, prompts, args.max_new_tokens, args.temperature, batch_size=args.gen_batch, n=G
+                )
             scores = sim_to_real(
                 [text for _, _, text in samples],
                 [t["next_state"] for t in batch for _ in range(G)],
