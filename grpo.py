@@ -25,7 +25,7 @@ import torch
 
 from checks import at_least, fail, finite, non_negative, positive
 from distributed import all_sum, ddp, is_sharded, micro_batches, rank_world, shard
-from lm import load_model
+from lm import checkpoint_activations, load_model
 from runs import set_seed
 
 
@@ -129,15 +129,19 @@ def collate(seqs, device):
 def completion_logprobs(model, ids, attn, P, with_entropy=False):
     """log pi(token) of every completion token, [B, C]; positions count from each row's first real token."""
     pos = (attn.cumsum(1) - 1).clamp(min=0)
-    logits = model(
-        input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=ids.shape[1] - P + 1, use_cache=False
-    ).logits
-    logp_all = logits[:, :-1].float().log_softmax(-1)  # the logits at column t predict the token at t + 1
-    logp = logp_all.gather(-1, ids[:, P:, None]).squeeze(-1)
+    logits = (
+        model(
+            input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=ids.shape[1] - P + 1, use_cache=False
+        )
+        .logits[:, :-1]
+        .float()
+    )  # the logits at column t predict the token at t + 1
+    # log softmax of the taken token alone: no [B, C, vocab] table of log-probabilities is kept for backward
+    logp = logits.gather(-1, ids[:, P:, None]).squeeze(-1) - logits.logsumexp(-1)
     entropy = None
-    if with_entropy:  # a diagnostic: kept out of the autograd graph
+    if with_entropy:  # a diagnostic, outside the autograd graph, one row at a time (no [B, C, vocab] temporaries)
         with torch.no_grad():
-            entropy = -(logp_all.exp() * logp_all).sum(-1)
+            entropy = torch.stack([-(row.softmax(-1) * row.log_softmax(-1)).sum(-1) for row in logits])
     return logp, entropy
 
 
@@ -185,12 +189,12 @@ def grpo_update(model, optimizer, seqs, adv, args, ref_model=None):
         for k, idx in enumerate(micro_batches(model, len(seqs), args.micro_batch, idle)):
             ids, attn, P = collate([seqs[i] for i in idx], device)
             mask = attn[:, P:].float()
+            if args.beta > 0 and k not in ref:  # first: its transients are gone before the policy's activations
+                ref[k] = reference_logprobs(model, ref_model, ids, attn, P)
             logp, entropy = completion_logprobs(net, ids, attn, P, with_entropy=epoch == 0)
             if k not in old:  # the sampling policy = the weights before this update's first step
                 old[k] = logp.detach()
                 stats["entropy"] += (entropy.detach() * mask).sum().item() / tokens
-            if args.beta > 0 and k not in ref:
-                ref[k] = reference_logprobs(model, ref_model, ids, attn, P)
             loss, s = grpo_loss(
                 logp, old[k], ref.get(k), adv[idx].to(device), mask, args.clip_eps, args.beta, norm[idx].to(device)
             )
@@ -234,13 +238,13 @@ def optimizer_step(model, optimizer, loss, max_grad_norm):
 
 def zero_pass(net, seqs, device, ref_model=None):
     """A forward and backward pass that adds nothing to the gradients, for the syncs of a rank with no data;
-    with a sharded reference model, its pass too, in between as in `grpo_update`: collectives must come in
-    the same order on every rank."""
+    with a sharded reference model, its pass first, as in `grpo_update`: collectives must come in the same
+    order on every rank."""
     ids, attn, P = collate(seqs[:1] or [([0], [0])], device)
-    logp = completion_logprobs(net, ids, attn, P)[0]
     if ref_model is not None and is_sharded(ref_model):
         with torch.no_grad():
             completion_logprobs(ref_model, ids, attn, P)
+    logp = completion_logprobs(net, ids, attn, P)[0]
     (logp.sum() * 0).backward()
 
 
@@ -329,7 +333,7 @@ def start_training(args, ckpt, reference):
         add_lora(model, args.lora_rank) if args.lora_rank else list((shard(model) if args.fsdp else model).parameters())
     )
     if args.grad_checkpointing:  # only active in model.train(), i.e. in the updates, not while sampling
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=dict(use_reentrant=False))
+        checkpoint_activations(model)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=True)  # fused: no temporary copies
     step = load_checkpoint(ckpt, model, optimizer) if args.resume else 0
     rank, world = rank_world()

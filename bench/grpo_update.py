@@ -1,9 +1,10 @@
 """One GRPO update (generation + scoring + loss + optimizer step) of grpo.py against TRL's GRPOTrainer
-on the same model, prompts, G, batch, completion length, beta and reward, in one run; plus the peak
-memory of each, measured in its own process (CUDA: torch.cuda.max_memory_allocated; CPU: max RSS), and
-completion tokens sampled per second of update.
+on the same model, prompts, G, batch, completion length, beta and reward, in one run, both with gradient
+checkpointing (GRPOConfig's default; --grad-checkpointing in our scripts); plus the peak memory of each,
+measured in its own process (CUDA: torch.cuda.max_memory_allocated; CPU: max RSS), and completion tokens
+sampled per second of update.
 
-    pip install trl==1.16.0          # bench-only dependency
+    pip install trl==1.13.0          # bench-only dependency (the version measured in bench/README.md)
     python bench/grpo_update.py      # goal: time ratio ours / TRL <= 1.0
     python bench/grpo_update.py --model Qwen/Qwen2.5-0.5B-Instruct --group-size 8 --max-new-tokens 256   # on a GPU
 """
@@ -31,12 +32,14 @@ def ours(a):
     import torch
 
     from grpo import group_advantages, grpo_update
-    from lm import chat_prompt, load_model, sample
+    from lm import chat_prompt, checkpoint_activations, load_model, sample
     from runs import set_seed
 
     set_seed(a.seed)
     model, tok = load_model(a.model)
     ref = __import__("copy").deepcopy(model).requires_grad_(False)
+    if a.grad_checkpointing:
+        checkpoint_activations(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)
     args = argparse.Namespace(
         micro_batch=len(PROMPTS) * a.group_size,
@@ -96,6 +99,7 @@ def trl(a):
         bf16=torch.cuda.is_available(),
         max_grad_norm=1.0,
         temperature=1.0,
+        gradient_checkpointing=a.grad_checkpointing,
     )
     trainer = GRPOTrainer(
         model=resolve_model(a.model),
@@ -116,6 +120,9 @@ if __name__ == "__main__":
     p.add_argument("--beta", type=float, default=0.001)
     p.add_argument("--steps", type=int, default=3, help="updates; the median of all but the first is reported")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True, help="both sides (TRL's default)"
+    )
     p.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.side:  # a child process: one side, its step times, tokens and peak memory as JSON
