@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from grpo import add_lora, grpo_update  # noqa: E402
-from lm import load_model, sample  # noqa: E402
+from lm import checkpoint_activations, load_model, sample  # noqa: E402
 from memory import memory_plan  # noqa: E402
 from runs import set_seed  # noqa: E402
 
@@ -108,7 +108,7 @@ def measure_update(
         ref = load_model(dtype=dtype, device="cpu")[0].requires_grad_(False)
     params = add_lora(model, lora_rank) if lora_rank else list(model.parameters())
     if grad_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=dict(use_reentrant=False))
+        checkpoint_activations(model)
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)
     g = torch.Generator().manual_seed(seed)
     n_seqs = 2 * micro_batch

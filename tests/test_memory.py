@@ -12,7 +12,7 @@ import torch
 from bench.memory_plan import PeakMemory, measure_sampling, measure_update
 from conftest import ROOT
 from grpo import add_lora, collate, completion_logprobs
-from lm import chat_prompt
+from lm import chat_prompt, checkpoint_activations
 from memory import count_params, memory_plan
 
 
@@ -78,7 +78,7 @@ def test_grad_checkpointing_gives_the_same_gradients(tiny):
     grads = []
     for checkpointing in (False, True):
         if checkpointing:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=dict(use_reentrant=False))
+            checkpoint_activations(model)
         model.train()
         model.zero_grad(set_to_none=True)
         (completion_logprobs(model, ids, attn, P)[0] * attn[:, P:]).sum().backward()

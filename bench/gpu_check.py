@@ -1,0 +1,234 @@
+"""The GPU check: on one CUDA device, the memory plan (memory.memory_plan) next to measured peaks and the
+sampling speed, for the paper's models and the tiny one, built from their configs with random weights
+(nothing is downloaded: a lent GPU machine has no network). One table, in <= 8 minutes on one H100.
+
+    python bench/gpu_check.py                        # on a GPU; --models smollm2-135m for a quick look
+    python bench/gpu_check.py --device cpu --tiny    # the same code on CPU, tiny configs (tests/test_bench.py)
+
+Per model, in bf16 (fp32 on CPU): one sampling phase through lm.sample (64 distinct prompts x 1,408 tokens
++ 256 new ones; random weights write to the limit, which is the case a plan must cover), the same with 8
+prompts x G = 8 (the shared prefill), and one GRPO update (grpo.grpo_update, beta 0.001) with LoRA r 64 and
+gradient checkpointing on micro-batches of 2 x 1,664 tokens (the second update: AdamW's moments exist);
+SmolLM2-shaped also with full fine-tuning (a frozen reference copy). Measured: torch.cuda.max_memory_allocated
+(CPU: the bytes of tensors alive at once, bench/memory_plan.py's PeakMemory). Prompts are random token ids
+written as words of a word-level tokenizer over the model's vocabulary (so a prompt is exactly its length).
+"""
+
+import argparse
+import gc
+import os
+import sys
+import time
+import types
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from memory_plan import PAPER_MODELS, PeakMemory, tensor_bytes  # noqa: E402
+
+from grpo import add_lora, grpo_update  # noqa: E402
+from lm import checkpoint_activations, sample  # noqa: E402
+from memory import memory_plan  # noqa: E402
+from runs import set_seed  # noqa: E402
+
+# SmolLM2-135M-Instruct's config.json (the fields the model is built from; tests/test_bench.py compares
+# them with the converted HF folder)
+SMOLLM2 = (
+    "llama",
+    dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        vocab_size=49152,
+        max_position_embeddings=8192,
+        rope_parameters=dict(rope_theta=100000.0, rope_type="default"),
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+    ),
+)
+MODELS = {"smollm2-135m": SMOLLM2, **PAPER_MODELS}
+# --tiny: each model's architecture at toy width, for the CPU run of this script
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+
+
+def build(name, device, dtype, tiny):
+    """A model of `name`'s architecture with random weights, on `device`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kind, fields = MODELS[name]
+    if tiny:
+        fields = dict(fields, **TINY, head_dim=16, vocab_size=512)
+    config = AutoConfig.for_model(kind, **fields)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.generation_config.eos_token_id = None  # random weights: every row writes to the limit
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+def word_tokenizer(vocab_size):
+    """A tokenizer whose token i is the word "t{i}": a prompt of n random words is exactly n tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    t = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, pad_token="t0", unk_token="t0")
+    tok.padding_side = "left"
+    return tok
+
+
+class Peak:
+    """`with Peak(device, *models, optimizer=...) as p:` -> p.bytes: the most bytes of tensors alive at once."""
+
+    def __init__(self, device, *models, optimizer=None):
+        self.device, self.models, self.optimizer = device, models, optimizer
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.before, self.mode = tensor_bytes(*self.models, optimizer=self.optimizer), PeakMemory()
+            self.mode.__enter__()
+        self.t0 = time.time()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.bytes = torch.cuda.max_memory_allocated()
+        else:
+            self.mode.__exit__(*exc)
+            self.bytes = self.before + self.mode.peak
+        self.seconds = time.time() - self.t0
+
+
+def check_sampling(model, tok, n_prompts, group, prompt_len, new_tokens, device, seed):
+    """(measured peak, planned peak, sampled tokens/s) of one lm.sample call: n_prompts x group rows."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [
+        " ".join(f"t{i}" for i in torch.randint(1, tok.vocab_size, (prompt_len,), generator=g).tolist())
+        for _ in range(n_prompts)
+    ]
+    with Peak(device, model) as p:
+        out = sample(model, tok, prompts, new_tokens, temperature=1.0, n=group)
+    plan = memory_plan(
+        model.config, model.dtype, 0, False, False, 1, 1, new_tokens, n_prompts * group, prompt_len, distinct=n_prompts
+    )
+    return p.bytes, plan["weights"] + plan["kv_cache"] + plan["prefill"], sum(len(c) for _, c, _ in out) / p.seconds
+
+
+def check_update(model, lora_rank, micro_batch, prompt_len, completion_len, device, seed):
+    """(measured peak, planned peak, seconds) of the second of two GRPO updates over 2 micro-batches."""
+    import copy
+
+    ref = None if lora_rank else copy.deepcopy(model).requires_grad_(False)
+    params = add_lora(model, lora_rank) if lora_rank else list(model.parameters())
+    if lora_rank:
+        checkpoint_activations(model)
+    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)
+    g = torch.Generator().manual_seed(seed)
+    V = model.config.vocab_size
+    seqs = [
+        (
+            torch.randint(1, V, (prompt_len,), generator=g).tolist(),
+            torch.randint(1, V, (completion_len,), generator=g).tolist(),
+        )
+        for _ in range(2 * micro_batch)
+    ]
+    args = types.SimpleNamespace(
+        micro_batch=micro_batch, ppo_epochs=1, clip_eps=0.2, beta=0.001, max_grad_norm=1.0, token_mean=True
+    )
+    adv = torch.linspace(-1, 1, len(seqs))
+    grpo_update(model, optimizer, seqs, adv, args, ref)
+    with Peak(device, model, ref, optimizer=optimizer) as p:
+        grpo_update(model, optimizer, seqs, adv, args, ref)
+    plan = memory_plan(
+        model.config,
+        model.dtype,
+        lora_rank,
+        True,
+        bool(lora_rank),
+        micro_batch,
+        prompt_len + completion_len,
+        completion_len,
+        gen_batch=0,
+    )
+    return p.bytes, plan["peak"], p.seconds
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tiny", action="store_true", help="toy widths and lengths (the CPU test of this script)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    a = p.parse_args()
+    device = torch.device(a.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: no CUDA device here (run with --device cpu --tiny to check the script on CPU)")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    # the paper's policy turn: 1,408 prompt tokens + 256 written; --tiny: the same shape, small
+    n_prompts, group, prompt_len, new_tokens, micro_batch = (8, 2, 48, 16, 2) if a.tiny else (64, 8, 1408, 256, 2)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(
+        f"{gpu}, torch {torch.__version__}, transformers {__import__('transformers').__version__}; "
+        f"{str(dtype).split('.')[-1]}, random weights{' (tiny widths)' if a.tiny else ''}; "
+        f"sampling {n_prompts} prompts x {prompt_len} + {new_tokens} tokens; "
+        f"updates: 2 micro-batches of {micro_batch} x {prompt_len + new_tokens} tokens, beta 0.001"
+    )
+    print("| model | phase | planned GB | measured GB | measured / planned | speed |\n|---|---|---|---|---|---|")
+    for name in a.models:
+        cases = [
+            (f"sampling {n_prompts} distinct prompts", "sample", dict(n_prompts=n_prompts, group=1)),
+            (
+                f"sampling {n_prompts // group} prompts x G {group} (shared prefill)",
+                "sample",
+                dict(n_prompts=n_prompts // group, group=group),
+            ),
+            ("GRPO update, LoRA r 64, gradient checkpointing", "update", dict(lora_rank=64)),
+        ] + (
+            [("GRPO update, full fine-tuning (reference copy)", "update", dict(lora_rank=0))]
+            if name == "smollm2-135m"
+            else []
+        )
+        for label, kind, kw in cases:
+            set_seed(a.seed)
+            model = build(name, device, dtype, a.tiny)
+            if kind == "sample":
+                measured, planned, rate = check_sampling(
+                    model,
+                    word_tokenizer(model.config.vocab_size),
+                    prompt_len=prompt_len,
+                    new_tokens=new_tokens,
+                    device=device,
+                    seed=a.seed,
+                    **kw,
+                )
+                speed = f"{rate:.0f} sampled tokens/s"
+            else:
+                measured, planned, seconds = check_update(
+                    model,
+                    micro_batch=micro_batch,
+                    prompt_len=prompt_len,
+                    completion_len=new_tokens,
+                    device=device,
+                    seed=a.seed,
+                    **kw,
+                )
+                speed = f"{seconds:.1f} s"
+            gb = f"{planned / 1e9:.3g} | {measured / 1e9:.3g} | {measured / planned:.2f}"
+            print(f"| {name} | {label} | {gb} | {speed} |", flush=True)
+            del model
+            gc.collect()  # the model's reference cycles, before the next one is built
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
