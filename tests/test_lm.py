@@ -1,0 +1,68 @@
+"""Group sampling with a shared prefill: each distinct prompt runs through the model once, its KV cache is
+copied to its rows, and the output is the plain path's."""
+
+import pytest
+import torch
+
+from lm import chat_prompt, sample, shared_prefill
+from reward import wm_prompt
+from runs import read_jsonl, set_seed
+
+
+@pytest.fixture(scope="module")
+def wm_prompts(tiny, triplets):
+    """Three real ALFWorld world-model prompts of different lengths, repeated out of order (rows 0, 2, 5 share)."""
+    tok = tiny[1]
+    a, b, c = [chat_prompt(tok, wm_prompt(t)) for t in read_jsonl(triplets)[:3]]
+    return [a, b, a, c, b, a]
+
+
+def forward_widths(model, run):
+    """(batch, tokens) of every forward pass of the decoder while `run()` runs."""
+    seen = []
+    hook = model.model.register_forward_pre_hook(
+        lambda m, args, kw: seen.append(tuple(kw["input_ids"].shape)), with_kwargs=True
+    )
+    try:
+        out = run()
+    finally:
+        hook.remove()
+    return out, seen
+
+
+def test_greedy_shared_prefill_is_the_plain_path_token_for_token(tiny, wm_prompts):
+    model, tok = tiny
+    plain, plain_passes = forward_widths(model, lambda: sample(model, tok, wm_prompts, 24, temperature=0, share=False))
+    shared, shared_passes = forward_widths(model, lambda: sample(model, tok, wm_prompts, 24, temperature=0))
+    assert [s[:2] for s in shared] == [p[:2] for p in plain]  # prompt ids and completion ids, row by row
+    width = plain_passes[0][1]
+    assert plain_passes[0] == (6, width)  # the plain path prefills all 6 rows
+    assert shared_passes[0] == (3, width - 1)  # the shared path: the 3 distinct prompts once, all but the last token
+    assert shared_passes[1] == (6, 1)  # then every row from its last prompt token on
+    assert all(p[1] == 1 for p in shared_passes[1:])
+
+
+def test_sampling_draws_the_same_tokens_from_one_seed(tiny, wm_prompts):
+    """Decoding consumes the random stream alike on both paths (one draw per step over all rows), so one seed
+    gives the same samples unless float rounding in the logits flips a draw (not on these prompts in fp32)."""
+    model, tok = tiny
+    set_seed(0)
+    plain = sample(model, tok, wm_prompts, 16, temperature=1.0, share=False)
+    set_seed(0)
+    shared = sample(model, tok, wm_prompts, 16, temperature=1.0)
+    assert [s[1] for s in shared] == [p[1] for p in plain]
+    assert len({tuple(s[1]) for s in shared[0::2]}) > 1  # rows of one prompt still differ from each other
+
+
+def test_n_repeats_each_prompt_in_a_row_and_distinct_prompts_share_nothing(tiny, wm_prompts):
+    model, tok = tiny
+    out = sample(model, tok, wm_prompts[:2], 4, temperature=1.0, n=3)
+    ids = [p for p, _, _ in out]
+    assert ids[0] == ids[1] == ids[2] != ids[3] == ids[4] == ids[5]
+    batch = tok(wm_prompts[:2], return_tensors="pt", padding=True, add_special_tokens=False)
+    assert shared_prefill(model, wm_prompts[:2], batch) is None  # nothing repeats: the plain path
+    batch = tok(wm_prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    cache = shared_prefill(model, wm_prompts, batch)
+    keys = cache.layers[0].keys
+    assert keys.shape[0] == 6 and torch.equal(keys[0], keys[2]) and torch.equal(keys[0], keys[5])
+    assert not torch.equal(keys[0], keys[1])
