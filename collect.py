@@ -379,7 +379,8 @@ def record_episodes(
     set_seed(settings.seed)
     (f_roll, f_trip, f_metrics), done, rollouts = open_outputs(out, resume)
     name = (lambda g: g) if settings.env == "tau2" else game_id
-    jobs = [(g, split, e) for e in range(episodes) for g in games if episode_key(name(g), e) not in done]
+    # a game's episodes side by side: they start from the same prompt, which lm.sample prefills once
+    jobs = [(g, split, e) for g in games for e in range(episodes) if episode_key(name(g), e) not in done]
     if jobs and model is None and settings.policy == "model":
         model, tok = load_model(settings.model, dtype=dtype)
     t0, steps = time.time(), 0
