@@ -85,18 +85,20 @@ pipeline: install
 		"RWML=$(OUT)/rwml/$(CKPT)" "Policy RL=$(OUT)/policy_rl/$(CKPT)" \
 		"WM SFT + Policy RL=$(OUT)/wm_sft_policy_rl/$(CKPT)" "RWML + Policy RL=$(OUT)/rwml_policy_rl/$(CKPT)"
 
-# the formatter and linter (ruff, pyproject.toml) must leave the tree as it is, then every test
+# the formatter and linter (ruff, pyproject.toml) must leave the tree as it is, then every test, on two workers
+# (one core each; tests/conftest.py starts the long ones first). One file alone: python -m pytest tests/test_grpo.py
 lint:
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
 
 test: install lint
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q -n 2 --dist loadgroup tests
 
 # Benchmarks (each prints its ratios); the reward one reads the pipeline's triplets, TRL is bench-only.
 bench: install
-	$(PYTHON) -m pip install -q trl==1.16.0
+	$(PYTHON) -m pip install -q trl==1.13.0
 	$(PYTHON) bench/collect_throughput.py
+	$(PYTHON) bench/sample_throughput.py
 	$(PYTHON) bench/reward_throughput.py --triplets $(OUT)/collect/triplets.jsonl
 	$(PYTHON) bench/grpo_update.py
 	$(PYTHON) bench/memory_plan.py

@@ -7,6 +7,39 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("ALFWORLD_DATA", str(ROOT.parent / "shared" / "alfworld"))
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2` (make test): one core per worker, its subprocesses too
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
+# the end-to-end tests that take minutes, the longest first: under `pytest -n 2` they start first, so the two
+# workers end together
+SLOW_FIRST = (
+    "test_torchrun_trains_the_world_model_with_fsdp_and_the_policy_with_ddp",
+    "test_the_pipeline_runs_end_to_end_and_prints_table_1",
+    "test_rwml_trains_on_tau2_triplets",
+    "test_two_ranks_make_the_update_of_the_whole_batch",
+    "test_one_update_makes_the_won_turns_likelier_and_the_lost_ones_less_likely",
+    "test_rwml_runs_checkpoints_and_resumes_without_duplicate_steps",
+    "test_kill_and_resume_gives_the_same_episodes_once",
+)
+SHARED = ("mock_run", "group", "ranks")  # expensive module fixtures: their tests run on one worker, in a row
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    group = {}  # item -> the shared fixture it uses
+    for item in items:
+        for name in set(SHARED) & set(item.fixturenames):
+            item.add_marker(pytest.mark.xdist_group(name))  # with --dist loadgroup
+            group[item] = name
+    first = {}  # a group moves as a whole, to its earliest member's place: its fixture is built once
+    for item in items:
+        g = group.get(item, item)
+        first[g] = min(first.get(g, len(SLOW_FIRST)), rank.get(item.originalname, len(SLOW_FIRST)))
+    order = {item: i for i, item in enumerate(items)}
+    items.sort(key=lambda item: (first[group.get(item, item)], str(group.get(item, "")), order[item]))
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,8 @@
 """One GRPO update of the tiny model, alone or as one rank under torchrun (tests/test_distributed.py).
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/ddp_worker.py OUT.pt token-mean|seq-mean|fsdp
+    python -m torch.distributed.run --nproc_per_node 2 tests/ddp_worker.py OUT_DIR token-mean seq-mean fsdp
+
+writes OUT_DIR/<mode>.pt for each mode named, one after the other in the same ranks.
 
 Rank 0 takes the first 4 of 6 sequences, rank 1 the last 2: ranks with different numbers of micro-batches.
 token-mean / seq-mean: LoRA under DDP; fsdp: full fine-tuning and its reference model sharded by FSDP2.
@@ -62,20 +64,20 @@ def trained(model):
 
 if __name__ == "__main__":
     rank, world = init_distributed()
-    mode = sys.argv[2]
-    model, ref, seqs, adv, args = case(mode)
-    if mode == "fsdp":
-        shard(model)
-        shard(ref)
-    ddp(model)
-    mine = slice(0, SPLIT) if rank == 0 else slice(SPLIT, None)
-    stats = grpo_update(model, optimizer_for(model), seqs[mine], adv[mine], args, ref)
-    if mode == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    for mode in sys.argv[2:]:
+        model, ref, seqs, adv, args = case(mode)
+        if mode == "fsdp":
+            shard(model)
+            shard(ref)
+        ddp(model)
+        mine = slice(0, SPLIT) if rank == 0 else slice(SPLIT, None)
+        stats = grpo_update(model, optimizer_for(model), seqs[mine], adv[mine], args, ref)
+        if mode == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        weights = {n: full[n] for n in CHECKED if n in full}
-    else:
-        weights = trained(model)
-    if rank == 0:
-        torch.save(dict(weights=weights, stats=stats), sys.argv[1])
+            full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            weights = {n: full[n] for n in CHECKED if n in full}
+        else:
+            weights = trained(model)
+        if rank == 0:
+            torch.save(dict(weights=weights, stats=stats), Path(sys.argv[1]) / f"{mode}.pt")

@@ -18,7 +18,7 @@ def torchrun(*args, timeout=300):
     """Two ranks on CPU; a hang (a collective one rank never joins) fails the test and kills every rank."""
     env = dict(os.environ, OMP_NUM_THREADS="1")  # two ranks share the cores
     p = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", *args],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -34,14 +34,24 @@ def torchrun(*args, timeout=300):
     return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
 
-@pytest.mark.parametrize("mode", ["token-mean", "seq-mean", "fsdp"])
-def test_two_ranks_make_the_update_of_the_whole_batch(tmp_path, mode):
+MODES = ["token-mean", "seq-mean", "fsdp"]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """The update of every mode made by two ranks: one torchrun for all (ranks start once)."""
+    out = tmp_path_factory.mktemp("ranks")
+    r = torchrun("tests/ddp_worker.py", str(out), *MODES)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_two_ranks_make_the_update_of_the_whole_batch(ranks, mode):
     model, ref, seqs, adv, args = case(mode)
     before = trained(model)
     alone = grpo_update(model, optimizer_for(model), seqs, adv, args, ref)  # all 6 sequences in one process
-    r = torchrun("tests/ddp_worker.py", str(tmp_path / "ranks.pt"), mode)
-    assert r.returncode == 0, r.stderr[-3000:]
-    ranks = torch.load(tmp_path / "ranks.pt")
+    ranks = torch.load(ranks / f"{mode}.pt")
     assert ranks["weights"].keys() == before.keys()
     for name, p in trained(model).items():
         step_alone, step_ranks = p - before[name], ranks["weights"][name] - before[name]
@@ -76,15 +86,15 @@ def test_torchrun_trains_the_world_model_with_fsdp_and_the_policy_with_ddp(tripl
         "1",
         "--fsdp",
     ]  # full fine-tuning, sharded over the 2 ranks
-    r = torchrun(*rwml, "--max-steps", "2")
+    r = torchrun(*rwml, "--max-steps", "1")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "FSDP over 2" in r.stdout
-    r = torchrun(*rwml, "--max-steps", "3", "--resume")  # the sharded optimizer state comes back from trainer.pt
+    r = torchrun(*rwml, "--max-steps", "2", "--resume")  # the sharded optimizer state comes back from trainer.pt
     assert r.returncode == 0, r.stderr[-3000:]
     rows = read_jsonl(tmp_path / "rwml" / "metrics.jsonl")
-    assert [row["step"] for row in rows] == [0, 1, 2, 3]  # rank 0 writes, once per step
-    assert "train/reward" in rows[1] and "heldout/reward" in rows[3]
-    assert torch.load(tmp_path / "rwml" / "checkpoint" / "trainer.pt", weights_only=False)["step"] == 3
+    assert [row["step"] for row in rows] == [0, 1, 2]  # rank 0 writes, once per step
+    assert "train/reward" in rows[1] and "train/reward" in rows[2] and "heldout/reward" in rows[2]
+    assert torch.load(tmp_path / "rwml" / "checkpoint" / "trainer.pt", weights_only=False)["step"] == 2
     r = torchrun(
         "train_policy.py",
         "--games",

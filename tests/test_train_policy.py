@@ -140,7 +140,7 @@ def test_the_pipeline_runs_end_to_end_and_prints_table_1(tmp_path):
         SFT="--max-steps 1",
         POLICY="--lora-rank 4 --games 1 --games-per-step 1 --group-size 2 --updates 1 --max-steps 2 --max-new-tokens 8",
         WM_EVAL="--max-new-tokens 8 --val-size 1",
-        EVAL="--games 1 --runs 1 --max-steps 2 --max-new-tokens 8",
+        EVAL="--games 1 --runs 1 --max-steps 1 --max-new-tokens 8",
     )
     r = subprocess.run(
         [
