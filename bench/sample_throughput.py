@@ -30,10 +30,10 @@ def alfworld_triplets(n, seed):
     from collect import parse_args as collect_args
 
     out = tempfile.mkdtemp(prefix="bench_sample_")
-    flags = ["--policy", "random", "--split", "train", "--games", str(n), "--episodes", "1", "--max-steps", "3"]
+    flags = ["--policy", "random", "--split", "train", "--games", str(n), "--episodes", "1", "--max-steps", "8"]
     collect(collect_args([*flags, "--seed", str(seed), "--out", out]))
-    rows = read_jsonl(os.path.join(out, "triplets.jsonl"))
-    return [rows[i * len(rows) // n] for i in range(n)]  # one from each game, mid-episode histories included
+    last = {t["game"]: t for t in read_jsonl(os.path.join(out, "triplets.jsonl"))}
+    return list(last.values())  # each game's last turn: a full window of H past turns, as most RWML prompts
 
 
 def tau2_triplets(domain, n):
