@@ -18,18 +18,13 @@ import argparse
 import gc
 import os
 import sys
-import time
-import types
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from memory_plan import PAPER_MODELS, PeakMemory, tensor_bytes  # noqa: E402
+from memory_plan import PAPER_MODELS, measure_sample_call, measure_update  # noqa: E402
 
-from grpo import add_lora, grpo_update  # noqa: E402
-from lm import checkpoint_activations, sample  # noqa: E402
-from memory import memory_plan  # noqa: E402
 from runs import set_seed  # noqa: E402
 
 # SmolLM2-135M-Instruct's config.json (the fields the model is built from; tests/test_bench.py compares
@@ -82,84 +77,14 @@ def word_tokenizer(vocab_size):
     return tok
 
 
-class Peak:
-    """`with Peak(device, *models, optimizer=...) as p:` -> p.bytes: the most bytes of tensors alive at once."""
-
-    def __init__(self, device, *models, optimizer=None):
-        self.device, self.models, self.optimizer = device, models, optimizer
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            self.before, self.mode = tensor_bytes(*self.models, optimizer=self.optimizer), PeakMemory()
-            self.mode.__enter__()
-        self.t0 = time.time()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.bytes = torch.cuda.max_memory_allocated()
-        else:
-            self.mode.__exit__(*exc)
-            self.bytes = self.before + self.mode.peak
-        self.seconds = time.time() - self.t0
-
-
-def check_sampling(model, tok, n_prompts, group, prompt_len, new_tokens, device, seed):
-    """(measured peak, planned peak, sampled tokens/s) of one lm.sample call: n_prompts x group rows."""
+def check_sampling(model, tok, n_prompts, group, prompt_len, new_tokens, seed):
+    """(measured, planned, sampled tokens/s) of one lm.sample call: n_prompts random prompts x group rows."""
     g = torch.Generator().manual_seed(seed)
     prompts = [
         " ".join(f"t{i}" for i in torch.randint(1, tok.vocab_size, (prompt_len,), generator=g).tolist())
         for _ in range(n_prompts)
     ]
-    with Peak(device, model) as p:
-        out = sample(model, tok, prompts, new_tokens, temperature=1.0, n=group)
-    plan = memory_plan(
-        model.config, model.dtype, 0, False, False, 1, 1, new_tokens, n_prompts * group, prompt_len, distinct=n_prompts
-    )
-    return p.bytes, plan["weights"] + plan["kv_cache"] + plan["prefill"], sum(len(c) for _, c, _ in out) / p.seconds
-
-
-def check_update(model, lora_rank, micro_batch, prompt_len, completion_len, device, seed):
-    """(measured peak, planned peak, seconds) of the second of two GRPO updates over 2 micro-batches."""
-    import copy
-
-    ref = None if lora_rank else copy.deepcopy(model).requires_grad_(False)
-    params = add_lora(model, lora_rank) if lora_rank else list(model.parameters())
-    if lora_rank:
-        checkpoint_activations(model)
-    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)
-    g = torch.Generator().manual_seed(seed)
-    V = model.config.vocab_size
-    seqs = [
-        (
-            torch.randint(1, V, (prompt_len,), generator=g).tolist(),
-            torch.randint(1, V, (completion_len,), generator=g).tolist(),
-        )
-        for _ in range(2 * micro_batch)
-    ]
-    args = types.SimpleNamespace(
-        micro_batch=micro_batch, ppo_epochs=1, clip_eps=0.2, beta=0.001, max_grad_norm=1.0, token_mean=True
-    )
-    adv = torch.linspace(-1, 1, len(seqs))
-    grpo_update(model, optimizer, seqs, adv, args, ref)
-    with Peak(device, model, ref, optimizer=optimizer) as p:
-        grpo_update(model, optimizer, seqs, adv, args, ref)
-    plan = memory_plan(
-        model.config,
-        model.dtype,
-        lora_rank,
-        True,
-        bool(lora_rank),
-        micro_batch,
-        prompt_len + completion_len,
-        completion_len,
-        gen_batch=0,
-    )
-    return p.bytes, plan["peak"], p.seconds
+    return measure_sample_call(model, tok, prompts, new_tokens, n=group)
 
 
 def main():
@@ -206,20 +131,20 @@ def main():
                     word_tokenizer(model.config.vocab_size),
                     prompt_len=prompt_len,
                     new_tokens=new_tokens,
-                    device=device,
                     seed=a.seed,
                     **kw,
                 )
                 speed = f"{rate:.0f} sampled tokens/s"
-            else:
-                measured, planned, seconds = check_update(
-                    model,
+            else:  # LoRA with gradient checkpointing, or full fine-tuning with its reference copy
+                measured, planned, seconds = measure_update(
+                    lora_rank=kw["lora_rank"],
+                    beta=0.001,
+                    grad_checkpointing=bool(kw["lora_rank"]),
                     micro_batch=micro_batch,
                     prompt_len=prompt_len,
                     completion_len=new_tokens,
-                    device=device,
                     seed=a.seed,
-                    **kw,
+                    model=model,
                 )
                 speed = f"{seconds:.1f} s"
             gb = f"{planned / 1e9:.3g} | {measured / 1e9:.3g} | {measured / planned:.2f}"

@@ -9,8 +9,10 @@ thing; the CPU process size (RSS) does not, since the allocator keeps freed memo
 """
 
 import argparse
+import copy
 import os
 import sys
+import time
 import types
 import weakref
 
@@ -89,6 +91,34 @@ def tensor_bytes(*models, optimizer=None):
     return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
 
 
+class Peak:
+    """`with Peak(device, *models, optimizer=...) as p:` -> p.bytes, the most bytes of tensors alive at once
+    (CUDA: torch.cuda.max_memory_allocated; CPU: the models' and optimizer's tensors + PeakMemory's peak),
+    and p.seconds."""
+
+    def __init__(self, device, *models, optimizer=None):
+        self.device, self.models, self.optimizer = torch.device(device), models, optimizer
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.before, self.mode = tensor_bytes(*self.models, optimizer=self.optimizer), PeakMemory()
+            self.mode.__enter__()
+        self.t0 = time.time()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.bytes = torch.cuda.max_memory_allocated()
+        else:
+            self.mode.__exit__(*exc)
+            self.bytes = self.before + self.mode.peak
+        self.seconds = time.time() - self.t0
+
+
 def measure_update(
     dtype="fp32",
     lora_rank=0,
@@ -98,24 +128,24 @@ def measure_update(
     prompt_len=192,
     completion_len=64,
     seed=0,
+    model=None,
 ):
-    """(measured, planned) peak bytes of a GRPO update of the tiny model on CPU: the second one, when AdamW's
-    moments exist, over two micro-batches (the second forward runs with the first one's gradients)."""
+    """(measured, planned, seconds) of a GRPO update of `model` (default: the tiny one in `dtype` on CPU): the
+    second one, when AdamW's moments exist, over two micro-batches (the second forward runs with the first
+    one's gradients). beta > 0 with full fine-tuning holds a frozen reference copy."""
     set_seed(seed)
-    model, tok = load_model(dtype=dtype, device="cpu")
-    ref = None
-    if beta > 0 and not lora_rank:
-        ref = load_model(dtype=dtype, device="cpu")[0].requires_grad_(False)
+    model = model or load_model(dtype=dtype, device="cpu")[0]
+    ref = copy.deepcopy(model).requires_grad_(False) if beta > 0 and not lora_rank else None
     params = add_lora(model, lora_rank) if lora_rank else list(model.parameters())
     if grad_checkpointing:
         checkpoint_activations(model)
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)
     g = torch.Generator().manual_seed(seed)
-    n_seqs = 2 * micro_batch
+    n_seqs, V = 2 * micro_batch, model.config.vocab_size
     seqs = [
         (
-            torch.randint(100, 40000, (prompt_len,), generator=g).tolist(),
-            torch.randint(100, 40000, (completion_len,), generator=g).tolist(),
+            torch.randint(1, V, (prompt_len,), generator=g).tolist(),
+            torch.randint(1, V, (completion_len,), generator=g).tolist(),
         )
         for _ in range(n_seqs)
     ]
@@ -124,8 +154,7 @@ def measure_update(
     )
     adv = torch.linspace(-1, 1, n_seqs)
     grpo_update(model, optimizer, seqs, adv, args, ref)
-    before = tensor_bytes(model, ref, optimizer=optimizer)
-    with PeakMemory() as m:
+    with Peak(model.device, model, ref, optimizer=optimizer) as p:
         grpo_update(model, optimizer, seqs, adv, args, ref)
     planned = memory_plan(
         model.config,
@@ -138,23 +167,31 @@ def measure_update(
         completion_len,
         gen_batch=0,
     )
-    return before + m.peak, planned["peak"]
+    return p.bytes, planned["peak"], p.seconds
+
+
+def measure_sample_call(model, tok, prompts, completion_len, n=1):
+    """(measured, planned, sampled tokens/s) of one `lm.sample` call: each prompt n times, completion_len
+    tokens a row (the end-of-sequence token switched off)."""
+    model.generation_config.eos_token_id = None  # every row writes completion_len tokens
+    with Peak(model.device, model) as p:
+        out = sample(model, tok, prompts, max_new_tokens=completion_len, temperature=1.0, n=n)
+    P = max(len(tok(q, add_special_tokens=False)["input_ids"]) for q in prompts)
+    plan = memory_plan(
+        model.config, model.dtype, 0, False, False, 1, 1, completion_len, len(out), P, distinct=len(set(prompts))
+    )
+    return p.bytes, plan["weights"] + plan["kv_cache"] + plan["prefill"], sum(len(c) for _, c, _ in out) / p.seconds
 
 
 def measure_sampling(gen_batch=8, prompt_len=256, completion_len=32, seed=0):
-    """(measured, planned) peak bytes of one batched `sample` call of the tiny model on CPU (greedy, no stop)."""
+    """(measured, planned) peak bytes of one batched `sample` call of the tiny model on CPU: gen_batch random
+    prompts of prompt_len tokens."""
     set_seed(seed)
     model, tok = load_model(dtype="fp32", device="cpu")
     g = torch.Generator().manual_seed(seed)
     prompts = [tok.decode(torch.randint(100, 40000, (prompt_len,), generator=g)) for _ in range(gen_batch)]
     prompts = [tok.decode(tok(p, add_special_tokens=False)["input_ids"][:prompt_len]) for p in prompts]
-    model.generation_config.eos_token_id = None  # every row writes completion_len tokens
-    before = tensor_bytes(model)
-    with PeakMemory() as m:
-        sample(model, tok, prompts, max_new_tokens=completion_len, temperature=0)
-    P = max(len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts)
-    plan = memory_plan(model.config, model.dtype, 0, False, False, 1, 1, completion_len, gen_batch, P)
-    return before + m.peak, plan["weights"] + plan["kv_cache"] + plan["prefill"]
+    return measure_sample_call(model, tok, prompts, completion_len)[:2]
 
 
 def paper_table(seq_len, completion_len, micro_batch, gen_batch):
@@ -212,7 +249,7 @@ def main():
         ("sampling: 8 prompts x 256 + 32 tokens", measure_sampling),
     ]
     for label, run in cases:
-        measured, planned = run()
+        measured, planned = run()[:2]
         print(f"| {label} | {planned / 1e9:.3f} | {measured / 1e9:.3f} | {planned / measured:.2f} |", flush=True)
 
 

@@ -42,7 +42,7 @@ def test_parameter_counts_match_the_model(tiny):
     ],
 )
 def test_plan_matches_measured_peak_of_an_update(case):
-    measured, planned = measure_update(**case)
+    measured, planned, _ = measure_update(**case)
     assert 0.9 < planned / measured < 1.15, (planned, measured)
 
 
