@@ -7,7 +7,7 @@ ENV ?= alfworld
 OUT ?= runs/pipeline$(if $(filter tau2,$(ENV)),_tau2)
 export ALFWORLD_DATA ?= $(abspath ../shared/alfworld)
 
-.PHONY: install lint pipeline test bench
+.PHONY: install lint pipeline test bench exercises grade
 
 install:
 	$(if $(filter $(VENV)/bin/python,$(PYTHON)),test -x $(PYTHON) || python3 -m venv $(VENV))
@@ -102,3 +102,13 @@ bench: install
 	$(PYTHON) bench/reward_throughput.py --triplets $(OUT)/collect/triplets.jsonl
 	$(PYTHON) bench/grpo_update.py
 	$(PYTHON) bench/memory_plan.py
+
+# The course kit (course/exercises.py): a student copy with every equation of the paper cut out, and its grader.
+#   make exercises [STUDENT=../rwml-student]    the copy and its EXERCISES.md
+#   make grade                                   in the copy: one line an exercise (passed / failed / not attempted)
+STUDENT ?= ../rwml-student
+exercises:
+	$(PYTHON) course/exercises.py make $(STUDENT)
+
+grade:
+	$(PYTHON) course/exercises.py grade

@@ -108,8 +108,10 @@ def group_advantages(rewards, group_size, eps=1e-4):
     """Rewards of consecutive groups of G samples of one prompt -> advantages, and the number of groups
     whose rewards are all equal (their advantages are 0: no learning signal)."""
     r = torch.as_tensor(rewards, dtype=torch.float32).view(-1, group_size)
+    # ---- EXERCISE 3: group-normalised advantages (paper Sec. 3.2) ----
     # Eq. GRPO advantage: A_i = (r_i - mean(r_1..r_G)) / (std(r_1..r_G) + eps)   (std: unbiased, as in TRL)
     adv = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)
+    # ---- END EXERCISE 3 ----
     return adv.view(-1), int((r.std(1) == 0).sum())
 
 
@@ -147,11 +149,15 @@ def completion_logprobs(model, ids, attn, P, with_entropy=False):
 
 def grpo_loss(logp, old_logp, ref_logp, adv, mask, clip_eps, beta, norm):
     """Sum over this micro-batch of the GRPO per-token loss, divided by `norm` (see `grpo_update`)."""
+    # ---- EXERCISE 4: the clipped surrogate (paper Sec. 3.2) ----
     # Eq. GRPO clipped surrogate: min(rho A, clip(rho, 1 - eps, 1 + eps) A), rho = pi / pi_old per token
     ratio = torch.exp(logp - old_logp)
     surrogate = torch.min(ratio * adv[:, None], ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv[:, None])
+    # ---- END EXERCISE 4 ----
+    # ---- EXERCISE 5: the k3 KL to the reference policy (paper Sec. 3.2) ----
     # Eq. KL to the reference, k3 estimator (http://joschu.net/blog/kl-approx.html): pi_ref/pi - log(pi_ref/pi) - 1
     kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1 if ref_logp is not None else torch.zeros_like(logp)
+    # ---- END EXERCISE 5 ----
     per_token = -(surrogate - beta * kl) * mask
     loss = (per_token.sum(1) / norm).sum()  # norm: [B] per-row normaliser (see grpo_update)
     clipped = ((ratio - 1).abs() > clip_eps).float()
@@ -175,9 +181,11 @@ def grpo_update(model, optimizer, seqs, adv, args, ref_model=None):
     adv = torch.as_tensor(adv, dtype=torch.float32)
     lengths = torch.tensor([max(1, len(c)) for _, c in seqs], dtype=torch.float32)
     tokens, n_seqs = all_sum([lengths.sum().item(), len(seqs)])  # over all ranks
+    # ---- EXERCISE 6: the loss normalisation (paper Sec. 3.2) ----
     # Eq. loss normalisation: token mean (every completion token of the batch weighs the same) or sequence mean;
     # / world because DDP averages the ranks' gradients
     norm = torch.full_like(lengths, tokens / world) if args.token_mean else lengths * n_seqs / world
+    # ---- END EXERCISE 6 ----
     old, ref = {}, {}
     stats = dict(loss=0.0, kl=0.0, clipfrac=0.0, entropy=0.0)
     skipped = 0

@@ -123,9 +123,11 @@ def sim_to_real(outputs, next_states, embed, tau, kinds=None):
     if ok:
         e_pred = embed([predicted[i] for i in ok], cache=False)
         e_real = embed([next_states[i] for i in ok])
+        # ---- EXERCISE 1: the sim-to-real gap reward (paper Sec. 3.2) ----
         # ALGO LOGIC. Eq. sim-to-real gap reward: d = 1 - cos(E(s_hat), E(s)); r = 1[d < tau_d]
         cos = (e_pred * e_real).sum(-1)
         reward = ((1 - cos) < tau).float()
+        # ---- END EXERCISE 1 ----
         for j, i in enumerate(ok):
             records[i] = dict(reward=reward[j].item(), similarity=cos[j].item(), format=True)
     return records
@@ -152,8 +154,11 @@ def rouge_reward(prediction, reference):
 
     if prediction is None:
         return 0.0
+    # ---- EXERCISE 2: the ROUGE reward of tool responses (paper Sec. 3.2) ----
+    # Eq. τ² tool-response reward: ROUGE-L F1 against the schema-masked answer, rounded to the nearest 0.2
     f1 = rouge_scorer.RougeScorer(["rougeL"]).score(reference, prediction)["rougeL"].fmeasure
-    return round(f1 * 5) / 5  # Eq. τ² tool-response reward: ROUGE-L F1 against the schema-masked answer, to 0.2
+    return round(f1 * 5) / 5
+    # ---- END EXERCISE 2 ----
 
 
 JUDGE_PROMPT = """You compare a predicted next state of an environment with the real one.

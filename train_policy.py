@@ -80,8 +80,10 @@ def turn_batch(episodes, G):
     """Episodes in groups of G (one game each, in order) -> the agent turns to train on, their advantages,
     and the number of groups without signal."""
     adv, no_signal = group_advantages([float(ep.won) for ep in episodes], G)  # reward: 1 if won else 0
+    # ---- EXERCISE 9: the multi-turn advantage assignment (paper Sec. 3.3) ----
     # Eq. multi-turn GRPO (gamma = 1, terminal reward): A_{i,t} = A_i for every turn t of episode i
     turns = [(seq, a) for ep, a in zip(episodes, adv.tolist()) for seq in ep.seqs if seq is not None and a != 0]
+    # ---- END EXERCISE 9 ----
     return [s for s, _ in turns], [a for _, a in turns], no_signal
 
 

@@ -167,8 +167,10 @@ def wm_heldout(model, tok, heldout, embed, tau, args):
 
 def sft_target(tok, triplet):
     """WM SFT's target tokens: an empty thought, then the real next state, then end of turn."""
+    # ---- EXERCISE 8: the WM SFT target (paper Sec. 3.2) ----
     text = f"<think> </think><next_state>{triplet['next_state']}</next_state>"
     return tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    # ---- END EXERCISE 8 ----
 
 
 def sft_update(model, optimizer, seqs, args):
@@ -223,8 +225,11 @@ def run_filter(args, triplets, model, tok, embed):
             append_jsonl(f, rows)
             scored += rows
     rng = random.Random(args.seed)
+    # ---- EXERCISE 7: the easy-triplet filter (paper Sec. 3.2) ----
+    # Eq. easy triplet: mean reward of its K predictions >= tau_easy; easy ones are kept with probability keep_easy
     easy = [s["filter_reward"] >= args.tau_easy for s in scored]
     kept = [s for s, e in zip(scored, easy) if not e or rng.random() < args.keep_easy]
+    # ---- END EXERCISE 7 ----
     write_jsonl(out / "triplets.filtered.jsonl", kept)
     stats = dict(
         triplets=len(scored),

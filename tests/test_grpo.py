@@ -2,6 +2,7 @@
 
 import argparse
 import copy
+import math
 
 import pytest
 import torch
@@ -43,6 +44,25 @@ def test_clipped_objective_gradient_sign_and_clipping(a):
     loss, s = grpo_loss(logp, old, None, torch.tensor([a]), mask, 0.2, 0.0, torch.tensor([2.0]))
     loss.backward()
     assert logp.grad.abs().sum() == 0 and s["clipfrac"] == 2
+
+
+def test_k3_kl_by_hand():
+    logp, ref = torch.tensor([[-1.0, -0.5]]), torch.tensor([[-2.0, -0.5]])
+    loss, s = grpo_loss(logp, logp, ref, torch.tensor([0.0]), torch.ones(1, 2), 0.2, 1.0, torch.tensor([1.0]))
+    k3 = math.exp(-1) - (-1) - 1  # e^(ref - logp) - (ref - logp) - 1 at ref - logp = -1; 0 where they agree
+    assert s["kl"] == pytest.approx(k3, rel=1e-6) and loss.item() == pytest.approx(k3, rel=1e-6)  # A = 0: beta KL
+
+
+def test_loss_normalisation_token_mean_and_sequence_mean(tiny):
+    """At the update's first pass the ratio is 1, so the loss is -sum_i A_i |o_i| / norm_i: with completions of
+    2 and 4 tokens and A = (1, 0.5), -(2 + 2) / 6 as a token mean and -(1 + 0.5) / 2 as a sequence mean."""
+    model, tok = copy.deepcopy(tiny[0]), tiny[1]
+    add_lora(model, rank=4)
+    seqs = [(tok("a b c")["input_ids"], [300, 301]), (tok("d e")["input_ids"], [302, 303, 304, 305])]
+    for token_mean, expected in [(True, -4 / 6), (False, -0.75)]:
+        args = args_for(micro_batch=1, ppo_epochs=1, token_mean=token_mean)  # one micro-batch a sequence
+        stats = grpo_update(model, torch.optim.SGD(model.parameters(), lr=0.0), seqs, [1.0, 0.5], args)
+        assert stats["loss"] == pytest.approx(expected, rel=1e-5), token_mean
 
 
 def test_kl_zero_and_ratio_one_when_policy_old_and_reference_coincide(tiny):

@@ -1,0 +1,217 @@
+"""The course kit: a student copy of the project with the paper's equations cut out, and its grader.
+
+    python course/exercises.py make ../rwml-student   # (make exercises) the copy, with EXERCISES.md
+    python course/exercises.py grade                  # (make grade, in the copy) one line an exercise, a total
+    python course/exercises.py fill ../rwml-student   # put the reference blocks back (the solution key;
+                                                      # --only 1 3: those exercises)
+
+An exercise is a block of the reference code between two marker comments:
+
+    # ---- EXERCISE 4: the clipped surrogate (paper Sec. 3.2) ----
+    # Eq. GRPO clipped surrogate: ...
+    ratio = ...
+    # ---- END EXERCISE 4 ----
+
+The student copy keeps the markers and the block's comment lines (the equation) and replaces its code by
+`raise NotImplementedError("Exercise 4: the clipped surrogate, see paper Sec. 3.2")`. The graders are the
+project's own tests (hand-computed values and properties on real tensors, the real tiny model and
+embedder): the copy holds no answer.
+"""
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCES = ("reward.py", "grpo.py", "train_wm.py", "train_policy.py")  # the files that hold exercise blocks
+BLOCK = re.compile(
+    r"^(?P<indent>[ \t]*)# ---- EXERCISE (?P<n>\d+): (?P<title>.+) \(paper (?P<sec>Sec\. [\d.]+)\) ----\n"
+    r"(?P<body>.*?)"
+    r"^(?P=indent)# ---- END EXERCISE (?P=n) ----\n",
+    re.M | re.S,
+)
+
+# what each exercise asks, and the tests that grade it, in the suggested order: the reward, the advantages and
+# the GRPO loss, the world model's data and target, the policy's turns; then the whole pipeline runs
+EXERCISES = {
+    1: (
+        "Score predictions that have tags: from the unit embeddings `e_pred`, `e_real` compute the cosine `cos` and "
+        "the reward `reward` (a float tensor, 1 where the distance 1 - cos is below `tau`).",
+        [
+            "tests/test_reward.py::test_identical_next_state_scores_1_unrelated_0_missing_tags_0",
+            "tests/test_reward.py::test_threshold_is_on_the_distance",
+            "tests/test_reward.py::test_real_next_states_are_embedded_once_and_predictions_not_kept",
+        ],
+    ),
+    2: (
+        "Return the ROUGE-L F1 of the prediction against the reference (the `rouge_score` package), rounded to "
+        "the nearest multiple of 0.2.",
+        ["tests/test_reward.py::test_rouge_is_rounded_to_fifths"],
+    ),
+    3: (
+        "From the rewards `r`, one row per group of G, compute `adv`: each reward minus its group's mean, divided "
+        "by the group's (unbiased) standard deviation plus `eps`.",
+        ["tests/test_grpo.py::test_group_advantages_by_hand"],
+    ),
+    4: (
+        "Compute the per-token ratio `ratio` = pi / pi_old from the log-probabilities and the clipped surrogate "
+        "`surrogate` = min(ratio A, clip(ratio, 1 - eps, 1 + eps) A), A broadcast over each row's tokens.",
+        ["tests/test_grpo.py::test_clipped_objective_gradient_sign_and_clipping"],
+    ),
+    5: (
+        "Compute `kl`, the k3 estimate of KL(pi || pi_ref) per token (zeros when there is no reference).",
+        [
+            "tests/test_grpo.py::test_k3_kl_by_hand",
+            "tests/test_grpo.py::test_kl_zero_and_ratio_one_when_policy_old_and_reference_coincide",
+        ],
+    ),
+    6: (
+        "Compute `norm`, each sequence's divisor of its summed token losses: the batch's completion tokens "
+        "(token mean) or its own length times the number of sequences (sequence mean), over all ranks.",
+        [
+            "tests/test_grpo.py::test_loss_normalisation_token_mean_and_sequence_mean",
+            "tests/test_grpo.py::test_grpo_on_a_verifiable_reward_raises_the_mean_reward",
+            "tests/test_grpo.py::test_checkpoint_resume_restores_step_optimizer_and_adapters",
+        ],
+    ),
+    7: (
+        "Mark each scored triplet easy or not (`easy`) and keep the hard ones and, with probability `keep_easy` "
+        "(one `rng.random()` draw per easy triplet, in order), the easy ones (`kept`).",
+        ["tests/test_train_wm.py::test_filter_keeps_hard_triplets_and_a_tenth_of_easy_ones"],
+    ),
+    8: (
+        "Return WM SFT's target token ids: an empty thought, the real next state in its tags, the end of turn.",
+        [
+            "tests/test_train_wm.py::test_sft_target_is_an_empty_thought_then_the_real_next_state",
+            "tests/test_train_wm.py::test_sft_lowers_the_loss_on_its_batch",
+        ],
+    ),
+    9: (
+        "Give every agent turn of an episode the episode's advantage: `turns`, the (sequence, advantage) pairs "
+        "of all episodes in order, leaving out turns without tokens and episodes whose advantage is 0.",
+        [
+            "tests/test_train_policy.py::test_every_turn_gets_its_episodes_advantage",
+            "tests/test_train_policy.py::test_a_group_where_every_episode_fails_gives_nothing_to_train",
+        ],
+    ),
+}
+
+
+def stub(m):
+    """A block as the student gets it: its comment lines, then a NotImplementedError naming it."""
+    comments = [line for line in m["body"].splitlines(keepends=True) if line.strip().startswith("#")]
+    raise_line = f'{m["indent"]}raise NotImplementedError("Exercise {m["n"]}: {m["title"]}, see paper {m["sec"]}")\n'
+    return m[0].replace(m["body"], "".join(comments) + raise_line)
+
+
+def blocks(root):
+    """{exercise number: (file, the marked block's text)} of a tree."""
+    return {int(m["n"]): (f, m[0]) for f in SOURCES for m in BLOCK.finditer((Path(root) / f).read_text())}
+
+
+def make(out):
+    """The student copy of the project's tracked files, every exercise block stubbed, with EXERCISES.md."""
+    out = Path(out)
+    if out.exists():
+        raise SystemExit(f"error: {out} exists: give the student copy a new folder")
+    git = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    if git.returncode:
+        raise SystemExit(f"error: {ROOT} is not a git checkout: the student copy is made of the files git tracks")
+    files = git.stdout.split()
+    for f in files:
+        (out / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / f, out / f)
+    for f in SOURCES:
+        (out / f).write_text(BLOCK.sub(stub, (ROOT / f).read_text()))
+    (out / "EXERCISES.md").write_text(exercises_md(blocks(ROOT)))
+    print(f"student copy with {len(EXERCISES)} exercises -> {out} (see {out}/EXERCISES.md)")
+
+
+def fill(student, only=None):
+    """Put the reference blocks back into a student copy (only those of the exercise numbers `only`)."""
+    reference = blocks(ROOT)
+    put = lambda m: reference[int(m["n"])][1] if only is None or int(m["n"]) in only else m[0]
+    for f in SOURCES:
+        path = Path(student) / f
+        path.write_text(BLOCK.sub(put, path.read_text()))
+
+
+def exercises_md(reference):
+    lines = [
+        "# Exercises: RWML and GRPO by hand\n",
+        "Each exercise is one equation of the paper, cut out of the reference implementation and marked in its file",
+        "by `# ---- EXERCISE N ----` comments: replace the `raise NotImplementedError(...)` line between them with",
+        "your code (the comments above it give the equation; the function's docstring says what goes in and out).",
+        "`make grade` runs the tests of every exercise you have started and prints one line an exercise;",
+        "`python -m pytest -q TEST` runs one test. Work in this order: the graders of later exercises run the",
+        "earlier ones (the GRPO loss needs the advantages, the update needs the loss). When every exercise",
+        "passes, `make test` runs the whole suite and `make pipeline` the whole paper on the tiny model.\n",
+    ]
+    for n, (task, graders) in EXERCISES.items():
+        f, text = reference[n]
+        m = BLOCK.match(text)
+        equation = [
+            line.strip().lstrip("# ").removeprefix("ALGO LOGIC. ")
+            for line in m["body"].splitlines()
+            if line.strip().startswith("#")
+        ]
+        lines += [f"## Exercise {n}: {m['title']} (paper {m['sec']})\n", f"In `{f}`. {task}\n"]
+        lines += ["```", *equation, "```\n"] if equation else []
+        lines += ["Graded by:", *(f"- `{g}`" for g in graders), ""]
+    return "\n".join(lines)
+
+
+def grade(root=ROOT):
+    """One line an exercise (passed / failed / not attempted) and the total; returns the number passed."""
+    found = blocks(root)
+    todo = {n for n, (_, text) in found.items() if 'raise NotImplementedError("Exercise' not in text}
+    graders = sorted({g for n in todo for g in EXERCISES[n][1]})
+    outcome = {}
+    if graders:
+        r = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "-n", "0", *graders],
+            cwd=root,
+            capture_output=True,
+            text=True,
+        )
+        for line in r.stdout.splitlines():
+            word, _, node = line.partition(" ")
+            if word in ("PASSED", "FAILED", "ERROR"):
+                outcome[node.split(" - ")[0]] = word
+    passed = 0
+    for n, (_, tests) in EXERCISES.items():
+        title = BLOCK.match(found[n][1])["title"]
+        if n not in todo:
+            status = "not attempted"
+        else:
+            runs = [o for node, o in outcome.items() if any(node == t or node.startswith(t + "[") for t in tests)]
+            ok = runs and all(o == "PASSED" for o in runs)
+            status = (
+                f"passed ({len(runs)} of {len(runs)} tests)"
+                if ok
+                else f"failed ({runs.count('PASSED')} of {len(runs)} tests)"
+            )
+            passed += bool(ok)
+        print(f"Exercise {n}: {title:<40} {status}")
+    print(f"total: {passed} of {len(EXERCISES)} exercises passed")
+    return passed
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("command", choices=["make", "grade", "fill"])
+    p.add_argument("folder", nargs="?", help="make, fill: the student copy")
+    p.add_argument("--only", type=int, nargs="+", choices=list(EXERCISES), help="fill: these exercises only")
+    p.add_argument("--seed", type=int, default=0, help="unused: nothing here is random (every script takes it)")
+    a = p.parse_args()
+    if a.command != "grade" and not a.folder:
+        raise SystemExit(f"error: {a.command} needs the student copy's folder")
+    if a.command == "make":
+        make(a.folder)
+    elif a.command == "fill":
+        fill(a.folder, a.only)
+    else:
+        grade()

@@ -1,0 +1,71 @@
+"""The course kit round trip: the student copy fails exactly its exercises' graders, `make grade` tells
+passed / failed / not attempted, and the solution key gives back the reference byte for byte (whose graders
+pass: they are this suite's own tests)."""
+
+import re
+import subprocess
+import sys
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "course"))
+from exercises import EXERCISES, blocks, fill, make  # noqa: E402
+
+
+def outcomes(folder, *tests):
+    """{test node: PASSED / FAILED / ERROR} of a pytest run in `folder`, and its output."""
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "-n", "0", *tests],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+    )
+    found = re.findall(r"^(PASSED|FAILED|ERROR) (\S+)", r.stdout, re.M)
+    return {node: word for word, node in found}, r.stdout
+
+
+def grade(folder):
+    r = subprocess.run([sys.executable, "course/exercises.py", "grade"], cwd=folder, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout.splitlines()
+
+
+def test_the_student_copy_holds_no_answer_and_fill_gives_back_the_reference(tmp_path):
+    student = tmp_path / "student"
+    make(student)
+    found, reference = blocks(student), blocks(ROOT)
+    assert sorted(found) == sorted(reference) == list(EXERCISES) == list(range(1, 10))
+    for n, (f, text) in found.items():
+        assert f'raise NotImplementedError("Exercise {n}: ' in text
+        code = [line for line in reference[n][1].splitlines()[1:-1] if not line.strip().startswith("#")]
+        assert code and not set(code) & set((student / f).read_text().splitlines()), n  # no line of the answer
+    assert all(f"## Exercise {n}:" in (student / "EXERCISES.md").read_text() for n in EXERCISES)
+    assert grade(student)[-1] == "total: 0 of 9 exercises passed"  # nothing attempted: nothing runs
+    fill(student)
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    assert [f for f in files if (student / f).read_bytes() != (ROOT / f).read_bytes()] == []
+
+
+def test_the_student_copy_fails_exactly_the_graders_and_grade_tells_each_exercise(tmp_path):
+    student = tmp_path / "student"
+    make(student)
+    graders = {g for _, tests in EXERCISES.values() for g in tests}
+    files = sorted({g.split("::")[0] for g in graders if "test_grpo" in g or "test_reward" in g})
+    slow = sorted(g for g in graders if g.split("::")[0] not in files)  # the other files: their graders only
+    result, out = outcomes(student, *files, *slow)
+    is_grader = lambda node: any(node == g or node.startswith(g + "[") for g in graders)
+    assert {node for node, o in result.items() if o != "PASSED"} == {node for node in result if is_grader(node)}
+    assert all(any(is_grader(node) and node.startswith(g) for node in result) for g in graders)  # each one ran
+    assert out.count("NotImplementedError: Exercise") >= len(graders)
+    # a right answer to exercises 2 and 3, a wrong one to exercise 4 (no clipping), nothing else
+    fill(student, only=[2, 3])
+    grpo = (student / "grpo.py").read_text()
+    wrong = "    ratio = torch.exp(logp - old_logp)\n    surrogate = ratio * adv[:, None]\n"
+    grpo = re.sub(r'    raise NotImplementedError\("Exercise 4: [^\n]*\n', wrong, grpo)
+    (student / "grpo.py").write_text(grpo)
+    lines = grade(student)
+    assert lines[1].startswith("Exercise 2: ") and lines[1].endswith("passed (1 of 1 tests)")
+    assert lines[2].startswith("Exercise 3: ") and lines[2].endswith("passed (1 of 1 tests)")
+    assert lines[3].startswith("Exercise 4: ") and "failed" in lines[3]
+    assert all(line.endswith("not attempted") for line in lines[:1] + lines[4:9])
+    assert lines[-1] == "total: 2 of 9 exercises passed"
