@@ -147,8 +147,9 @@ def exercises_md(reference):
         "your code (the comments above it give the equation; the function's docstring says what goes in and out).",
         "`make grade` runs the tests of every exercise you have started and prints one line an exercise;",
         "`python -m pytest -q TEST` runs one test. Work in this order: the graders of later exercises run the",
-        "earlier ones (the GRPO loss needs the advantages, the update needs the loss). When every exercise",
-        "passes, `make test` runs the whole suite and `make pipeline` the whole paper on the tiny model.\n",
+        "earlier ones (the GRPO loss needs the advantages, the update needs the loss). The end-to-end tests",
+        "(the pipeline, torchrun, the RWML and Policy RL runs) use every exercise: they pass once all of them",
+        "do. Then `make test` runs the whole suite and `make pipeline` the whole paper on the tiny model.\n",
     ]
     for n, (task, graders) in EXERCISES.items():
         f, text = reference[n]
