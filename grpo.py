@@ -131,13 +131,10 @@ def collate(seqs, device):
 def completion_logprobs(model, ids, attn, P, with_entropy=False):
     """log pi(token) of every completion token, [B, C]; positions count from each row's first real token."""
     pos = (attn.cumsum(1) - 1).clamp(min=0)
-    logits = (
-        model(
-            input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=ids.shape[1] - P + 1, use_cache=False
-        )
-        .logits[:, :-1]
-        .float()
-    )  # the logits at column t predict the token at t + 1
+    out = model(
+        input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=ids.shape[1] - P + 1, use_cache=False
+    )
+    logits = out.logits[:, :-1].float()  # the logits at column t predict the token at t + 1
     # log softmax of the taken token alone: no [B, C, vocab] table of log-probabilities is kept for backward
     logp = logits.gather(-1, ids[:, P:, None]).squeeze(-1) - logits.logsumexp(-1)
     entropy = None

@@ -76,7 +76,7 @@ def memory_plan(
         grads=trainable * tb // shards,
         adam=2 * trainable * tb // shards,
         activations=activations,
-        logits=micro_batch * (completion_len + 1) * V * (B + 16),  # logits, fp32 log-softmax, its gradient
+        logits=micro_batch * (completion_len + 1) * V * (B + 16),  # logits, their fp32 copy, backward's temporaries
         kv_cache=gen_batch * (prompt_len + completion_len) * L * 2 * kv * B,
         prefill=(distinct or gen_batch) * prompt_len * (4 * h + 3 * I) * B,  # one layer's MLP over the prompts at once
     )
