@@ -54,7 +54,7 @@ def weights_changed(model, start, eta=1e-3):
     changed = total = 0
     for name, w in model.named_parameters():
         w0 = before[name]
-        # ---- EXERCISE 10: the share of weights changed (the paper's forgetting measure) ----
+        # ---- EXERCISE 10: the share of weights changed (paper, forgetting analysis) ----
         # Eq. forgetting: fraction of weights with |w - w0| > eta * |w0|
         changed += ((w - w0).abs() > eta * w0.abs()).sum().item()
         total += w0.numel()
@@ -206,7 +206,7 @@ def evaluate_wm(args, model, tok, name, out, embed):
         out / "wm_predictions.jsonl",
         [dict(id=t.get("id"), output=o, next_state=t["next_state"], **r) for t, o, r in zip(triplets, outputs, recs)],
     )
-    res = dict(name=name, triplets=len(triplets), tau=tau, embedder=args.embedder, **heldout_scores(triplets, recs))
+    res = dict(name=name, tau=tau, embedder=args.embedder, **heldout_scores(triplets, recs))  # + their number
     (out / "wm_results.json").write_text(json.dumps(res, indent=1))
     return res
 
@@ -340,8 +340,8 @@ def main(args):
         )
         print(json.dumps(mean_scores(recs)))
     else:  # every model in turn, then one table
-        for _, path in args.models:  # a folder that does not exist says so now, not after the first model's run
-            check_model(path)
+        for path in [p for _, p in args.models] + ([args.forgetting] if args.forgetting else []):
+            check_model(path)  # a folder that does not exist says so now, not after the first model's run
         if args.wm and args.val_size and args.val_size > len(read_jsonl(args.wm)):
             fail(f"--val-size {args.val_size}: {args.wm} holds only {len(read_jsonl(args.wm))} triplets")
         claim_out(

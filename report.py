@@ -53,12 +53,13 @@ def curve(rows, start, key="heldout/reward"):
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def data_lines(run):
+def data_lines(run, scored):
+    """Triplets of each collection: games, count, share of invalid actions (held-out: the `scored` first ones)."""
     lines = ["| Triplets | From games | Count | Invalid actions |", "|---|---|---|---|"]
-    for folder, what in (("warmup_data", "format warm-up"), ("collect", "training"), ("heldout", "held-out")):
+    for folder, what in (("warmup_data", "format warm-up"), ("collect", "training"), ("heldout", "held-out, scored")):
         path = run / folder / "triplets.jsonl"
         if path.exists():
-            t = read_jsonl(path)
+            t = read_jsonl(path)[: scored if folder == "heldout" else None]
             games = len({x["game"] for x in t})
             lines.append(f"| {what} | {games} | {len(t)} | {100 * sum(not x['valid'] for x in t) / len(t):.1f}% |")
     return lines
@@ -80,7 +81,9 @@ def write_report(run):
     filt = read_jsonl(run / "filter" / "metrics.jsonl")[0] if (run / "filter" / "metrics.jsonl").exists() else None
 
     md = ["# The CPU experiment: world-model learning on the tiny model", ""]
-    md += ["## Data", ""] + data_lines(run)
+    every_row = [r for rows in [warm, *(x for s in runs.values() for x in s.values())] for r in rows]
+    counts = [r["heldout/triplets"] for r in every_row if "heldout/triplets" in r]  # how many were scored
+    md += ["## Data", ""] + data_lines(run, int(counts[0]) if counts else None)
     if filt:
         md += [
             "",

@@ -169,13 +169,13 @@ def predict_and_score(model, tok, triplets, embed, tau, max_new_tokens, batch_si
 
 
 def heldout_scores(triplets, records):
-    """mean_scores of all records, then of those whose triplet's action was valid and invalid ("valid/reward",
-    "invalid/reward", ...) where the triplets say so (ALFWorld's do)."""
-    out = mean_scores(records)
+    """mean_scores of all records and their number, then the same of those whose triplet's action was valid and
+    invalid ("valid/reward", "invalid/triplets", ...) where the triplets say so (ALFWorld's do)."""
+    out = dict(mean_scores(records), triplets=len(records))
     for name, want in (("valid", True), ("invalid", False)):
         part = [r for t, r in zip(triplets, records) if t.get("valid") is want]
         if part:
-            out.update({f"{name}/{k}": v for k, v in mean_scores(part).items()})
+            out.update({f"{name}/{k}": v for k, v in mean_scores(part).items()}, **{f"{name}/triplets": len(part)})
     return out
 
 
@@ -291,8 +291,13 @@ def main(args):
         )
     if args.mode != "filter" and (args.val_size or 0) > len(heldout):
         fail(
-            f"--val-size {args.val_size}: {len(heldout)} held-out triplets; ask for at most {len(heldout)}, "
-            "or leave --val-size out to score them all"
+            f"--val-size {args.val_size}: "
+            + (
+                f"--heldout {args.heldout} holds {len(heldout)} triplets"
+                if args.heldout
+                else f"--val-frac {args.val_frac} holds out {len(heldout)} of the {len(triplets)} triplets"
+            )
+            + f"; ask for at most {len(heldout)}, or leave --val-size out to score them all"
         )
     args.tau = args.tau if args.tau is not None else default_tau(args.embedder, triplets)
     ckpt = out / "checkpoint"

@@ -26,16 +26,22 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = ("reward.py", "grpo.py", "train_wm.py", "train_policy.py")  # the files that hold exercise blocks
+SOURCES = (
+    "reward.py",
+    "grpo.py",
+    "train_wm.py",
+    "train_policy.py",
+    "evaluate.py",
+)  # the files that hold exercise blocks
 BLOCK = re.compile(
-    r"^(?P<indent>[ \t]*)# ---- EXERCISE (?P<n>\d+): (?P<title>.+) \(paper (?P<sec>Sec\. [\d.]+)\) ----\n"
+    r"^(?P<indent>[ \t]*)# ---- EXERCISE (?P<n>\d+): (?P<title>.+) \(paper,? (?P<sec>[^)]+)\) ----\n"
     r"(?P<body>.*?)"
     r"^(?P=indent)# ---- END EXERCISE (?P=n) ----\n",
     re.M | re.S,
 )
 
 # what each exercise asks, and the tests that grade it, in the suggested order: the reward, the advantages and
-# the GRPO loss, the world model's data and target, the policy's turns; then the whole pipeline runs
+# the GRPO loss, the world model's data and target, the policy's turns, forgetting; then the whole pipeline runs
 EXERCISES = {
     1: (
         "Score predictions that have tags: from the unit embeddings `e_pred`, `e_real` compute the cosine `cos` and "
@@ -44,6 +50,7 @@ EXERCISES = {
             "tests/test_reward.py::test_identical_next_state_scores_1_unrelated_0_missing_tags_0",
             "tests/test_reward.py::test_threshold_is_on_the_distance",
             "tests/test_reward.py::test_real_next_states_are_embedded_once_and_predictions_not_kept",
+            "tests/test_reward.py::test_exact_is_the_real_next_state_up_to_whitespace",
         ],
     ),
     2: (
@@ -96,6 +103,11 @@ EXERCISES = {
             "tests/test_train_policy.py::test_every_turn_gets_its_episodes_advantage",
             "tests/test_train_policy.py::test_a_group_where_every_episode_fails_gives_nothing_to_train",
         ],
+    ),
+    10: (
+        "Count the weights whose change from the start model is larger than `eta` times their start value (in "
+        "absolute value) into `changed`, and all weights into `total`, one parameter tensor at a time.",
+        ["tests/test_evaluate.py::test_weights_changed_counts_exactly_the_weights_moved_beyond_eta"],
     ),
 }
 

@@ -131,6 +131,22 @@ BAD_ARGUMENTS = [
         "model folder runs/no/checkpoint/model does not exist",
     ),
     ("evaluate.py", ["--wm", "T", "--val-size", "13", "--out", "O"], 1, "--val-size 13: "),
+    ("train_wm.py", ["--triplets", "T", "--heldout", "T", "--out", "O"], 1, "12 triplets of --heldout"),
+    (
+        "train_wm.py",
+        ["--triplets", "T", "--heldout", "O/missing.jsonl", "--out", "O"],
+        1,
+        "missing.jsonl does not exist",
+    ),
+    ("collect.py", ["--policy", "random", "--first-game", "200", "--out", "O"], 1, "--first-game 200: the train split"),
+    ("collect.py", ["--invalid-rate", "0.5", "--out", "O"], 2, "--invalid-rate is a share of the random policy's"),
+    ("collect.py", ["--policy", "random", "--invalid-rate", "2", "--out", "O"], 2, "--invalid-rate must be in [0, 1]"),
+    (
+        "evaluate.py",
+        ["--forgetting", "/no/such/start", "--model", "smollm2-135m", "--out", "O"],
+        1,
+        "model folder /no/such/start does not exist",
+    ),
 ]
 
 

@@ -11,7 +11,18 @@ from collections import Counter
 import pytest
 
 from alfworld_env import list_games, make_env, split_intro, task_type
-from collect import ROLLOUT_FIELDS, TRIPLET_FIELDS, TURN_FIELDS, act, collect, parse_action, parse_args, start
+from collect import (
+    ROLLOUT_FIELDS,
+    TRIPLET_FIELDS,
+    TURN_FIELDS,
+    act,
+    collect,
+    parse_action,
+    parse_args,
+    random_command,
+    select_games,
+    start,
+)
 from conftest import ROOT
 from runs import read_jsonl
 
@@ -182,3 +193,21 @@ def test_malformed_jsonl_names_the_line(tmp_path):
     p.write_text('{"id": 1, "state": "a"}\n{"id": 2}\n')
     with pytest.raises(SystemExit, match=r"t.jsonl:2: missing field 'state'"):
         read_jsonl(p, required=["id", "state"])
+
+
+def test_an_invalid_command_was_admissible_earlier_in_the_episode_but_is_not_now():
+    ep = start(list_games("train", 1)[0], "train", 0, seed=0, max_steps=10)
+    assert random_command(ep, 1.0)[1] == "random"  # the first turn: nothing was admissible before
+    first = list(ep.admissible)
+    act(ep, None, next(a for a in ep.admissible if a.startswith("go to")), "random")
+    command, behaviour = random_command(ep, 1.0)
+    assert behaviour == "invalid" and command in first and command not in ep.admissible
+    act(ep, None, command, behaviour)
+    assert ep.turns[-1]["valid"] is False and ep.observation == "Nothing happens."
+    assert [random_command(ep, 0.0)[1] for _ in range(20)] == ["random"] * 20  # rate 0: never
+    ep.env.close()
+
+
+def test_first_game_starts_later_in_the_splits_order():
+    assert select_games("alfworld", "train", 2, first=3) == list_games("train")[3:5]
+    assert select_games("alfworld", "train", None, first=198) == list_games("train")[198:]

@@ -34,13 +34,13 @@ def test_the_student_copy_holds_no_answer_and_fill_gives_back_the_reference(tmp_
     student = tmp_path / "student"
     make(student)
     found, reference = blocks(student), blocks(ROOT)
-    assert sorted(found) == sorted(reference) == list(EXERCISES) == list(range(1, 10))
+    assert sorted(found) == sorted(reference) == list(EXERCISES) == list(range(1, 11))
     for n, (f, text) in found.items():
         assert f'raise NotImplementedError("Exercise {n}: ' in text
         code = [line for line in reference[n][1].splitlines()[1:-1] if not line.strip().startswith("#")]
         assert code and not set(code) & set((student / f).read_text().splitlines()), n  # no line of the answer
     assert all(f"## Exercise {n}:" in (student / "EXERCISES.md").read_text() for n in EXERCISES)
-    assert grade(student)[-1] == "total: 0 of 9 exercises passed"  # nothing attempted: nothing runs
+    assert grade(student)[-1] == "total: 0 of 10 exercises passed"  # nothing attempted: nothing runs
     fill(student)
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
     assert [f for f in files if (student / f).read_bytes() != (ROOT / f).read_bytes()] == []
@@ -67,5 +67,5 @@ def test_the_student_copy_fails_exactly_the_graders_and_grade_tells_each_exercis
     assert lines[1].startswith("Exercise 2: ") and lines[1].endswith("passed (1 of 1 tests)")
     assert lines[2].startswith("Exercise 3: ") and lines[2].endswith("passed (1 of 1 tests)")
     assert lines[3].startswith("Exercise 4: ") and "failed" in lines[3]
-    assert all(line.endswith("not attempted") for line in lines[:1] + lines[4:9])
-    assert lines[-1] == "total: 2 of 9 exercises passed"
+    assert all(line.endswith("not attempted") for line in lines[:1] + lines[4:10])
+    assert lines[-1] == "total: 2 of 10 exercises passed"

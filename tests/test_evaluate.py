@@ -1,11 +1,24 @@
 """Evaluation on both ALFWorld evaluation splits with the real tiny model."""
 
+import copy
 import json
 
 import pytest
+import torch
 
-from evaluate import evaluate, evaluate_wm, main, parse_args, slug, table
+from evaluate import (
+    GENERAL_PROMPTS,
+    evaluate,
+    evaluate_wm,
+    general_drift,
+    main,
+    parse_args,
+    slug,
+    table,
+    weights_changed,
+)
 from reward import Embeddings
+from runs import read_jsonl
 
 
 def test_evaluate_writes_results_and_a_table_1_shaped_markdown(tiny, tmp_path):
@@ -78,4 +91,42 @@ def test_score_a_predictions_file(tmp_path, capsys):
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     main(parse_args(["--score", str(path)]))
-    assert json.loads(capsys.readouterr().out) == dict(reward=0.5, similarity=pytest.approx(1.0, abs=1e-5), format=0.5)
+    assert json.loads(capsys.readouterr().out) == dict(
+        reward=0.5, similarity=pytest.approx(1.0, abs=1e-5), format=0.5, exact=0.5
+    )
+
+
+def test_weights_changed_counts_exactly_the_weights_moved_beyond_eta(tiny):
+    model = tiny[0]
+    moved = copy.deepcopy(model)
+    n = sum(p.numel() for p in model.parameters())  # tied embeddings count once
+    with torch.no_grad():
+        params = dict(moved.named_parameters())
+        up = params["model.layers.0.mlp.up_proj.weight"].view(-1)
+        assert (up[:12] != 0).all()
+        up[:7] *= 1.01  # 7 weights moved by 1% of their value: counted at eta 1e-3
+        up[7:12] *= 1 + 1e-4  # 5 moved by 0.01%: not counted
+        params["model.norm.weight"][:3] += 1.0  # 3 more, in another tensor
+    assert weights_changed(model, model) == 0.0
+    assert weights_changed(moved, model, eta=1e-3) == 10 / n
+    assert weights_changed(moved, model, eta=1e-5) == 15 / n  # a smaller eta counts the 0.01% moves too
+
+
+def test_general_drift_is_zero_for_the_start_model_and_grows_when_weights_move(tiny):
+    model, tok = tiny
+    rows = read_jsonl(GENERAL_PROMPTS)[::10]  # one of each ten: every kind of prompt
+    same = general_drift(copy.deepcopy(model), model, tok, rows)
+    assert same["kl"] == pytest.approx(0.0, abs=1e-7) and same["perplexity"] == same["start_perplexity"]
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        moved.model.layers[0].mlp.up_proj.weight.mul_(1.05)
+    drift = general_drift(moved, model, tok, rows)
+    assert drift["kl"] > 1e-4 and drift["perplexity"] != drift["start_perplexity"] == same["start_perplexity"]
+    assert 1 < same["perplexity"] < 100  # fluent English for the instruct model: a reference answer is likely
+
+
+def test_the_general_prompts_cover_four_kinds_of_text():
+    rows = read_jsonl(GENERAL_PROMPTS, required=("kind", "prompt", "answer"))
+    assert len(rows) == 100 and len({r["prompt"] for r in rows}) == 100
+    assert {r["kind"] for r in rows} == {"fact", "arithmetic", "instruction", "code"}
+    assert all(r["answer"].strip() for r in rows)

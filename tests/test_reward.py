@@ -28,7 +28,7 @@ def test_identical_next_state_scores_1_unrelated_0_missing_tags_0(embed):
     recs = sim_to_real(outputs, [REAL] * 3, embed, tau=0.2)
     assert [r["reward"] for r in recs] == [1.0, 0.0, 0.0]
     assert recs[0]["similarity"] == pytest.approx(1.0, abs=1e-5) and recs[1]["similarity"] < 0.3
-    assert recs[2] == dict(reward=0.0, similarity=None, format=False)
+    assert recs[2] == dict(reward=0.0, similarity=None, format=False, exact=False)  # exact needs the tags too
     assert mean_scores(recs)["format"] == pytest.approx(2 / 3)
 
 
@@ -105,3 +105,13 @@ def test_llm_judge_reward_with_the_tiny_model_as_judge(tiny):
     assert judge(
         ["<next_state>x</next_state>"] * 3, ["y"] * 3, lambda ps: ["<score>7</score>", "I'd say 9", "<score>12</score>"]
     ) == [0.7, 0.0, 1.0]
+
+
+def test_exact_is_the_real_next_state_up_to_whitespace(embed):
+    outputs = [
+        f"<next_state>{REAL}</next_state>",
+        f"<next_state> {REAL.replace(' ', '  ')}\n</next_state>",
+        f"<next_state>{REAL[:-1]}</next_state>",
+        REAL,
+    ]
+    assert [r["exact"] for r in sim_to_real(outputs, [REAL] * 4, embed, tau=0.2)] == [True, True, False, False]

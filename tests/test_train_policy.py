@@ -1,6 +1,8 @@
 """Policy learning on real ALFWorld episodes with the real tiny model, and the whole pipeline."""
 
 import copy
+import json
+import statistics
 import subprocess
 import sys
 
@@ -132,14 +134,19 @@ def test_train_policy_skips_steps_without_signal_checkpoints_and_resumes(tmp_pat
 
 
 def test_the_pipeline_runs_end_to_end_and_prints_table_1(tmp_path):
+    """`make pipeline`'s CPU experiment at the least budget, two seeds: the arms start from the one warm-up
+    checkpoint, make equal updates on the same triplets, and the report aggregates their seeds."""
     budget = dict(
-        COLLECT="--policy random --games 1 --episodes 1 --max-steps 3",
-        FILTER="--filter-k 1 --max-new-tokens 8",
-        WM="--lora-rank 4 --batch-size 2 --max-new-tokens 8 --val-size 1 --eval-every 1",
-        RWML="--group-size 2 --max-steps 1",
-        SFT="--max-steps 1",
+        SEEDS="0 1",
+        GAMES="--games 1 --max-steps 3",
+        HELDOUT="--first-game 1 --games 2 --max-steps 2",
+        WARMUP_GAMES="--first-game 3 --games 1 --max-steps 3",
+        WARMUP="--batch-size 2 --max-steps 1",
+        FILTER="--filter-k 2 --max-new-tokens 8",
+        ARM="--batch-size 2 --lr 1e-5 --max-steps 2 --eval-every 1",
+        RWML="--group-size 2",
+        WM_FLAGS=f"--max-new-tokens 8 --micro-batch 4 --val-size 3 --heldout {tmp_path}/heldout/triplets.jsonl",
         POLICY="--lora-rank 4 --games 1 --games-per-step 1 --group-size 2 --updates 1 --max-steps 2 --max-new-tokens 8",
-        WM_EVAL="--max-new-tokens 8 --val-size 1",
         EVAL="--games 1 --runs 1 --max-steps 1 --max-new-tokens 8",
     )
     r = subprocess.run(
@@ -157,6 +164,28 @@ def test_the_pipeline_runs_end_to_end_and_prints_table_1(tmp_path):
         text=True,
     )
     assert r.returncode == 0, r.stderr[-2000:]
+    start = str(tmp_path / "warmup" / "checkpoint" / "model")
+    arms = {f"{a}_s{s}": tmp_path / "arms" / f"{a}_s{s}" for a in ("rwml", "wm_sft") for s in (0, 1)}
+    saved = {name: torch.load(f / "checkpoint" / "trainer.pt", weights_only=False) for name, f in arms.items()}
+    assert {x["args"]["model"] for x in saved.values()} == {start}  # one warm-up checkpoint for every arm
+    assert {x["args"]["triplets"] for x in saved.values()} == {str(tmp_path / "filter" / "triplets.filtered.jsonl")}
+    assert {(x["step"], x["args"]["batch_size"], x["args"]["lr"]) for x in saved.values()} == {(2, 2, 1e-5)}
+    assert {x["args"]["seed"] for name, x in saved.items() if name.startswith("rwml")} == {0, 1}
+    finals = {
+        name: [row for row in read_jsonl(f / "metrics.jsonl") if "heldout/reward" in row] for name, f in arms.items()
+    }
+    assert all(
+        [row["step"] for row in rows] == [1, 2] for rows in finals.values()
+    )  # no start evaluation: the warm-up's
+    report = (tmp_path / "report.md").read_text()
+    for arm, name in (("rwml", "RWML"), ("wm_sft", "WM SFT (continued)")):
+        xs = [finals[f"{arm}_s{s}"][-1]["heldout/similarity"] for s in (0, 1)]
+        mean, std = statistics.mean(xs), statistics.stdev(xs)
+        assert f"| {name} | 2 | 2 | " in report and f"{mean:.3f} ± {std:.3f}" in report.split(f"| {name} | 2 | 2 | ")[1]
+    forgetting = json.loads((tmp_path / "forgetting" / "forgetting.json").read_text())
+    assert forgetting["start"] == start and sorted(m["name"] for m in forgetting["models"]) == sorted(arms)
+    assert all(0 <= m["weights_changed"] <= 1 and m["kl"] >= 0 for m in forgetting["models"])
+    assert "| format warm-up | 1 | 3 |" in report and "| held-out, scored | 2 | 3 |" in report  # games, triplets
     rows = (tmp_path / "eval" / "table.md").read_text().splitlines()
     assert rows[0] == "| Method | ID (valid_seen) | OOD (valid_unseen) | AVG |"
     assert [row.split(" | ")[0] for row in rows[2:8]] == [
@@ -167,14 +196,22 @@ def test_the_pipeline_runs_end_to_end_and_prints_table_1(tmp_path):
         "| WM SFT + Policy RL",
         "| RWML + Policy RL",
     ]
-    assert rows[0] in r.stdout and (tmp_path / "wm_eval" / "wm_table.md").exists()
-    for stage in (
-        "collect",
-        "rwml",
-        "wm_sft",
-        "policy_rl",
-        "wm_sft_policy_rl",
-        "rwml_policy_rl",
-        "eval/rwml_policy_rl",
-    ):
+    assert rows[0] in report and "report.md" in r.stdout and (tmp_path / "report.png").exists()
+    for stage in ("collect", "heldout", "warmup", "arms/rwml_s1", "arms/wm_sft_s0", "policy_rl", "eval/rwml_policy_rl"):
         assert (tmp_path / stage / "metrics.png").exists(), stage
+
+
+def test_make_pipeline_budget_paper_runs_the_papers_protocol_on_alfworld():
+    """BUDGET=paper: every stage once and Table 1 (the stages run in the test above and their own tests)."""
+    r = subprocess.run(
+        ["make", "-n", "pipeline", "PYTHON=python", "BUDGET=paper", "MODEL=Qwen/Qwen2.5-7B-Instruct"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    steps = [line.split()[1:3] for line in r.stdout.splitlines() if line.startswith("python ") and ".py" in line]
+    assert [s[0] for s in steps] == ["collect.py", "evaluate.py"] + ["train_wm.py"] * 3 + ["train_policy.py"] * 3 + [
+        "evaluate.py"
+    ] * 2
+    assert "--embedder Qwen/Qwen3-Embedding-8B" in r.stdout and "--runs 3" in r.stdout

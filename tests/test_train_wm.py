@@ -4,6 +4,7 @@ import copy
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import train_wm
@@ -107,3 +108,18 @@ def test_a_malformed_triplets_file_is_a_one_line_error(tmp_path):
         and r.stderr.strip()
         == f"error: {bad}:2: malformed JSON line (Expecting property name enclosed in double quotes)"
     )
+
+
+def test_heldout_scores_split_valid_and_invalid_actions():
+    triplets = [dict(valid=True), dict(valid=False), dict(valid=False)]
+    records = [
+        dict(reward=1.0, similarity=0.9, format=True, exact=True),
+        dict(reward=0.0, similarity=0.1, format=True, exact=False),
+        dict(reward=1.0, similarity=0.95, format=True, exact=False),
+    ]
+    s = train_wm.heldout_scores(triplets, records)
+    assert s["reward"] == pytest.approx(2 / 3) and s["exact"] == pytest.approx(1 / 3)
+    assert s["valid/reward"] == 1.0 and s["valid/exact"] == 1.0
+    assert s["invalid/reward"] == 0.5 and s["invalid/similarity"] == pytest.approx(0.525) and s["invalid/exact"] == 0
+    assert s["triplets"] == 3 and s["valid/triplets"] == 1 and s["invalid/triplets"] == 2
+    assert set(train_wm.heldout_scores([{}] * 3, records)) == {"reward", "similarity", "format", "exact", "triplets"}
