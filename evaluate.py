@@ -56,7 +56,7 @@ def weights_changed(model, start, eta=1e-3):
         w0 = before[name]
         # ---- EXERCISE 10: the share of weights changed (paper, forgetting analysis) ----
         # Eq. forgetting: fraction of weights with |w - w0| > eta * |w0|
-        changed += ((w - w0).abs() > eta * w0.abs()).sum().item()
+        changed += ((w.float() - w0.float()).abs() > eta * w0.float().abs()).sum().item()
         total += w0.numel()
         # ---- END EXERCISE 10 ----
     return changed / total
@@ -96,13 +96,12 @@ def general_drift(model, start, tok, rows, batch_size=8):
 def forgetting(args):
     """Every --model against --forgetting (their start): weights changed, KL and perplexity on general prompts."""
     rows = read_jsonl(args.prompts, required=("prompt", "answer"))
-    start, tok = load_model(args.forgetting, dtype="fp32")
+    start, tok = load_model(args.forgetting, dtype=args.dtype)
+    shapes = lambda m: {name: w.shape for name, w in m.named_parameters()}
     results = []
     for name, path in args.models:
-        model, _ = load_model(path, dtype="fp32")
-        if model.config.vocab_size != start.config.vocab_size or set(dict(model.named_parameters())) != set(
-            dict(start.named_parameters())
-        ):
+        model, _ = load_model(path, dtype=args.dtype)
+        if shapes(model) != shapes(start):
             fail(f"{path} is not the architecture of --forgetting {args.forgetting}: its weights cannot be compared")
         results.append(
             dict(name=name, path=path, weights_changed=weights_changed(model, start, args.eta))
@@ -113,18 +112,15 @@ def forgetting(args):
 
 
 def forgetting_table(res):
-    lines = [
-        f"| Model | Weights changed (η = {res['eta']:g}) | KL from start (nats/token) | Perplexity (start {{}}) |",
-        "|---|---|---|---|",
-    ]
-    lines[0] = lines[0].format(f"{res['models'][0]['start_perplexity']:.2f}")
-    return "\n".join(
-        lines
-        + [
-            f"| {m['name']} | {100 * m['weights_changed']:.2f}% | {m['kl']:.4f} | {m['perplexity']:.2f} |"
-            for m in res["models"]
-        ]
+    ppl = res["models"][0]["start_perplexity"]
+    head = (
+        f"| Model | Weights changed (η = {res['eta']:g}) | KL from start (nats/token) | Perplexity (start {ppl:.2f}) |"
     )
+    rows = [
+        f"| {m['name']} | {100 * m['weights_changed']:.2f}% | {m['kl']:.4f} | {m['perplexity']:.2f} |"
+        for m in res["models"]
+    ]
+    return "\n".join([head, "|---|---|---|---|", *rows])
 
 
 def parse_args(argv=None):

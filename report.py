@@ -38,12 +38,13 @@ def cell(xs, scale=1.0, digits=3):
 
 
 def arm_runs(run):
-    """{arm: {seed: metrics rows}} of the arms found in run/arms, in ARMS order."""
+    """{arm: {seed: metrics rows}} of the arms in run/arms that have held-out scores, in ARMS order."""
     found = {}
     for folder in sorted((run / "arms").glob("*_s*")):
         arm, _, seed = folder.name.rpartition("_s")
-        if (folder / "metrics.jsonl").exists():
-            found.setdefault(arm, {})[int(seed)] = read_jsonl(folder / "metrics.jsonl")
+        rows = read_jsonl(folder / "metrics.jsonl") if (folder / "metrics.jsonl").exists() else []
+        if any("heldout/reward" in r for r in rows):  # a run still in its first updates is left out
+            found.setdefault(arm, {})[int(seed)] = rows
     return {a: found[a] for a in [*ARMS, *sorted(set(found) - set(ARMS))] if a in found}
 
 
@@ -124,7 +125,20 @@ def write_report(run):
     md += ["", "![report](report.png)"]
     judges = [a for a in runs if a.startswith("rwml_judge")]
     if judges:
-        md.append("![judge](judge.png)")
+        md += ["", "## Reward hacking: what the judge pays for and what matches (mean over seeds)", ""]
+        md += [
+            "| Arm | Judge's reward, update 1 → last | Sim-to-real reward of the same samples | Held-out reward |",
+            "|---|---|---|---|",
+        ]
+        for a in judges:
+            updates = [[r for r in rows if "train/optimised_reward" in r] for rows in runs[a].values()]
+            change = lambda key: " → ".join(f"{statistics.mean(u[i][key] for u in updates):.3f}" for i in (0, -1))
+            held = statistics.mean(r["heldout/reward"] for r in final[a])
+            md.append(
+                f"| {ARMS.get(a, a)} | {change('train/optimised_reward')} | {change('train/reward')} | "
+                f"{start['reward']:.3f} → {held:.3f} |"
+            )
+        md += ["", "![judge](judge.png)"]
     (run / "report.md").write_text("\n".join(md) + "\n")
     plot_report(run, runs, start0, final, forget, judges)
     print("\n".join(md))
