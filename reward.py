@@ -174,15 +174,19 @@ How well does the prediction match the real next state in meaning? Answer with o
 <score></score> tags."""
 
 
+JUDGE_REPLY = "<score>"  # the judge's reply is started with this (prefilled), so that a small judge writes a number
+
+
 def judge(outputs, next_states, ask, binarise_at=None):
-    """LLM-as-a-judge reward (the paper's ablation): `ask(prompts) -> texts` is any local model's sampler.
+    """LLM-as-a-judge reward (the paper's ablation): `ask(prompts) -> texts` is any local model's sampler, whose
+    texts continue a reply that starts with JUDGE_REPLY (or hold the whole <score>N</score> verdict).
     The score 0-10 becomes a reward in [0, 1], or 0/1 at `binarise_at`; an unreadable verdict is 0."""
     predicted = [parse_next_state(o) for o in outputs]
     todo = [i for i, p in enumerate(predicted) if p is not None]
     verdicts = ask([JUDGE_PROMPT.format(real=next_states[i], pred=predicted[i]) for i in todo]) if todo else []
     rewards = [0.0] * len(outputs)
     for i, v in zip(todo, verdicts):
-        m = re.search(r"<score>\s*(\d+(?:\.\d+)?)\s*</score>", v)
+        m = re.search(r"<score>\s*(\d+(?:\.\d+)?)", JUDGE_REPLY + v)
         score = min(float(m.group(1)), 10.0) / 10 if m else 0.0
         rewards[i] = float(score >= binarise_at) if binarise_at is not None else score
     return rewards

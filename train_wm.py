@@ -50,7 +50,16 @@ from grpo import (
 )
 from lm import TINY_MODEL, chat_prompt, generate, load_model, load_tokenizer, sample
 from memory import fit_memory, peak_memory
-from reward import DEFAULT_EMBEDDER, Embeddings, default_tau, judge, mean_scores, sim_to_real, wm_prompt
+from reward import (
+    DEFAULT_EMBEDDER,
+    JUDGE_REPLY,
+    Embeddings,
+    default_tau,
+    judge,
+    mean_scores,
+    sim_to_real,
+    wm_prompt,
+)
 from runs import append_jsonl, open_step_log, plot_metrics, read_jsonl, resume_jsonl, set_seed, write_jsonl
 
 FIELDS = ("id", "task", "history", "state", "action", "next_state")  # what a triplet needs here
@@ -327,8 +336,8 @@ def main(args):
     embed = Embeddings(args.embedder, dtype=args.embed_dtype)
     if args.reward != "embedding":  # the judge's verdicts replace the sim-to-real reward in RWML's update
         jm, jt = load_model(args.judge_model, dtype=args.dtype)  # a frozen judge, never the model being trained
-        ask = lambda prompts: generate(
-            jm, jt, [chat_prompt(jt, p) for p in prompts], 16, temperature=0, batch_size=args.gen_batch
+        ask = lambda prompts: generate(  # the judge's reply is prefilled with JUDGE_REPLY: it writes the score
+            jm, jt, [chat_prompt(jt, p) + JUDGE_REPLY for p in prompts], 8, temperature=0, batch_size=args.gen_batch
         )
     if rank == 0:
         write_jsonl(out / "heldout.jsonl", heldout)

@@ -2,7 +2,17 @@
 
 import pytest
 
-from reward import Embeddings, calibrate, judge, mean_scores, parse_next_state, rouge_reward, sim_to_real, wm_prompt
+from reward import (
+    JUDGE_REPLY,
+    Embeddings,
+    calibrate,
+    judge,
+    mean_scores,
+    parse_next_state,
+    rouge_reward,
+    sim_to_real,
+    wm_prompt,
+)
 
 REAL = "You open the fridge 1. The fridge 1 is open. In it, you see a apple 1, a egg 2, and a lettuce 1."
 
@@ -96,15 +106,19 @@ def test_llm_judge_reward_with_the_tiny_model_as_judge(tiny):
     from lm import chat_prompt, generate
 
     model, tok = tiny
-    ask = lambda prompts: generate(model, tok, [chat_prompt(tok, p) for p in prompts], 16, temperature=0)
+    ask = lambda prompts: generate(model, tok, [chat_prompt(tok, p) + JUDGE_REPLY for p in prompts], 8, temperature=0)
     outputs = [f"<next_state>{REAL}</next_state>", "no tags"]
     real = judge(outputs, [REAL, REAL], ask)
     binary = judge(outputs, [REAL, REAL], ask, binarise_at=0.5)
-    assert 0 <= real[0] <= 1 and real[1] == 0.0 and binary[0] in (0.0, 1.0) and binary[1] == 0.0
-    # a verdict is read from its tags; anything else is 0
+    assert 0 < real[0] <= 1 and real[1] == 0.0 and binary[0] in (0.0, 1.0) and binary[1] == 0.0  # prefilled: a number
+    unfilled = lambda prompts: generate(model, tok, [chat_prompt(tok, p) for p in prompts], 16, temperature=0)
+    assert judge(outputs[:1], [REAL], unfilled) == [0.0]  # without the prefill the tiny judge writes no score
+    # a verdict is read from the prefilled reply's continuation or from whole tags; anything else is 0
     assert judge(
-        ["<next_state>x</next_state>"] * 3, ["y"] * 3, lambda ps: ["<score>7</score>", "I'd say 9", "<score>12</score>"]
-    ) == [0.7, 0.0, 1.0]
+        ["<next_state>x</next_state>"] * 4,
+        ["y"] * 4,
+        lambda ps: [" 8</score>", "<score>7</score>", "I'd say 9", "<score>12</score>"],
+    ) == [0.8, 0.7, 0.0, 1.0]
 
 
 def test_exact_is_the_real_next_state_up_to_whitespace(embed):
