@@ -24,7 +24,8 @@ install:
 # whose commands are admissible elsewhere in the episode but not now (a stand-in for the paper's self-play
 # agent, 59% of whose actions are invalid).
 #   make ablations      the paper's ablations on the same data and warm-up: RWML with the LLM-as-judge reward
-#                       (score / 10 and score >= 5) and RWML without the easy-triplet filter
+#                       (score / 10 and score >= 5) and RWML without the easy-triplet filter (~80 min on 2 cores:
+#                       per seed 10.5, 9 and 5 min)
 # On a GPU, the paper's protocol (every stage once, then Table 1 of six models):
 #   make pipeline MODEL=Qwen/Qwen2.5-7B-Instruct BUDGET=paper   the paper's settings (README: on a GPU)
 #   make pipeline ENV=tau2 [BUDGET=paper]   the same on τ²-bench: Table 2 (Retail / Telecom / Airline / AVG);

@@ -31,8 +31,11 @@ def mean_std(xs):
 
 
 def cell(xs, scale=1.0, digits=3):
+    """mean ± std of a score over seeds (one seed: its value)."""
     if not xs:
         return "–"
+    if len(xs) == 1:
+        return f"{scale * xs[0]:.{digits}f}"
     m, s = mean_std([scale * x for x in xs])
     return f"{m:.{digits}f} ± {s:.{digits}f}"
 
