@@ -34,7 +34,7 @@ import torch
 from checks import at_least, check_model, claim_out, distance_threshold, fail, parser, positive
 from collect import add_play_args, play_settings, record_episodes, select_games
 from episode import summary
-from grpo import collate
+from grpo import collate, completion_logits
 from lm import TINY_MODEL, chat_prompt, load_model
 from reward import DEFAULT_EMBEDDER, Embeddings, calibrate, default_tau, mean_scores, sim_to_real
 from runs import plot_metrics, read_jsonl, write_jsonl
@@ -62,13 +62,6 @@ def weights_changed(model, start, eta=1e-3):
     return changed / total
 
 
-def answer_logprobs(model, ids, attn, P):
-    """log-softmax over the vocabulary at every answer position, [B, C, vocab] (no gradients: evaluation)."""
-    pos = (attn.cumsum(1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=ids.shape[1] - P + 1)
-    return out.logits[:, :-1].float().log_softmax(-1)
-
-
 @torch.no_grad()
 def general_drift(model, start, tok, rows, batch_size=8):
     """Drift on general text: the mean per-token KL(start || model) on the reference answers of `rows`
@@ -85,7 +78,8 @@ def general_drift(model, start, tok, rows, batch_size=8):
     for i in range(0, len(seqs), batch_size):
         ids, attn, P = collate(seqs[i : i + batch_size], device)
         mask, target = attn[:, P:].float(), ids[:, P:, None]
-        logq, logp = answer_logprobs(model, ids, attn, P), answer_logprobs(start, ids, attn, P)
+        logq = completion_logits(model, ids, attn, P).log_softmax(-1)  # [B, C, vocab]
+        logp = completion_logits(start, ids, attn, P).log_softmax(-1)
         kl += ((logp.exp() * (logp - logq)).sum(-1) * mask).sum().item()  # KL(start || model) per token
         nll -= (logq.gather(-1, target).squeeze(-1) * mask).sum().item()
         nll_start -= (logp.gather(-1, target).squeeze(-1) * mask).sum().item()

@@ -128,13 +128,19 @@ def collate(seqs, device):
     return ids.to(device), attn.to(device), P
 
 
-def completion_logprobs(model, ids, attn, P, with_entropy=False):
-    """log pi(token) of every completion token, [B, C]; positions count from each row's first real token."""
+def completion_logits(model, ids, attn, P):
+    """The logits that predict every completion token, [B, C, vocab] in fp32 (collate's layout); positions
+    count from each row's first real token."""
     pos = (attn.cumsum(1) - 1).clamp(min=0)
     out = model(
         input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=ids.shape[1] - P + 1, use_cache=False
     )
-    logits = out.logits[:, :-1].float()  # the logits at column t predict the token at t + 1
+    return out.logits[:, :-1].float()  # the logits at column t predict the token at t + 1
+
+
+def completion_logprobs(model, ids, attn, P, with_entropy=False):
+    """log pi(token) of every completion token, [B, C]."""
+    logits = completion_logits(model, ids, attn, P)
     # log softmax of the taken token alone: no [B, C, vocab] table of log-probabilities is kept for backward
     logp = logits.gather(-1, ids[:, P:, None]).squeeze(-1) - logits.logsumexp(-1)
     entropy = None
