@@ -71,6 +71,7 @@ WARMUP_GAMES ?= --first-game 24 --games 8 --max-steps 8# format warm-up triplets
 WARMUP ?= --batch-size 8 --lr 1e-4 --max-steps 8
 FILTER ?= --filter-k 4 --max-new-tokens 48
 ARM ?= --batch-size 4 --lr 1e-5 --max-steps 6 --eval-every 3# every arm: same updates, triplets, optimiser
+FORGETTING ?=# e.g. --prompts FILE: other general prompts than data/general_prompts.jsonl
 RWML ?= --group-size 4
 WM_FLAGS ?= --max-new-tokens 48 --micro-batch 4 --val-size 64 --heldout $(OUT)/heldout/triplets.jsonl
 POLICY ?= --lora-rank 8 --lr 1e-4 --games 2 --games-per-step 1 --group-size 2 --updates 1 --max-steps 4 --max-new-tokens 32
@@ -98,7 +99,7 @@ experiment:
 	  $(ARM_RUN) --mode rwml $(TRIPLETS) $(RWML) --seed $$s --out $(OUT)/arms/rwml_s$$s && \
 	  $(ARM_RUN) --mode sft $(TRIPLETS) --seed $$s --out $(OUT)/arms/wm_sft_s$$s || exit 1; \
 	done
-	$(PYTHON) evaluate.py --forgetting $(START) --out $(OUT)/forgetting \
+	$(PYTHON) evaluate.py --forgetting $(START) $(FORGETTING) --out $(OUT)/forgetting \
 		--model $(foreach s,$(SEEDS),rwml_s$(s)=$(OUT)/arms/rwml_s$(s)/$(CKPT) wm_sft_s$(s)=$(OUT)/arms/wm_sft_s$(s)/$(CKPT))
 	$(PYTHON) train_policy.py --model $(MODEL) $(POLICY) --out $(OUT)/policy_rl
 	$(PYTHON) train_policy.py --model $(OUT)/arms/wm_sft_s0/$(CKPT) $(POLICY) --out $(OUT)/wm_sft_policy_rl
@@ -116,7 +117,7 @@ ablations: install
 	  $(ARM_RUN) --mode rwml --triplets $(OUT)/collect/triplets.jsonl $(RWML) --seed $$s --out $(OUT)/arms/rwml_no_filter_s$$s \
 	  || exit 1; \
 	done
-	$(PYTHON) evaluate.py --forgetting $(START) --out $(OUT)/forgetting_ablations --model $(foreach s,$(SEEDS),\
+	$(PYTHON) evaluate.py --forgetting $(START) $(FORGETTING) --out $(OUT)/forgetting_ablations --model $(foreach s,$(SEEDS),\
 		rwml_judge_s$(s)=$(OUT)/arms/rwml_judge_s$(s)/$(CKPT) rwml_judge_binary_s$(s)=$(OUT)/arms/rwml_judge_binary_s$(s)/$(CKPT) \
 		rwml_no_filter_s$(s)=$(OUT)/arms/rwml_no_filter_s$(s)/$(CKPT))
 	$(PYTHON) evaluate.py --report $(OUT)
