@@ -130,3 +130,32 @@ def test_the_general_prompts_cover_four_kinds_of_text():
     assert len(rows) == 100 and len({r["prompt"] for r in rows}) == 100
     assert {r["kind"] for r in rows} == {"fact", "arithmetic", "instruction", "code"}
     assert all(r["answer"].strip() for r in rows)
+
+
+def test_the_report_gives_each_arm_its_mean_and_spread_over_seeds(tmp_path):
+    """`evaluate.py --report` on a run folder of known numbers: 2 seeds of RWML, 1 of WM SFT, forgetting."""
+
+    def metrics(folder, *rows):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    held = lambda step, x: {"step": step, "heldout/reward": x, "heldout/similarity": x, "heldout/triplets": 4}
+    metrics("warmup", {"step": 1, "train/loss": 1.0}, held(1, 0.1))
+    metrics("arms/rwml_s0", {"step": 1, "train/reward": 0.0}, held(2, 0.2), held(4, 0.5))
+    metrics("arms/rwml_s1", held(4, 0.7))
+    metrics("arms/wm_sft_s0", held(4, 0.25))
+    metrics("arms/wm_sft_s1", {"step": 1, "train/loss": 1.0})  # still in its first updates: left out
+    forgetting = [
+        dict(name=f"rwml_s{s}", weights_changed=w, kl=k, perplexity=p, start_perplexity=3.0)
+        for s, w, k, p in ((0, 0.1, 0.001, 3.1), (1, 0.2, 0.003, 3.3))
+    ]
+    (tmp_path / "forgetting").mkdir()
+    (tmp_path / "forgetting" / "forgetting.json").write_text(json.dumps(dict(eta=1e-3, models=forgetting)))
+    main(parse_args(["--report", str(tmp_path)]))
+    report = (tmp_path / "report.md").read_text().splitlines()
+    # the last held-out scores of each seed: RWML 0.5 and 0.7 -> 0.600 ± 0.141 (sample std); WM SFT one seed
+    assert "| RWML | 2 | 4 | 0.600 ± 0.141 | 0.600 ± 0.141 | – | – | – | – |" in report
+    assert "| WM SFT (continued) | 1 | 4 | 0.250 | 0.250 | – | – | – | – |" in report
+    assert "| warm-up checkpoint (start of every arm) | – | 0 | 0.100 | 0.100 | – | – | – | – |" in report
+    assert "| RWML | 15.00 ± 7.07 | 0.0020 ± 0.0014 | 3.20 ± 0.14 |" in report  # weights changed in %, KL, perplexity
+    assert (tmp_path / "report.png").stat().st_size > 0
