@@ -196,7 +196,7 @@ def evaluate_wm(args, model, tok, name, out, embed):
         out / "wm_predictions.jsonl",
         [dict(id=t.get("id"), output=o, next_state=t["next_state"], **r) for t, o, r in zip(triplets, outputs, recs)],
     )
-    res = dict(name=name, tau=tau, embedder=args.embedder, **heldout_scores(triplets, recs))  # + their number
+    res = dict(name=name, tau=tau, embedder=args.embedder, **heldout_scores(triplets, recs))  # scores, "triplets"
     (out / "wm_results.json").write_text(json.dumps(res, indent=1))
     return res
 

@@ -26,13 +26,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = (
-    "reward.py",
-    "grpo.py",
-    "train_wm.py",
-    "train_policy.py",
-    "evaluate.py",
-)  # the files that hold exercise blocks
+# the files that hold exercise blocks
+SOURCES = ("reward.py", "grpo.py", "train_wm.py", "train_policy.py", "evaluate.py")
 BLOCK = re.compile(
     r"^(?P<indent>[ \t]*)# ---- EXERCISE (?P<n>\d+): (?P<title>.+) \(paper,? (?P<sec>[^)]+)\) ----\n"
     r"(?P<body>.*?)"
