@@ -34,6 +34,13 @@ def torchrun(*args, timeout=300):
     return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
 
+def failure(r):
+    """What a failed torchrun printed: each rank's first error line (a crashed rank's cause sits above the
+    tracebacks of the ranks it took down), then the tail."""
+    first = [line for line in r.stderr.splitlines() if "Error" in line or "error" in line or "terminate" in line]
+    return "\n".join(first[:10]) + "\n...\n" + r.stderr[-3000:]
+
+
 MODES = ["token-mean", "seq-mean", "fsdp"]
 
 
@@ -42,7 +49,7 @@ def ranks(tmp_path_factory):
     """The update of every mode made by two ranks: one torchrun for all (ranks start once)."""
     out = tmp_path_factory.mktemp("ranks")
     r = torchrun("tests/ddp_worker.py", str(out), *MODES)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, failure(r)
     return out
 
 
@@ -87,10 +94,10 @@ def test_torchrun_trains_the_world_model_with_fsdp_and_the_policy_with_ddp(tripl
         "--fsdp",
     ]  # full fine-tuning, sharded over the 2 ranks
     r = torchrun(*rwml, "--max-steps", "1")
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, failure(r)
     assert "FSDP over 2" in r.stdout
     r = torchrun(*rwml, "--max-steps", "2", "--resume")  # the sharded optimizer state comes back from trainer.pt
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, failure(r)
     rows = read_jsonl(tmp_path / "rwml" / "metrics.jsonl")
     assert [row["step"] for row in rows] == [0, 1, 2]  # rank 0 writes, once per step
     assert "train/reward" in rows[1] and "train/reward" in rows[2] and "heldout/reward" in rows[2]
@@ -114,7 +121,7 @@ def test_torchrun_trains_the_world_model_with_fsdp_and_the_policy_with_ddp(tripl
         "--out",
         str(tmp_path / "policy"),
     )
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, failure(r)
     rollouts = read_jsonl(tmp_path / "policy" / "rollouts.jsonl")
     assert len(rollouts) == 4 and len({(x["game"], x["episode"]) for x in rollouts}) == 4  # 2 games x G 2, from 2 ranks
     assert read_jsonl(tmp_path / "policy" / "metrics.jsonl")[0]["groups"] == 2
