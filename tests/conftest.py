@@ -27,6 +27,7 @@ SLOW_FIRST = (
 SHARED = ("mock_run", "group", "ranks")  # expensive module fixtures: their tests run on one worker, in a row
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups into the tests' ids
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(SLOW_FIRST)}
     group = {}  # item -> the shared fixture it uses
