@@ -1,5 +1,10 @@
+import io
 import os
+import runpy
+import subprocess
 import sys
+import traceback
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -7,6 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("ALFWORLD_DATA", str(ROOT.parent / "shared" / "alfworld"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests use no network: a model that is not here fails at once
 if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2` (make test): one core per worker, its subprocesses too
     os.environ["OMP_NUM_THREADS"] = "1"
     import torch
@@ -41,6 +47,34 @@ def pytest_collection_modifyitems(config, items):
         first[g] = min(first.get(g, len(SLOW_FIRST)), rank.get(item.originalname, len(SLOW_FIRST)))
     order = {item: i for i, item in enumerate(items)}
     items.sort(key=lambda item: (first[group.get(item, item)], str(group.get(item, "")), order[item]))
+
+
+def run_script(script, *argv, env=None):
+    """`python script argv` from the project's folder, in this process: its exit status, stdout and stderr as the
+    interpreter gives them (SystemExit("error: ...") printed with status 1, an exception as its traceback), without
+    the ~10 s a fresh process pays for its imports. (What needs its own process, a kill or torchrun, starts one.)"""
+    out, err, saved = io.StringIO(), io.StringIO(), (sys.argv, os.getcwd(), dict(os.environ))
+    sys.argv = [script, *map(str, argv)]
+    os.environ.update(env or {})
+    os.chdir(ROOT)
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            try:
+                runpy.run_path(script, run_name="__main__")
+                rc = 0
+            except SystemExit as e:
+                rc = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+                if isinstance(e.code, str):
+                    print(e.code, file=sys.stderr)
+            except Exception:
+                traceback.print_exc()
+                rc = 1
+    finally:
+        sys.argv, (cwd, environ) = saved[0], saved[1:]
+        os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(environ)
+    return subprocess.CompletedProcess([script, *argv], rc, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="session")

@@ -1,18 +1,17 @@
 """Bad input as a new user would type it: each case is one `error:` line, no traceback, before any model is
-loaded; non-finite numbers never reach the weights, a checkpoint or a JSONL file."""
+loaded; non-finite numbers never reach the weights, a checkpoint or a JSONL file. The scripts run in this process
+(conftest.run_script); tests/test_collect.py checks the same in real processes."""
 
 import argparse
 import copy
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from checks import MAX_SKIPPED_IN_A_ROW, SkipCounter, claim_out, json_line
-from conftest import ROOT
+from conftest import run_script
 from grpo import add_lora, grpo_update, save_checkpoint
 from lm import chat_prompt, sample
 from runs import read_jsonl
@@ -33,17 +32,6 @@ def triplets(tmp_path_factory):
     path = tmp_path_factory.mktemp("cli") / "triplets.jsonl"
     path.write_text("".join(json.dumps(dict(TRIPLET, id=f"g#0#{i}")) + "\n" for i in range(12)))
     return path
-
-
-def run(script, *argv, env=None):
-    return subprocess.run(
-        [sys.executable, str(ROOT / script), *map(str, argv)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
-        timeout=300,
-    )
 
 
 def assert_one_error_line(r, rc, message, alone=True):
@@ -156,11 +144,11 @@ def test_a_bad_argument_is_one_error_line(script, argv, rc, message, triplets, t
         str(triplets) if a == "T" else a.replace("O", str(tmp_path / "out"), 1) if a.startswith("O") else a
         for a in argv
     ]
-    assert_one_error_line(run(script, *argv), rc, message)
+    assert_one_error_line(run_script(script, *argv), rc, message)
 
 
 def test_missing_alfworld_data_is_one_error_line(tmp_path):
-    r = run("collect.py", "--policy", "random", "--out", tmp_path / "out", env={"ALFWORLD_DATA": "/nonexistent"})
+    r = run_script("collect.py", "--policy", "random", "--out", tmp_path / "out", env={"ALFWORLD_DATA": "/nonexistent"})
     assert_one_error_line(r, 1, "ALFWorld data not found: /nonexistent")
 
 
@@ -177,19 +165,21 @@ def test_missing_alfworld_data_is_one_error_line(tmp_path):
 )
 def test_bad_triplet_files_name_the_line(content, message, tmp_path):
     (tmp_path / "t.jsonl").write_text(content)
-    assert_one_error_line(run("train_wm.py", "--triplets", tmp_path / "t.jsonl", "--out", tmp_path / "out"), 1, message)
+    assert_one_error_line(
+        run_script("train_wm.py", "--triplets", tmp_path / "t.jsonl", "--out", tmp_path / "out"), 1, message
+    )
 
 
 def test_out_must_be_a_folder_of_this_stage(triplets, tmp_path):
     (tmp_path / "file").write_text("")
     assert_one_error_line(
-        run("train_wm.py", "--triplets", triplets, "--out", tmp_path / "file"),
+        run_script("train_wm.py", "--triplets", triplets, "--out", tmp_path / "file"),
         1,
         f"--out {tmp_path / 'file'} is a file, not a folder",
     )
     claim_out(tmp_path / "collected", "collect")  # what collect.py marks its --out with
     for extra in ([], ["--resume"]):  # with or without --resume: the records of two stages never mix
-        r = run("train_wm.py", "--triplets", triplets, "--out", tmp_path / "collected", *extra)
+        r = run_script("train_wm.py", "--triplets", triplets, "--out", tmp_path / "collected", *extra)
         assert_one_error_line(r, 1, "holds a `collect` run: give this `train_wm --mode rwml` run its own folder")
     assert sorted(os.listdir(tmp_path / "collected")) == ["run.json"]
     claim_out(tmp_path / "collected", "collect")  # the same stage again: fine
@@ -197,7 +187,7 @@ def test_out_must_be_a_folder_of_this_stage(triplets, tmp_path):
 
 def test_a_lost_run_stops_after_non_finite_updates_and_keeps_finite_checkpoints(triplets, tmp_path):
     """lr 1e30: the first AdamW step moves the LoRA weights by ~1e30, every later loss is NaN."""
-    r = run(
+    r = run_script(
         "train_wm.py",
         "--mode",
         "sft",

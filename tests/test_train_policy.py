@@ -11,7 +11,7 @@ import torch
 import train_policy
 from alfworld_env import list_games, make_env, task_type
 from collect import act, parse_action, play, play_settings, start, turn_prompt
-from conftest import ROOT
+from conftest import ROOT, run_script
 from grpo import add_lora, collate, completion_logprobs
 from lm import load_model
 from runs import read_jsonl
@@ -132,8 +132,19 @@ def test_train_policy_skips_steps_without_signal_checkpoints_and_resumes(tmp_pat
     assert torch.load(tmp_path / "checkpoint" / "trainer.pt", weights_only=False)["step"] == 2
 
 
+def make_commands(*args):
+    """The stage commands `make args` runs, in order, each as its argv (run with a PYTHON that prints them)."""
+    show = f"{sys.executable} -c 'import json, sys; print(json.dumps(sys.argv[1:]))'"
+    r = subprocess.run(
+        ["make", "-s", "-o", "install", *args, f"PYTHON={show}"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr
+    return [json.loads(line) for line in r.stdout.splitlines()]
+
+
 def test_the_pipeline_runs_end_to_end_and_prints_table_1(tmp_path):
-    """`make pipeline`'s CPU experiment at the least budget, one seed: both arms start from the one warm-up
+    """`make pipeline`'s CPU experiment at the least budget, one seed, its commands run in order in this process
+    (conftest.run_script: the 13 stages' imports once, not ~10 s each): both arms start from the one warm-up
     checkpoint and make equal updates on the same triplets; forgetting, Table 1 and the report follow. (The seed
     loop: the test below; the report's mean ± std over seeds: tests/test_evaluate.py.)"""
     general = read_jsonl(ROOT / "data" / "general_prompts.jsonl")
@@ -153,21 +164,9 @@ def test_the_pipeline_runs_end_to_end_and_prints_table_1(tmp_path):
         EVAL="--games 1 --runs 1 --max-steps 1 --max-new-tokens 8",
         FORGETTING=f"--prompts {prompts}",
     )
-    r = subprocess.run(
-        [
-            "make",
-            "-o",
-            "install",
-            "pipeline",
-            f"OUT={tmp_path}",
-            f"PYTHON={sys.executable}",
-            *(f"{k}={v}" for k, v in budget.items()),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
+    for argv in make_commands("pipeline", f"OUT={tmp_path}", *(f"{k}={v}" for k, v in budget.items())):
+        r = run_script(*argv)
+        assert r.returncode == 0, " ".join(argv) + "\n" + r.stderr[-2000:]
     start = str(tmp_path / "warmup" / "checkpoint" / "model")
     arms = {f"{a}_s0": tmp_path / "arms" / f"{a}_s0" for a in ("rwml", "wm_sft")}
     saved = {name: torch.load(f / "checkpoint" / "trainer.pt", weights_only=False) for name, f in arms.items()}
