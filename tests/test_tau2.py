@@ -253,7 +253,7 @@ def test_rwml_trains_on_tau2_triplets(mock_run, tmp_path):
             "--out",
             str(tmp_path),
             "--batch-size",
-            "2",
+            "1",
             "--group-size",
             "2",
             "--max-new-tokens",
@@ -268,7 +268,7 @@ def test_rwml_trains_on_tau2_triplets(mock_run, tmp_path):
             "1",
             "--grad-checkpointing",
         ]
-    )  # τ²'s states are ~2k tokens: one sequence a pass, checkpointed, keeps the update near 1 GB (4 at once: ~9 GB)
+    )  # τ²'s states are ~2k tokens: one sequence a pass, checkpointed, keeps the update near 1 GB
     rows = train_wm.main(args)
     assert args.tau == 0.4  # the paper's tau_d for τ²-bench
     assert [r["step"] for r in rows] == [0, 1] and 0 <= rows[1]["train/reward"] <= 1

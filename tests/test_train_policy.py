@@ -49,7 +49,7 @@ def group(tiny):
     won.env.close()
     assert won.won and all(t["valid"] for t in won.turns)
     args = train_policy.parse_args(
-        ["--max-steps", "3", "--max-new-tokens", "16", "--group-size", str(G), "--games-per-step", "1"]
+        ["--max-steps", "2", "--max-new-tokens", "16", "--group-size", str(G), "--games-per-step", "1"]
     )
     lost = sorted(
         play([(game, "train", i) for i in range(1, G)], model, tok, play_settings(args)), key=lambda ep: ep.index
@@ -60,7 +60,7 @@ def group(tiny):
 def test_play_keeps_the_tokens_of_every_model_turn(tiny, group):
     tok = tiny[1]
     for ep in group[1:]:
-        assert not ep.won and len(ep.turns) == len(ep.seqs) == 3
+        assert not ep.won and len(ep.turns) == len(ep.seqs) == 2
         for turn, (prompt_ids, completion_ids) in zip(ep.turns, ep.seqs):
             assert turn["output"] == tok.decode(completion_ids, skip_special_tokens=True)
             assert tok.decode(prompt_ids).endswith("assistant\n") and turn["observation"] in tok.decode(prompt_ids)
