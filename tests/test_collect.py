@@ -23,7 +23,7 @@ from collect import (
     select_games,
     start,
 )
-from conftest import ROOT
+from conftest import ROOT, run_script
 from runs import read_jsonl
 
 
@@ -114,27 +114,9 @@ def test_collect_with_the_tiny_model_writes_schema_valid_records(tiny, tmp_path)
     assert len(metrics) == 2 and (tmp_path / "metrics.png").exists()
 
 
-def run_collect(out, *extra):
-    cmd = [
-        sys.executable,
-        str(ROOT / "collect.py"),
-        "--policy",
-        "random",
-        "--split",
-        "valid_seen",
-        "--games",
-        "4",
-        "--episodes",
-        "2",
-        "--max-steps",
-        "8",
-        "--batch-games",
-        "3",
-        "--out",
-        str(out),
-        *extra,
-    ]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def collect_argv(out, *extra):
+    flags = "--policy random --split valid_seen --games 4 --episodes 2 --max-steps 8 --batch-games 3"
+    return ["collect.py", *flags.split(), "--out", str(out), *extra]
 
 
 def rollouts(path):
@@ -143,8 +125,10 @@ def rollouts(path):
 
 def test_kill_and_resume_gives_the_same_episodes_once(tmp_path):
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    assert run_collect(ref).wait() == 0
-    proc = run_collect(cut)
+    assert run_script(*collect_argv(ref)).returncode == 0  # the runs that end by themselves run in this process
+    proc = subprocess.Popen(  # the one to kill runs in its own
+        [sys.executable, *collect_argv(cut)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     while not (cut / "rollouts.jsonl").exists() or (cut / "rollouts.jsonl").read_text().count("\n") < 2:
         assert proc.poll() is None, "finished before it could be killed"
         time.sleep(0.05)
@@ -160,8 +144,8 @@ def test_kill_and_resume_gives_the_same_episodes_once(tmp_path):
         f.writelines(stray)
     with open(cut / "rollouts.jsonl", "a") as f:
         f.write('{"env": "alfworld", "game": "json_2.1.1/valid_')
-    proc = run_collect(cut, "--resume")
-    assert proc.wait() == 0, proc.stderr.read()
+    r = run_script(*collect_argv(cut, "--resume"))
+    assert r.returncode == 0, r.stderr[-2000:]
     assert rollouts(cut / "rollouts.jsonl") == rollouts(ref / "rollouts.jsonl")
     assert sorted(open(cut / "triplets.jsonl")) == sorted(open(ref / "triplets.jsonl"))
     assert len(open(cut / "metrics.jsonl").readlines()) == 8
