@@ -202,17 +202,10 @@ def test_the_pipeline_runs_end_to_end_and_prints_table_1(tmp_path):
 
 
 def test_the_experiment_trains_both_arms_once_per_seed_from_the_warm_up_checkpoint():
-    """The Makefile's seed loop, every command echoed instead of run: each seed trains RWML and WM SFT from the
+    """The Makefile's seed loop, every command printed instead of run: each seed trains RWML and WM SFT from the
     warm-up checkpoint on the filtered triplets with the same flags, and forgetting compares every arm."""
-    r = subprocess.run(
-        ["make", "-s", "-o", "install", "pipeline", "PYTHON=echo", "OUT=out", "SEEDS=0 1 2"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    lines = r.stdout.splitlines()
-    arms = [line.split() for line in lines if line.startswith("train_wm.py") and "out/arms/" in line]
+    commands = make_commands("pipeline", "OUT=out", "SEEDS=0 1 2")
+    arms = [argv for argv in commands if argv[0] == "train_wm.py" and "out/arms/" in " ".join(argv)]
     flag = lambda argv, name: argv[argv.index(name) + 1]
     assert [(flag(a, "--mode"), flag(a, "--seed"), flag(a, "--out")) for a in arms] == [
         (mode, s, f"out/arms/{arm}_s{s}") for s in "012" for mode, arm in (("rwml", "rwml"), ("sft", "wm_sft"))
@@ -221,7 +214,7 @@ def test_the_experiment_trains_both_arms_once_per_seed_from_the_warm_up_checkpoi
     shared = [[x for i, x in enumerate(a) if x not in own and (i == 0 or a[i - 1] not in own)] for a in arms]
     assert all(s == shared[0] for s in shared) and flag(shared[0], "--model") == "out/warmup/checkpoint/model"
     assert flag(shared[0], "--triplets") == "out/filter/triplets.filtered.jsonl"
-    forgetting = next(line.split() for line in lines if line.startswith("evaluate.py --forgetting"))
+    forgetting = next(argv for argv in commands if argv[:2] == ["evaluate.py", "--forgetting"])
     assert flag(forgetting, "--forgetting") == "out/warmup/checkpoint/model"
     names = forgetting[forgetting.index("--model") + 1 :]
     assert sorted(names) == sorted(
