@@ -92,6 +92,7 @@ def test_torchrun_trains_the_world_model_with_fsdp_and_the_policy_with_ddp(tripl
         "--save-every",
         "1",
         "--fsdp",
+        "--no-start-eval",
     ]  # full fine-tuning, sharded over the 2 ranks
     r = torchrun(*rwml, "--max-steps", "1")
     assert r.returncode == 0, failure(r)
@@ -99,8 +100,8 @@ def test_torchrun_trains_the_world_model_with_fsdp_and_the_policy_with_ddp(tripl
     r = torchrun(*rwml, "--max-steps", "2", "--resume")  # the sharded optimizer state comes back from trainer.pt
     assert r.returncode == 0, failure(r)
     rows = read_jsonl(tmp_path / "rwml" / "metrics.jsonl")
-    assert [row["step"] for row in rows] == [0, 1, 2]  # rank 0 writes, once per step
-    assert "train/reward" in rows[1] and "train/reward" in rows[2] and "heldout/reward" in rows[2]
+    assert [row["step"] for row in rows] == [1, 2]  # rank 0 writes, once per step
+    assert all("train/reward" in row and "heldout/reward" in row for row in rows)
     assert torch.load(tmp_path / "rwml" / "checkpoint" / "trainer.pt", weights_only=False)["step"] == 2
     r = torchrun(
         "train_policy.py",
