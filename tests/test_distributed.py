@@ -78,7 +78,7 @@ def test_torchrun_trains_the_world_model_with_fsdp_and_the_policy_with_ddp(tripl
         "--out",
         str(tmp_path / "rwml"),
         "--batch-size",
-        "3",
+        "2",
         "--group-size",
         "2",
         "--max-new-tokens",
@@ -93,7 +93,7 @@ def test_torchrun_trains_the_world_model_with_fsdp_and_the_policy_with_ddp(tripl
         "1",
         "--fsdp",
         "--no-start-eval",
-    ]  # full fine-tuning, sharded over the 2 ranks
+    ]  # full fine-tuning, sharded over the 2 ranks, a triplet each (uneven ranks: the `ranks` fixture)
     r = torchrun(*rwml, "--max-steps", "1")
     assert r.returncode == 0, failure(r)
     assert "FSDP over 2" in r.stdout

@@ -16,7 +16,7 @@ from grpo import add_lora, collate, completion_logprobs
 from lm import load_model
 from runs import read_jsonl
 
-G = 4
+G = 3
 
 
 def expert_plan(game):
@@ -71,9 +71,9 @@ def test_every_turn_gets_its_episodes_advantage(group):
     won, lost = group[0], group[1:]
     n_won, n_lost = len(won.turns), sum(len(ep.turns) for ep in lost)
     assert no_signal == 0 and len(seqs) == len(adv) == n_won + n_lost
-    # rewards 1, 0, 0, 0: mean 0.25, unbiased std 0.5 -> A = +1.5 for the won episode, -0.5 for each lost one
-    assert adv[:n_won] == pytest.approx([1.5] * n_won, abs=1e-3) and adv[n_won:] == pytest.approx(
-        [-0.5] * n_lost, abs=1e-3
+    # rewards 1, 0, 0: mean 1/3, unbiased std 1/sqrt(3) -> A = +2/sqrt(3) for the won episode, -1/sqrt(3) a lost one
+    assert adv[:n_won] == pytest.approx([2 / 3**0.5] * n_won, abs=1e-3) and adv[n_won:] == pytest.approx(
+        [-1 / 3**0.5] * n_lost, abs=1e-3
     )
     assert seqs[:n_won] == won.seqs and seqs[n_won:] == [s for ep in lost for s in ep.seqs]
 
