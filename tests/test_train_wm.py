@@ -22,7 +22,7 @@ def wm_args(triplets, out, *extra):
             "--out",
             str(out),
             "--batch-size",
-            "2",
+            "1",
             "--group-size",
             "2",
             "--max-new-tokens",
@@ -58,8 +58,7 @@ def test_sft_lowers_the_loss_on_its_batch(tiny, triplets):
 
 
 def test_rwml_runs_checkpoints_and_resumes_without_duplicate_steps(triplets, tmp_path):
-    one = ("--batch-size", "1")  # one triplet's group of G a step: the claim is the steps, not the batch
-    rows = train_wm.main(wm_args(triplets, tmp_path, *one, "--max-steps", "2", "--save-every", "1"))
+    rows = train_wm.main(wm_args(triplets, tmp_path, "--max-steps", "2", "--save-every", "1"))
     assert [r["step"] for r in rows] == [0, 1, 2]
     for k in (
         "train/reward",
@@ -77,7 +76,7 @@ def test_rwml_runs_checkpoints_and_resumes_without_duplicate_steps(triplets, tmp
     assert (tmp_path / "metrics.png").exists() and (tmp_path / "checkpoint" / "model" / "config.json").exists()
     held = read_jsonl(tmp_path / "heldout.jsonl")
     assert len(held) == round(0.1 * len(read_jsonl(triplets)))  # paper: 10% held out
-    rows = train_wm.main(wm_args(triplets, tmp_path, *one, "--max-steps", "3", "--resume"))
+    rows = train_wm.main(wm_args(triplets, tmp_path, "--max-steps", "3", "--resume"))
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     assert torch.load(tmp_path / "checkpoint" / "trainer.pt", weights_only=False)["step"] == 3
 
