@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 
-from alfworld_env import list_games, make_env, split_intro, task_type
+from alfworld_env import list_games, make_env, reuse_translations, split_intro, task_type
 from collect import (
     ROLLOUT_FIELDS,
     TRIPLET_FIELDS,
@@ -47,6 +47,29 @@ def test_expert_plan_wins_every_task_type():
         env.close()
         assert info["won"], game
         assert steps < 50
+
+
+def test_a_games_reused_translation_plays_as_a_fresh_one():
+    import fast_downward
+
+    def play(commands):  # the observations and admissible commands along the planner's winning plan
+        env = make_env(list_games("train", 1)[0], max_steps=50, expert=True)
+        obs, info = env.reset()
+        seen, done = [(obs, info["admissible_commands"])], False
+        while not done and (commands is None or len(seen) <= len(commands)):
+            cmd = info["extra.expert_plan"][0] if commands is None else commands[len(seen) - 1]
+            obs, _, done, info = env.step(cmd)
+            seen.append((cmd, obs, info["admissible_commands"]))
+        env.close()
+        assert info["won"]
+        return seen
+
+    reuse_translations()
+    fast_downward.pddl2sas.cache_clear()
+    fresh = play(None)  # translated now, then used through a whole episode
+    assert fast_downward.pddl2sas.cache_info().misses == 2
+    again = play([s[0] for s in fresh[1:]])
+    assert fast_downward.pddl2sas.cache_info().misses == 2 and again == fresh
 
 
 def test_parse_action():
