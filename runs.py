@@ -108,9 +108,11 @@ def plot_metrics(jsonl_path, png_path=None, x="step"):
     if not keys:
         return None
     cols = min(3, len(keys))
-    fig, axes = plt.subplots(
-        (len(keys) + cols - 1) // cols, cols, figsize=(4 * cols, 3 * ((len(keys) + cols - 1) // cols)), squeeze=False
-    )
+    rows_ = (len(keys) + cols - 1) // cols
+    fig, axes = plt.subplots(rows_, cols, figsize=(4 * cols, 3 * rows_), squeeze=False)
+    # margins in inches (tight_layout measures every label: a third of the time of a 30-panel figure)
+    w, h = 4 * cols, 3 * rows_
+    fig.subplots_adjust(left=0.7 / w, right=1 - 0.2 / w, bottom=0.5 / h, top=1 - 0.3 / h, wspace=0.3, hspace=0.4)
     for ax, k in zip(axes.flat, keys):
         pts = [(r.get(x, i), r[k]) for i, r in enumerate(rows) if isinstance(r.get(k), (int, float))]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 50 else None)
@@ -118,7 +120,6 @@ def plot_metrics(jsonl_path, png_path=None, x="step"):
         ax.set_xlabel(x if any(x in r for r in rows) else "record")
     for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
-    fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
     return png_path
