@@ -407,10 +407,11 @@ def open_outputs(out, resume):
 
 
 def record_episodes(
-    games, split, episodes, settings, out, resume=False, model=None, tok=None, dtype="auto", desc="collect"
+    games, split, episodes, settings, out, resume=False, model=None, tok=None, dtype="auto", desc="collect", plot=True
 ):
-    """Play `episodes` episodes of each game, append them to `out`, and return all rollout records (old and
-    new). Without `model` the model settings.model is loaded (only if an episode is left to play by it)."""
+    """Play `episodes` episodes of each game, append them to `out` (and plot its metrics.jsonl), and return all
+    rollout records (old and new). Without `model` the model settings.model is loaded (only if an episode is
+    left to play by it)."""
     set_seed(settings.seed)
     (f_roll, f_trip, f_metrics), done, rollouts = open_outputs(out, resume)
     name = (lambda g: g) if settings.env == "tau2" else game_id
@@ -444,7 +445,8 @@ def record_episodes(
     bar.close()
     for f in (f_roll, f_trip, f_metrics):
         f.close()
-    plot_metrics(Path(out) / "metrics.jsonl")
+    if plot:
+        plot_metrics(Path(out) / "metrics.jsonl")
     return rollouts
 
 

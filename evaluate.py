@@ -8,8 +8,8 @@ invalid-action (τ²: invalid tool-call) rate.
 
 --model takes one or more HF ids or folders, each optionally as NAME=PATH (NAME is its row in the
 table). Writes, per model in --out/<name>/: run{r}/{split}/rollouts.jsonl (every episode, readable),
-metrics.jsonl (one line per run), results.json; and --out/table.md, the Markdown table shaped like the
-paper's Table 1 (one row per model; τ²: Retail / Telecom / Airline / AVG), which is also printed.
+metrics.jsonl (one line per run) and its metrics.png, results.json; and --out/table.md, the Markdown table
+shaped like the paper's Table 1 (one row per model; τ²: Retail / Telecom / Airline / AVG), which is also printed.
 
 The world model and its reward (the command line of reward.py):
 
@@ -290,6 +290,7 @@ def evaluate(args, model, tok, name, out):
                 model,
                 tok,
                 desc=f"eval {split} run {r}",
+                plot=False,  # one figure for the model's runs (below), not one a run and split
             )
             per_run.append((rollouts, summary(rollouts)))
             metrics[r].update({f"{k}/{split}": v for k, v in per_run[-1][1].items()})
