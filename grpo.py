@@ -277,7 +277,7 @@ class LoRALinear(torch.nn.Module):
     def forward(self, x):
         y = self.base(x)
         if self.enabled:
-            y = y + ((x.to(self.A.dtype) @ self.A.T) @ self.B.T * self.scale).to(y.dtype)
+            y = y + ((x.to(self.A.dtype) @ self.A.T) @ (self.scale * self.B).T).to(y.dtype)  # scale the small B
         return y
 
 
