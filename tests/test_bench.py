@@ -1,18 +1,15 @@
 """bench/gpu_check.py, the script a lent GPU runs, on CPU with tiny configs: it must work when a GPU comes."""
 
-import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_script
 from lm import load_config
 
 
 def test_gpu_check_runs_on_cpu_and_its_plan_matches_the_measured_peaks():
-    r = subprocess.run(
-        [sys.executable, "bench/gpu_check.py", "--device", "cpu", "--tiny"], cwd=ROOT, capture_output=True, text=True
-    )
+    r = run_script("bench/gpu_check.py", "--device", "cpu", "--tiny")
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [line.split(" | ") for line in r.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert len(rows) == 10  # 3 models x (2 sampling phases + LoRA update), the tiny model's full fine-tuning

@@ -3,14 +3,12 @@
 
 import copy
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from bench.memory_plan import PeakMemory, measure_sampling, measure_update
-from conftest import ROOT
+from conftest import run_script as run
 from grpo import add_lora, collate, completion_logprobs
 from lm import chat_prompt, checkpoint_activations
 from memory import count_params, memory_plan
@@ -85,10 +83,6 @@ def test_grad_checkpointing_gives_the_same_gradients(tiny):
         grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
     assert any(g.abs().sum() > 0 for g in grads[0])
-
-
-def run(*args):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")

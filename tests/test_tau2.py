@@ -190,7 +190,7 @@ def mock_run(tiny, tmp_path_factory):
             "--episodes",
             "1",
             "--max-steps",
-            "3",
+            "2",
             "--max-new-tokens",
             "24",
             "--out",
@@ -208,14 +208,14 @@ def test_tiny_model_episodes_run_to_their_step_limit_and_write_schema_valid_reco
         "mock/create_task_1_with_env_assertions",
     ]
     for r in rows:
-        assert set(r) == ROLLOUT and r["termination"] == "max_steps" and r["steps"] == 3 and r["reward"] == 0.0
+        assert set(r) == ROLLOUT and r["termination"] == "max_steps" and r["steps"] == 2 and r["reward"] == 0.0
         assert [m["role"] for m in r["messages"]][:2] == [
             "assistant",
             "user",
         ]  # tau2's greeting, then the user simulator
         assert r["user_model"] == "local" and all({"output", "action", "valid"} == set(t) for t in r["turns"])
     triplets = [json.loads(line) for line in open(out / "triplets.jsonl")]
-    assert len(triplets) == 6 and len({t["id"] for t in triplets}) == 6  # 3 agent messages each, every one answered
+    assert len(triplets) == 4 and len({t["id"] for t in triplets}) == 4  # 2 agent messages each, every one answered
     for t in triplets:
         assert set(t) == TRIPLET and t["env"] == "tau2" and t["kind"] in ("user", "tool") and t["next_state"]
         assert t["state"].startswith("Policy:") and "create_task" in t["state"]  # the mock domain's policy and tools
@@ -239,7 +239,7 @@ def test_tiny_model_episodes_run_to_their_step_limit_and_write_schema_valid_reco
             ]
         )
     )  # nothing left to play: no model is even loaded
-    assert again == rollouts and len(open(out / "triplets.jsonl").readlines()) == 6
+    assert again == rollouts and len(open(out / "triplets.jsonl").readlines()) == 4
 
 
 def test_rwml_trains_on_tau2_triplets(mock_run, tmp_path):

@@ -82,11 +82,11 @@ def test_rwml_runs_checkpoints_and_resumes_without_duplicate_steps(triplets, tmp
 
 
 def test_filter_keeps_hard_triplets_and_a_tenth_of_easy_ones(triplets, tmp_path):
+    few = tmp_path / "few.jsonl"  # nothing is easy: all kept (of 5 triplets)
+    few.write_text("".join(triplets.read_text().splitlines(keepends=True)[:5]))
+    stats = train_wm.main(wm_args(few, tmp_path / "none", "--mode", "filter", "--filter-k", "2", "--tau-easy", "1.5"))
+    assert stats == dict(stats, triplets=5, easy_fraction=0.0, kept=5)
     n = len(read_jsonl(triplets))
-    stats = train_wm.main(
-        wm_args(triplets, tmp_path / "none", "--mode", "filter", "--filter-k", "2", "--tau-easy", "1.5")
-    )
-    assert stats == dict(stats, triplets=n, easy_fraction=0.0, kept=n)  # nothing is easy: all kept
     stats = train_wm.main(wm_args(triplets, tmp_path / "all", "--mode", "filter", "--filter-k", "2", "--tau-easy", "0"))
     assert stats["easy_fraction"] == 1.0 and stats["kept"] < n / 2  # everything easy: ~10% kept
     kept = read_jsonl(tmp_path / "all" / "triplets.filtered.jsonl", required=train_wm.FIELDS + ("filter_reward",))
