@@ -108,10 +108,10 @@ def plot_metrics(jsonl_path, png_path=None, x="step"):
     if not keys:
         return None
     cols = min(3, len(keys))
-    rows_ = (len(keys) + cols - 1) // cols
-    fig, axes = plt.subplots(rows_, cols, figsize=(4 * cols, 3 * rows_), squeeze=False)
+    n_rows = (len(keys) + cols - 1) // cols
+    fig, axes = plt.subplots(n_rows, cols, figsize=(4 * cols, 3 * n_rows), squeeze=False)
     # margins in inches (tight_layout measures every label: a third of the time of a 30-panel figure)
-    w, h = 4 * cols, 3 * rows_
+    w, h = 4 * cols, 3 * n_rows
     fig.subplots_adjust(left=0.7 / w, right=1 - 0.2 / w, bottom=0.5 / h, top=1 - 0.3 / h, wspace=0.3, hspace=0.4)
     for ax, k in zip(axes.flat, keys):
         pts = [(r.get(x, i), r[k]) for i, r in enumerate(rows) if isinstance(r.get(k), (int, float))]
