@@ -5,7 +5,7 @@
 # that bytecode even where PYTHONDONTWRITEBYTECODE is set: else every stage compiles its imports again (a fresh
 # .venv here: `import sentence_transformers` 24.5 s each time, 12 s with the bytecode kept). A new .venv first gets
 # the current pip: the one python 3.11 bundles (23.2) took 74 s to pick this project's wheels from the package
-# indexes here; getting pip 26 took 2 s, and it took 39 s.
+# indexes here, pip 26 39 s (and 2 s to get).
 unexport PYTHONDONTWRITEBYTECODE
 VENV ?= .venv
 PYTHON ?= $(VENV)/bin/python

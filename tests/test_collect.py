@@ -52,11 +52,11 @@ def test_expert_plan_wins_every_task_type():
 def test_a_games_reused_translation_plays_as_a_fresh_one():
     import fast_downward
 
-    def play(commands):  # the observations and admissible commands along the planner's winning plan
+    def play(commands):  # the observations and admissible commands along the planner's plan, or these commands
         env = make_env(list_games("train", 1)[0], max_steps=50, expert=True)
         obs, info = env.reset()
         seen, done = [(obs, info["admissible_commands"])], False
-        while not done and (commands is None or len(seen) <= len(commands)):
+        while not done:
             cmd = info["extra.expert_plan"][0] if commands is None else commands[len(seen) - 1]
             obs, _, done, info = env.step(cmd)
             seen.append((cmd, obs, info["admissible_commands"]))
