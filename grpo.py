@@ -375,7 +375,10 @@ def save_checkpoint(folder, model, tok, optimizer, step, args):
         weights, optimizer_state = merged_state_dict(model), optimizer.state_dict()
     if rank > 0:
         return
-    bad = next((k for k, w in weights.items() if w.is_floating_point() and not torch.isfinite(w).all()), None)
+    # a sum is finite only if every term is (NaN and Inf carry through it): 0.07 s over 135M weights on one core,
+    # isfinite(w).all() 0.76 s; a sum that overflows is looked at element by element
+    all_finite = lambda w: torch.isfinite(w.sum()) or torch.isfinite(w).all()
+    bad = next((k for k, w in weights.items() if w.is_floating_point() and not all_finite(w)), None)
     if bad:  # the previous checkpoint stays as it was
         fail(f"step {step}: weight {bad} is not finite: no checkpoint written (the one in {folder}, if any, is kept)")
     folder = Path(folder)

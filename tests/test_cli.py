@@ -244,6 +244,8 @@ def test_grpo_update_skips_a_non_finite_step(tiny):
 def test_no_checkpoint_from_non_finite_weights(tiny, tmp_path):
     model, tok = copy.deepcopy(tiny[0]), tiny[1]
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with torch.no_grad():  # finite, though their sum is not: saved
+        model.model.layers[0].mlp.up_proj.weight[0, :2] = 3e38
     save_checkpoint(tmp_path / "ckpt", model, tok, opt, 1, argparse.Namespace(seed=0))
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight[0, 0] = float("inf")
