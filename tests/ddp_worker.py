@@ -1,14 +1,17 @@
 """One GRPO update of the tiny model, alone or as one rank under torchrun (tests/test_distributed.py).
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/ddp_worker.py OUT_DIR token-mean seq-mean fsdp
+    python -m torch.distributed.run --nproc_per_node 2 tests/ddp_worker.py OUT_DIR token-mean seq-mean fsdp \
+        [-- SCRIPT ARG ...] ...
 
-writes OUT_DIR/<mode>.pt for each mode named, one after the other in the same ranks.
+writes OUT_DIR/<mode>.pt for each mode named, one after the other in the same ranks; then runs each
+`-- SCRIPT ARG ...` in these ranks as `torchrun SCRIPT ARG ...` would (its `__main__`; the ranks start once).
 
 Rank 0 takes the first 4 of 6 sequences, rank 1 the last 2: ranks with different numbers of micro-batches.
 token-mean / seq-mean: LoRA under DDP; fsdp: full fine-tuning and its reference model sharded by FSDP2.
 """
 
 import copy
+import runpy
 import sys
 import types
 from pathlib import Path
@@ -64,7 +67,10 @@ def trained(model):
 
 if __name__ == "__main__":
     rank, world = init_distributed()
-    for mode in sys.argv[2:]:
+    out, *rest = sys.argv[1:]
+    cuts = [i for i, a in enumerate(rest) if a == "--"] + [len(rest)]
+    modes, commands = rest[: cuts[0]], [rest[a + 1 : b] for a, b in zip(cuts, cuts[1:])]
+    for mode in modes:
         model, ref, seqs, adv, args = case(mode)
         if mode == "fsdp":
             shard(model)
@@ -80,4 +86,8 @@ if __name__ == "__main__":
         else:
             weights = trained(model)
         if rank == 0:
-            torch.save(dict(weights=weights, stats=stats), Path(sys.argv[1]) / f"{mode}.pt")
+            torch.save(dict(weights=weights, stats=stats), Path(out) / f"{mode}.pt")
+    for script, *argv in commands:
+        sys.argv = [script, *argv]
+        runpy.run_path(script, run_name="__main__")
+        torch.distributed.barrier()  # as a new torchrun would: the next starts once every rank is done (rank 0 saved)

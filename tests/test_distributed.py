@@ -42,15 +42,28 @@ def failure(r):
 
 
 MODES = ["token-mean", "seq-mean", "fsdp"]
+# full fine-tuning sharded over the 2 ranks, a triplet each (uneven ranks: the modes' updates); then Policy RL
+RWML = "train_wm.py --mode rwml --batch-size 2 --group-size 2 --max-new-tokens 8 --eval-every 1 --lr 1e-5"
+RWML += " --micro-batch 2 --save-every 1 --fsdp --no-start-eval"
+POLICY = "train_policy.py --games 2 --games-per-step 2 --group-size 2 --updates 1 --max-steps 2 --max-new-tokens 8"
+POLICY += " --lora-rank 4"
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    """The update of every mode made by two ranks: one torchrun for all (ranks start once)."""
+def ranks(triplets, tmp_path_factory):
+    """One torchrun whose two ranks (they start once: each start is ~20 s of imports on 2 cores) make the update
+    of every mode, then run the stage scripts as `torchrun SCRIPT ...` would: RWML for one step with FSDP, the
+    same run resumed for a second, and Policy RL with DDP. (out folder, the torchrun's CompletedProcess)"""
     out = tmp_path_factory.mktemp("ranks")
-    r = torchrun("tests/ddp_worker.py", str(out), *MODES)
+    rwml = [*RWML.split(), "--triplets", str(triplets), "--out", str(out / "rwml")]
+    scripts = [
+        rwml + ["--max-steps", "1"],
+        rwml + ["--max-steps", "2", "--resume"],
+        POLICY.split() + ["--out", str(out / "policy")],
+    ]
+    r = torchrun("tests/ddp_worker.py", str(out), *MODES, *(x for argv in scripts for x in ["--", *argv]), timeout=600)
     assert r.returncode == 0, failure(r)
-    return out
+    return out, r
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -58,7 +71,7 @@ def test_two_ranks_make_the_update_of_the_whole_batch(ranks, mode):
     model, ref, seqs, adv, args = case(mode)
     before = trained(model)
     alone = grpo_update(model, optimizer_for(model), seqs, adv, args, ref)  # all 6 sequences in one process
-    ranks = torch.load(ranks / f"{mode}.pt")
+    ranks = torch.load(ranks[0] / f"{mode}.pt")
     assert ranks["weights"].keys() == before.keys()
     for name, p in trained(model).items():
         step_alone, step_ranks = p - before[name], ranks["weights"][name] - before[name]
@@ -68,61 +81,13 @@ def test_two_ranks_make_the_update_of_the_whole_batch(ranks, mode):
         assert ranks["stats"][k] == pytest.approx(alone[k], rel=1e-3, abs=1e-9), k
 
 
-def test_torchrun_trains_the_world_model_with_fsdp_and_the_policy_with_ddp(triplets, tmp_path):
-    rwml = [
-        "train_wm.py",
-        "--mode",
-        "rwml",
-        "--triplets",
-        str(triplets),
-        "--out",
-        str(tmp_path / "rwml"),
-        "--batch-size",
-        "2",
-        "--group-size",
-        "2",
-        "--max-new-tokens",
-        "8",
-        "--eval-every",
-        "1",
-        "--lr",
-        "1e-5",
-        "--micro-batch",
-        "2",
-        "--save-every",
-        "1",
-        "--fsdp",
-        "--no-start-eval",
-    ]  # full fine-tuning, sharded over the 2 ranks, a triplet each (uneven ranks: the `ranks` fixture)
-    r = torchrun(*rwml, "--max-steps", "1")
-    assert r.returncode == 0, failure(r)
+def test_torchrun_trains_the_world_model_with_fsdp_and_the_policy_with_ddp(ranks):
+    out, r = ranks
     assert "FSDP over 2" in r.stdout
-    r = torchrun(*rwml, "--max-steps", "2", "--resume")  # the sharded optimizer state comes back from trainer.pt
-    assert r.returncode == 0, failure(r)
-    rows = read_jsonl(tmp_path / "rwml" / "metrics.jsonl")
-    assert [row["step"] for row in rows] == [1, 2]  # rank 0 writes, once per step
+    rows = read_jsonl(out / "rwml" / "metrics.jsonl")
+    assert [row["step"] for row in rows] == [1, 2]  # rank 0 writes, once per step; the sharded optimizer came back
     assert all("train/reward" in row and "heldout/reward" in row for row in rows)
-    assert torch.load(tmp_path / "rwml" / "checkpoint" / "trainer.pt", weights_only=False)["step"] == 2
-    r = torchrun(
-        "train_policy.py",
-        "--games",
-        "2",
-        "--games-per-step",
-        "2",
-        "--group-size",
-        "2",
-        "--updates",
-        "1",
-        "--max-steps",
-        "2",
-        "--max-new-tokens",
-        "8",
-        "--lora-rank",
-        "4",
-        "--out",
-        str(tmp_path / "policy"),
-    )
-    assert r.returncode == 0, failure(r)
-    rollouts = read_jsonl(tmp_path / "policy" / "rollouts.jsonl")
+    assert torch.load(out / "rwml" / "checkpoint" / "trainer.pt", weights_only=False)["step"] == 2
+    rollouts = read_jsonl(out / "policy" / "rollouts.jsonl")
     assert len(rollouts) == 4 and len({(x["game"], x["episode"]) for x in rollouts}) == 4  # 2 games x G 2, from 2 ranks
-    assert read_jsonl(tmp_path / "policy" / "metrics.jsonl")[0]["groups"] == 2
+    assert read_jsonl(out / "policy" / "metrics.jsonl")[0]["groups"] == 2
