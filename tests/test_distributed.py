@@ -51,9 +51,9 @@ POLICY += " --lora-rank 4"
 
 @pytest.fixture(scope="module")
 def ranks(triplets, tmp_path_factory):
-    """One torchrun whose two ranks (they start once: each start is ~20 s of imports on 2 cores) make the update
-    of every mode, then run the stage scripts as `torchrun SCRIPT ...` would: RWML for one step with FSDP, the
-    same run resumed for a second, and Policy RL with DDP. (out folder, the torchrun's CompletedProcess)"""
+    """One torchrun whose two ranks (started once: each start imports torch and transformers again) make the
+    update of every mode, then run the stage scripts as `torchrun SCRIPT ...` would: RWML for one step with FSDP,
+    the same run resumed for a second, and Policy RL with DDP. (out folder, the torchrun's CompletedProcess)"""
     out = tmp_path_factory.mktemp("ranks")
     rwml = [*RWML.split(), "--triplets", str(triplets), "--out", str(out / "rwml")]
     scripts = [
