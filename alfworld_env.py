@@ -75,21 +75,28 @@ def reuse_translations():
     - a game's PDDL in fast-downward's SAS format, translated four times a reset (twice for the state it loads,
       twice for the one it resets to; with and without the planner's optimisations), ~0.3-1 s each, and only
       read: the last 16 games'. Train games 0-7 on 2 cores: first resets 10.8 -> 6.6 s, second 11.9 -> 1.8 s;
-    - the text grammar's rules, parsed (tatsu) at each reset and again for each observation written: each
-      caller gets its own copy, as TextWorld writes into the symbols. 4 train games x 2 episodes of 8 steps
-      (translations kept): 8.4 -> 6.8 s.
+    - TextWorld's tatsu parses of the same few hundred texts (the grammar's rules and the logic's queries), made
+      at each reset and again for each observation written: each caller gets its own copy, as TextWorld writes
+      into what it gets. 4 train games x 2 episodes of 8 steps (translations kept): 8.4 -> 6.8 s.
     The same observations and admissible commands (tests/test_collect.py)."""
     import fast_downward
     import textworld.envs.pddl.textgen as textgen
+    import textworld.logic as logic
 
     fast_downward.pddl2sas = lru_cache(maxsize=32)(fast_downward.pddl2sas)
-    parsed = lru_cache(maxsize=4096)(textgen._parse_and_convert)
+    textgen._parse_and_convert = copied_from_cache(textgen._parse_and_convert)
+    logic._parse_and_convert = copied_from_cache(logic._parse_and_convert)
 
-    @wraps(parsed.__wrapped__)  # __wrapped__: TextWorld's own
-    def parse_and_convert(*args, **kwargs):
+
+def copied_from_cache(parse):
+    """`parse` that remembers its results by their arguments and gives each caller a copy."""
+    parsed = lru_cache(maxsize=4096)(parse)
+
+    @wraps(parse)  # __wrapped__: parse itself
+    def parse_again(*args, **kwargs):
         return deepcopy(parsed(*args, **kwargs))
 
-    textgen._parse_and_convert = parse_and_convert
+    return parse_again
 
 
 def split_intro(obs):

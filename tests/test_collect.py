@@ -49,9 +49,10 @@ def test_expert_plan_wins_every_task_type():
         assert steps < 50
 
 
-def test_reused_translations_and_grammar_play_as_textworlds_own():
+def test_reused_translations_and_parses_play_as_textworlds_own():
     import fast_downward
     import textworld.envs.pddl.textgen as textgen
+    import textworld.logic as logic
 
     def play(commands):  # the observations and admissible commands along the planner's plan, or these commands
         env = make_env(list_games("train", 1)[0], max_steps=50, expert=True)
@@ -66,12 +67,12 @@ def test_reused_translations_and_grammar_play_as_textworlds_own():
         return seen
 
     reuse_translations()
-    ours = fast_downward.pddl2sas, textgen._parse_and_convert
-    fast_downward.pddl2sas, textgen._parse_and_convert = (f.__wrapped__ for f in ours)  # TextWorld's own
+    ours = fast_downward.pddl2sas, textgen._parse_and_convert, logic._parse_and_convert
+    fast_downward.pddl2sas, textgen._parse_and_convert, logic._parse_and_convert = (f.__wrapped__ for f in ours)
     try:
-        own = play(None)
+        own = play(None)  # with TextWorld's own functions
     finally:
-        fast_downward.pddl2sas, textgen._parse_and_convert = ours
+        fast_downward.pddl2sas, textgen._parse_and_convert, logic._parse_and_convert = ours
     ours[0].cache_clear()
     fresh = play([s[0] for s in own[1:]])  # translated now, then used through a whole episode
     assert fast_downward.pddl2sas.cache_info().misses == 2
