@@ -77,7 +77,7 @@ def reuse_translations():
       read: the last 16 games'. Train games 0-7 on 2 cores: first resets 10.8 -> 6.6 s, second 11.9 -> 1.8 s;
     - TextWorld's tatsu parses of the same few hundred texts (the grammar's rules and the logic's queries), made
       at each reset and again for each observation written: each caller gets its own copy, as TextWorld writes
-      into what it gets. 4 train games x 2 episodes of 8 steps (translations kept): 8.4 -> 6.8 s.
+      into what it gets. 4 train games x 2 episodes of 8 steps (translations kept): 8.1-8.7 -> 4.7-5.2 s.
     The same observations and admissible commands (tests/test_collect.py)."""
     import fast_downward
     import textworld.envs.pddl.textgen as textgen
