@@ -14,7 +14,7 @@ from grpo import grpo_update
 from runs import read_jsonl
 
 
-def torchrun(*args, timeout=300):
+def torchrun(*args, timeout=600):
     """Two ranks on CPU; a hang (a collective one rank never joins) fails the test and kills every rank."""
     env = dict(os.environ, OMP_NUM_THREADS="1")  # two ranks share the cores
     p = subprocess.Popen(
@@ -61,7 +61,7 @@ def ranks(triplets, tmp_path_factory):
         rwml + ["--max-steps", "2", "--resume"],
         POLICY.split() + ["--out", str(out / "policy")],
     ]
-    r = torchrun("tests/ddp_worker.py", str(out), *MODES, *(x for argv in scripts for x in ["--", *argv]), timeout=600)
+    r = torchrun("tests/ddp_worker.py", str(out), *MODES, *(x for argv in scripts for x in ["--", *argv]))
     assert r.returncode == 0, failure(r)
     return out, r
 
