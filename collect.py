@@ -14,8 +14,8 @@ from the admissible commands instead, and `--epsilon e` lets the model act but t
 admissible command with probability e: a tiny model writes almost no admissible action, so on CPU
 these behaviours give the world model transitions worth learning from. No expert data is used.
 
-This file holds ALFWorld's loop; τ²-bench (`--env tau2`) is played by tau2_env.py, picked in one place
-(`environment switch` below). ALFWorld's engine glue is alfworld_env.py.
+This file holds ALFWorld's loop; τ²-bench (`--env tau2`) is played by support/tau2_env.py, picked in one place
+(`environment switch` below). ALFWorld's engine glue is support/alfworld_env.py.
 """
 
 import random
@@ -26,11 +26,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from alfworld_env import SPLITS, game_id, list_games, make_env, split_intro, task_type
-from checks import at_least, check_model, claim_out, fail, fraction, non_negative, parser
-from episode import Episode, summary
-from lm import TINY_MODEL, chat_prompt, load_model, sample
-from runs import append_jsonl, plot_metrics, resume_jsonl, set_seed
+from support.alfworld_env import SPLITS, game_id, list_games, make_env, split_intro, task_type
+from support.checks import at_least, check_model, claim_out, fail, fraction, non_negative, parser
+from support.episode import Episode, summary
+from support.lm import TINY_MODEL, chat_prompt, load_model, sample
+from support.runs import append_jsonl, plot_metrics, resume_jsonl, set_seed
 
 ROLLOUT_FIELDS = (
     "env",
@@ -345,13 +345,13 @@ def alfworld_triplet_records(rollout, h):
 
 
 # ---------------------------------------------------------------------------------------------
-# The environment switch: ALFWorld above, τ²-bench in tau2_env.py (imported only when played)
+# The environment switch: ALFWorld above, τ²-bench in support/tau2_env.py (imported only when played)
 # ---------------------------------------------------------------------------------------------
 def select_games(env, split, n=None, domains=(), tasks=None, first=0):
     """ALFWorld game files of `split`, or τ²-bench task names "domain/id": n of them from the `first`, or the
     named `tasks`."""
     if env == "tau2":
-        from tau2_env import list_tasks
+        from support.tau2_env import list_tasks
 
         games = list_tasks(domains, split, None, tasks)
     else:
@@ -364,7 +364,7 @@ def select_games(env, split, n=None, domains=(), tasks=None, first=0):
 def play(jobs, model, tok, settings):
     """Play (game, split, episode index) jobs with the model (or settings.policy); yields finished episodes."""
     if settings.env == "tau2":
-        from tau2_env import play_tau2
+        from support.tau2_env import play_tau2
 
         return play_tau2(jobs, model, tok, settings)
     return play_alfworld(jobs, model, tok, settings)
@@ -372,7 +372,7 @@ def play(jobs, model, tok, settings):
 
 def rollout_record(ep, settings):
     if settings.env == "tau2":
-        from tau2_env import tau2_rollout_record
+        from support.tau2_env import tau2_rollout_record
 
         return tau2_rollout_record(ep, settings)
     return alfworld_rollout_record(ep, settings)
@@ -380,7 +380,7 @@ def rollout_record(ep, settings):
 
 def triplet_records(rollout, h):
     if rollout["env"] == "tau2":
-        from tau2_env import tau2_triplet_records
+        from support.tau2_env import tau2_triplet_records
 
         return tau2_triplet_records(rollout)
     return alfworld_triplet_records(rollout, h)

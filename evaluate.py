@@ -31,13 +31,13 @@ from pathlib import Path
 
 import torch
 
-from checks import at_least, check_model, claim_out, distance_threshold, fail, parser, positive
 from collect import add_play_args, play_settings, record_episodes, select_games
-from episode import summary
 from grpo import collate, completion_logits
-from lm import TINY_MODEL, chat_prompt, load_model
 from reward import DEFAULT_EMBEDDER, Embeddings, calibrate, default_tau, mean_scores, sim_to_real
-from runs import plot_metrics, read_jsonl, write_jsonl
+from support.checks import at_least, check_model, claim_out, distance_threshold, fail, parser, positive
+from support.episode import summary
+from support.lm import TINY_MODEL, chat_prompt, load_model
+from support.runs import plot_metrics, read_jsonl, write_jsonl
 from train_wm import heldout_scores, predict_and_score
 
 SPLIT_NAMES = {"valid_seen": "ID", "valid_unseen": "OOD"}
@@ -181,6 +181,15 @@ def parse_args(argv=None):
     return args
 
 
+def check_args(args):
+    """Every model path exists (a missing folder says so now, not after the first model's run) and --val-size
+    fits the --wm file."""
+    for path in [p for _, p in args.models] + ([args.forgetting] if args.forgetting else []):
+        check_model(path)
+    if args.wm and args.val_size and args.val_size > len(read_jsonl(args.wm)):
+        fail(f"--val-size {args.val_size}: {args.wm} holds only {len(read_jsonl(args.wm))} triplets")
+
+
 def slug(name):
     """A row name as a folder name: "RWML + Policy RL" -> "rwml_policy_rl"."""
     return re.sub(r"[^a-z0-9.-]+", "_", name.lower()).strip("_")
@@ -310,7 +319,7 @@ def evaluate(args, model, tok, name, out):
 
 def main(args):
     if args.report:
-        from report import write_report  # the CPU experiment's tables and figure
+        from support.report import write_report  # the CPU experiment's tables and figure
 
         return write_report(Path(args.report))
     if args.calibrate:
@@ -331,10 +340,7 @@ def main(args):
         )
         print(json.dumps(mean_scores(recs)))
     else:  # every model in turn, then one table
-        for path in [p for _, p in args.models] + ([args.forgetting] if args.forgetting else []):
-            check_model(path)  # a folder that does not exist says so now, not after the first model's run
-        if args.wm and args.val_size and args.val_size > len(read_jsonl(args.wm)):
-            fail(f"--val-size {args.val_size}: {args.wm} holds only {len(read_jsonl(args.wm))} triplets")
+        check_args(args)  # every model folder and the held-out file, before the first model loads
         claim_out(
             args.out,
             "evaluate --forgetting" if args.forgetting else "evaluate --wm" if args.wm else "evaluate",

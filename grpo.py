@@ -10,8 +10,8 @@ learning trains the agent (Sec. 3.3). For G samples o_1..o_G of one prompt with 
 
 pi_old is the policy that sampled (the weights before the update), pi_ref the starting policy. Below, in
 order: the GRPO flags, the algorithm (ALGO LOGIC), hand-written LoRA, and the start of a training run
-(model, reference, optimizer, checkpoints, --resume). The plumbing sits in the modules beside this one:
-lm.py (models, sampling), runs.py (JSONL, curves), distributed.py (torchrun), memory.py (the memory plan).
+(model, reference, optimizer, checkpoints, --resume). The plumbing sits in support/: lm.py (models,
+sampling), runs.py (JSONL, curves), distributed.py (torchrun), memory.py (the memory plan).
 """
 
 import copy
@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checks import at_least, fail, finite, non_negative, positive
-from distributed import all_sum, ddp, is_sharded, micro_batches, rank_world, shard
-from lm import checkpoint_activations, load_model
-from runs import set_seed
+from support.checks import at_least, fail, finite, non_negative, positive
+from support.distributed import all_sum, ddp, is_sharded, micro_batches, rank_world, shard
+from support.lm import LORA_TARGETS, checkpoint_activations, load_model
+from support.runs import set_seed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,9 +262,6 @@ def zero_pass(net, seqs, device, ref_model=None):
 # ---------------------------------------------------------------------------------------------
 # LoRA by hand (Hu et al., 2021): y = W x + (alpha / r) B A x, B = 0 at the start
 # ---------------------------------------------------------------------------------------------
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
 class LoRALinear(torch.nn.Module):
     def __init__(self, base, rank, alpha):
         super().__init__()

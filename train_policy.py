@@ -23,14 +23,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from checks import SkipCounter, at_least, check_model, claim_out, parser
 from collect import add_play_args, play, play_settings, rollout_record, select_games
-from distributed import all_sum, full_weights, gather, init_distributed
-from episode import summary
 from grpo import add_grpo_args, group_advantages, grpo_update, save_checkpoint, start_training
-from lm import TINY_MODEL
-from memory import fit_memory, peak_memory
-from runs import append_jsonl, open_step_log, plot_metrics, read_jsonl, set_seed
+from support.checks import SkipCounter, at_least, check_model, claim_out, parser
+from support.distributed import all_sum, full_weights, gather, init_distributed
+from support.episode import summary
+from support.lm import TINY_MODEL
+from support.memory import fit_memory, peak_memory
+from support.runs import append_jsonl, open_step_log, plot_metrics, read_jsonl, set_seed
 
 
 def parse_args(argv=None):
@@ -76,6 +76,27 @@ def parse_args(argv=None):
     return args
 
 
+def check_args(args):
+    """The training games (`--games` of the split), checked before any model loads; --micro-batch and
+    --batch-games halved until the memory plan fits --max-memory-gb (--dry-run: print the plan and exit)."""
+    games = select_games(args.env, args.split, args.games, args.domain, args.tasks)
+    args.micro_batch, args.batch_games = fit_memory(
+        args.model,
+        args.dtype,
+        args.lora_rank,
+        args.beta > 0,
+        args.grad_checkpointing,
+        args.micro_batch,
+        args.batch_games,
+        args.plan_prompt_len or (8192 if args.env == "tau2" else 1536),
+        args.max_new_tokens,
+        args.fsdp,
+        args.max_memory_gb,
+        args.dry_run,
+    )
+    return games
+
+
 def turn_batch(episodes, G):
     """Episodes in groups of G (one game each, in order) -> the agent turns to train on, their advantages,
     and the number of groups without signal."""
@@ -92,21 +113,7 @@ def main(args):
     set_seed(args.seed + rank)  # ranks play differently; DDP starts them all from rank 0's weights
     out = claim_out(args.out, "train_policy", args.resume) if rank == 0 else Path(args.out)
     ckpt = out / "checkpoint"
-    games = select_games(args.env, args.split, args.games, args.domain, args.tasks)
-    args.micro_batch, args.batch_games = fit_memory(
-        args.model,
-        args.dtype,
-        args.lora_rank,
-        args.beta > 0,
-        args.grad_checkpointing,
-        args.micro_batch,
-        args.batch_games,
-        args.plan_prompt_len or (8192 if args.env == "tau2" else 1536),
-        args.max_new_tokens,
-        args.fsdp,
-        args.max_memory_gb,
-        args.dry_run,
-    )
+    games = check_args(args)  # the games, and the memory plan (--dry-run prints it and exits), before the model loads
     settings = play_settings(args)  # the model acts alone (policy "model"), every episode of a step in flight at once
     model, tok, ref_model, optimizer, start = start_training(args, ckpt, reference=True)
     f_metrics = open_step_log(out / "metrics.jsonl", args.resume, start)

@@ -23,7 +23,28 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from checks import (
+from grpo import (
+    add_grpo_args,
+    collate,
+    completion_logprobs,
+    group_advantages,
+    grpo_update,
+    optimizer_step,
+    save_checkpoint,
+    start_training,
+    zero_pass,
+)
+from reward import (
+    DEFAULT_EMBEDDER,
+    JUDGE_REPLY,
+    Embeddings,
+    default_tau,
+    judge,
+    mean_scores,
+    sim_to_real,
+    wm_prompt,
+)
+from support.checks import (
     SkipCounter,
     at_least,
     check_model,
@@ -36,31 +57,10 @@ from checks import (
     positive,
     ranged,
 )
-from distributed import all_sum, ddp, full_weights, gather, init_distributed, micro_batches, rank_world
-from grpo import (
-    add_grpo_args,
-    collate,
-    completion_logprobs,
-    group_advantages,
-    grpo_update,
-    optimizer_step,
-    save_checkpoint,
-    start_training,
-    zero_pass,
-)
-from lm import TINY_MODEL, chat_prompt, generate, load_model, load_tokenizer, sample
-from memory import fit_memory, peak_memory
-from reward import (
-    DEFAULT_EMBEDDER,
-    JUDGE_REPLY,
-    Embeddings,
-    default_tau,
-    judge,
-    mean_scores,
-    sim_to_real,
-    wm_prompt,
-)
-from runs import append_jsonl, open_step_log, plot_metrics, read_jsonl, resume_jsonl, set_seed, write_jsonl
+from support.distributed import all_sum, ddp, full_weights, gather, init_distributed, micro_batches, rank_world
+from support.lm import TINY_MODEL, chat_prompt, generate, load_model, load_tokenizer, sample
+from support.memory import fit_memory, peak_memory
+from support.runs import append_jsonl, open_step_log, plot_metrics, read_jsonl, resume_jsonl, set_seed, write_jsonl
 
 FIELDS = ("id", "task", "history", "state", "action", "next_state")  # what a triplet needs here
 
@@ -153,6 +153,61 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", default="runs/wm", help="output folder")
     return p.parse_args(argv)
+
+
+def check_args(args, world):
+    """The flags checked against each other and against the data, before any model loads: (triplets, train
+    triplets, held-out triplets); args.tau set to the embedder's calibrated value when not given."""
+    triplets = read_jsonl(args.triplets, required=FIELDS)
+    if not triplets:
+        fail(f"{args.triplets} holds no triplets")
+    if args.heldout:
+        train, heldout = triplets, read_jsonl(args.heldout, required=FIELDS)
+        both = {t["id"] for t in train} & {t["id"] for t in heldout}
+        if both:
+            fail(f"{len(both)} triplets of --heldout {args.heldout} are also in --triplets, e.g. {min(both)}")
+    else:
+        train, heldout = heldout_split(triplets, args.val_frac, seed=0)
+    if args.mode != "filter" and not train:
+        fail(
+            f"--val-frac {args.val_frac} holds out all {len(triplets)} triplets of {args.triplets}: "
+            "none left to train on"
+        )
+    if args.mode != "filter" and (args.val_size or 0) > len(heldout):
+        fail(
+            f"--val-size {args.val_size}: "
+            + (
+                f"--heldout {args.heldout} holds {len(heldout)} triplets"
+                if args.heldout
+                else f"--val-frac {args.val_frac} holds out {len(heldout)} of the {len(triplets)} triplets"
+            )
+            + f"; ask for at most {len(heldout)}, or leave --val-size out to score them all"
+        )
+    if args.mode == "filter" and world > 1:
+        fail("--mode filter runs on one device: start it with python, not torchrun")
+    args.tau = args.tau if args.tau is not None else default_tau(args.embedder, triplets)
+    return triplets, train, heldout
+
+
+def plan_memory(args, triplets):
+    """The memory plan of the run (prints it and exits under --dry-run): --micro-batch and --gen-batch halved
+    until it fits --max-memory-gb. Needs the prompts' lengths, so the tokenizer, not the weights."""
+    tok = load_tokenizer(args.model)
+    prompt_len = max(len(tok(chat_prompt(tok, wm_prompt(t)), add_special_tokens=False)["input_ids"]) for t in triplets)
+    args.micro_batch, args.gen_batch = fit_memory(
+        args.model,
+        args.dtype,
+        args.lora_rank,
+        args.mode == "rwml" and args.beta > 0,
+        args.grad_checkpointing,
+        args.micro_batch,
+        args.gen_batch,
+        prompt_len,
+        args.max_new_tokens,
+        args.fsdp,
+        args.max_memory_gb,
+        args.dry_run,
+    )
 
 
 def heldout_split(triplets, frac, seed):
@@ -283,54 +338,12 @@ def main(args):
     rank, world = init_distributed()  # (0, 1) unless started by torchrun
     set_seed(args.seed + rank)  # ranks sample differently; DDP starts them all from rank 0's weights
     out = claim_out(args.out, f"train_wm --mode {args.mode}", args.resume) if rank == 0 else Path(args.out)
-    triplets = read_jsonl(args.triplets, required=FIELDS)
-    if not triplets:
-        fail(f"{args.triplets} holds no triplets")
-    if args.heldout:
-        train, heldout = triplets, read_jsonl(args.heldout, required=FIELDS)
-        both = {t["id"] for t in train} & {t["id"] for t in heldout}
-        if both:
-            fail(f"{len(both)} triplets of --heldout {args.heldout} are also in --triplets, e.g. {min(both)}")
-    else:
-        train, heldout = heldout_split(triplets, args.val_frac, seed=0)
-    if args.mode != "filter" and not train:
-        fail(
-            f"--val-frac {args.val_frac} holds out all {len(triplets)} triplets of {args.triplets}: "
-            "none left to train on"
-        )
-    if args.mode != "filter" and (args.val_size or 0) > len(heldout):
-        fail(
-            f"--val-size {args.val_size}: "
-            + (
-                f"--heldout {args.heldout} holds {len(heldout)} triplets"
-                if args.heldout
-                else f"--val-frac {args.val_frac} holds out {len(heldout)} of the {len(triplets)} triplets"
-            )
-            + f"; ask for at most {len(heldout)}, or leave --val-size out to score them all"
-        )
-    args.tau = args.tau if args.tau is not None else default_tau(args.embedder, triplets)
+    triplets, train, heldout = check_args(args, world)  # every cross-check before the model loads
     ckpt = out / "checkpoint"
     if args.mode == "filter":
-        if world > 1:
-            raise SystemExit("error: --mode filter runs on one device: start it with python, not torchrun")
         model, tok = load_model(args.model, dtype=args.dtype)
         return run_filter(args, triplets, model, tok, Embeddings(args.embedder, dtype=args.embed_dtype))
-    tok = load_tokenizer(args.model)  # the plan needs the prompts' lengths, not the weights
-    prompt_len = max(len(tok(chat_prompt(tok, wm_prompt(t)), add_special_tokens=False)["input_ids"]) for t in triplets)
-    args.micro_batch, args.gen_batch = fit_memory(
-        args.model,
-        args.dtype,
-        args.lora_rank,
-        args.mode == "rwml" and args.beta > 0,
-        args.grad_checkpointing,
-        args.micro_batch,
-        args.gen_batch,
-        prompt_len,
-        args.max_new_tokens,
-        args.fsdp,
-        args.max_memory_gb,
-        args.dry_run,
-    )
+    plan_memory(args, triplets)
     # ---- setup: model, reference policy, optimizer, held-out split (TRY NOT TO MODIFY) ----
     model, tok, ref_model, optimizer, start = start_training(args, ckpt, reference=args.mode == "rwml")
     embed = Embeddings(args.embedder, dtype=args.embed_dtype)
@@ -347,15 +360,8 @@ def main(args):
     metrics_path = out / "metrics.jsonl"
     f_metrics = open_step_log(metrics_path, args.resume, start)
     if start == 0 and not args.no_start_eval:
-        append_jsonl(
-            f_metrics,
-            [
-                dict(
-                    step=0,
-                    **{f"heldout/{k}": v for k, v in wm_heldout(model, tok, heldout, embed, args.tau, args).items()},
-                )
-            ],
-        )
+        scores = wm_heldout(model, tok, heldout, embed, args.tau, args)
+        append_jsonl(f_metrics, [dict(step=0, **{f"heldout/{k}": v for k, v in scores.items()})])
 
     skips = SkipCounter()  # updates skipped for a non-finite loss or gradient norm
 

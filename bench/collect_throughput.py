@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from collect import collect, parse_args  # noqa: E402
-from lm import load_model  # noqa: E402
+from support.lm import load_model  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 p.add_argument("--model", default="smollm2-135m")

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from memory_plan import PAPER_MODELS, measure_sample_call, measure_update  # noqa: E402
 
-from runs import set_seed  # noqa: E402
+from support.runs import set_seed  # noqa: E402
 
 # SmolLM2-135M-Instruct's config.json (the fields the model is built from; tests/test_bench.py compares
 # them with the converted HF folder)

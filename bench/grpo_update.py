@@ -32,8 +32,8 @@ def ours(a):
     import torch
 
     from grpo import group_advantages, grpo_update
-    from lm import chat_prompt, checkpoint_activations, load_model, sample
-    from runs import set_seed
+    from support.lm import chat_prompt, checkpoint_activations, load_model, sample
+    from support.runs import set_seed
 
     set_seed(a.seed)
     model, tok = load_model(a.model)
@@ -67,7 +67,7 @@ def trl(a):
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from lm import resolve_model
+    from support.lm import resolve_model
 
     class Timer(TrainerCallback):
         times, tokens = [], []

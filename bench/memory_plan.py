@@ -22,9 +22,9 @@ from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from grpo import add_lora, grpo_update  # noqa: E402
-from lm import checkpoint_activations, load_model, sample  # noqa: E402
-from memory import memory_plan  # noqa: E402
-from runs import set_seed  # noqa: E402
+from support.lm import checkpoint_activations, load_model, sample  # noqa: E402
+from support.memory import memory_plan  # noqa: E402
+from support.runs import set_seed  # noqa: E402
 
 # the paper's models, from their config.json on the HF hub (only the fields the plan reads)
 PAPER_MODELS = {

@@ -17,9 +17,9 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from lm import chat_prompt, load_model, sample  # noqa: E402
 from reward import wm_prompt  # noqa: E402
-from runs import read_jsonl, set_seed  # noqa: E402
+from support.lm import chat_prompt, load_model, sample  # noqa: E402
+from support.runs import read_jsonl, set_seed  # noqa: E402
 
 TAU2_ACTION = "Hello! Could you give me your name and tell me what I can help you with today?"
 
@@ -38,7 +38,7 @@ def alfworld_triplets(n, seed):
 
 def tau2_triplets(domain, n):
     """n world-model inputs of a τ² domain: its first tasks' opening states and an agent's first message."""
-    from tau2_env import list_tasks, start_tau2, wm_state
+    from support.tau2_env import list_tasks, start_tau2, wm_state
 
     out = []
     for name in list_tasks([domain], "test" if domain != "mock" else None, n):

@@ -80,7 +80,7 @@ def run_script(script, *argv, env=None):
 @pytest.fixture(scope="session")
 def tiny():
     """The real SmolLM2-135M-Instruct, loaded once for the whole session: (model, tokenizer)."""
-    from lm import load_model
+    from support.lm import load_model
 
     return load_model("smollm2-135m")
 

@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from conftest import ROOT, run_script
-from lm import load_config
+from support.lm import load_config
 
 
 def test_gpu_check_runs_on_cpu_and_its_plan_matches_the_measured_peaks():

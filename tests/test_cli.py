@@ -10,11 +10,11 @@ import os
 import pytest
 import torch
 
-from checks import MAX_SKIPPED_IN_A_ROW, SkipCounter, claim_out, json_line
 from conftest import run_script
 from grpo import add_lora, grpo_update, save_checkpoint
-from lm import chat_prompt, sample
-from runs import read_jsonl
+from support.checks import MAX_SKIPPED_IN_A_ROW, SkipCounter, claim_out, json_line
+from support.lm import chat_prompt, sample
+from support.runs import read_jsonl
 
 TRIPLET = dict(
     id="g#0#0",

@@ -10,7 +10,6 @@ from collections import Counter
 
 import pytest
 
-from alfworld_env import list_games, make_env, reuse_translations, split_intro, task_type
 from collect import (
     ROLLOUT_FIELDS,
     TRIPLET_FIELDS,
@@ -24,7 +23,8 @@ from collect import (
     start,
 )
 from conftest import ROOT, run_script
-from runs import read_jsonl
+from support.alfworld_env import list_games, make_env, reuse_translations, split_intro, task_type
+from support.runs import read_jsonl
 
 
 def first_game_of_each_type(split):

@@ -11,7 +11,7 @@ from ddp_worker import case, optimizer_for, trained
 
 from conftest import ROOT
 from grpo import grpo_update
-from runs import read_jsonl
+from support.runs import read_jsonl
 
 
 def torchrun(*args, timeout=600):

@@ -18,7 +18,7 @@ from evaluate import (
     weights_changed,
 )
 from reward import Embeddings
-from runs import read_jsonl
+from support.runs import read_jsonl
 
 
 def test_evaluate_writes_results_and_a_table_1_shaped_markdown(tiny, tmp_path):

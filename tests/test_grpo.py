@@ -18,8 +18,8 @@ from grpo import (
     load_checkpoint,
     save_checkpoint,
 )
-from lm import chat_prompt, sample
-from runs import set_seed
+from support.lm import chat_prompt, sample
+from support.runs import set_seed
 
 
 def test_group_advantages_by_hand():
@@ -133,7 +133,7 @@ def test_checkpoint_resume_restores_step_optimizer_and_adapters(tiny, tmp_path):
     s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
     assert s1.keys() == s2.keys() and all(torch.equal(s1[k]["exp_avg"], s2[k]["exp_avg"]) for k in s1)
     # the exported folder is a plain HF model with the adapters merged in
-    from lm import load_model
+    from support.lm import load_model
 
     merged, _ = load_model(str(tmp_path / "ckpt" / "model"))
     ids = torch.tensor([tok("a b c d")["input_ids"]])

@@ -4,9 +4,9 @@ copied to its rows, and the output is the plain path's."""
 import pytest
 import torch
 
-from lm import chat_prompt, sample, shared_prefill
 from reward import wm_prompt
-from runs import read_jsonl, set_seed
+from support.lm import chat_prompt, sample, shared_prefill
+from support.runs import read_jsonl, set_seed
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import torch
 from bench.memory_plan import PeakMemory, measure_sampling, measure_update
 from conftest import run_script as run
 from grpo import add_lora, collate, completion_logprobs
-from lm import chat_prompt, checkpoint_activations
-from memory import count_params, memory_plan
+from support.lm import chat_prompt, checkpoint_activations
+from support.memory import count_params, memory_plan
 
 
 def test_peak_tracker_counts_live_tensors_only():

@@ -103,7 +103,7 @@ def test_wm_prompt_holds_task_history_state_and_action():
 
 
 def test_llm_judge_reward_with_the_tiny_model_as_judge(tiny):
-    from lm import chat_prompt, generate
+    from support.lm import chat_prompt, generate
 
     model, tok = tiny
     ask = lambda prompts: generate(model, tok, [chat_prompt(tok, p) + JUDGE_REPLY for p in prompts], 8, temperature=0)

@@ -7,7 +7,7 @@ import pytest
 
 from collect import collect, parse_args, rollout_record, triplet_records
 from conftest import ROOT
-from tau2_env import list_tasks, mask_json, parse_reply, start_tau2, step_tau2, tool_call_text
+from support.tau2_env import list_tasks, mask_json, parse_reply, start_tau2, step_tau2, tool_call_text
 
 
 def replay(name, drop_last_write=False, tok=None):

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 import train_policy
-from alfworld_env import list_games, make_env, task_type
 from collect import act, parse_action, play, play_settings, start, turn_prompt
 from conftest import ROOT, run_script
 from grpo import add_lora, collate, completion_logprobs
-from lm import load_model
-from runs import read_jsonl
+from support.alfworld_env import list_games, make_env, task_type
+from support.lm import load_model
+from support.runs import read_jsonl
 
 G = 3
 

@@ -9,9 +9,9 @@ import torch
 
 import train_wm
 from conftest import ROOT
-from lm import chat_prompt
 from reward import wm_prompt
-from runs import read_jsonl
+from support.lm import chat_prompt
+from support.runs import read_jsonl
 
 
 def wm_args(triplets, out, *extra):

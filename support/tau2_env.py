@@ -31,9 +31,9 @@ from tau2.registry import registry
 from tau2.user.base import UserState
 from tau2.user.user_simulator import UserSimulator
 
-from checks import fail
-from episode import Episode
-from lm import chat_prompt, sample
+from support.checks import fail
+from support.episode import Episode
+from support.lm import chat_prompt, sample
 
 TAU2_DOMAINS = ("retail", "airline", "telecom", "mock")  # mock: tau2's small test domain, for CPU runs
 TAU2_MAX_ERRORS = 10  # tau2's default: the episode ends after 10 tool errors

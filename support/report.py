@@ -14,7 +14,7 @@ Writes RUN/report.md and RUN/report.png (and RUN/judge.png when the judge arms r
 import json
 import statistics
 
-from runs import read_jsonl
+from support.runs import read_jsonl
 
 ARMS = {  # folder prefix -> the arm's name (in the order of the tables)
     "rwml": "RWML",

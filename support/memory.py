@@ -4,10 +4,9 @@ batches to `--max-memory-gb`; bench/memory_plan.py checks it against measured pe
 
 import torch
 
-from checks import fail
-from distributed import rank_world
-from grpo import LORA_TARGETS
-from lm import load_config, torch_dtype
+from support.checks import fail
+from support.distributed import rank_world
+from support.lm import LORA_TARGETS, load_config, torch_dtype
 
 
 def count_params(config, lora_rank=0):

@@ -7,14 +7,14 @@ from functools import cache, lru_cache, partial, wraps
 from itertools import zip_longest
 from pathlib import Path
 
-from checks import fail
+from support.checks import fail
 
 SPLITS = ("train", "valid_seen", "valid_unseen")
 
 
 def alfworld_data():
     """ALFWORLD_DATA, or ../shared/alfworld beside the project when unset; a one-line error if absent."""
-    root = os.environ.get("ALFWORLD_DATA") or str(Path(__file__).resolve().parent.parent / "shared" / "alfworld")
+    root = os.environ.get("ALFWORLD_DATA") or str(Path(__file__).resolve().parents[2] / "shared" / "alfworld")
     if not (Path(root) / "json_2.1.1").is_dir():
         fail(f"ALFWorld data not found: {root}/json_2.1.1 is missing (set ALFWORLD_DATA)")
     os.environ["ALFWORLD_DATA"] = root

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checks import fail, json_line
-from distributed import rank_world
+from support.checks import fail, json_line
+from support.distributed import rank_world
 
 
 def set_seed(seed):

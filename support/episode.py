@@ -1,4 +1,4 @@
-"""One episode being played: the record that ALFWorld's loop (collect.py) and τ²-bench's (tau2_env.py) fill
+"""One episode being played: the record that ALFWorld's loop (collect.py) and τ²-bench's (support/tau2_env.py) fill
 turn by turn, and the statistics of finished episodes that every stage logs."""
 
 import random
