@@ -10,6 +10,7 @@ evaluate.py (`--score`, `--calibrate`), which reads the project's JSONL files.
 """
 
 import importlib.util
+import math
 import random
 import re
 from functools import lru_cache
@@ -162,8 +163,9 @@ def rouge_reward(prediction, reference):
         return 0.0
     # ---- EXERCISE 2: the ROUGE reward of tool responses (paper Sec. 3.2) ----
     # Eq. τ² tool-response reward: ROUGE-L F1 against the schema-masked answer, rounded to the nearest 0.2
+    # (halves up: round() takes them to even, 0.5 -> 0.4; 1e-9 absorbs float error, 0.3 * 5 = 1.4999999999999998)
     f1 = rouge_scorer.RougeScorer(["rougeL"]).score(reference, prediction)["rougeL"].fmeasure
-    return round(f1 * 5) / 5
+    return math.floor(f1 * 5 + 0.5 + 1e-9) / 5
     # ---- END EXERCISE 2 ----
 
 

@@ -50,7 +50,7 @@ EXERCISES = {
     ),
     2: (
         "Return the ROUGE-L F1 of the prediction against the reference (the `rouge_score` package), rounded to "
-        "the nearest multiple of 0.2.",
+        "the nearest multiple of 0.2, halves up (0.5 -> 0.6).",
         ["tests/test_reward.py::test_rouge_is_rounded_to_fifths"],
     ),
     3: (

@@ -64,6 +64,11 @@ def test_rouge_is_rounded_to_fifths():
     assert rouge_reward(None, masked) == 0.0
     r = rouge_reward('{"order_id": "string"}', masked)
     assert 0 < r < 1 and round(r * 5, 6) == round(r * 5)
+    # the five ties, F1 = 2 LCS / (len(prediction) + len(reference)) = 0.1, 0.3, 0.5, 0.7, 0.9, round half up
+    words = [f"w{i}" for i in range(10)]
+    ties = [(1, 19), (3, 17), (1, 3), (7, 13), (9, 11)]  # (LCS = prediction length, reference length)
+    scores = [rouge_reward(" ".join(words[:k]), " ".join(words[:k] + ["x"] * (n - k))) for k, n in ties]
+    assert scores == [0.2, 0.4, 0.6, 0.8, 1.0]
 
 
 def test_calibration_separates_near_and_random_pairs(embed):
