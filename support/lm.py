@@ -145,8 +145,9 @@ def sample(model, tok, prompts, max_new_tokens=256, temperature=1.0, stop=None, 
     """Sample one completion per prompt (`n` per prompt: each prompt repeated n times in a row), all in one
     left-padded batch, or in chunks of `batch_size` rows.
 
-    `prompts` are chat-rendered strings (see `chat_prompt`); temperature 0 is greedy; `stop` lists
-    strings that end a completion early (e.g. "</action>"). Returns [(prompt_ids, completion_ids, text)],
+    `prompts` are chat-rendered strings (see `chat_prompt`); temperature 0 is greedy; sampling draws from the
+    model's own distribution at `temperature`, whatever its generation config says (`plain_generation_config`);
+    `stop` lists strings that end a completion early (e.g. "</action>"). Returns [(prompt_ids, completion_ids, text)],
     the completion cut after its end-of-sequence token (kept, so training learns to stop).
     A prompt that occurs several times in a chunk (GRPO's group of G) is prefilled once (`share=False`:
     each copy on its own, the plain path that bench/sample_throughput.py compares against).
@@ -165,16 +166,20 @@ def sample(model, tok, prompts, max_new_tokens=256, temperature=1.0, stop=None, 
     sampling = (
         dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature > 0 else dict(do_sample=False)
     )
-    out = model.generate(
-        **batch,
-        **{cache_arg(model): cache},
-        max_new_tokens=max_new_tokens,
-        stop_strings=stop,
-        tokenizer=tok if stop else None,
-        synced_gpus=False,
-        **sampling,
-    ).cpu()  # ranks sample alone (under FSDP: see `full_weights`)
-    eos = model.generation_config.eos_token_id
+    own, model.generation_config = model.generation_config, plain_generation_config(model, tok)
+    try:
+        out = model.generate(
+            **batch,
+            **{cache_arg(model): cache},
+            max_new_tokens=max_new_tokens,
+            stop_strings=stop,
+            tokenizer=tok if stop else None,
+            synced_gpus=False,
+            **sampling,
+        ).cpu()  # ranks sample alone (under FSDP: see `full_weights`)
+    finally:
+        model.generation_config = own
+    eos = own.eos_token_id
     ends = set(eos if isinstance(eos, list) else [eos]) | {tok.pad_token_id}
     results = []
     for ids, mask, gen in zip(
@@ -184,6 +189,20 @@ def sample(model, tok, prompts, max_new_tokens=256, temperature=1.0, stop=None, 
         cut = next((i + 1 for i, t in enumerate(gen) if t in ends), len(gen))
         results.append((ids[mask.bool()].tolist(), gen[:cut], tok.decode(gen[:cut], skip_special_tokens=True)))
     return results
+
+
+def plain_generation_config(model, tok):
+    """A generation config that holds only the special tokens' ids, none of the checkpoint's settings: `sample`
+    swaps it in while it generates, so sampling draws from pi_theta itself (what `grpo.completion_logprobs`
+    scores) and greedy decoding takes its argmax. A checkpoint's generation_config.json may add logits processors
+    (Qwen2.5-7B-Instruct's: repetition_penalty 1.05, top_p 0.8, top_k 20); `generate` fills every setting it is
+    not given from the model's own config, so passing a fresh config or overriding a few settings is not enough.
+    What is left are the settings `sample` passes (temperature, top_p 1, top_k 0) and transformers' neutral
+    defaults (no repetition penalty, no n-gram ban, no minimum length)."""
+    from transformers import GenerationConfig
+
+    own = model.generation_config
+    return GenerationConfig(bos_token_id=own.bos_token_id, eos_token_id=own.eos_token_id, pad_token_id=tok.pad_token_id)
 
 
 def cache_arg(model):

@@ -1,6 +1,8 @@
 """Group sampling with a shared prefill: each distinct prompt runs through the model once, its KV cache is
 copied to its rows, and the output is the plain path's."""
 
+import copy
+
 import pytest
 import torch
 
@@ -66,3 +68,28 @@ def test_n_repeats_each_prompt_in_a_row_and_distinct_prompts_share_nothing(tiny,
     keys = cache.layers[0].keys
     assert keys.shape[0] == 6 and torch.equal(keys[0], keys[2]) and torch.equal(keys[0], keys[5])
     assert not torch.equal(keys[0], keys[1])
+
+
+def test_the_checkpoints_generation_config_changes_no_sample(tiny, wm_prompts):
+    """Sampling is pi_theta and greedy decoding its argmax whatever the checkpoint's generation_config.json sets
+    (Qwen2.5-7B-Instruct's: repetition_penalty 1.05, top_p 0.8, top_k 20): the same weights with a config that
+    sets repetition_penalty 1.3, top_k 3, no_repeat_ngram_size 2 (and more) draw the same tokens from one seed."""
+    model, tok = tiny
+
+    def decode():
+        set_seed(0)
+        sampled = sample(model, tok, wm_prompts[:2], 12, temperature=1.0, n=2)  # the shared prefill too
+        greedy = sample(model, tok, wm_prompts[:2], 16, temperature=0, share=False)
+        return [s[1] for s in sampled + greedy]
+
+    plain = decode()
+    own = model.generation_config
+    model.generation_config = copy.deepcopy(own)
+    model.generation_config.update(
+        repetition_penalty=1.3, top_k=3, no_repeat_ngram_size=2, top_p=0.8, temperature=0.7, min_new_tokens=20
+    )
+    try:
+        offending = decode()
+    finally:
+        model.generation_config = own
+    assert offending == plain
