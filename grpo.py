@@ -392,7 +392,12 @@ def save_checkpoint(folder, model, tok, optimizer, step, args):
             optimizer=optimizer_state,
             adapters=adapters or None,
             args=vars(args),
-            rng=dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state()),
+            rng=dict(
+                python=random.getstate(),
+                numpy=np.random.get_state(),
+                torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,  # CPU tensors
+            ),
         ),
         tmp / "trainer.pt",
     )
@@ -401,8 +406,11 @@ def save_checkpoint(folder, model, tok, optimizer, step, args):
 
 
 def load_checkpoint(folder, model, optimizer):
-    """Restore adapters (the full weights come from folder/model via load_model), optimizer and RNG; the step."""
-    state = torch.load(Path(folder) / "trainer.pt", weights_only=False)
+    """Restore adapters (the full weights come from folder/model via load_model), optimizer and RNG; the step.
+    Read onto the CPU (a GPU run's checkpoint opens on a machine without one; each tensor then goes where its
+    parameter is, not every rank's to cuda:0); the CUDA generators' states are restored where CUDA is, so a
+    resumed GPU run samples what the uninterrupted one would have."""
+    state = torch.load(Path(folder) / "trainer.pt", map_location="cpu", weights_only=False)
     if state["adapters"]:
         model.load_state_dict(state["adapters"], strict=False)
     if is_sharded(model):
@@ -414,4 +422,12 @@ def load_checkpoint(folder, model, optimizer):
     random.setstate(state["rng"]["python"])
     np.random.set_state(state["rng"]["numpy"])
     torch.set_rng_state(state["rng"]["torch"])
+    restore_cuda_rng(state["rng"].get("cuda"))
     return state["step"]
+
+
+def restore_cuda_rng(states):
+    """Each CUDA device's generator state as saved (as many devices as both machines have); none on a CPU."""
+    if states is not None and torch.cuda.is_available():
+        for i, s in enumerate(states[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, i)

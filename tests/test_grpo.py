@@ -118,6 +118,22 @@ def test_grpo_on_a_verifiable_reward_raises_the_mean_reward(tiny):
     assert sum(score()) / 32 > before + 0.4
 
 
+def save_as_if_on_cuda(obj, path):
+    """torch.save(obj, path) with every tensor recorded as on cuda:0, as a GPU run writes its checkpoint: a plain
+    torch.load of it fails on a machine without CUDA."""
+    from torch import serialization
+
+    tag = lambda storage: "cuda:0" if storage.device.type == "cpu" else None
+    serialization.register_package(1, tag, lambda storage, location: None)  # before the CPU's own tagger (10)
+    try:
+        torch.save(obj, path)
+    finally:
+        serialization._package_registry[:] = [p for p in serialization._package_registry if p[1] is not tag]
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(path, weights_only=False)
+
+
 def test_checkpoint_resume_restores_step_optimizer_and_adapters(tiny, tmp_path):
     model, tok = copy.deepcopy(tiny[0]), tiny[1]
     params = add_lora(model, rank=4)
@@ -125,6 +141,10 @@ def test_checkpoint_resume_restores_step_optimizer_and_adapters(tiny, tmp_path):
     seqs = [(tok("a b c")["input_ids"], tok(" d e")["input_ids"])]
     grpo_update(model, opt, seqs, torch.tensor([1.0]), args_for())
     save_checkpoint(tmp_path / "ckpt", model, tok, opt, 7, argparse.Namespace(x=1))
+    state = torch.load(tmp_path / "ckpt" / "trainer.pt", weights_only=False)
+    assert state["rng"]["cuda"] is None  # no CUDA here; a GPU run saves every device's generator state
+    gpu_state = dict(state, rng=dict(state["rng"], cuda=[torch.zeros(16, dtype=torch.uint8)]))
+    save_as_if_on_cuda(gpu_state, tmp_path / "ckpt" / "trainer.pt")  # opens here; its CUDA RNG is skipped
     model2 = copy.deepcopy(tiny[0])
     opt2 = torch.optim.AdamW(add_lora(model2, rank=4), lr=1e-3)
     assert load_checkpoint(tmp_path / "ckpt", model2, opt2) == 7
