@@ -18,6 +18,7 @@ This file holds ALFWorld's loop; τ²-bench (`--env tau2`) is played by support/
 (`environment switch` below). ALFWorld's engine glue is support/alfworld_env.py.
 """
 
+import math
 import random
 import re
 import time
@@ -27,9 +28,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from support.alfworld_env import SPLITS, game_id, list_games, make_env, split_intro, task_type
-from support.checks import at_least, check_model, claim_out, fail, fraction, non_negative, parser
+from support.checks import at_least, check_model, claim_out, fail, fraction, non_negative, parser, positive
 from support.episode import Episode, summary
 from support.lm import TINY_MODEL, chat_prompt, load_model, sample
+from support.memory import CPU_BATCH, sampling_batch
 from support.runs import append_jsonl, plot_metrics, resume_jsonl, set_seed
 
 ROLLOUT_FIELDS = (
@@ -68,7 +70,8 @@ def parse_args(argv=None):
         help="start at game K of the split's order, so that runs can play disjoint games (default: 0)",
     )
     p.add_argument("--episodes", type=at_least(), default=3, help="episodes per game (paper: 3)")
-    add_play_args(p, max_steps=30, temperature=1.0, batch_games=8)
+    add_play_args(p, max_steps=30, temperature=1.0, batch_games=None)
+    add_plan_args(p)
     p.add_argument(
         "--policy",
         default="model",
@@ -137,7 +140,8 @@ def add_play_args(p, max_steps, temperature, batch_games):
         "--batch-games",
         type=at_least(),
         default=batch_games,
-        help="B: episodes played in parallel, one batched generate call per turn",
+        help="B: episodes played in parallel, one batched generate call per turn (collect, evaluate: 8 on CPU; with "
+        "--max-memory-gb or on CUDA, as many as the memory plan fits)",
     )
     p.add_argument(
         "--domain",
@@ -154,6 +158,48 @@ def add_play_args(p, max_steps, temperature, batch_games):
         help="τ² user simulator: 'local' (the --model itself, batched with the agent) or a litellm model id, e.g. "
         "gpt-4.1, or openai/<name> with OPENAI_API_BASE=http://host:port/v1 for a local OpenAI-compatible server "
         "(paper: Qwen3-235B-A22B-Instruct, GPT-4.1)",
+    )
+
+
+def add_plan_args(p):
+    """--max-memory-gb and --dry-run of the stages that only sample (collect.py, evaluate.py): the training scripts
+    have theirs in grpo.add_grpo_args."""
+    p.add_argument(
+        "--max-memory-gb",
+        type=positive(),
+        default=None,
+        help="memory of the device (default: the card's on CUDA): --batch-games as large as the memory plan fits",
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the memory and time plans and exit")
+
+
+def plan_batch(args, model, episodes, prompt_len=None, embedder=0):
+    """--batch-games for `episodes` episodes of `model`: on CPU --batch-games (default 8); with a memory budget
+    (--max-memory-gb, or the card on CUDA) as many as the memory plan fits (memory.sampling_batch). A turn is
+    planned at prompt_len tokens (default: 1,536 ALFWorld, 8,192 τ², as train_policy.py) + --max-new-tokens.
+    --dry-run: the memory plan and the time plan (every episode to --max-steps: an upper bound), then exit."""
+    prompt_len = prompt_len or (8192 if args.env == "tau2" else 1536)
+    new, steps = args.max_new_tokens, args.max_steps
+
+    def work(mb, gb):
+        calls = math.ceil(episodes / gb) * steps  # generate calls: a turn of up to gb episodes each
+        context = prompt_len + new // 2
+        return {
+            "episodes": dict(
+                prefill=episodes * steps * prompt_len, steps=calls * new, rows=min(episodes, gb), context=context
+            )
+        }
+
+    return sampling_batch(
+        args.batch_games,
+        model,
+        args.dtype,
+        prompt_len,
+        new,
+        args.max_memory_gb,
+        args.dry_run,
+        embedder=embedder,
+        work=work,
     )
 
 
@@ -177,7 +223,9 @@ class Play:
 
 def play_settings(args, **override):
     """The `Play` settings of a script's flags (those it has), with `override` on top."""
-    return Play(**{f.name: getattr(args, f.name) for f in fields(Play) if hasattr(args, f.name)} | override)
+    settings = Play(**{f.name: getattr(args, f.name) for f in fields(Play) if hasattr(args, f.name)} | override)
+    settings.batch_games = settings.batch_games or CPU_BATCH  # None: not sized by a plan (`plan_batch`)
+    return settings
 
 
 # ---------------------------------------------------------------------------------------------
@@ -453,6 +501,8 @@ def record_episodes(
 def collect(args, model=None, tok=None, desc="collect"):
     """collect.py's run: the episodes its flags name."""
     games = select_games(args.env, args.split, args.games, args.domain, args.tasks, args.first_game)
+    if args.policy == "model" and model is None:
+        args.batch_games = plan_batch(args, args.model, len(games) * args.episodes)  # --dry-run exits here
     return record_episodes(
         games, args.split, args.episodes, play_settings(args), args.out, args.resume, model, tok, args.dtype, desc
     )
@@ -460,7 +510,8 @@ def collect(args, model=None, tok=None, desc="collect"):
 
 if __name__ == "__main__":
     args = parse_args()
-    claim_out(args.out, "collect", args.resume)
+    if not args.dry_run:
+        claim_out(args.out, "collect", args.resume)
     rollouts = collect(args)
     s = summary(rollouts)
     print(

@@ -23,6 +23,7 @@ Forgetting, and the report of the CPU experiment (`make pipeline`):
     python evaluate.py --report runs/pipeline      # report.md + report.png from the runs in that folder
 """
 
+import argparse
 import json
 import math
 import re
@@ -31,12 +32,13 @@ from pathlib import Path
 
 import torch
 
-from collect import add_play_args, play_settings, record_episodes, select_games
+from collect import add_plan_args, add_play_args, plan_batch, play_settings, record_episodes, select_games
 from grpo import collate, completion_logits
-from reward import DEFAULT_EMBEDDER, Embeddings, calibrate, default_tau, mean_scores, sim_to_real
+from reward import DEFAULT_EMBEDDER, Embeddings, calibrate, default_tau, embedder_bytes, mean_scores, sim_to_real
 from support.checks import at_least, check_model, claim_out, distance_threshold, fail, parser, positive
 from support.episode import summary
 from support.lm import TINY_MODEL, chat_prompt, load_model
+from support.memory import CPU_BATCH
 from support.runs import plot_metrics, read_jsonl, write_jsonl
 from train_wm import heldout_scores, predict_and_score
 
@@ -143,8 +145,9 @@ def parse_args(argv=None):
     )
     p.add_argument("--runs", type=at_least(), default=3, help="independent runs, seeds seed..seed+runs-1 (paper: 3)")
     add_play_args(
-        p, max_steps=30, temperature=0.4, batch_games=8
+        p, max_steps=30, temperature=0.4, batch_games=None
     )  # paper: 30 steps; --batch-games is also --wm's batch
+    add_plan_args(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the first run")
     p.add_argument("--out", default="runs/eval", help="output folder")
     p.add_argument("--resume", action="store_true", help="keep finished episodes of a killed evaluation")
@@ -158,6 +161,12 @@ def parse_args(argv=None):
     wm.add_argument("--calibrate", metavar="TRIPLETS", help="print next-state distance quantiles that place tau_d")
     wm.add_argument(
         "--embedder", default=DEFAULT_EMBEDDER, help="sentence-transformers id (paper: Qwen/Qwen3-Embedding-8B)"
+    )
+    wm.add_argument(
+        "--embed-dtype",
+        default="auto",
+        choices=["auto", "fp32", "bf16"],
+        help="embedder dtype (auto: bf16 on CUDA, fp32 on CPU)",
     )
     wm.add_argument(
         "--tau",
@@ -190,6 +199,33 @@ def check_args(args):
         fail(f"--val-size {args.val_size}: {args.wm} holds only {len(read_jsonl(args.wm))} triplets")
 
 
+def plan_eval_batch(args):
+    """--batch-games sized by the memory plan of the first --model (collect.plan_batch): episodes of every split and
+    run, or with --wm the held-out triplets (their longest prompt, the embedder counted)."""
+    path = args.models[0][1]
+    if not args.wm:
+        games = sum(
+            len(select_games(args.env, s, args.games, [d] if args.env == "tau2" else args.domain, args.tasks))
+            for s in args.splits
+            for d in (args.domain if args.env == "tau2" else [None])
+        )
+        return plan_batch(args, path, games * args.runs * len(args.models))
+    from reward import wm_prompt
+    from support.lm import load_tokenizer
+
+    tok = load_tokenizer(path)
+    triplets = read_jsonl(args.wm)[: args.val_size]
+    prompt_len = max(len(tok(chat_prompt(tok, wm_prompt(t)), add_special_tokens=False)["input_ids"]) for t in triplets)
+    wm = dict(vars(args), max_steps=1)  # one greedy prediction a triplet: one "turn"
+    return plan_batch(
+        argparse.Namespace(**wm),
+        path,
+        len(triplets) * len(args.models),
+        prompt_len,
+        embedder_bytes(args.embedder, args.embed_dtype),
+    )
+
+
 def slug(name):
     """A row name as a folder name: "RWML + Policy RL" -> "rwml_policy_rl"."""
     return re.sub(r"[^a-z0-9.-]+", "_", name.lower()).strip("_")
@@ -199,7 +235,8 @@ def evaluate_wm(args, model, tok, name, out, embed):
     """Held-out world-model quality: greedy predictions -> mean sim-to-real reward, similarity, format rate."""
     triplets = read_jsonl(args.wm, required=("task", "history", "state", "action", "next_state"))[: args.val_size]
     tau = args.tau if args.tau is not None else default_tau(args.embedder, triplets)
-    outputs, recs = predict_and_score(model, tok, triplets, embed, tau, args.max_new_tokens, args.batch_games)
+    batch = args.batch_games or CPU_BATCH  # None: not sized by a plan (`plan_eval_batch`)
+    outputs, recs = predict_and_score(model, tok, triplets, embed, tau, args.max_new_tokens, batch)
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(
         out / "wm_predictions.jsonl",
@@ -324,7 +361,8 @@ def main(args):
         return write_report(Path(args.report))
     if args.calibrate:
         out = calibrate(
-            read_jsonl(args.calibrate, required=("game", "action", "next_state")), Embeddings(args.embedder)
+            read_jsonl(args.calibrate, required=("game", "action", "next_state")),
+            Embeddings(args.embedder, dtype=args.embed_dtype),
         )
         for name, v in out.items():
             print(f"{name:>14} ({v['pairs']} pairs): d = 1 - cos quantiles 5/25/50/75/95% = {v['quantiles']}")
@@ -334,13 +372,15 @@ def main(args):
         recs = sim_to_real(
             [r["output"] for r in rows],
             [r["next_state"] for r in rows],
-            Embeddings(args.embedder),
+            Embeddings(args.embedder, dtype=args.embed_dtype),
             tau,
             [r.get("kind") for r in rows],
         )
         print(json.dumps(mean_scores(recs)))
     else:  # every model in turn, then one table
         check_args(args)  # every model folder and the held-out file, before the first model loads
+        if not args.forgetting:  # --batch-games for the card (--dry-run: the memory and time plans, then exit)
+            args.batch_games = plan_eval_batch(args)
         claim_out(
             args.out,
             "evaluate --forgetting" if args.forgetting else "evaluate --wm" if args.wm else "evaluate",
@@ -351,7 +391,7 @@ def main(args):
             (Path(args.out) / "forgetting.json").write_text(json.dumps(res, indent=1))
             (Path(args.out) / "forgetting.md").write_text(forgetting_table(res) + "\n")
             return print(forgetting_table(res))
-        embed = Embeddings(args.embedder) if args.wm else None
+        embed = Embeddings(args.embedder, dtype=args.embed_dtype) if args.wm else None
         results = []
         for name, path in args.models:
             model, tok = load_model(path, dtype=args.dtype)

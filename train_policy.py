@@ -17,6 +17,7 @@ Writes, in --out: rollouts.jsonl (every training episode, with its update `step`
 (+ metrics.png), checkpoint/ (checkpoint/model is a plain HF folder for evaluate.py --model).
 """
 
+import math
 import random
 import time
 from pathlib import Path
@@ -80,6 +81,22 @@ def check_args(args):
     """The training games (`--games` of the split), checked before any model loads; --micro-batch and
     --batch-games halved until the memory plan fits --max-memory-gb (--dry-run: print the plan and exit)."""
     games = select_games(args.env, args.split, args.games, args.domain, args.tasks)
+    prompt_len = args.plan_prompt_len or (8192 if args.env == "tau2" else 1536)
+    episodes = args.games_per_step * args.group_size
+
+    def work(mb, gb):  # the time plan, every episode to --max-steps (an upper bound): rollouts, then the updates
+        turns = args.updates * episodes * args.max_steps
+        calls = args.updates * math.ceil(episodes / gb) * args.max_steps
+        return {
+            "rollouts": dict(
+                prefill=turns * prompt_len,
+                steps=calls * args.max_new_tokens,
+                rows=min(episodes, gb),
+                context=prompt_len + args.max_new_tokens // 2,
+            ),
+            "updates": dict(train=turns * (prompt_len + args.max_new_tokens) * args.ppo_epochs),
+        }
+
     args.micro_batch, args.batch_games = fit_memory(
         args.model,
         args.dtype,
@@ -88,11 +105,12 @@ def check_args(args):
         args.grad_checkpointing,
         args.micro_batch,
         args.batch_games,
-        args.plan_prompt_len or (8192 if args.env == "tau2" else 1536),
+        prompt_len,
         args.max_new_tokens,
         args.fsdp,
         args.max_memory_gb,
         args.dry_run,
+        work=work,
     )
     return games
 

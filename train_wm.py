@@ -39,6 +39,7 @@ from reward import (
     JUDGE_REPLY,
     Embeddings,
     default_tau,
+    embedder_bytes,
     judge,
     mean_scores,
     sim_to_real,
@@ -59,7 +60,7 @@ from support.checks import (
 )
 from support.distributed import all_sum, ddp, full_weights, gather, init_distributed, micro_batches, rank_world
 from support.lm import TINY_MODEL, chat_prompt, generate, load_model, load_tokenizer, sample
-from support.memory import fit_memory, peak_memory
+from support.memory import CARD_BATCH, fit_memory, memory_budget, peak_memory, sampling_batch
 from support.runs import append_jsonl, open_step_log, plot_metrics, read_jsonl, resume_jsonl, set_seed, write_jsonl
 
 FIELDS = ("id", "task", "history", "state", "action", "next_state")  # what a triplet needs here
@@ -74,7 +75,10 @@ def parse_args(argv=None):
         "--embedder", default=DEFAULT_EMBEDDER, help="sentence-transformers id (paper: Qwen/Qwen3-Embedding-8B)"
     )
     p.add_argument(
-        "--embed-dtype", default="fp32", choices=["fp32", "bf16"], help="embedder dtype (bf16: 2.4x faster on AMX CPUs)"
+        "--embed-dtype",
+        default="auto",
+        choices=["auto", "fp32", "bf16"],
+        help="embedder dtype (auto: bf16 on CUDA, fp32 on CPU; bf16 is 2.4x faster on AMX CPUs)",
     )
     p.add_argument(
         "--reward",
@@ -106,7 +110,12 @@ def parse_args(argv=None):
         "--temperature", type=non_negative("0 is greedy"), default=1.0, help="sampling temperature of the G predictions"
     )
     p.add_argument("--max-new-tokens", type=at_least(), default=256, help="tokens per prediction (think + next_state)")
-    p.add_argument("--gen-batch", type=at_least(), default=64, help="sequences per generate call")
+    p.add_argument(
+        "--gen-batch",
+        type=at_least(),
+        default=None,
+        help="sequences per generate call (default: 64 on CPU; on CUDA as many as the memory plan fits)",
+    )
     # held-out evaluation, checkpoints
     p.add_argument(
         "--val-frac",
@@ -189,25 +198,70 @@ def check_args(args, world):
     return triplets, train, heldout
 
 
-def plan_memory(args, triplets):
-    """The memory plan of the run (prints it and exits under --dry-run): --micro-batch and --gen-batch halved
-    until it fits --max-memory-gb. Needs the prompts' lengths, so the tokenizer, not the weights."""
+def plan_memory(args, triplets, train=(), heldout=()):
+    """The memory plan of the run (prints it, and under --dry-run the time plan, and exits): --micro-batch and
+    --gen-batch halved until it fits --max-memory-gb (default: the card's memory on CUDA). --gen-batch not given:
+    64 on CPU; with a budget, a whole RWML step's G x batch predictions (the filter, SFT's held-out scoring: up to
+    memory.CARD_BATCH) halved until it fits. Needs the prompts' lengths, so the tokenizer, not the weights."""
     tok = load_tokenizer(args.model)
     prompt_len = max(len(tok(chat_prompt(tok, wm_prompt(t)), add_special_tokens=False)["input_ids"]) for t in triplets)
+    embedder = embedder_bytes(args.embedder, args.embed_dtype)
+    new, rwml, held = args.max_new_tokens, args.mode == "rwml", len(heldout[: args.val_size])
+
+    def sampled(prompts, rows, gb, times=1):  # the time plan's figures of sampling `rows` rows of `prompts` prompts
+        steps = times * math.ceil(rows / gb) * new
+        return dict(
+            prefill=times * prompts * prompt_len, steps=steps, rows=min(rows, gb), context=prompt_len + new // 2
+        )
+
+    if args.mode == "filter":
+        work = lambda mb, gb: {"filter": sampled(len(triplets), len(triplets) * args.filter_k, gb)}
+        args.gen_batch = sampling_batch(
+            args.gen_batch,
+            args.model,
+            args.dtype,
+            prompt_len,
+            new,
+            args.max_memory_gb,
+            args.dry_run,
+            64,
+            embedder,
+            work,
+        )
+        return
+    if args.gen_batch is None:
+        args.gen_batch = (args.batch_size * args.group_size if rwml else CARD_BATCH) if has_budget(args) else 64
+    steps = args.max_steps or math.ceil(args.epochs * math.ceil(len(train) / args.batch_size))
+    evals = steps // args.eval_every + (0 if args.no_start_eval else 1)
+    rows = args.batch_size * (args.group_size if rwml else 1)
+
+    def work(mb, gb):  # the time plan: RWML's G predictions a triplet, every update, the held-out scoring
+        phases = {"RWML sampling": sampled(args.batch_size, rows, gb, steps)} if rwml else {}
+        phases["updates"] = dict(train=steps * rows * (prompt_len + new) * (args.ppo_epochs if rwml else 1))
+        phases["held-out scoring"] = sampled(held, held, gb, evals)
+        return phases
+
     args.micro_batch, args.gen_batch = fit_memory(
         args.model,
         args.dtype,
         args.lora_rank,
-        args.mode == "rwml" and args.beta > 0,
+        rwml and args.beta > 0,
         args.grad_checkpointing,
         args.micro_batch,
         args.gen_batch,
         prompt_len,
-        args.max_new_tokens,
+        new,
         args.fsdp,
         args.max_memory_gb,
         args.dry_run,
+        embedder=embedder,
+        work=work,
     )
+
+
+def has_budget(args):
+    """Whether the run has a memory budget to size its batches by: --max-memory-gb, or a CUDA card."""
+    return memory_budget(args.max_memory_gb) < float("inf")
 
 
 def heldout_split(triplets, frac, seed):
@@ -340,10 +394,10 @@ def main(args):
     out = claim_out(args.out, f"train_wm --mode {args.mode}", args.resume) if rank == 0 else Path(args.out)
     triplets, train, heldout = check_args(args, world)  # every cross-check before the model loads
     ckpt = out / "checkpoint"
+    plan_memory(args, triplets, train, heldout)  # --dry-run: the memory and time plans, then exit
     if args.mode == "filter":
         model, tok = load_model(args.model, dtype=args.dtype)
         return run_filter(args, triplets, model, tok, Embeddings(args.embedder, dtype=args.embed_dtype))
-    plan_memory(args, triplets)
     # ---- setup: model, reference policy, optimizer, held-out split (TRY NOT TO MODIFY) ----
     model, tok, ref_model, optimizer, start = start_training(args, ckpt, reference=args.mode == "rwml")
     embed = Embeddings(args.embedder, dtype=args.embed_dtype)

@@ -141,7 +141,9 @@ def chat_prompt(tok, user, system=None):
 
 
 @torch.no_grad()
-def sample(model, tok, prompts, max_new_tokens=256, temperature=1.0, stop=None, batch_size=None, n=1, share=True):
+def sample(
+    model, tok, prompts, max_new_tokens=256, temperature=1.0, stop=None, batch_size=None, n=1, share=True, compiled=None
+):
     """Sample one completion per prompt (`n` per prompt: each prompt repeated n times in a row), all in one
     left-padded batch, or in chunks of `batch_size` rows.
 
@@ -151,18 +153,31 @@ def sample(model, tok, prompts, max_new_tokens=256, temperature=1.0, stop=None, 
     the completion cut after its end-of-sequence token (kept, so training learns to stop).
     A prompt that occurs several times in a chunk (GRPO's group of G) is prefilled once (`share=False`:
     each copy on its own, the plain path that bench/sample_throughput.py compares against).
+    `compiled`: decode with a static KV cache and a compiled step (`static_decoding`); None: COMPILE_DECODING.
     """
     prompts = [p for p in prompts for _ in range(n)]
     if batch_size and len(prompts) > batch_size:
         return [
             r
             for i in range(0, len(prompts), batch_size)
-            for r in sample(model, tok, prompts[i : i + batch_size], max_new_tokens, temperature, stop, share=share)
+            for r in sample(
+                model,
+                tok,
+                prompts[i : i + batch_size],
+                max_new_tokens,
+                temperature,
+                stop,
+                share=share,
+                compiled=compiled,
+            )
         ]
     if not prompts:
         return []
     batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-    cache = shared_prefill(model, prompts, batch) if share else None
+    if compiled or (compiled is None and compile_decoding(model)):
+        cache, compiling = static_decoding(model, prompts, batch, max_new_tokens, share)
+    else:
+        cache, compiling = (shared_prefill(model, prompts, batch) if share else None), {}
     sampling = (
         dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature > 0 else dict(do_sample=False)
     )
@@ -176,6 +191,7 @@ def sample(model, tok, prompts, max_new_tokens=256, temperature=1.0, stop=None, 
             tokenizer=tok if stop else None,
             synced_gpus=False,
             **sampling,
+            **compiling,
         ).cpu()  # ranks sample alone (under FSDP: see `full_weights`)
     finally:
         model.generation_config = own
@@ -216,6 +232,18 @@ def shared_prefill(model, prompts, batch):
     prompt repeats. Left padding ends every row at the same column, so the distinct rows' cache lines up with
     the full batch's, and the positions are those `generate` gives each row (its attention mask's cumsum).
     """
+    distinct = prefill_distinct(model, prompts, batch)
+    if distinct is None:
+        return None
+    cache, rows = distinct
+    cache.reorder_cache(rows)  # row i <- its prompt
+    return cache
+
+
+def prefill_distinct(model, prompts, batch):
+    """(the KV cache of each distinct prompt but its last token, the index of every row's prompt in it), or None
+    when no prompt repeats. Only the last position's logits are made (logits_to_keep=1; none are needed): the
+    full [prompts, tokens, vocab] would be ~7 GB at 16 x 1.4k tokens of Qwen's 152k vocabulary."""
     first = {}  # distinct prompt -> its first row
     for i, p in enumerate(prompts):
         first.setdefault(p, i)
@@ -224,10 +252,50 @@ def shared_prefill(model, prompts, batch):
     rows = torch.tensor(list(first.values()), device=model.device)
     ids, mask = batch["input_ids"][rows, :-1], batch["attention_mask"][rows, :-1]
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    cache = getattr(model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True), cache_arg(model))
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
     slot = {p: k for k, p in enumerate(first)}
-    cache.reorder_cache(torch.tensor([slot[p] for p in prompts], device=model.device))  # row i <- its prompt
-    return cache
+    return getattr(out, cache_arg(model)), torch.tensor([slot[p] for p in prompts], device=model.device)
+
+
+# compiled decoding: "auto" is on for CUDA, where eager decoding of a 7B model is bound by launching small
+# kernels (~10% of the bandwidth limit, docs/scaling.md), and off on CPU, where compiling costs more than it saves
+COMPILE_DECODING = os.environ.get("RWML_COMPILE_DECODING", "auto")  # auto, on or off
+COMPILE_BACKEND = "inductor"  # tests/test_lm.py: "eager" (dynamo only: inductor takes ~50 s to compile on 2 CPU cores)
+CACHE_BLOCK = 256  # static caches are sized in blocks of this many tokens: fewer shapes, fewer recompilations
+
+
+def compile_decoding(model):
+    """Whether `sample` decodes `model` with a static cache and a compiled step by default. Never under FSDP,
+    whose gathered weights need not keep their addresses between updates (CUDA graphs read fixed addresses)."""
+    from support.distributed import is_sharded
+
+    if COMPILE_DECODING not in ("auto", "on", "off"):
+        fail(f"RWML_COMPILE_DECODING={COMPILE_DECODING!r}: use auto, on or off")
+    on = COMPILE_DECODING == "on" or (COMPILE_DECODING == "auto" and model.device.type == "cuda")
+    return on and not is_sharded(model)
+
+
+def static_decoding(model, prompts, batch, max_new_tokens, share=True):
+    """(a StaticCache for the whole batch, `generate`'s compile settings): the decoding step then always sees
+    tensors of one shape at one address, so torch.compile captures it once (CUDA graphs: one launch a step).
+    With `share`, each distinct prompt is still prefilled once (`prefill_distinct`) and its cache copied
+    into its rows of the static cache, one layer at a time."""
+    from transformers import StaticCache
+    from transformers.generation import CompileConfig
+
+    width = batch["input_ids"].shape[1]
+    length = -(-(width + max_new_tokens) // CACHE_BLOCK) * CACHE_BLOCK
+    cache = StaticCache(config=model.config, max_cache_len=length)
+    distinct = prefill_distinct(model, prompts, batch) if share else None
+    if distinct is not None:
+        prefix, rows = distinct
+        at = {"cache_position": torch.arange(width - 1, device=model.device)}  # read by older transformers only
+        for static, layer in zip(cache.layers, prefix.layers):
+            static.update(layer.keys.index_select(0, rows), layer.values.index_select(0, rows), at)
+            layer.keys = layer.values = None  # free the distinct rows' copy as the static one fills
+    config = CompileConfig(backend=COMPILE_BACKEND, mode="reduce-overhead" if COMPILE_BACKEND == "inductor" else None)
+    config._compile_all_devices = True  # transformers compiles only on accelerators unless told
+    return cache, dict(compile_config=config, disable_compile=False)
 
 
 def generate(model, tok, prompts, max_new_tokens=256, temperature=1.0, stop=None, batch_size=None, n=1):

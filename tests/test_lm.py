@@ -2,12 +2,13 @@
 copied to its rows, and the output is the plain path's."""
 
 import copy
+import os
 
 import pytest
 import torch
 
 from reward import wm_prompt
-from support.lm import chat_prompt, sample, shared_prefill
+from support.lm import cache_arg, chat_prompt, sample, shared_prefill
 from support.runs import read_jsonl, set_seed
 
 
@@ -93,3 +94,51 @@ def test_the_checkpoints_generation_config_changes_no_sample(tiny, wm_prompts):
     finally:
         model.generation_config = own
     assert offending == plain
+
+
+def test_the_prefill_makes_no_logits_but_the_last_tokens_and_the_same_cache(tiny, wm_prompts):
+    """shared_prefill needs no logits: a [prompts, tokens, vocab] tensor would be ~7 GB at 16 x 1.4k tokens of
+    Qwen's vocabulary. Only the last position's are made, and the cache is the full forward's."""
+    model, tok = tiny
+    batch = tok(wm_prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    shapes = []
+    hook = model.register_forward_hook(lambda m, args, out: shapes.append(tuple(out.logits.shape)))
+    try:
+        cache = shared_prefill(model, wm_prompts, batch)
+    finally:
+        hook.remove()
+    assert shapes == [(3, 1, model.config.vocab_size)]  # 3 distinct prompts, one position each
+    rows = torch.tensor([0, 1, 3])
+    ids, mask = batch["input_ids"][rows, :-1], batch["attention_mask"][rows, :-1]
+    full = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True)
+    keys = getattr(full, cache_arg(model)).layers[-1].keys
+    assert torch.equal(cache.layers[-1].keys[[0, 1, 3]], keys)
+
+
+def test_static_cache_decoding_is_the_eager_path_token_for_token(tiny, wm_prompts, monkeypatch):
+    """The compiled path (a StaticCache, the decoding step under torch.compile) decodes greedily what the eager
+    path does, with the shared prefill (each distinct prompt prefilled once, copied into the static cache) and
+    without. Dynamo's "eager" backend: the capture of the step and the static cache, without inductor, which takes
+    ~50 s to compile the tiny model on 2 CPU cores (RWML_TEST_INDUCTOR=1 runs it with inductor too)."""
+    from transformers import StaticCache
+
+    import support.lm as lm
+
+    model, tok = tiny
+    if not os.environ.get("RWML_TEST_INDUCTOR"):
+        monkeypatch.setattr(lm, "COMPILE_BACKEND", "eager")
+    prompts = wm_prompts[:4]  # a, b, a, c: one prompt twice
+    prefills, caches = [], []
+    prefill = lm.prefill_distinct
+    monkeypatch.setattr(lm, "prefill_distinct", lambda *a: prefills.append(prefill(*a)) or prefills[-1])
+    generate = model.generate
+    monkeypatch.setattr(model, "generate", lambda **kw: caches.append(kw[cache_arg(model)]) or generate(**kw))
+    eager = sample(model, tok, prompts, 8, temperature=0, compiled=False)
+    assert prefills[-1] is not None and caches[-1] is not None and not isinstance(caches[-1], StaticCache)
+    torch._dynamo.utils.counters.clear()
+    for share in (True, False):
+        static = sample(model, tok, prompts, 8, temperature=0, compiled=True, share=share)
+        assert [s[:2] for s in static] == [e[:2] for e in eager], share
+        assert isinstance(caches[-1], StaticCache)
+    assert len(prefills) == 2 and prefills[1] is not None  # the shared prefill ran in the compiled path too
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the decoding step was captured

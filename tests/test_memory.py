@@ -11,7 +11,7 @@ from bench.memory_plan import PeakMemory, measure_sampling, measure_update
 from conftest import run_script as run
 from grpo import add_lora, collate, completion_logprobs
 from support.lm import chat_prompt, checkpoint_activations
-from support.memory import count_params, memory_plan
+from support.memory import RATES, count_params, memory_budget, memory_plan, time_plan
 
 
 def test_peak_tracker_counts_live_tensors_only():
@@ -133,3 +133,45 @@ def test_a_model_that_cannot_be_read_is_a_one_line_error(triplets, tmp_path):
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
         f"error: model folder {tmp_path / 'nothing'} does not exist"
     ]
+
+
+def test_dry_run_prints_the_time_plan_and_counts_the_embedder(triplets, tmp_path):
+    r = run("train_wm.py", "--triplets", str(triplets), "--out", str(tmp_path), "--dry-run")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "embedder 0.09" in r.stdout  # all-MiniLM-L6-v2: 22.7M parameters in fp32
+    assert "time plan (cpu rates" in r.stdout
+    assert all(f"  {phase}: prefill" in r.stdout for phase in ("RWML sampling", "updates", "held-out scoring"))
+
+
+def test_time_plan_is_tokens_over_the_rates(tiny):
+    """prefill and train: tokens x parameters / rate; decode: steps x (weights + rows x context x KV bytes a token) /
+    rate. The H200 row decodes faster than the H100's by their bandwidths, and prefills / trains alike."""
+    config = tiny[0].config
+    n = count_params(config)[0]
+    kv = config.num_hidden_layers * 2 * config.num_key_value_heads * 64 * 4  # SmolLM2: head_dim 64, fp32
+    work = {"a": dict(prefill=1000, steps=10, rows=2, context=100, train=300)}
+    out, total = time_plan(config, torch.float32, work, kind="cpu", show=False)
+    rate = RATES["cpu"]
+    assert out["a"]["prefill"] == pytest.approx(1000 * n / rate["prefill"])
+    assert out["a"]["decode"] == pytest.approx(10 * (4 * n + 2 * 100 * kv) / rate["decode"])
+    assert out["a"]["train"] == pytest.approx(300 * n / rate["train"])
+    assert total == pytest.approx(sum(out["a"].values()))
+    h100, h200 = (time_plan(config, torch.float32, work, kind=k, show=False)[0]["a"] for k in ("H100", "H200"))
+    assert h200["decode"] == pytest.approx(h100["decode"] * 3.35 / 4.8) and h200["prefill"] == h100["prefill"]
+
+
+@pytest.mark.parametrize("script", ["collect.py", "evaluate.py"])
+def test_sampling_stages_size_their_batch_by_the_memory_budget(script, tiny):
+    """--max-memory-gb stands in for a card: a sampling-only stage (collection, evaluation) runs as many episodes at
+    once as the plan fits (weights + KV cache + prefill of 1,536 + 256 tokens a row), halved from 512; on CPU without
+    a budget, 8; a given --batch-games is kept when it fits."""
+    assert memory_budget(None) == float("inf") and memory_budget(3) == 3e9  # CPU: no card
+    config = tiny[0].config
+    fits = lambda b: memory_plan(config, torch.float32, training=False, gen_batch=b, seq_len=1792, completion_len=256)
+    assert fits(16)["peak"] < 3e9 < fits(32)["peak"]
+    base = [script, "--games", "2", "--dry-run"]
+    for flags, batch in (([], 8), (["--max-memory-gb", "3"], 16), (["--max-memory-gb", "3", "--batch-games", "4"], 4)):
+        r = run(*base, *flags)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert f"sampling only; sampling {batch} x 1536 + 256)" in r.stdout, r.stdout
+        assert "time plan (cpu rates" in r.stdout and "  episodes: prefill" in r.stdout

@@ -1,11 +1,13 @@
 """The sim-to-real gap reward with the real MiniLM embedder, and the ROUGE reward."""
 
 import pytest
+import torch
 
 from reward import (
     JUDGE_REPLY,
     Embeddings,
     calibrate,
+    embedder_bytes,
     judge,
     mean_scores,
     parse_next_state,
@@ -134,3 +136,17 @@ def test_exact_is_the_real_next_state_up_to_whitespace(embed):
         REAL,
     ]
     assert [r["exact"] for r in sim_to_real(outputs, [REAL] * 4, embed, tau=0.2)] == [True, True, False, False]
+
+
+def test_the_embedder_is_fp32_on_cpu_and_the_plan_counts_its_bytes(embed):
+    """--embed-dtype auto: fp32 on CPU (bf16 on CUDA); the memory plan's `embedder` is its weights' bytes, from
+    the config alone; evaluate.py and train_wm.py both take the flag."""
+    from evaluate import parse_args as evaluate_args
+    from train_wm import parse_args as train_wm_args
+
+    weights = list(embed.model.parameters())
+    assert {w.dtype for w in weights} == {torch.float32}
+    n = sum(w.numel() for w in weights)
+    assert embedder_bytes() == 4 * n and embedder_bytes(dtype="bf16") == 2 * n
+    assert evaluate_args(["--embed-dtype", "bf16"]).embed_dtype == "bf16" and evaluate_args([]).embed_dtype == "auto"
+    assert train_wm_args(["--triplets", "T"]).embed_dtype == "auto"
