@@ -319,10 +319,12 @@ def play_tau2(jobs, model, tok, settings):
     and every agent (and local user) message of a step comes from one batched `sample`; yields each finished
     Episode."""
 
-    pending, active = list(jobs), []
+    pending, active = list(enumerate(jobs)), []
     while pending or active:
         while pending and len(active) < settings.batch_games:
-            active.append(start_tau2(*pending.pop(0), settings.seed, settings.user_model))
+            k, job = pending.pop(0)
+            active.append(start_tau2(*job, settings.seed, settings.user_model))
+            active[-1].job = k
         agents = [ep for ep in active if ep.orch.to_role == Role.AGENT]
         users = [ep for ep in active if ep.orch.to_role == Role.USER and settings.user_model == "local"]
         prompts = [tau2_agent_prompt(tok, ep) for ep in agents] + [
