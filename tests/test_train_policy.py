@@ -252,3 +252,18 @@ def test_make_pipeline_budget_paper_runs_the_papers_protocol_on_alfworld():
         "evaluate.py"
     ] * 2
     assert "--embedder Qwen/Qwen3-Embedding-8B" in r.stdout and "--runs 3" in r.stdout
+    # the held-out world-model triplets: 10% of collect's games, set aside by the filter stage before it filters
+    commands = make_commands("pipeline", "BUDGET=paper", "MODEL=Qwen/Qwen2.5-7B-Instruct", "OUT=out")
+    flag = lambda argv, name: argv[argv.index(name) + 1] if name in argv else None
+    stage = lambda *head: next(argv for argv in commands if argv[: len(head)] == list(head))
+    filt = stage("train_wm.py", "--mode", "filter")
+    assert (flag(filt, "--triplets"), flag(filt, "--heldout"), flag(filt, "--out")) == (
+        "out/collect/triplets.jsonl",
+        None,
+        "out/filter",
+    )
+    for mode in ("rwml", "sft"):
+        argv = stage("train_wm.py", "--mode", mode)
+        assert flag(argv, "--triplets") == "out/filter/triplets.filtered.jsonl"
+        assert flag(argv, "--heldout") == "out/filter/heldout.jsonl"
+    assert flag(stage("evaluate.py", "--wm"), "--wm") == "out/filter/heldout.jsonl"
