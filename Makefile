@@ -100,7 +100,8 @@ experiment:
 	$(PYTHON) collect.py --split train $(COLLECT) $(WARMUP_GAMES) --out $(OUT)/warmup_data
 	$(PYTHON) train_wm.py --mode sft --model $(MODEL) --triplets $(OUT)/warmup_data/triplets.jsonl $(WM_FLAGS) $(WARMUP) \
 		--no-start-eval --out $(OUT)/warmup
-	$(PYTHON) train_wm.py --mode filter --model $(START) --triplets $(OUT)/collect/triplets.jsonl $(FILTER) --out $(OUT)/filter
+	$(PYTHON) train_wm.py --mode filter --model $(START) --triplets $(OUT)/collect/triplets.jsonl \
+		--heldout $(OUT)/heldout/triplets.jsonl $(FILTER) --out $(OUT)/filter
 	for s in $(SEEDS); do \
 	  $(ARM_RUN) --mode rwml $(TRIPLETS) $(RWML) --seed $$s --out $(OUT)/arms/rwml_s$$s && \
 	  $(ARM_RUN) --mode sft $(TRIPLETS) --seed $$s --out $(OUT)/arms/wm_sft_s$$s || exit 1; \
@@ -130,17 +131,22 @@ ablations: install
 
 # the paper's protocol: interaction learning on `train` -> easy-triplet filter -> RWML, and the WM SFT baseline ->
 # Policy RL from the base model, from WM SFT and from RWML -> held-out world-model scores, and ALFWorld success on
-# valid_seen (ID) / valid_unseen (OOD) of all six models, printed as the paper's Table 1 (also $(OUT)/eval/table.md)
+# valid_seen (ID) / valid_unseen (OOD) of all six models, printed as the paper's Table 1 (also $(OUT)/eval/table.md).
+# The held-out triplets are 10% of collect's games, set aside by the filter stage before it filters
+# ($(OUT)/filter/heldout.jsonl): no game on both sides, and not only the triplets the base model failed.
+HELDOUT_WM = $(OUT)/filter/heldout.jsonl
 protocol:
 	$(PYTHON) collect.py --model $(MODEL) $(ENV_FLAGS) --split train $(COLLECT) --out $(OUT)/collect
 	$(if $(ENV_FLAGS),,$(PYTHON) evaluate.py --calibrate $(OUT)/collect/triplets.jsonl $(EMBED))
 	$(PYTHON) train_wm.py --mode filter --model $(MODEL) --triplets $(OUT)/collect/triplets.jsonl $(FILTER) $(EMBED) --out $(OUT)/filter
-	$(PYTHON) train_wm.py --mode rwml --model $(MODEL) $(TRIPLETS) $(WM) $(RWML) $(EMBED) --out $(OUT)/rwml
-	$(PYTHON) train_wm.py --mode sft --model $(MODEL) $(TRIPLETS) $(WM) $(SFT) $(EMBED) --out $(OUT)/wm_sft
+	$(PYTHON) train_wm.py --mode rwml --model $(MODEL) $(TRIPLETS) --heldout $(HELDOUT_WM) $(WM) $(RWML) $(EMBED) \
+		--out $(OUT)/rwml
+	$(PYTHON) train_wm.py --mode sft --model $(MODEL) $(TRIPLETS) --heldout $(HELDOUT_WM) $(WM) $(SFT) $(EMBED) \
+		--out $(OUT)/wm_sft
 	$(PYTHON) train_policy.py --model $(MODEL) $(ENV_FLAGS) $(POLICY) --out $(OUT)/policy_rl
 	$(PYTHON) train_policy.py --model $(OUT)/wm_sft/$(CKPT) $(ENV_FLAGS) $(POLICY) --out $(OUT)/wm_sft_policy_rl
 	$(PYTHON) train_policy.py --model $(OUT)/rwml/$(CKPT) $(ENV_FLAGS) $(POLICY) --out $(OUT)/rwml_policy_rl
-	$(PYTHON) evaluate.py --wm $(OUT)/rwml/heldout.jsonl $(WM_EVAL) $(EMBED) --out $(OUT)/wm_eval --model "Base=$(MODEL)" \
+	$(PYTHON) evaluate.py --wm $(HELDOUT_WM) $(WM_EVAL) $(EMBED) --out $(OUT)/wm_eval --model "Base=$(MODEL)" \
 		"WM SFT=$(OUT)/wm_sft/$(CKPT)" "RWML=$(OUT)/rwml/$(CKPT)"
 	$(PYTHON) evaluate.py $(ENV_FLAGS) $(EVAL) --out $(OUT)/eval --model "Base=$(MODEL)" "WM SFT=$(OUT)/wm_sft/$(CKPT)" \
 		"RWML=$(OUT)/rwml/$(CKPT)" "Policy RL=$(OUT)/policy_rl/$(CKPT)" \

@@ -326,11 +326,13 @@ def random_command(ep, invalid_rate):
 
 def play_alfworld(jobs, model, tok, settings):
     """Play (game, split, episode index) jobs, B at a time, one batched `sample` per turn; yields each
-    finished Episode."""
-    pending, active = list(jobs), []
+    finished Episode (ep.job: its position in `jobs`)."""
+    pending, active = list(enumerate(jobs)), []
     while pending or active:
         while pending and len(active) < settings.batch_games:
-            active.append(start(*pending.pop(0), settings.seed, settings.max_steps))
+            k, job = pending.pop(0)
+            active.append(start(*job, settings.seed, settings.max_steps))
+            active[-1].job = k
         coin = [settings.policy == "random" or ep.rng.random() < settings.epsilon for ep in active]
         thinking = [ep for ep, c in zip(active, coin) if not c]
         prompts = [turn_prompt(tok, ep, settings.history) for ep in thinking]
@@ -410,7 +412,8 @@ def select_games(env, split, n=None, domains=(), tasks=None, first=0):
 
 
 def play(jobs, model, tok, settings):
-    """Play (game, split, episode index) jobs with the model (or settings.policy); yields finished episodes."""
+    """Play (game, split, episode index) jobs with the model (or settings.policy); yields finished episodes, in the
+    order they finish (ep.job: the episode's position in `jobs`)."""
     if settings.env == "tau2":
         from support.tau2_env import play_tau2
 

@@ -305,6 +305,17 @@ def table(results):
     return "\n".join(lines)
 
 
+def column_games(args, where):
+    """The games of a table column: --games of an ALFWorld split, or of one τ² domain's split; --tasks: the
+    named tasks of that domain only (each task is played in its own domain's column)."""
+    if args.env != "tau2":
+        return select_games(args.env, where["split"], args.games)
+    if not args.tasks:
+        return select_games(args.env, where["split"], args.games, where["domain"])
+    named = select_games(args.env, where["split"], None, args.domain, args.tasks)
+    return [t for t in named if t.split("/")[0] in where["domain"]][: args.games]
+
+
 def evaluate(args, model, tok, name, out):
     """Play every split (τ²: every domain's split) `args.runs` times with the model as policy; return the
     results dict, with one entry per column of the table in results["splits"]."""
@@ -323,9 +334,11 @@ def evaluate(args, model, tok, name, out):
         ]
     )
     for split, where in columns:
+        games = column_games(args, where)
+        if not games:
+            continue  # --tasks names no task of this domain
         per_run = []
         for r in range(args.runs):
-            games = select_games(args.env, where["split"], args.games, where.get("domain", args.domain), args.tasks)
             rollouts = record_episodes(
                 games,
                 where["split"],

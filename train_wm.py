@@ -2,8 +2,10 @@
 environment from triplets collected by collect.py.
 
     python train_wm.py --mode filter --triplets runs/collect/triplets.jsonl --out runs/filter
-    python train_wm.py --mode rwml   --triplets runs/filter/triplets.filtered.jsonl --out runs/rwml
-    python train_wm.py --mode sft    --triplets runs/collect/triplets.jsonl --out runs/wm_sft
+    python train_wm.py --mode rwml --triplets runs/filter/triplets.filtered.jsonl --heldout runs/filter/heldout.jsonl \
+        --out runs/rwml
+    python train_wm.py --mode sft --triplets runs/filter/triplets.filtered.jsonl --heldout runs/filter/heldout.jsonl \
+        --out runs/wm_sft
 
 Modes:
   rwml    GRPO with the sim-to-real gap reward: r = 1[1 - cos(E(s_hat), E(s)) < tau_d]   (the method)
@@ -11,8 +13,9 @@ Modes:
   filter  the easy-triplet filter: K predictions per triplet; a triplet whose mean reward reaches
           tau_easy is easy and kept with probability 0.1; writes triplets.filtered.jsonl
 
-Writes, in --out: heldout.jsonl (the validation triplets), metrics.jsonl (+ metrics.png),
-checkpoint/ (checkpoint/model is a plain HF folder for --model of later stages).
+Writes, in --out: heldout.jsonl (the validation triplets: --val-frac of the games, held out before the
+filter sees them, so pass the filter's heldout.jsonl as --heldout to rwml and sft), metrics.jsonl
+(+ metrics.png), checkpoint/ (checkpoint/model is a plain HF folder for --model of later stages).
 """
 
 import math
@@ -121,7 +124,7 @@ def parse_args(argv=None):
         "--val-frac",
         type=ranged(float, lambda v: 0 < v < 1, "in (0, 1)", "the held-out share"),
         default=0.1,
-        help="share of triplets held out, at least one (paper: 10%%)",
+        help="share of the games whose triplets are held out, at least one game (paper: 10%%)",
     )
     p.add_argument(
         "--heldout",
@@ -172,15 +175,15 @@ def check_args(args, world):
         fail(f"{args.triplets} holds no triplets")
     if args.heldout:
         train, heldout = triplets, read_jsonl(args.heldout, required=FIELDS)
-        both = {t["id"] for t in train} & {t["id"] for t in heldout}
+        both = {game_of(t) for t in train} & {game_of(t) for t in heldout}
         if both:
-            fail(f"{len(both)} triplets of --heldout {args.heldout} are also in --triplets, e.g. {min(both)}")
+            fail(f"{len(both)} games of --heldout {args.heldout} are also in --triplets, e.g. {min(both)}")
     else:
         train, heldout = heldout_split(triplets, args.val_frac, seed=0)
-    if args.mode != "filter" and not train:
+    if not train:
         fail(
-            f"--val-frac {args.val_frac} holds out all {len(triplets)} triplets of {args.triplets}: "
-            "none left to train on"
+            f"--val-frac {args.val_frac} holds out all {len({game_of(t) for t in triplets})} games of "
+            f"{args.triplets}: none left to train on"
         )
     if args.mode != "filter" and (args.val_size or 0) > len(heldout):
         fail(
@@ -215,7 +218,7 @@ def plan_memory(args, triplets, train=(), heldout=()):
         )
 
     if args.mode == "filter":
-        work = lambda mb, gb: {"filter": sampled(len(triplets), len(triplets) * args.filter_k, gb)}
+        work = lambda mb, gb: {"filter": sampled(len(train), len(train) * args.filter_k, gb)}
         args.gen_batch = sampling_batch(
             args.gen_batch,
             args.model,
@@ -264,11 +267,18 @@ def has_budget(args):
     return memory_budget(args.max_memory_gb) < float("inf")
 
 
+def game_of(triplet):
+    """The game (τ²: task) a triplet comes from: its `game` field, else its id's "game#episode#turn" head."""
+    return triplet.get("game") or triplet["id"].rsplit("#", 2)[0]
+
+
 def heldout_split(triplets, frac, seed):
-    """A fixed random share of triplets for validation (the same for every mode and seed of training), at least one."""
-    ids = sorted(t["id"] for t in triplets)
-    held = set(random.Random(seed).sample(ids, max(1, round(frac * len(ids)))))
-    return [t for t in triplets if t["id"] not in held], [t for t in triplets if t["id"] in held]
+    """(train, held-out): the triplets of a fixed random share of the games (at least one) held out, the same for
+    every mode and seed. By game: the episodes of a game start from the same reset, so a split by triplet would
+    put identical triplets on both sides."""
+    games = sorted({game_of(t) for t in triplets})
+    held = set(random.Random(seed).sample(games, max(1, round(frac * len(games)))))
+    return [t for t in triplets if game_of(t) not in held], [t for t in triplets if game_of(t) in held]
 
 
 def predict_and_score(model, tok, triplets, embed, tau, max_new_tokens, batch_size):
@@ -336,7 +346,8 @@ def sft_update(model, optimizer, seqs, args):
 
 
 def run_filter(args, triplets, model, tok, embed):
-    """Score every triplet with K predictions of the filter model; keep hard ones, easy ones w.p. keep_easy."""
+    """Score every (training) triplet with K predictions of the filter model; keep hard ones, easy ones w.p.
+    keep_easy."""
     out = Path(args.out)
     scored_path = out / "scored.jsonl"
     scored = resume_jsonl(scored_path, args.resume, required=("id", "filter_reward"))
@@ -395,9 +406,10 @@ def main(args):
     triplets, train, heldout = check_args(args, world)  # every cross-check before the model loads
     ckpt = out / "checkpoint"
     plan_memory(args, triplets, train, heldout)  # --dry-run: the memory and time plans, then exit
-    if args.mode == "filter":
+    if args.mode == "filter":  # the held-out games are set aside before the filter: it scores the training games
+        write_jsonl(out / "heldout.jsonl", heldout)
         model, tok = load_model(args.model, dtype=args.dtype)
-        return run_filter(args, triplets, model, tok, Embeddings(args.embedder, dtype=args.embed_dtype))
+        return run_filter(args, train, model, tok, Embeddings(args.embedder, dtype=args.embed_dtype))
     # ---- setup: model, reference policy, optimizer, held-out split (TRY NOT TO MODIFY) ----
     model, tok, ref_model, optimizer, start = start_training(args, ckpt, reference=args.mode == "rwml")
     embed = Embeddings(args.embedder, dtype=args.embed_dtype)

@@ -22,6 +22,7 @@ class Episode:
     )  # per turn: (prompt_ids, completion_ids) the model wrote, None for a random turn
     won: bool = False
     done: bool = False
+    job: int = 0  # its position in the jobs played (episodes finish out of order)
 
 
 def summary(rollouts):

@@ -57,14 +57,16 @@ def tau2_domain(domain):
 
 def list_tasks(domains, split, n=None, ids=None):
     """Task names "domain/id" of a split, taking the domains in turn, the first n; or the named `ids`
-    ("domain/id", or an id of the first domain)."""
+    ("domain/id", or an id of the first domain), each once, each in its own domain."""
     if ids:
-        names = [i if "/" in i else f"{domains[0]}/{i}" for i in ids]
+        names = list(dict.fromkeys(i if "/" in i else f"{domains[0]}/{i}" for i in ids))
         for name in names:
             domain, _, tid = name.partition("/")
+            if domain not in domains:
+                fail(f"τ²-bench task {name!r} is not in --domain {' '.join(domains)}")
             if tid not in tau2_domain(domain)[0]:
                 fail(f"unknown τ²-bench task {name!r}")
-        return names
+        return names[:n] if n else names
     per_domain = []
     for d in domains:
         tasks, splits, _ = tau2_domain(d)
@@ -137,8 +139,8 @@ def tau2_agent_prompt(tok, ep):
 def parse_reply(text, tool_names, requestor="assistant"):
     """A model's message -> (content, tool_calls, valid). <think> is dropped; <tool_call>{"name", "arguments"}
     </tool_call> becomes a tool call. A call that is not JSON, names no known tool or lacks an arguments
-    object is an invalid tool call: the text goes to the other side as a message, as a chat API returns
-    unparsed text. An empty message is invalid too."""
+    object (or whose name is not a string) is an invalid tool call: the text goes to the other side as a
+    message, as a chat API returns unparsed text. An empty message is invalid too: no reply ends a run."""
 
     text = re.sub(r"<think>.*?(</think>|$)", "", text or "", flags=re.S).strip()
     if "<tool_call>" not in text:
@@ -149,7 +151,8 @@ def parse_reply(text, tool_names, requestor="assistant"):
             call = json.loads(block)
         except json.JSONDecodeError:
             return text, None, False
-        if not (isinstance(call, dict) and call.get("name") in tool_names and isinstance(call.get("arguments"), dict)):
+        name = call.get("name") if isinstance(call, dict) else None
+        if not (isinstance(name, str) and name in tool_names and isinstance(call.get("arguments"), dict)):
             return text, None, False
         calls.append(
             ToolCall(id=f"call_{next(CALL_IDS)}", name=call["name"], arguments=call["arguments"], requestor=requestor)
@@ -316,10 +319,12 @@ def play_tau2(jobs, model, tok, settings):
     and every agent (and local user) message of a step comes from one batched `sample`; yields each finished
     Episode."""
 
-    pending, active = list(jobs), []
+    pending, active = list(enumerate(jobs)), []
     while pending or active:
         while pending and len(active) < settings.batch_games:
-            active.append(start_tau2(*pending.pop(0), settings.seed, settings.user_model))
+            k, job = pending.pop(0)
+            active.append(start_tau2(*job, settings.seed, settings.user_model))
+            active[-1].job = k
         agents = [ep for ep in active if ep.orch.to_role == Role.AGENT]
         users = [ep for ep in active if ep.orch.to_role == Role.USER and settings.user_model == "local"]
         prompts = [tau2_agent_prompt(tok, ep) for ep in agents] + [

@@ -7,6 +7,7 @@ from reward import (
     JUDGE_REPLY,
     Embeddings,
     calibrate,
+    default_tau,
     embedder_bytes,
     judge,
     mean_scores,
@@ -52,6 +53,14 @@ def test_threshold_is_on_the_distance(embed):
     assert 0 < d < 0.2
     assert sim_to_real([close], [REAL], embed, tau=d + 1e-3)[0]["reward"] == 1.0
     assert sim_to_real([close], [REAL], embed, tau=d - 1e-3)[0]["reward"] == 0.0
+
+
+def test_tau2s_tau_d_warns_when_the_embedder_is_not_the_one_it_was_calibrated_for(capsys):
+    tau2 = [dict(env="tau2")]
+    assert default_tau("all-minilm-l6-v2", tau2) == 0.4
+    assert capsys.readouterr().out.startswith("warning: tau_d 0.4 for τ² was calibrated for Qwen/Qwen3-Embedding-8B")
+    assert default_tau("Qwen/Qwen3-Embedding-8B", tau2) == 0.4 and default_tau("all-minilm-l6-v2", [{}]) == 0.2
+    assert capsys.readouterr().out == ""
 
 
 def test_real_next_states_are_embedded_once_and_predictions_not_kept(embed):

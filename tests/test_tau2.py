@@ -129,6 +129,8 @@ def test_parse_reply_tool_calls_messages_and_invalid_calls():
         '<tool_call>{"name": "get_order_details", "arguments": {"order_id": </tool_call>',  # not JSON
         '<tool_call>{"name": "drop_database", "arguments": {}}</tool_call>',  # unknown tool
         '<tool_call>{"name": "get_order_details"}</tool_call>',  # no arguments
+        '<tool_call>{"name": ["get_order_details"], "arguments": {}}</tool_call>',  # a name that is not a string
+        '<tool_call>["get_order_details", {}]</tool_call>',  # not an object
         '<tool_call>{"name": "get_order_details", "arguments": {"order_id": "#W1"}',
     ]:  # cut off
         content, calls, valid = parse_reply(bad, names)
@@ -147,6 +149,18 @@ def test_unknown_domain_split_and_task_are_one_line_errors():
         list_tasks(["retail"], "test", ids=["9999"])
     assert len(list_tasks(["retail", "telecom", "airline"], "test")) == 100  # 40 + 40 + 20, as in the paper's tables
     assert list_tasks(["retail", "airline"], "test", n=4) == ["retail/5", "airline/2", "retail/9", "airline/6"]
+    with pytest.raises(SystemExit, match=r"^error: τ²-bench task 'airline/8' is not in --domain retail$"):
+        list_tasks(["retail"], "test", ids=["airline/8"])
+
+
+def test_named_tasks_are_played_in_their_own_domains_column_only():
+    import evaluate
+
+    args = evaluate.parse_args(["--env", "tau2", "--domain", "retail", "airline", "--tasks", "airline/8", "5", "5"])
+    column = lambda d: evaluate.column_games(args, dict(split="test", domain=[d]))
+    assert column("retail") == ["retail/5"] and column("airline") == ["airline/8"]  # a bare id: the first domain's
+    args.tasks = ["retail/5"]
+    assert column("retail") == ["retail/5"] and column("airline") == []  # no column for a domain without tasks
 
 
 # ---- the tiny model as agent and user on tau2's small `mock` domain (short prompts: fast on CPU) ----

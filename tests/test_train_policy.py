@@ -59,11 +59,27 @@ def group(tiny):
 
 def test_play_keeps_the_tokens_of_every_model_turn(tiny, group):
     tok = tiny[1]
+    assert [ep.job for ep in group[1:]] == list(range(G - 1))  # each episode knows its job's position
     for ep in group[1:]:
         assert not ep.won and len(ep.turns) == len(ep.seqs) == 2
         for turn, (prompt_ids, completion_ids) in zip(ep.turns, ep.seqs):
             assert turn["output"] == tok.decode(completion_ids, skip_special_tokens=True)
             assert tok.decode(prompt_ids).endswith("assistant\n") and turn["observation"] in tok.decode(prompt_ids)
+
+
+def test_no_game_is_played_twice_in_a_step_and_every_game_as_often_as_any_other():
+    """The paper's defaults: 200 games, 16 a step (a step straddles two epochs every 25 / 2 steps), many seeds."""
+    games = [f"game{i}" for i in range(200)]
+    for seed in range(40):
+        schedule = train_policy.game_schedule(games, 16, seed, 100)
+        assert len(schedule) == 100 and all(len(set(step)) == len(step) == 16 for step in schedule), seed
+        visits = dict.fromkeys(games, 0)
+        for step in schedule:
+            visits.update({g: visits[g] + 1 for g in step})
+            assert max(visits.values()) - min(visits.values()) <= 1, seed
+        assert set(visits.values()) == {8}  # 100 x 16 = 8 epochs of 200
+    assert train_policy.game_schedule(games, 16, seed, 3) == schedule[:3]  # fixed by the seed (resume: the same games)
+    assert train_policy.game_schedule(games, 16, 0, 3) != train_policy.game_schedule(games, 16, 1, 3)
 
 
 def test_every_turn_gets_its_episodes_advantage(group):
@@ -236,3 +252,18 @@ def test_make_pipeline_budget_paper_runs_the_papers_protocol_on_alfworld():
         "evaluate.py"
     ] * 2
     assert "--embedder Qwen/Qwen3-Embedding-8B" in r.stdout and "--runs 3" in r.stdout
+    # the held-out world-model triplets: 10% of collect's games, set aside by the filter stage before it filters
+    commands = make_commands("pipeline", "BUDGET=paper", "MODEL=Qwen/Qwen2.5-7B-Instruct", "OUT=out")
+    flag = lambda argv, name: argv[argv.index(name) + 1] if name in argv else None
+    stage = lambda *head: next(argv for argv in commands if argv[: len(head)] == list(head))
+    filt = stage("train_wm.py", "--mode", "filter")
+    assert (flag(filt, "--triplets"), flag(filt, "--heldout"), flag(filt, "--out")) == (
+        "out/collect/triplets.jsonl",
+        None,
+        "out/filter",
+    )
+    for mode in ("rwml", "sft"):
+        argv = stage("train_wm.py", "--mode", mode)
+        assert flag(argv, "--triplets") == "out/filter/triplets.filtered.jsonl"
+        assert flag(argv, "--heldout") == "out/filter/heldout.jsonl"
+    assert flag(stage("evaluate.py", "--wm"), "--wm") == "out/filter/heldout.jsonl"

@@ -1,6 +1,7 @@
 """World-model learning end to end on real ALFWorld triplets with the real tiny model."""
 
 import copy
+import json
 import subprocess
 import sys
 
@@ -74,23 +75,41 @@ def test_rwml_runs_checkpoints_and_resumes_without_duplicate_steps(triplets, tmp
     ):
         assert k in rows[1], k
     assert (tmp_path / "metrics.png").exists() and (tmp_path / "checkpoint" / "model" / "config.json").exists()
-    held = read_jsonl(tmp_path / "heldout.jsonl")
-    assert len(held) == round(0.1 * len(read_jsonl(triplets)))  # paper: 10% held out
+    held, every = read_jsonl(tmp_path / "heldout.jsonl"), read_jsonl(triplets)
+    assert {t["game"] for t in held} == {every[-1]["game"]} and held == [t for t in every if t in held]  # 1 of 2 games
     rows = train_wm.main(wm_args(triplets, tmp_path, "--max-steps", "3", "--resume"))
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     assert torch.load(tmp_path / "checkpoint" / "trainer.pt", weights_only=False)["step"] == 3
 
 
 def test_filter_keeps_hard_triplets_and_a_tenth_of_easy_ones(triplets, tmp_path):
-    few = tmp_path / "few.jsonl"  # nothing is easy: all kept (of 5 triplets)
-    few.write_text("".join(triplets.read_text().splitlines(keepends=True)[:5]))
+    every = read_jsonl(triplets)  # 2 games of 5 triplets: the filter holds one game out before it scores
+    few = tmp_path / "few.jsonl"  # nothing is easy: all kept (of the 3 triplets of the training game)
+    few.write_text("".join(json.dumps(t) + "\n" for t in every if int(t["id"].rsplit("#", 1)[1]) < 3))
     stats = train_wm.main(wm_args(few, tmp_path / "none", "--mode", "filter", "--filter-k", "2", "--tau-easy", "1.5"))
-    assert stats == dict(stats, triplets=5, easy_fraction=0.0, kept=5)
-    n = len(read_jsonl(triplets))
+    assert stats == dict(stats, triplets=3, easy_fraction=0.0, kept=3)
     stats = train_wm.main(wm_args(triplets, tmp_path / "all", "--mode", "filter", "--filter-k", "2", "--tau-easy", "0"))
-    assert stats["easy_fraction"] == 1.0 and stats["kept"] < n / 2  # everything easy: ~10% kept
+    assert stats["triplets"] == 5 and stats["easy_fraction"] == 1.0 and stats["kept"] < 5 / 2  # ~10% kept
     kept = read_jsonl(tmp_path / "all" / "triplets.filtered.jsonl", required=train_wm.FIELDS + ("filter_reward",))
-    assert len(kept) == stats["kept"]
+    held = read_jsonl(tmp_path / "all" / "heldout.jsonl")
+    assert len(kept) == stats["kept"] and len(held) == 5 and not {t["game"] for t in held} & {t["game"] for t in kept}
+
+
+def test_the_heldout_split_is_by_game_so_no_game_is_on_both_sides():
+    """3 episodes of a game start from the same reset: their first triplets are identical, and must not sit on
+    both sides. Games from the `game` field, else from the id's "game#episode#turn"."""
+    triplets = [
+        dict(id=f"g{g}#{e}#{t}", **({"game": f"g{g}"} if g % 2 else {}), next_state=f"{g}.{t}")
+        for g in range(30)
+        for e in range(3)
+        for t in range(4)
+    ]
+    for seed in range(5):
+        train, held = train_wm.heldout_split(triplets, 0.1, seed)
+        games = lambda ts: {t["id"].split("#")[0] for t in ts}
+        assert len(games(held)) == 3 and not games(train) & games(held) and len(train) + len(held) == len(triplets)
+        assert not {t["next_state"] for t in train} & {t["next_state"] for t in held}
+    assert train_wm.game_of(dict(id="retail/5#0#2", game="retail/5")) == train_wm.game_of(dict(id="retail/5#1#0"))
 
 
 def test_a_malformed_triplets_file_is_a_one_line_error(tmp_path):
