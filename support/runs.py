@@ -11,6 +11,7 @@ import torch
 
 from support.checks import fail, json_line
 from support.distributed import rank_world
+from support.schema import STEP_LOG, problem
 
 
 def set_seed(seed):
@@ -19,14 +20,19 @@ def set_seed(seed):
     torch.manual_seed(seed)
 
 
-def read_jsonl(path, required=()):
-    """All records of a JSONL file; a malformed line or a missing field is a one-line error."""
+def read_jsonl(path, schema=None, required=()):
+    """All records of a JSONL file, each checked against `schema` (support/schema.py: types, non-empty text,
+    unique ids) and holding the fields `required`. Every violation is a one-line `error: FILE:LINE: ...`."""
     path = Path(path)
     if not path.exists():
         fail(f"{path} does not exist")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    rows, seen = [], {}
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                fail(f"{path}:{lineno}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})")
             if not line.strip():
                 continue
             try:
@@ -35,9 +41,18 @@ def read_jsonl(path, required=()):
                 fail(f"{path}:{lineno}: malformed JSON line ({e.msg})")
             if not isinstance(row, dict):
                 fail(f"{path}:{lineno}: expected a JSON object")
+            wrong = problem(row, schema, required) if schema else None
             missing = [k for k in required if k not in row]
-            if missing:
-                fail(f"{path}:{lineno}: missing field {missing[0]!r}")
+            if wrong or missing:
+                fail(f"{path}:{lineno}: {wrong or f'missing field {missing[0]!r}'}")
+            if schema and schema.unique:
+                key = row[schema.unique]
+                if key in seen:
+                    fail(
+                        f"{path}:{lineno}: {schema.unique} {key!r} is already on line {seen[key]} "
+                        f"(each {schema.name} once in a file: was it concatenated twice?)"
+                    )
+                seen[key] = lineno
             rows.append(row)
     return rows
 
@@ -67,7 +82,7 @@ def write_jsonl(path, rows):
     os.replace(tmp, path)
 
 
-def resume_jsonl(path, resume, keep=lambda row: True, required=()):
+def resume_jsonl(path, resume, keep=lambda row: True, schema=None, required=()):
     """The records a resumed run keeps of `path` (those `keep` accepts), the file rewritten to hold just them,
     after dropping an unterminated last line; without `resume` the file is removed and nothing is kept."""
     path = Path(path)
@@ -77,7 +92,7 @@ def resume_jsonl(path, resume, keep=lambda row: True, required=()):
     if not path.exists():
         return []
     drop_partial_line(path)
-    rows = [r for r in read_jsonl(path, required) if keep(r)]
+    rows = [r for r in read_jsonl(path, schema, required) if keep(r)]
     write_jsonl(path, rows)
     return rows
 
@@ -87,7 +102,7 @@ def open_step_log(path, resume, step):
     the checkpoint's step are kept, so replayed steps are not written twice. Under torchrun rank 0 writes."""
     if rank_world()[0] > 0:
         return open(os.devnull, "w")
-    resume_jsonl(path, resume, keep=lambda m: m["step"] <= step)
+    resume_jsonl(path, resume, keep=lambda m: m["step"] <= step, schema=STEP_LOG)
     return open(path, "a", encoding="utf-8")
 
 

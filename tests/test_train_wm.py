@@ -12,6 +12,7 @@ from conftest import ROOT
 from reward import wm_prompt
 from support.lm import chat_prompt
 from support.runs import read_jsonl
+from support.schema import TRIPLET
 
 
 def wm_args(triplets, out, *extra):
@@ -89,7 +90,7 @@ def test_filter_keeps_hard_triplets_and_a_tenth_of_easy_ones(triplets, tmp_path)
     n = len(read_jsonl(triplets))
     stats = train_wm.main(wm_args(triplets, tmp_path / "all", "--mode", "filter", "--filter-k", "2", "--tau-easy", "0"))
     assert stats["easy_fraction"] == 1.0 and stats["kept"] < n / 2  # everything easy: ~10% kept
-    kept = read_jsonl(tmp_path / "all" / "triplets.filtered.jsonl", required=train_wm.FIELDS + ("filter_reward",))
+    kept = read_jsonl(tmp_path / "all" / "triplets.filtered.jsonl", TRIPLET, required=("filter_reward",))
     assert len(kept) == stats["kept"]
 
 
