@@ -429,7 +429,7 @@ def main(args):
         append_jsonl(f_metrics, [row])
         skips.check(step + 1)  # a few non-finite updates in a row: stop, naming the step
         if (step + 1) % args.save_every == 0 or step + 1 == total:
-            save_checkpoint(ckpt, model, tok, optimizer, step + 1, args)
+            save_checkpoint(ckpt, model, tok, optimizer, step + 1, args, final=step + 1 == total)
     f_metrics.close()
     if rank > 0:
         return None

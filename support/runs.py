@@ -4,6 +4,7 @@ records a resumed run keeps, and the metric curves every stage draws from its me
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +105,53 @@ def open_step_log(path, resume, step):
         return open(os.devnull, "w")
     resume_jsonl(path, resume, keep=lambda m: m["step"] <= step, schema=STEP_LOG)
     return open(path, "a", encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint folders: written aside and swapped in, so that a kill at any instant leaves a complete one
+# ---------------------------------------------------------------------------------------------
+def complete(folder):
+    """A checkpoint folder is complete once it holds trainer.pt: written last, under another name, then renamed."""
+    return (Path(folder) / "trainer.pt").exists()
+
+
+def aside(folder, suffix):
+    """folder.tmp (a save being written) or folder.old (the previous checkpoint during a swap)."""
+    return Path(folder).with_name(f"{Path(folder).name}.{suffix}")
+
+
+def remove_checkpoint(folder):
+    """Delete a checkpoint folder, its trainer.pt first: a half-deleted folder never looks complete."""
+    (Path(folder) / "trainer.pt").unlink(missing_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def swap_in(tmp, folder):
+    """Put the complete checkpoint `tmp` in the place of `folder`. At every instant a complete checkpoint is
+    under a name `find_checkpoint` reads: folder -> folder.old, tmp -> folder, then folder.old is deleted."""
+    folder, old = Path(folder), aside(folder, "old")
+    remove_checkpoint(old)
+    if folder.exists():
+        os.rename(folder, old)
+    os.rename(tmp, folder)
+    remove_checkpoint(old)
+
+
+def find_checkpoint(folder):
+    """The newest complete checkpoint of `folder`, or None: folder.tmp when a save was written whole but not yet
+    swapped in (it is newer than folder), else folder, else folder.old (kept aside mid-swap). One found
+    aside is put in the place of `folder` (the cut swap is finished), with one line saying so; returns `folder`."""
+    folder = Path(folder)
+    found = next((f for f in (aside(folder, "tmp"), folder, aside(folder, "old")) if complete(f)), None)
+    if found in (None, folder):
+        return found
+    print(f"--resume: {found.name} is the newest complete checkpoint (a save was cut short); it becomes {folder}")
+    if found.name.endswith(".tmp"):
+        swap_in(found, folder)
+    else:
+        remove_checkpoint(folder)
+        os.rename(found, folder)
+    return folder
 
 
 def plot_metrics(jsonl_path, png_path=None, x="step"):
