@@ -33,6 +33,7 @@ from support.episode import Episode, summary
 from support.lm import TINY_MODEL, chat_prompt, load_model, sample
 from support.memory import CPU_BATCH, sampling_batch
 from support.runs import append_jsonl, plot_metrics, resume_jsonl, set_seed
+from support.schema import METRICS, ROLLOUT, TRIPLET
 
 ROLLOUT_FIELDS = (
     "env",
@@ -449,11 +450,11 @@ def open_outputs(out, resume):
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "rollouts.jsonl", out / "triplets.jsonl", out / "metrics.jsonl"]
-    rollouts = resume_jsonl(paths[0], resume, required=ROLLOUT_FIELDS)
+    rollouts = resume_jsonl(paths[0], resume, schema=ROLLOUT)
     done = {episode_key(r["game"], r["episode"]) for r in rollouts}
     # triplets of an episode killed before its rollout line was written are dropped: it is replayed
-    resume_jsonl(paths[1], resume, keep=lambda t: t["id"].rsplit("#", 1)[0] in done, required=TRIPLET_FIELDS)
-    resume_jsonl(paths[2], resume, keep=lambda m: m["step"] <= len(rollouts))
+    resume_jsonl(paths[1], resume, keep=lambda t: t["id"].rsplit("#", 1)[0] in done, schema=TRIPLET)
+    resume_jsonl(paths[2], resume, keep=lambda m: m["step"] <= len(rollouts), schema=METRICS)
     return [open(p, "a", encoding="utf-8") for p in paths], done, rollouts
 
 

@@ -40,6 +40,7 @@ from support.episode import summary
 from support.lm import TINY_MODEL, chat_prompt, load_model
 from support.memory import CPU_BATCH
 from support.runs import plot_metrics, read_jsonl, write_jsonl
+from support.schema import PREDICTION, PROMPT, TRIPLET
 from train_wm import heldout_scores, predict_and_score
 
 SPLIT_NAMES = {"valid_seen": "ID", "valid_unseen": "OOD"}
@@ -91,7 +92,7 @@ def general_drift(model, start, tok, rows, batch_size=8):
 
 def forgetting(args):
     """Every --model against --forgetting (their start): weights changed, KL and perplexity on general prompts."""
-    rows = read_jsonl(args.prompts, required=("prompt", "answer"))
+    rows = read_jsonl(args.prompts, PROMPT)
     start, tok = load_model(args.forgetting, dtype=args.dtype)
     shapes = lambda m: {name: w.shape for name, w in m.named_parameters()}
     results = []
@@ -191,12 +192,15 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    """Every model path exists (a missing folder says so now, not after the first model's run) and --val-size
-    fits the --wm file."""
+    """Every model path exists (a missing folder says so now, not after the first model's run), the --wm
+    triplets and the --forgetting prompts are well-formed records (support/schema.py) and --val-size fits."""
     for path in [p for _, p in args.models] + ([args.forgetting] if args.forgetting else []):
         check_model(path)
-    if args.wm and args.val_size and args.val_size > len(read_jsonl(args.wm)):
-        fail(f"--val-size {args.val_size}: {args.wm} holds only {len(read_jsonl(args.wm))} triplets")
+    held = read_jsonl(args.wm, TRIPLET) if args.wm else []
+    if args.wm and args.val_size and args.val_size > len(held):
+        fail(f"--val-size {args.val_size}: {args.wm} holds only {len(held)} triplets")
+    if args.forgetting:
+        read_jsonl(args.prompts, PROMPT)
 
 
 def plan_eval_batch(args):
@@ -233,7 +237,7 @@ def slug(name):
 
 def evaluate_wm(args, model, tok, name, out, embed):
     """Held-out world-model quality: greedy predictions -> mean sim-to-real reward, similarity, format rate."""
-    triplets = read_jsonl(args.wm, required=("task", "history", "state", "action", "next_state"))[: args.val_size]
+    triplets = read_jsonl(args.wm, TRIPLET)[: args.val_size]
     tau = args.tau if args.tau is not None else default_tau(args.embedder, triplets)
     batch = args.batch_games or CPU_BATCH  # None: not sized by a plan (`plan_eval_batch`)
     outputs, recs = predict_and_score(model, tok, triplets, embed, tau, args.max_new_tokens, batch)
@@ -373,14 +377,11 @@ def main(args):
 
         return write_report(Path(args.report))
     if args.calibrate:
-        out = calibrate(
-            read_jsonl(args.calibrate, required=("game", "action", "next_state")),
-            Embeddings(args.embedder, dtype=args.embed_dtype),
-        )
+        out = calibrate(read_jsonl(args.calibrate, TRIPLET), Embeddings(args.embedder, dtype=args.embed_dtype))
         for name, v in out.items():
             print(f"{name:>14} ({v['pairs']} pairs): d = 1 - cos quantiles 5/25/50/75/95% = {v['quantiles']}")
     elif args.score:
-        rows = read_jsonl(args.score, required=("output", "next_state"))
+        rows = read_jsonl(args.score, PREDICTION)
         tau = args.tau if args.tau is not None else default_tau(args.embedder, rows)
         recs = sim_to_real(
             [r["output"] for r in rows],

@@ -17,7 +17,6 @@ sampling), runs.py (JSONL, curves), distributed.py (torchrun), memory.py (the me
 import copy
 import os
 import random
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,7 @@ import torch
 from support.checks import at_least, fail, finite, non_negative, positive
 from support.distributed import all_sum, ddp, is_sharded, micro_batches, rank_world, shard
 from support.lm import LORA_TARGETS, checkpoint_activations, load_model
-from support.runs import set_seed
+from support.runs import aside, find_checkpoint, remove_checkpoint, set_seed, swap_in
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,7 +86,17 @@ def add_grpo_args(p):
         action="store_true",
         help="keep only each layer's input for backward and recompute the rest (less memory, ~1.3x compute)",
     )
-    g.add_argument("--resume", action="store_true", help="continue from --out/checkpoint")
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from --out/checkpoint (or the newest complete one beside it: checkpoint.tmp, .old)",
+    )
+    g.add_argument(
+        "--keep-optimizer",
+        action="store_true",
+        help="keep the AdamW state in the last checkpoint too (2x the weights under full fine-tuning), so that "
+        "--resume with more steps continues it; by default only the checkpoints of an unfinished run keep it",
+    )
     g.add_argument(
         "--max-memory-gb",
         type=positive(),
@@ -323,8 +332,9 @@ def start_training(args, ckpt, reference):
     *starting* model: a frozen copy of args.model for full fine-tuning (None when `reference` is False
     or beta = 0), the same weights with adapters off under LoRA (also None here)."""
     ckpt = Path(ckpt)
-    if args.resume and not (ckpt / "trainer.pt").exists():
-        raise SystemExit(f"error: --resume: no checkpoint in {ckpt}")
+    # rank 0 finds the newest complete checkpoint (and finishes a swap a kill cut short); the other ranks wait
+    if args.resume and not all_sum([rank_world()[0] == 0 and find_checkpoint(ckpt) is not None])[0]:
+        raise SystemExit(f"error: --resume: no complete checkpoint in {ckpt} (nor in {ckpt.name}.tmp, .old)")
     full_resume = args.resume and not args.lora_rank
     model, tok = load_model(str(ckpt / "model") if full_resume else args.model, dtype=args.dtype)
     ref_model = None
@@ -351,11 +361,14 @@ def start_training(args, ckpt, reference):
     return model, tok, ref_model, optimizer, step
 
 
-def save_checkpoint(folder, model, tok, optimizer, step, args):
+def save_checkpoint(folder, model, tok, optimizer, step, args, final=False):
     """folder/model: plain HF weights (adapters merged); folder/trainer.pt: step, optimizer, adapters, RNG.
-    Written aside and renamed, so a kill mid-save keeps the previous checkpoint. Under torchrun rank 0 writes
-    (every rank holds the same weights and optimizer state)."""
+    Written aside (folder.tmp, trainer.pt last) and swapped in (runs.swap_in), so a kill at any instant keeps a
+    complete checkpoint that --resume finds. The `final` save of a run drops the optimizer state (2x the weights
+    under full fine-tuning) unless args.keep_optimizer. Under torchrun rank 0 writes (every rank holds the same
+    weights and optimizer state)."""
     rank = rank_world()[0]
+    keep_optimizer = not final or getattr(args, "keep_optimizer", False)
     if is_sharded(model):  # every rank sends its shards; rank 0 gets the whole weights and optimizer state
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
@@ -364,12 +377,10 @@ def save_checkpoint(folder, model, tok, optimizer, step, args):
         )
 
         whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        weights, optimizer_state = (
-            get_model_state_dict(model, options=whole),
-            get_optimizer_state_dict(model, optimizer, options=whole),
-        )
+        weights = get_model_state_dict(model, options=whole)
+        optimizer_state = get_optimizer_state_dict(model, optimizer, options=whole) if keep_optimizer else None
     elif rank == 0:
-        weights, optimizer_state = merged_state_dict(model), optimizer.state_dict()
+        weights, optimizer_state = merged_state_dict(model), optimizer.state_dict() if keep_optimizer else None
     if rank > 0:
         return
     # a sum is finite only if every term is (NaN and Inf carry through it): 0.07 s over 135M weights on one core,
@@ -379,8 +390,8 @@ def save_checkpoint(folder, model, tok, optimizer, step, args):
     if bad:  # the previous checkpoint stays as it was
         fail(f"step {step}: weight {bad} is not finite: no checkpoint written (the one in {folder}, if any, is kept)")
     folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = aside(folder, "tmp")
+    remove_checkpoint(tmp)
     model.save_pretrained(tmp / "model", state_dict=weights)
     tok.save_pretrained(tmp / "model")
     adapters = {
@@ -389,7 +400,7 @@ def save_checkpoint(folder, model, tok, optimizer, step, args):
     torch.save(
         dict(
             step=step,
-            optimizer=optimizer_state,
+            optimizer=optimizer_state,  # None: a finished run's (--keep-optimizer keeps it)
             adapters=adapters or None,
             args=vars(args),
             rng=dict(
@@ -399,10 +410,10 @@ def save_checkpoint(folder, model, tok, optimizer, step, args):
                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,  # CPU tensors
             ),
         ),
-        tmp / "trainer.pt",
+        tmp / "trainer.pt.part",
     )
-    shutil.rmtree(folder, ignore_errors=True)
-    os.rename(tmp, folder)
+    os.rename(tmp / "trainer.pt.part", tmp / "trainer.pt")  # now complete
+    swap_in(tmp, folder)
 
 
 def load_checkpoint(folder, model, optimizer):
@@ -413,12 +424,17 @@ def load_checkpoint(folder, model, optimizer):
     state = torch.load(Path(folder) / "trainer.pt", map_location="cpu", weights_only=False)
     if state["adapters"]:
         model.load_state_dict(state["adapters"], strict=False)
-    if is_sharded(model):
+    if is_sharded(model) and state["optimizer"] is not None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
-    else:
+    elif state["optimizer"] is not None:
         optimizer.load_state_dict(state["optimizer"])
+    if state["optimizer"] is None and rank_world()[0] == 0:
+        print(
+            f"--resume: {folder} is a finished run saved without its AdamW state (--keep-optimizer keeps it): "
+            f"the updates after step {state['step']} start AdamW afresh"
+        )
     random.setstate(state["rng"]["python"])
     np.random.set_state(state["rng"]["numpy"])
     torch.set_rng_state(state["rng"]["torch"])

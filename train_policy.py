@@ -195,7 +195,7 @@ def main(args):
             no_signal=f"{no_signal}/{row['groups']}",
         )
         if (step + 1) % args.save_every == 0 or step + 1 == args.updates:
-            save_checkpoint(ckpt, model, tok, optimizer, step + 1, args)
+            save_checkpoint(ckpt, model, tok, optimizer, step + 1, args, final=step + 1 == args.updates)
     f_metrics.close()
     f_rollouts.close()
     if rank > 0:

@@ -65,8 +65,7 @@ from support.distributed import all_sum, ddp, full_weights, gather, init_distrib
 from support.lm import TINY_MODEL, chat_prompt, generate, load_model, load_tokenizer, sample
 from support.memory import CARD_BATCH, fit_memory, memory_budget, peak_memory, sampling_batch
 from support.runs import append_jsonl, open_step_log, plot_metrics, read_jsonl, resume_jsonl, set_seed, write_jsonl
-
-FIELDS = ("id", "task", "history", "state", "action", "next_state")  # what a triplet needs here
+from support.schema import TRIPLET
 
 
 def parse_args(argv=None):
@@ -170,11 +169,11 @@ def parse_args(argv=None):
 def check_args(args, world):
     """The flags checked against each other and against the data, before any model loads: (triplets, train
     triplets, held-out triplets); args.tau set to the embedder's calibrated value when not given."""
-    triplets = read_jsonl(args.triplets, required=FIELDS)
+    triplets = read_jsonl(args.triplets, TRIPLET)
     if not triplets:
         fail(f"{args.triplets} holds no triplets")
     if args.heldout:
-        train, heldout = triplets, read_jsonl(args.heldout, required=FIELDS)
+        train, heldout = triplets, read_jsonl(args.heldout, TRIPLET)
         both = {game_of(t) for t in train} & {game_of(t) for t in heldout}
         if both:
             fail(f"{len(both)} games of --heldout {args.heldout} are also in --triplets, e.g. {min(both)}")
@@ -350,7 +349,7 @@ def run_filter(args, triplets, model, tok, embed):
     keep_easy."""
     out = Path(args.out)
     scored_path = out / "scored.jsonl"
-    scored = resume_jsonl(scored_path, args.resume, required=("id", "filter_reward"))
+    scored = resume_jsonl(scored_path, args.resume, schema=TRIPLET, required=("filter_reward",))
     done = {s["id"] for s in scored}
     todo = [t for t in triplets if t["id"] not in done]
     per_call = max(1, args.gen_batch // args.filter_k)  # triplets whose K predictions share one generate call
@@ -496,7 +495,7 @@ def main(args):
         append_jsonl(f_metrics, [row])
         skips.check(step + 1)  # a few non-finite updates in a row: stop, naming the step
         if (step + 1) % args.save_every == 0 or step + 1 == total:
-            save_checkpoint(ckpt, model, tok, optimizer, step + 1, args)
+            save_checkpoint(ckpt, model, tok, optimizer, step + 1, args, final=step + 1 == total)
     f_metrics.close()
     if rank > 0:
         return None

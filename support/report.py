@@ -15,6 +15,7 @@ import json
 import statistics
 
 from support.runs import read_jsonl
+from support.schema import METRICS, TRIPLET
 
 ARMS = {  # folder prefix -> the arm's name (in the order of the tables)
     "rwml": "RWML",
@@ -45,7 +46,7 @@ def arm_runs(run):
     found = {}
     for folder in sorted((run / "arms").glob("*_s*")):
         arm, _, seed = folder.name.rpartition("_s")
-        rows = read_jsonl(folder / "metrics.jsonl") if (folder / "metrics.jsonl").exists() else []
+        rows = read_jsonl(folder / "metrics.jsonl", METRICS) if (folder / "metrics.jsonl").exists() else []
         if any("heldout/reward" in r for r in rows):  # a run still in its first updates is left out
             found.setdefault(arm, {})[int(seed)] = rows
     return {a: found[a] for a in [*ARMS, *sorted(set(found) - set(ARMS))] if a in found}
@@ -63,14 +64,14 @@ def data_lines(run, scored):
     for folder, what in (("warmup_data", "format warm-up"), ("collect", "training"), ("heldout", "held-out, scored")):
         path = run / folder / "triplets.jsonl"
         if path.exists():
-            t = read_jsonl(path)[: scored if folder == "heldout" else None]
+            t = read_jsonl(path, TRIPLET, required=("game", "valid"))[: scored if folder == "heldout" else None]
             games = len({x["game"] for x in t})
             lines.append(f"| {what} | {games} | {len(t)} | {100 * sum(not x['valid'] for x in t) / len(t):.1f}% |")
     return lines
 
 
 def write_report(run):
-    runs, warm = arm_runs(run), read_jsonl(run / "warmup" / "metrics.jsonl")
+    runs, warm = arm_runs(run), read_jsonl(run / "warmup" / "metrics.jsonl", METRICS)
     start = {k.removeprefix("heldout/"): v for k, v in [r for r in warm if "heldout/reward" in r][-1].items()}
     start0 = {f"heldout/{k}": v for k, v in start.items()}
     final = {
@@ -82,7 +83,8 @@ def write_report(run):
         eta = res["eta"]
         for m in res["models"]:
             forget.setdefault(m["name"].rpartition("_s")[0], []).append(m)
-    filt = read_jsonl(run / "filter" / "metrics.jsonl")[0] if (run / "filter" / "metrics.jsonl").exists() else None
+    filt = run / "filter" / "metrics.jsonl"
+    filt = read_jsonl(filt, METRICS)[0] if filt.exists() else None
 
     md = ["# The CPU experiment: world-model learning on the tiny model", ""]
     every_row = [r for rows in [warm, *(x for s in runs.values() for x in s.values())] for r in rows]

@@ -4,6 +4,7 @@ records a resumed run keeps, and the metric curves every stage draws from its me
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 
 from support.checks import fail, json_line
 from support.distributed import rank_world
+from support.schema import STEP_LOG, problem
 
 
 def set_seed(seed):
@@ -19,14 +21,19 @@ def set_seed(seed):
     torch.manual_seed(seed)
 
 
-def read_jsonl(path, required=()):
-    """All records of a JSONL file; a malformed line or a missing field is a one-line error."""
+def read_jsonl(path, schema=None, required=()):
+    """All records of a JSONL file, each checked against `schema` (support/schema.py: types, non-empty text,
+    unique ids) and holding the fields `required`. Every violation is a one-line `error: FILE:LINE: ...`."""
     path = Path(path)
     if not path.exists():
         fail(f"{path} does not exist")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    rows, seen = [], {}
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                fail(f"{path}:{lineno}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})")
             if not line.strip():
                 continue
             try:
@@ -35,9 +42,18 @@ def read_jsonl(path, required=()):
                 fail(f"{path}:{lineno}: malformed JSON line ({e.msg})")
             if not isinstance(row, dict):
                 fail(f"{path}:{lineno}: expected a JSON object")
+            wrong = problem(row, schema, required) if schema else None
             missing = [k for k in required if k not in row]
-            if missing:
-                fail(f"{path}:{lineno}: missing field {missing[0]!r}")
+            if wrong or missing:
+                fail(f"{path}:{lineno}: {wrong or f'missing field {missing[0]!r}'}")
+            if schema and schema.unique:
+                key = row[schema.unique]
+                if key in seen:
+                    fail(
+                        f"{path}:{lineno}: {schema.unique} {key!r} is already on line {seen[key]} "
+                        f"(each {schema.name} once in a file: was it concatenated twice?)"
+                    )
+                seen[key] = lineno
             rows.append(row)
     return rows
 
@@ -67,7 +83,7 @@ def write_jsonl(path, rows):
     os.replace(tmp, path)
 
 
-def resume_jsonl(path, resume, keep=lambda row: True, required=()):
+def resume_jsonl(path, resume, keep=lambda row: True, schema=None, required=()):
     """The records a resumed run keeps of `path` (those `keep` accepts), the file rewritten to hold just them,
     after dropping an unterminated last line; without `resume` the file is removed and nothing is kept."""
     path = Path(path)
@@ -77,7 +93,7 @@ def resume_jsonl(path, resume, keep=lambda row: True, required=()):
     if not path.exists():
         return []
     drop_partial_line(path)
-    rows = [r for r in read_jsonl(path, required) if keep(r)]
+    rows = [r for r in read_jsonl(path, schema, required) if keep(r)]
     write_jsonl(path, rows)
     return rows
 
@@ -87,8 +103,55 @@ def open_step_log(path, resume, step):
     the checkpoint's step are kept, so replayed steps are not written twice. Under torchrun rank 0 writes."""
     if rank_world()[0] > 0:
         return open(os.devnull, "w")
-    resume_jsonl(path, resume, keep=lambda m: m["step"] <= step)
+    resume_jsonl(path, resume, keep=lambda m: m["step"] <= step, schema=STEP_LOG)
     return open(path, "a", encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint folders: written aside and swapped in, so that a kill at any instant leaves a complete one
+# ---------------------------------------------------------------------------------------------
+def complete(folder):
+    """A checkpoint folder is complete once it holds trainer.pt: written last, under another name, then renamed."""
+    return (Path(folder) / "trainer.pt").exists()
+
+
+def aside(folder, suffix):
+    """folder.tmp (a save being written) or folder.old (the previous checkpoint during a swap)."""
+    return Path(folder).with_name(f"{Path(folder).name}.{suffix}")
+
+
+def remove_checkpoint(folder):
+    """Delete a checkpoint folder, its trainer.pt first: a half-deleted folder never looks complete."""
+    (Path(folder) / "trainer.pt").unlink(missing_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def swap_in(tmp, folder):
+    """Put the complete checkpoint `tmp` in the place of `folder`. At every instant a complete checkpoint is
+    under a name `find_checkpoint` reads: folder -> folder.old, tmp -> folder, then folder.old is deleted."""
+    folder, old = Path(folder), aside(folder, "old")
+    remove_checkpoint(old)
+    if folder.exists():
+        os.rename(folder, old)
+    os.rename(tmp, folder)
+    remove_checkpoint(old)
+
+
+def find_checkpoint(folder):
+    """The newest complete checkpoint of `folder`, or None: folder.tmp when a save was written whole but not yet
+    swapped in (it is newer than folder), else folder, else folder.old (kept aside mid-swap). One found
+    aside is put in the place of `folder` (the cut swap is finished), with one line saying so; returns `folder`."""
+    folder = Path(folder)
+    found = next((f for f in (aside(folder, "tmp"), folder, aside(folder, "old")) if complete(f)), None)
+    if found in (None, folder):
+        return found
+    print(f"--resume: {found.name} is the newest complete checkpoint (a save was cut short); it becomes {folder}")
+    if found.name.endswith(".tmp"):
+        swap_in(found, folder)
+    else:
+        remove_checkpoint(folder)
+        os.rename(found, folder)
+    return folder
 
 
 def plot_metrics(jsonl_path, png_path=None, x="step"):

@@ -152,22 +152,71 @@ def test_missing_alfworld_data_is_one_error_line(tmp_path):
     assert_one_error_line(r, 1, "ALFWorld data not found: /nonexistent")
 
 
-@pytest.mark.parametrize(
-    "content, message",
-    [
-        ("", "holds no triplets"),
-        (json.dumps(TRIPLET) + '\n{"id": "b",\n', "t.jsonl:2: malformed JSON line"),
-        (
-            json.dumps(TRIPLET) + "\n" + json.dumps({k: v for k, v in TRIPLET.items() if k != "next_state"}) + "\n",
-            "t.jsonl:2: missing field 'next_state'",
-        ),
-    ],
-)
+def lines(*rows):
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+GOOD = dict(TRIPLET, id="g#0#1")
+BAD_TRIPLETS = [  # file bytes -> the error (support/schema.py: TRIPLET); each case trained silently or crashed once
+    (b"", "holds no triplets"),
+    (lines(TRIPLET) + b'{"id": "b",\n', "t.jsonl:2: malformed JSON line"),
+    (
+        lines(TRIPLET, {k: v for k, v in GOOD.items() if k != "next_state"}),
+        "t.jsonl:2: missing field 'next_state'",
+    ),
+    (lines(TRIPLET) + lines(GOOD).replace(b"sink", b"s\xe9nk"), "t.jsonl:2: not UTF-8 (byte 0xe9 at column"),
+    (lines(TRIPLET, dict(GOOD, next_state="")), 't.jsonl:2: `next_state` must be non-empty text, got ""'),
+    (lines(TRIPLET, dict(GOOD, next_state=" \n")), "t.jsonl:2: `next_state` must be non-empty text"),
+    (lines(TRIPLET, dict(GOOD, state=123)), "t.jsonl:2: `state` must be non-empty text, got 123"),
+    (lines(TRIPLET, dict(GOOD, action=None)), "t.jsonl:2: `action` must be a string, got null"),
+    (lines(TRIPLET, dict(GOOD, history="none")), "t.jsonl:2: `history` must be a list of [observation, action]"),
+    (lines(TRIPLET, dict(GOOD, history=[["a"]])), "t.jsonl:2: `history` must be a list of [observation, action]"),
+    (lines(TRIPLET, dict(GOOD, valid="yes")), 't.jsonl:2: `valid` must be true or false, got "yes"'),
+    (lines(TRIPLET, GOOD) * 2, "t.jsonl:3: id 'g#0#0' is already on line 1 (each triplet once in a file"),
+]
+
+
+@pytest.mark.parametrize("content, message", BAD_TRIPLETS, ids=[m.split(": ")[-1][:30] for _, m in BAD_TRIPLETS])
 def test_bad_triplet_files_name_the_line(content, message, tmp_path):
-    (tmp_path / "t.jsonl").write_text(content)
+    (tmp_path / "t.jsonl").write_bytes(content)
     assert_one_error_line(
         run_script("train_wm.py", "--triplets", tmp_path / "t.jsonl", "--out", tmp_path / "out"), 1, message
     )
+
+
+# every other reader of the records checks them with the same schemas, before a model or embedder loads
+BAD_RECORDS = [  # (file to write, its bytes, the script's argv with F for the file, O for a fresh folder, the error)
+    ("t.jsonl", lines(TRIPLET, dict(GOOD, next_state="")), ["evaluate.py", "--wm", "F", "--out", "O"], "`next_state`"),
+    ("t.jsonl", lines(TRIPLET, dict(GOOD, state=123)), ["evaluate.py", "--calibrate", "F"], "`state` must be"),
+    ("p.jsonl", lines(dict(output=1, next_state="s")), ["evaluate.py", "--score", "F"], "`output` must be a string"),
+    (
+        "p.jsonl",
+        lines(dict(prompt="Say hi.", answer="")),
+        ["evaluate.py", "--forgetting", "smollm2-135m", "--prompts", "F", "--out", "O"],
+        "p.jsonl:1: `answer` must be non-empty text",
+    ),
+    (
+        "O/rollouts.jsonl",
+        lines(dict(env="alfworld", game="g", episode="0")),
+        ["collect.py", "--policy", "random", "--out", "O", "--resume"],
+        "rollouts.jsonl:1: missing field 'split'",
+    ),
+    (
+        "O/warmup/metrics.jsonl",
+        lines(dict(step=1, **{"heldout/reward": "0.3"})),
+        ["evaluate.py", "--report", "O"],
+        'metrics.jsonl:1: `heldout/reward` must be a number or null, got "0.3"',
+    ),
+]
+
+
+@pytest.mark.parametrize("name, content, argv, message", BAD_RECORDS, ids=[c[2][1] for c in BAD_RECORDS])
+def test_every_reader_checks_the_records_it_reads(name, content, argv, message, tmp_path):
+    path = tmp_path / name.replace("O", "out")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    argv = [str(path) if a == "F" else str(tmp_path / "out") if a == "O" else a for a in argv]
+    assert_one_error_line(run_script(*argv), 1, message)
 
 
 def test_out_must_be_a_folder_of_this_stage(triplets, tmp_path):

@@ -3,6 +3,7 @@
 import argparse
 import copy
 import math
+import os
 
 import pytest
 import torch
@@ -17,9 +18,10 @@ from grpo import (
     grpo_update,
     load_checkpoint,
     save_checkpoint,
+    start_training,
 )
 from support.lm import chat_prompt, sample
-from support.runs import set_seed
+from support.runs import complete, find_checkpoint, set_seed
 
 
 def test_group_advantages_by_hand():
@@ -159,3 +161,76 @@ def test_checkpoint_resume_restores_step_optimizer_and_adapters(tiny, tmp_path):
     ids = torch.tensor([tok("a b c d")["input_ids"]])
     with torch.no_grad():
         assert torch.allclose(merged(ids).logits, model(ids).logits, atol=1e-4)
+
+
+def small(tiny):
+    """A random two-layer model of the tiny model's vocabulary: checkpoints of a few MB, written in milliseconds."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=len(tiny[1]), **config)), tiny[1]
+
+
+def test_every_instant_of_the_checkpoint_swap_resumes_from_the_newest_complete_checkpoint(tiny, tmp_path, capsys):
+    """save_checkpoint writes ckpt.tmp (trainer.pt last), renames ckpt -> ckpt.old, ckpt.tmp -> ckpt, deletes
+    ckpt.old. Each state a kill can leave (the folders renamed as it would leave them): --resume finds the newest
+    complete checkpoint; a half-written ckpt.tmp is never used."""
+    model, tok = small(tiny)
+    opt = torch.optim.AdamW(add_lora(model, rank=4), lr=1e-3)
+    for step in (1, 2):
+        save_checkpoint(tmp_path / f"s{step}", model, tok, opt, step, argparse.Namespace(x=1))
+    half = tmp_path / "half"  # a save killed mid-write: weights written, trainer.pt not yet renamed in
+    (half / "model").mkdir(parents=True)
+    (half / "model" / "config.json").write_text("{}")
+    (half / "trainer.pt.part").write_bytes(b"PK\x03\x04")
+    gone = tmp_path / "gone"  # ckpt.old half deleted: its trainer.pt goes first
+    (gone / "model").mkdir(parents=True)
+    ckpt = tmp_path / "ckpt"
+    names = dict(main=ckpt, tmp=tmp_path / "ckpt.tmp", old=tmp_path / "ckpt.old")
+    states = [  # (what is on disk, the step resumed, the line said), in the order of the swap
+        (dict(main="s1"), 1, None),
+        (dict(main="s1", tmp="half"), 1, None),  # writing the new one
+        (dict(main="s1", tmp="s2"), 2, "ckpt.tmp is the newest complete checkpoint"),  # written, not swapped
+        (dict(old="s1", tmp="s2"), 2, "ckpt.tmp is the newest complete checkpoint"),  # the issue's case
+        (dict(main="s2", old="s1"), 2, None),  # swapped, the old one not yet deleted
+        (dict(main="s2", old="gone"), 2, None),  # the old one half deleted
+        (dict(old="s1", tmp="half"), 1, "ckpt.old is the newest complete checkpoint"),  # only by hand
+    ]
+    for on_disk, step, said in states:
+        for name, src in on_disk.items():
+            os.rename(tmp_path / src, names[name])
+        capsys.readouterr()
+        assert find_checkpoint(ckpt) == ckpt
+        out = capsys.readouterr().out
+        assert (said in out) if said else out == "", (on_disk, out)
+        assert torch.load(ckpt / "trainer.pt", weights_only=False)["step"] == step, on_disk
+        assert not (ckpt / "model" / "config.json").read_text() == "{}"  # never the half-written folder
+        model2 = small(tiny)[0]
+        assert load_checkpoint(ckpt, model2, torch.optim.AdamW(add_lora(model2, rank=4))) == step
+        if said == "ckpt.tmp is the newest complete checkpoint":  # the cut swap was finished: ckpt.old deleted
+            assert sorted(p.name for p in tmp_path.glob("ckpt*")) == ["ckpt"]
+        for path in [ckpt, *tmp_path.glob("ckpt.*")]:  # back to their own names for the next state
+            if complete(path):
+                os.rename(path, tmp_path / f"s{torch.load(path / 'trainer.pt', weights_only=False)['step']}")
+            else:
+                os.rename(path, half if (path / "trainer.pt.part").exists() else gone)
+        if not (tmp_path / "s1").exists():
+            save_checkpoint(tmp_path / "s1", model, tok, opt, 1, argparse.Namespace(x=1))
+    os.rename(tmp_path / "half", names["tmp"])  # nothing complete: a one-line error, not a half-written folder
+    with pytest.raises(SystemExit, match=r"error: --resume: no complete checkpoint in .*ckpt \(nor in ckpt.tmp"):
+        start_training(argparse.Namespace(resume=True), ckpt, reference=False)
+
+
+def test_a_finished_run_drops_its_optimizer_state_unless_asked_to_keep_it(tiny, tmp_path, capsys):
+    model, tok = small(tiny)
+    opt = torch.optim.AdamW(add_lora(model, rank=4), lr=1e-3)
+    grpo_update(model, opt, [(tok("a b c")["input_ids"], tok(" d e")["input_ids"])], torch.tensor([1.0]), args_for())
+    for final, keep, kept in ((False, False, True), (True, True, True), (True, False, False)):
+        save_checkpoint(tmp_path / "ckpt", model, tok, opt, 3, argparse.Namespace(keep_optimizer=keep), final=final)
+        state = torch.load(tmp_path / "ckpt" / "trainer.pt", weights_only=False)
+        assert (state["optimizer"] is not None) == kept and state["adapters"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # nothing left aside
+    capsys.readouterr()
+    model2 = small(tiny)[0]
+    assert load_checkpoint(tmp_path / "ckpt", model2, torch.optim.AdamW(add_lora(model2, rank=4))) == 3
+    assert "finished run saved without its AdamW state (--keep-optimizer keeps it)" in capsys.readouterr().out

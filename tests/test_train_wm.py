@@ -13,6 +13,7 @@ from conftest import ROOT
 from reward import wm_prompt
 from support.lm import chat_prompt
 from support.runs import read_jsonl
+from support.schema import TRIPLET
 
 
 def wm_args(triplets, out, *extra):
@@ -90,7 +91,7 @@ def test_filter_keeps_hard_triplets_and_a_tenth_of_easy_ones(triplets, tmp_path)
     assert stats == dict(stats, triplets=3, easy_fraction=0.0, kept=3)
     stats = train_wm.main(wm_args(triplets, tmp_path / "all", "--mode", "filter", "--filter-k", "2", "--tau-easy", "0"))
     assert stats["triplets"] == 5 and stats["easy_fraction"] == 1.0 and stats["kept"] < 5 / 2  # ~10% kept
-    kept = read_jsonl(tmp_path / "all" / "triplets.filtered.jsonl", required=train_wm.FIELDS + ("filter_reward",))
+    kept = read_jsonl(tmp_path / "all" / "triplets.filtered.jsonl", TRIPLET, required=("filter_reward",))
     held = read_jsonl(tmp_path / "all" / "heldout.jsonl")
     assert len(kept) == stats["kept"] and len(held) == 5 and not {t["game"] for t in held} & {t["game"] for t in kept}
 
