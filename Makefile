@@ -13,7 +13,7 @@ ENV ?= alfworld
 OUT ?= runs/pipeline$(if $(filter tau2,$(ENV)),_tau2)
 export ALFWORLD_DATA ?= $(abspath ../shared/alfworld)
 
-.PHONY: install lint pipeline experiment ablations protocol test bench exercises grade
+.PHONY: install lint pipeline experiment ablations protocol test bench gpu-stages exercises grade
 
 install:
 	$(if $(filter $(VENV)/bin/python,$(PYTHON)),test -x $(PYTHON) || (python3 -m venv $(VENV) && $(PYTHON) -m pip install -q -U pip))
@@ -169,6 +169,12 @@ bench: install
 	$(PYTHON) bench/reward_throughput.py --triplets $(OUT)/collect/triplets.jsonl
 	$(PYTHON) bench/grpo_update.py
 	$(PYTHON) bench/memory_plan.py
+
+# Every stage script end to end, small, on one GPU (a random-init Qwen2-architecture model; docs/scaling.md):
+# one table of stage, seconds, exit status, peak GPU memory. DEVICE=cpu runs the same on CPU (~5 min on 2 cores).
+DEVICE ?= cuda
+gpu-stages:
+	$(PYTHON) bench/gpu_stages.py --device $(DEVICE)
 
 # The course kit (course/exercises.py): a student copy with every equation of the paper cut out, and its grader.
 #   make exercises [STUDENT=../rwml-student]    the copy and its EXERCISES.md

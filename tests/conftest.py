@@ -24,6 +24,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2` (make test): one core
 SLOW_FIRST = (
     "test_torchrun_trains_the_world_model_with_fsdp_and_the_policy_with_ddp",
     "test_the_pipeline_runs_end_to_end_and_prints_table_1",
+    "test_gpu_stages_runs_on_cpu_and_a_resumed_rwml_run_equals_the_uninterrupted_one",
     "test_rwml_trains_on_tau2_triplets",
     "test_two_ranks_make_the_update_of_the_whole_batch",
     "test_one_update_makes_the_won_turns_likelier_and_the_lost_ones_less_likely",

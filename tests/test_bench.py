@@ -1,11 +1,14 @@
 """bench/gpu_check.py, the script a lent GPU runs, on CPU with tiny configs: it must work when a GPU comes."""
 
+import os
+import subprocess
 import sys
 
 import pytest
 
 from conftest import ROOT, run_script
 from support.lm import load_config
+from support.runs import read_jsonl
 
 
 def test_gpu_check_runs_on_cpu_and_its_plan_matches_the_measured_peaks():
@@ -29,3 +32,40 @@ def test_gpu_check_builds_the_tiny_model_from_its_published_config():
         if k == "rope_parameters":
             got, v = got["rope_theta"], v["rope_theta"]
         assert got == (pytest.approx(v, rel=1e-6) if isinstance(v, float) else v), k
+
+
+def test_gpu_stages_gives_every_stage_flags_it_takes(tmp_path):
+    """Each command of bench/gpu_stages.py, parsed by its stage script: a renamed flag fails here, not on a GPU."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu_stages
+
+    commands = gpu_stages.stage_commands(tmp_path, str(tmp_path / "model"))
+    assert list(commands) == list(gpu_stages.STAGES)
+    for argv in (argv for stage in commands.values() for argv in stage):
+        for x in argv:  # the model folders a stage is given (NAME=FOLDER too) exist once the stages before ran
+            path = x.rpartition("=")[2]
+            if path.endswith(gpu_stages.CKPT) or path == str(tmp_path / "model"):
+                os.makedirs(path, exist_ok=True)
+        script, args = gpu_stages.stage_args(argv)
+        assert script.endswith(".py") and args is not None
+
+
+def test_gpu_stages_runs_on_cpu_and_a_resumed_rwml_run_equals_the_uninterrupted_one(tmp_path):
+    """bench/gpu_stages.py --device cpu up to the kill/resume check (the rest: make gpu-stages, docs/scaling.md):
+    every stage exits 0, and RWML's updates are real (the model is taught the format, so groups hold both
+    rewards), so the resumed run's equality is not that of two runs that change nothing."""
+    stages = "collect,heldout,warmup,filter,rwml,resume"
+    r = subprocess.run(
+        [sys.executable, "bench/gpu_stages.py", "--device", "cpu", "--stages", stages, "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = [line.split(" | ") for line in r.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [row[0].strip("| ") for row in rows] == stages.split(",")
+    assert all(row[2] == "0" for row in rows)
+    assert "equals the uninterrupted run" in rows[-1][4]
+    updates = read_jsonl(tmp_path / "arms" / "rwml_s0" / "metrics.jsonl")
+    assert len(updates) == 2 and all(u["train/grad_norm"] > 0 for u in updates)
+    assert 0 < updates[0]["train/reward"] < 1
