@@ -10,6 +10,9 @@ it with --model FOLDER as it would a checkpoint: nothing is downloaded (a lent G
 Then, each stage a subprocess of this python, flags small (2 games, 1-2 updates, 16 new tokens), the layout of
 `make experiment` (support/report.py) so that the report can be written:
 
+Rewards are scored by a random tiny embedder built here too (--embedder: the default all-minilm-l6-v2's
+package is 88 MB, over what may travel to a lent machine).
+
   collect, heldout      collect.py: ALFWorld train games played by the model; held-out games by a random policy
   warmup                train_wm.py --mode sft: WM SFT (LoRA, bf16, gradient checkpointing)
   filter                train_wm.py --mode filter: the easy-triplet filter
@@ -103,6 +106,33 @@ def build_model(folder, tokenizer, seed):
     return sum(p.numel() for p in model.parameters()), steps, nll
 
 
+def build_embedder(folder, tokenizer, seed):
+    """A random-init sentence-transformers embedder (a 1-layer BERT of width 64 over `tokenizer`, mean-pooled)
+    saved into `folder`: the reward's code path without the 88 MB package of the default embedder. Its cosines
+    mean nothing (random BERTs put every text near every other): the rewards that vary are the format's."""
+    import torch
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import BertConfig, BertModel
+
+    from support.lm import load_tokenizer
+
+    tok = load_tokenizer(tokenizer)
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=64 * math.ceil(len(tok) / 64),
+        hidden_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=2048,
+        pad_token_id=tok.pad_token_id,
+    )
+    BertModel(config).save_pretrained(f"{folder}_hf")
+    tok.save_pretrained(f"{folder}_hf")
+    word = models.Transformer(f"{folder}_hf", max_seq_length=512)
+    SentenceTransformer(modules=[word, models.Pooling(config.hidden_size, "mean")], device="cpu").save(str(folder))
+
+
 def teach_format(model, tok, target_nll=0.7, max_steps=300):
     """A few AdamW steps (fp32, in this process) so that after any chat prompt the model writes FORMAT with
     probability about exp(-target_nll) = 1/2: RWML's groups then hold both rewards (a random model writes no
@@ -140,12 +170,14 @@ def teach_format(model, tok, target_nll=0.7, max_steps=300):
     return step, loss.item()
 
 
-def stage_commands(out, model):
+def stage_commands(out, model, embedder):
     """{stage: [argv, ...]}: the commands of each stage, in order (`resume` has two)."""
     py = [sys.executable]
+    embed = ["--embedder", embedder]
     start = f"{out}/warmup/{CKPT}"
     heldout = ["--heldout", f"{out}/heldout/triplets.jsonl"]
-    arm = [*LORA, *NEW, *heldout, "--batch-size", "2", "--eval-every", "1", "--save-every", "1", "--no-start-eval"]
+    arm = [*LORA, *NEW, *heldout, *embed, "--batch-size", "2", "--eval-every", "1", "--save-every", "1"]
+    arm += ["--no-start-eval"]
     rwml = [
         "train_wm.py",
         "--mode",
@@ -178,7 +210,7 @@ def stage_commands(out, model):
         "filter": [
             py
             + ["train_wm.py", "--mode", "filter", "--model", start, "--triplets", f"{out}/collect/triplets.jsonl"]
-            + ["--filter-k", "2", "--tau-easy", "2", "--dtype", "bf16", *NEW, "--out", f"{out}/filter"]
+            + ["--filter-k", "2", "--tau-easy", "2", "--dtype", "bf16", *NEW, *embed, "--out", f"{out}/filter"]
         ],
         "rwml": [py + rwml + ["--max-steps", "2", "--out", f"{out}/arms/rwml_s0"]],
         "resume": [  # stopped after update 1 (its checkpoint written), then resumed for update 2
@@ -210,6 +242,7 @@ def stage_commands(out, model):
         "wm_eval": [
             py
             + ["evaluate.py", "--wm", f"{out}/heldout/triplets.jsonl", "--val-size", "2", "--dtype", "bf16", *NEW]
+            + embed
             + ["--out", f"{out}/wm_eval", "--model", f"Base={model}", f"RWML={out}/arms/rwml_s0/{CKPT}"]
         ],
         "eval": [
@@ -297,6 +330,11 @@ def main():
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: CUDA hidden from every stage")
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, in this order: {','.join(STAGES)}")
     p.add_argument("--tokenizer", default="smollm2-135m", help="HF id or folder whose tokenizer the model gets")
+    p.add_argument(
+        "--embedder",
+        default="random",
+        help="the reward's embedder: random (a tiny random one built here) or a sentence-transformers id/folder",
+    )
     p.add_argument("--out", default=None, help="folder of every stage's run (default: a temporary one, removed)")
     p.add_argument("--stage-timeout", type=int, default=600, help="seconds one stage may take")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
@@ -327,7 +365,11 @@ def main():
     )
 
     rows, failed = [], None
-    commands = stage_commands(out, str(out / "model"))
+    embedder = a.embedder
+    if embedder == "random":
+        embedder = str(out / "embedder")
+        build_embedder(embedder, a.tokenizer, a.seed)
+    commands = stage_commands(out, str(out / "model"), embedder)
     for stage in stages:
         t = time.time()
         rc, log = 0, out / "logs" / f"{stage}.log"

@@ -39,7 +39,7 @@ def test_gpu_stages_gives_every_stage_flags_it_takes(tmp_path):
     sys.path.insert(0, str(ROOT / "bench"))
     import gpu_stages
 
-    commands = gpu_stages.stage_commands(tmp_path, str(tmp_path / "model"))
+    commands = gpu_stages.stage_commands(tmp_path, str(tmp_path / "model"), str(tmp_path / "embedder"))
     assert list(commands) == list(gpu_stages.STAGES)
     for argv in (argv for stage in commands.values() for argv in stage):
         for x in argv:  # the model folders a stage is given (NAME=FOLDER too) exist once the stages before ran
