@@ -23,8 +23,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from memory_plan import PAPER_MODELS, measure_sample_call, measure_update  # noqa: E402
+from memory_plan import PAPER_MODELS, Peak, measure_sample_call, measure_update  # noqa: E402
 
+from support.lm import sample  # noqa: E402
+from support.memory import RATES, device_kind, step_bytes  # noqa: E402
 from support.runs import set_seed  # noqa: E402
 
 # SmolLM2-135M-Instruct's config.json (the fields the model is built from; tests/test_bench.py compares
@@ -77,14 +79,38 @@ def word_tokenizer(vocab_size):
     return tok
 
 
-def check_sampling(model, tok, n_prompts, group, prompt_len, new_tokens, seed):
-    """(measured, planned, sampled tokens/s) of one lm.sample call: n_prompts random prompts x group rows."""
+def check_sampling(model, tok, n_prompts, group, prompt_len, new_tokens, seed, compiled=False):
+    """(measured, planned, sampled tokens/s, seconds a decoding step) of one lm.sample call: n_prompts random
+    prompts x group rows. The step time is the call's time less that of the same call writing one token (its
+    prefill), over the other new_tokens - 1 steps. `compiled`: lm.sample's compiled path, after one call
+    that compiles it and captures its CUDA graphs (not timed)."""
     g = torch.Generator().manual_seed(seed)
     prompts = [
         " ".join(f"t{i}" for i in torch.randint(1, tok.vocab_size, (prompt_len,), generator=g).tolist())
         for _ in range(n_prompts)
     ]
-    return measure_sample_call(model, tok, prompts, new_tokens, n=group)
+    if compiled:
+        sample(model, tok, prompts, new_tokens, temperature=1.0, n=group, compiled=True)
+    measured, planned, rate = measure_sample_call(model, tok, prompts, new_tokens, n=group, compiled=compiled)
+    with Peak(model.device) as p:
+        sample(model, tok, prompts, 1, temperature=1.0, n=group, compiled=compiled)  # the prefill alone
+    step = (n_prompts * group * new_tokens / rate - p.seconds) / (new_tokens - 1)
+    return measured, planned, rate, step
+
+
+def decode_limit(config, dtype, rows, context, bandwidth):
+    """The least seconds a decoding step can take on a card of `bandwidth` bytes/s: it must read the weights and
+    the KV cache of `rows` rows of `context` tokens (memory.step_bytes) once."""
+    return step_bytes(config, dtype, rows, context) / bandwidth
+
+
+def limit_cells(model, rows, prompt_len, new_tokens, step, bandwidth):
+    """The table's decode cells: achieved step ms | bandwidth-limit ms | limit / achieved. The KV cache read is
+    that of the mean step (prompt + half the new tokens)."""
+    if not bandwidth:
+        return f"{1e3 * step:.2f} | – | –"
+    limit = decode_limit(model.config, model.dtype, rows, prompt_len + new_tokens // 2, bandwidth)
+    return f"{1e3 * step:.2f} | {1e3 * limit:.2f} | {limit / step:.2f}"
 
 
 def main():
@@ -93,11 +119,27 @@ def main():
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="toy widths and lengths (the CPU test of this script)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument(
+        "--decoding",
+        nargs="+",
+        choices=["eager", "compiled"],
+        default=None,
+        help="lm.sample's paths to time (default: both on CUDA, eager on CPU, where inductor compiles for minutes)",
+    )
+    p.add_argument(
+        "--bandwidth-gbs",
+        type=float,
+        default=None,
+        help="the card's memory bandwidth, GB/s, for the decode step's limit (default: support/memory.py RATES of "
+        "the card; none on CPU)",
+    )
     a = p.parse_args()
     device = torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: no CUDA device here (run with --device cpu --tiny to check the script on CPU)")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    decoding = a.decoding or (["eager", "compiled"] if device.type == "cuda" else ["eager"])
+    bandwidth = a.bandwidth_gbs * 1e9 if a.bandwidth_gbs else RATES[device_kind()]["bandwidth"]
     # the paper's policy turn: 1,408 prompt tokens + 256 written; --tiny: the same shape, small
     n_prompts, group, prompt_len, new_tokens, micro_batch = (8, 2, 48, 16, 2) if a.tiny else (64, 8, 1408, 256, 2)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
@@ -105,54 +147,69 @@ def main():
         f"{gpu}, torch {torch.__version__}, transformers {__import__('transformers').__version__}; "
         f"{str(dtype).split('.')[-1]}, random weights{' (tiny widths)' if a.tiny else ''}; "
         f"sampling {n_prompts} prompts x {prompt_len} + {new_tokens} tokens; "
-        f"updates: 2 micro-batches of {micro_batch} x {prompt_len + new_tokens} tokens, beta 0.001"
+        f"updates: 2 micro-batches of {micro_batch} x {prompt_len + new_tokens} tokens, beta 0.001; "
+        f"bandwidth {f'{bandwidth / 1e9:.0f} GB/s' if bandwidth else 'unknown'}"
     )
-    print("| model | phase | planned GB | measured GB | measured / planned | speed |\n|---|---|---|---|---|---|")
+    print(
+        "| model | phase | planned GB | measured GB | measured / planned | speed | decode step ms | bandwidth limit ms "
+        "| limit / step |\n|---|---|---|---|---|---|---|---|---|"
+    )
     for name in a.models:
-        cases = [
-            (f"sampling {n_prompts} distinct prompts", "sample", dict(n_prompts=n_prompts, group=1)),
-            (
-                f"sampling {n_prompts // group} prompts x G {group} (shared prefill)",
-                "sample",
-                dict(n_prompts=n_prompts // group, group=group),
-            ),
-            ("GRPO update, LoRA r 64, gradient checkpointing", "update", dict(lora_rank=64)),
-        ] + (
-            [("GRPO update, full fine-tuning (reference copy)", "update", dict(lora_rank=0))]
-            if name == "smollm2-135m"
-            else []
-        )
-        for label, kind, kw in cases:
+        # sampling: one model per path, both rows on it (the compiled path compiles once per model)
+        for path in decoding:
             set_seed(a.seed)
             model = build(name, device, dtype, a.tiny)
-            if kind == "sample":
-                measured, planned, rate = check_sampling(
+            tok = word_tokenizer(model.config.vocab_size)
+            for label, kw in (
+                (f"sampling {n_prompts} distinct prompts", dict(n_prompts=n_prompts, group=1)),
+                (
+                    f"sampling {n_prompts // group} prompts x G {group} (shared prefill)",
+                    dict(n_prompts=n_prompts // group, group=group),
+                ),
+            ):
+                measured, planned, rate, step = check_sampling(
                     model,
-                    word_tokenizer(model.config.vocab_size),
+                    tok,
                     prompt_len=prompt_len,
                     new_tokens=new_tokens,
                     seed=a.seed,
+                    compiled=path == "compiled",
                     **kw,
                 )
-                speed = f"{rate:.0f} sampled tokens/s"
-            else:  # LoRA with gradient checkpointing, or full fine-tuning with its reference copy
-                measured, planned, seconds = measure_update(
-                    lora_rank=kw["lora_rank"],
-                    beta=0.001,
-                    grad_checkpointing=bool(kw["lora_rank"]),
-                    micro_batch=micro_batch,
-                    prompt_len=prompt_len,
-                    completion_len=new_tokens,
-                    seed=a.seed,
-                    model=model,
-                )
-                speed = f"{seconds:.1f} s"
+                gb = f"{planned / 1e9:.3g} | {measured / 1e9:.3g} | {measured / planned:.2f}"
+                cells = limit_cells(model, n_prompts, prompt_len, new_tokens, step, bandwidth)
+                print(f"| {name} | {label}, {path} | {gb} | {rate:.0f} sampled tokens/s | {cells} |", flush=True)
+            del model, tok
+            release(device)
+        cases = [("GRPO update, LoRA r 64, gradient checkpointing", 64)] + (
+            [("GRPO update, full fine-tuning (reference copy)", 0)] if name == "smollm2-135m" else []
+        )
+        for label, rank in cases:  # LoRA with gradient checkpointing, or full fine-tuning with its reference copy
+            set_seed(a.seed)
+            model = build(name, device, dtype, a.tiny)
+            measured, planned, seconds = measure_update(
+                lora_rank=rank,
+                beta=0.001,
+                grad_checkpointing=bool(rank),
+                micro_batch=micro_batch,
+                prompt_len=prompt_len,
+                completion_len=new_tokens,
+                seed=a.seed,
+                model=model,
+            )
             gb = f"{planned / 1e9:.3g} | {measured / 1e9:.3g} | {measured / planned:.2f}"
-            print(f"| {name} | {label} | {gb} | {speed} |", flush=True)
+            print(f"| {name} | {label} | {gb} | {seconds:.1f} s | – | – | – |", flush=True)
             del model
-            gc.collect()  # the model's reference cycles, before the next one is built
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            release(device)
+
+
+def release(device):
+    """Free what the last model left (its reference cycles, compiled graphs and their CUDA graph memory pools)
+    before the next one is built and measured."""
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -176,12 +176,12 @@ def measure_update(
     return p.bytes, planned["peak"], p.seconds
 
 
-def measure_sample_call(model, tok, prompts, completion_len, n=1):
+def measure_sample_call(model, tok, prompts, completion_len, n=1, compiled=None):
     """(measured, planned, sampled tokens/s) of one `lm.sample` call: each prompt n times, completion_len
-    tokens a row (the end-of-sequence token switched off)."""
+    tokens a row (the end-of-sequence token switched off); `compiled` as lm.sample's."""
     model.generation_config.eos_token_id = None  # every row writes completion_len tokens
     with Peak(model.device, model) as p:
-        out = sample(model, tok, prompts, max_new_tokens=completion_len, temperature=1.0, n=n)
+        out = sample(model, tok, prompts, max_new_tokens=completion_len, temperature=1.0, n=n, compiled=compiled)
     P = max(len(tok(q, add_special_tokens=False)["input_ids"]) for q in prompts)
     plan = memory_plan(
         model.config, model.dtype, 0, False, False, 1, 1, completion_len, len(out), P, distinct=len(set(prompts))

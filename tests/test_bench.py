@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import ROOT, run_script
 from support.lm import load_config
@@ -12,12 +13,37 @@ from support.runs import read_jsonl
 
 
 def test_gpu_check_runs_on_cpu_and_its_plan_matches_the_measured_peaks():
-    r = run_script("bench/gpu_check.py", "--device", "cpu", "--tiny")
+    r = run_script("bench/gpu_check.py", "--device", "cpu", "--tiny", "--bandwidth-gbs", "10")
     assert r.returncode == 0, r.stderr[-2000:]
-    rows = [line.split(" | ") for line in r.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    rows = [
+        [c.strip() for c in line.strip("|").split(" | ")]
+        for line in r.stdout.splitlines()
+        if line.startswith("| ") and "---" not in line
+    ][1:]
     assert len(rows) == 10  # 3 models x (2 sampling phases + LoRA update), the tiny model's full fine-tuning
     for row in rows:
         assert 0.8 < float(row[4]) < 1.25, row  # measured / planned, tensor bytes on CPU
+        if "sampling" in row[1]:  # decode step ms | bandwidth limit ms | limit / step
+            step, limit, ratio = map(float, row[6:9])
+            assert step > 0 and limit > 0 and ratio == pytest.approx(limit / step, abs=0.01), row
+
+
+def test_the_decode_limit_is_the_bytes_a_step_reads_over_the_bandwidth():
+    """Qwen2.5-7B in bf16 at batch 64 and 1,536 tokens of context reads ~15 GB of weights and ~6 GB of KV cache
+    a step: ~6 ms at the H100's 3.35 TB/s (issue 31's figure), ~4.4 ms at the H200's 4.8 TB/s."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from gpu_check import MODELS, decode_limit
+    from transformers import AutoConfig
+
+    from support.memory import count_params
+
+    kind, fields = MODELS["Qwen/Qwen2.5-7B-Instruct"]
+    config = AutoConfig.for_model(kind, **fields)
+    weights = 2 * count_params(config)[0]
+    kv = 64 * 1536 * 28 * 2 * 4 * 128 * 2  # rows x tokens x layers x (K, V) x KV heads x head dim x bf16 bytes
+    assert 15e9 < weights < 15.5e9 and 5.5e9 < kv < 6e9
+    assert decode_limit(config, torch.bfloat16, 64, 1536, 3.35e12) == pytest.approx((weights + kv) / 3.35e12)
+    assert decode_limit(config, torch.bfloat16, 64, 1536, 4.8e12) == pytest.approx(4.4e-3, rel=0.02)
 
 
 def test_gpu_check_builds_the_tiny_model_from_its_published_config():
