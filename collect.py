@@ -29,7 +29,7 @@ from tqdm import tqdm
 from support.alfworld_env import SPLITS, game_id, list_games, make_env, split_intro, task_type
 from support.checks import at_least, check_model, claim_out, fail, fraction, non_negative, parser
 from support.episode import Episode, summary
-from support.lm import TINY_MODEL, chat_prompt, load_model, sample
+from support.lm import TINY_MODEL, chat_prompt, load_model, sample, strip_thinking
 from support.runs import append_jsonl, plot_metrics, resume_jsonl, set_seed
 
 ROLLOUT_FIELDS = (
@@ -232,8 +232,9 @@ def turn_prompt(tok, ep, h):
 
 
 def parse_action(text):
-    """The last <action>...</action> of a model output, normalised like ALFWorld commands; "" without tags."""
-    found = re.findall(r"<action>(.*?)</action>", text, flags=re.S)
+    """The last <action>...</action> of a model output's answer (not of its thinking), normalised like ALFWorld
+    commands; "" without tags."""
+    found = re.findall(r"<action>(.*?)</action>", strip_thinking(text), flags=re.S)
     return " ".join(found[-1].lower().split()) if found else ""
 
 

@@ -10,6 +10,7 @@ import glob
 import importlib.util
 import inspect
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -146,7 +147,8 @@ def sample(model, tok, prompts, max_new_tokens=256, temperature=1.0, stop=None, 
     left-padded batch, or in chunks of `batch_size` rows.
 
     `prompts` are chat-rendered strings (see `chat_prompt`); temperature 0 is greedy; `stop` lists
-    strings that end a completion early (e.g. "</action>"). Returns [(prompt_ids, completion_ids, text)],
+    strings that end a completion early (e.g. "</action>") when they occur in its answer, not inside a think
+    block (`stop_outside_thinking`). Returns [(prompt_ids, completion_ids, text)],
     the completion cut after its end-of-sequence token (kept, so training learns to stop).
     A prompt that occurs several times in a chunk (GRPO's group of G) is prefilled once (`share=False`:
     each copy on its own, the plain path that bench/sample_throughput.py compares against).
@@ -169,8 +171,7 @@ def sample(model, tok, prompts, max_new_tokens=256, temperature=1.0, stop=None, 
         **batch,
         **{cache_arg(model): cache},
         max_new_tokens=max_new_tokens,
-        stop_strings=stop,
-        tokenizer=tok if stop else None,
+        stopping_criteria=[stop_outside_thinking(tok, stop, batch["input_ids"].shape[1])] if stop else None,
         synced_gpus=False,
         **sampling,
     ).cpu()  # ranks sample alone (under FSDP: see `full_weights`)
@@ -184,6 +185,32 @@ def sample(model, tok, prompts, max_new_tokens=256, temperature=1.0, stop=None, 
         cut = next((i + 1 for i, t in enumerate(gen) if t in ends), len(gen))
         results.append((ids[mask.bool()].tolist(), gen[:cut], tok.decode(gen[:cut], skip_special_tokens=True)))
     return results
+
+
+def strip_thinking(text):
+    """A model's answer: the text after its last </think>, less a think block left open (a completion cut
+    inside its thinking has no answer). Qwen3's template lets the model open its own <think> block; the
+    project's prompts ask every model to reason inside <think> </think> before it answers."""
+    return re.sub(r"<think>.*", "", text.rsplit("</think>", 1)[-1], flags=re.S)
+
+
+def stop_outside_thinking(tok, stop, prompt_len):
+    """A stopping criterion: a row stops at one of the `stop` strings only where it lies in the answer, never
+    inside a think block (a model that drafts "<action>...</action>" while it thinks goes on thinking).
+    transformers' StopStringCriteria finds the candidates; only those rows are decoded."""
+    from transformers import StoppingCriteria, StopStringCriteria
+
+    class StopOutsideThinking(StoppingCriteria):
+        hit = StopStringCriteria(tok, stop)
+
+        def __call__(self, input_ids, scores, **kwargs):
+            done = self.hit(input_ids, scores)
+            for i in done.nonzero().flatten().tolist():
+                answer = strip_thinking(tok.decode(input_ids[i, prompt_len:], skip_special_tokens=True))
+                done[i] = any(s in answer for s in stop)
+            return done
+
+    return StopOutsideThinking()
 
 
 def cache_arg(model):

@@ -33,7 +33,7 @@ from tau2.user.user_simulator import UserSimulator
 
 from support.checks import fail
 from support.episode import Episode
-from support.lm import chat_prompt, sample
+from support.lm import chat_prompt, sample, strip_thinking
 
 TAU2_DOMAINS = ("retail", "airline", "telecom", "mock")  # mock: tau2's small test domain, for CPU runs
 TAU2_MAX_ERRORS = 10  # tau2's default: the episode ends after 10 tool errors
@@ -137,12 +137,13 @@ def tau2_agent_prompt(tok, ep):
 
 
 def parse_reply(text, tool_names, requestor="assistant"):
-    """A model's message -> (content, tool_calls, valid). <think> is dropped; <tool_call>{"name", "arguments"}
+    """A model's message -> (content, tool_calls, valid). Its thinking is dropped (`strip_thinking`: a think
+    block left open leaves no message); <tool_call>{"name", "arguments"}
     </tool_call> becomes a tool call. A call that is not JSON, names no known tool or lacks an arguments
     object (or whose name is not a string) is an invalid tool call: the text goes to the other side as a
     message, as a chat API returns unparsed text. An empty message is invalid too: no reply ends a run."""
 
-    text = re.sub(r"<think>.*?(</think>|$)", "", text or "", flags=re.S).strip()
+    text = strip_thinking(text or "").strip()
     if "<tool_call>" not in text:
         return text or "(no message)", None, bool(text)
     calls = []
