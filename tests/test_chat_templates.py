@@ -49,7 +49,8 @@ def test_an_answer_drafted_inside_unfinished_thinking_is_not_read():
     assert parse_next_state(cut) is None and parse_action(cut + "</action>") == "" and strip_thinking(cut) == ""
     done = "<think>\nmaybe <next_state>no</next_state>\n</think>\n\n<next_state>You open the drawer 1.</next_state>"
     assert parse_next_state(done) == "You open the drawer 1."
-    assert parse_action("<think>\n<action>look</action>?\n</think>\n\n<action>open drawer 1</action>") == "open drawer 1"
+    thought = "<think>\n<action>look</action>?\n</think>\n\n"
+    assert parse_action(thought + "<action>open drawer 1</action>") == "open drawer 1"
     assert parse_reply('<think>\n<tool_call>{"name": "x", "arguments": {}}</tool_call>', {"x"}) == (
         "(no message)",
         None,
