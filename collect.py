@@ -151,9 +151,10 @@ def add_play_args(p, max_steps, temperature, batch_games):
     p.add_argument(
         "--user-model",
         default="local",
-        help="τ² user simulator: 'local' (the --model itself, batched with the agent) or a litellm model id, e.g. "
+        help="τ² user simulator: 'local' (the --model itself, batched with the agent), 'local:MODEL' (one fixed "
+        "local model, HF id or folder, loaded once, at τ²'s user temperature 0), or a litellm model id, e.g. "
         "gpt-4.1, or openai/<name> with OPENAI_API_BASE=http://host:port/v1 for a local OpenAI-compatible server "
-        "(paper: Qwen3-235B-A22B-Instruct, GPT-4.1)",
+        "(paper: one fixed strong user, Qwen3-235B-A22B-Instruct or GPT-4.1)",
     )
 
 
@@ -364,13 +365,14 @@ def select_games(env, split, n=None, domains=(), tasks=None, first=0):
     return games[first:][:n] if n else games[first:]
 
 
-def play(jobs, model, tok, settings):
+def play(jobs, model, tok, settings, user=None):
     """Play (game, split, episode index) jobs with the model (or settings.policy); yields finished episodes, in the
-    order they finish (ep.job: the episode's position in `jobs`)."""
+    order they finish (ep.job: the episode's position in `jobs`). τ²: `user` is the (model, tokenizer) of a fixed
+    local user (settings.user_model "local:MODEL"; loaded here when not given)."""
     if settings.env == "tau2":
         from support.tau2_env import play_tau2
 
-        return play_tau2(jobs, model, tok, settings)
+        return play_tau2(jobs, model, tok, settings, user)
     return play_alfworld(jobs, model, tok, settings)
 
 
@@ -411,7 +413,18 @@ def open_outputs(out, resume):
 
 
 def record_episodes(
-    games, split, episodes, settings, out, resume=False, model=None, tok=None, dtype="auto", desc="collect", plot=True
+    games,
+    split,
+    episodes,
+    settings,
+    out,
+    resume=False,
+    model=None,
+    tok=None,
+    dtype="auto",
+    desc="collect",
+    plot=True,
+    user=None,
 ):
     """Play `episodes` episodes of each game, append them to `out` (and plot its metrics.jsonl), and return all
     rollout records (old and new). Without `model` the model settings.model is loaded (only if an episode is
@@ -425,7 +438,7 @@ def record_episodes(
         model, tok = load_model(settings.model, dtype=dtype)
     t0, steps = time.time(), 0
     bar = tqdm(total=len(games) * episodes, initial=len(rollouts), desc=desc, unit="ep")
-    for ep in play(jobs, model, tok, settings):
+    for ep in play(jobs, model, tok, settings, user):
         rec = rollout_record(ep, settings)
         append_jsonl(f_trip, triplet_records(rec, settings.history))  # triplets first: a kill here drops them on resume
         append_jsonl(f_roll, [rec])
