@@ -41,7 +41,10 @@ MODEL ?= smollm2-135m
 ifeq ($(ENV),tau2)
 DOMAINS ?= $(if $(filter paper,$(BUDGET)),retail telecom airline,mock)
 USER_MODEL ?= local# the user simulator: the model itself, or a litellm id (paper: gpt-4.1, Qwen3-235B-A22B-Instruct)
+# evaluation: one fixed user for every row of Table 2 (default: the base model, frozen, loaded once)
+EVAL_USER ?= $(if $(filter local,$(USER_MODEL)),local:$(MODEL),$(USER_MODEL))
 ENV_FLAGS = --env tau2 --domain $(DOMAINS) --user-model $(USER_MODEL)
+EVAL_ENV_FLAGS = --env tau2 --domain $(DOMAINS) --user-model $(EVAL_USER)
 endif
 ifeq ($(BUDGET),paper)
 # the paper's settings (the scripts' defaults) and embedder. TUNE: LoRA, so that a 7-8B model trains on one
@@ -148,7 +151,7 @@ protocol:
 	$(PYTHON) train_policy.py --model $(OUT)/rwml/$(CKPT) $(ENV_FLAGS) $(POLICY) --out $(OUT)/rwml_policy_rl
 	$(PYTHON) evaluate.py --wm $(HELDOUT_WM) $(WM_EVAL) $(EMBED) --out $(OUT)/wm_eval --model "Base=$(MODEL)" \
 		"WM SFT=$(OUT)/wm_sft/$(CKPT)" "RWML=$(OUT)/rwml/$(CKPT)"
-	$(PYTHON) evaluate.py $(ENV_FLAGS) $(EVAL) --out $(OUT)/eval --model "Base=$(MODEL)" "WM SFT=$(OUT)/wm_sft/$(CKPT)" \
+	$(PYTHON) evaluate.py $(EVAL_ENV_FLAGS) $(EVAL) --out $(OUT)/eval --model "Base=$(MODEL)" "WM SFT=$(OUT)/wm_sft/$(CKPT)" \
 		"RWML=$(OUT)/rwml/$(CKPT)" "Policy RL=$(OUT)/policy_rl/$(CKPT)" \
 		"WM SFT + Policy RL=$(OUT)/wm_sft_policy_rl/$(CKPT)" "RWML + Policy RL=$(OUT)/rwml_policy_rl/$(CKPT)"
 

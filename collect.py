@@ -30,7 +30,7 @@ from tqdm import tqdm
 from support.alfworld_env import SPLITS, game_id, list_games, make_env, split_intro, task_type
 from support.checks import at_least, check_model, claim_out, fail, fraction, non_negative, parser, positive
 from support.episode import Episode, summary
-from support.lm import TINY_MODEL, chat_prompt, load_model, sample
+from support.lm import TINY_MODEL, chat_prompt, load_model, sample, strip_thinking
 from support.memory import CPU_BATCH, sampling_batch
 from support.runs import append_jsonl, plot_metrics, resume_jsonl, set_seed
 from support.schema import METRICS, ROLLOUT, TRIPLET
@@ -156,9 +156,10 @@ def add_play_args(p, max_steps, temperature, batch_games):
     p.add_argument(
         "--user-model",
         default="local",
-        help="τ² user simulator: 'local' (the --model itself, batched with the agent) or a litellm model id, e.g. "
+        help="τ² user simulator: 'local' (the --model itself, batched with the agent), 'local:MODEL' (one fixed "
+        "local model, HF id or folder, loaded once, at τ²'s user temperature 0), or a litellm model id, e.g. "
         "gpt-4.1, or openai/<name> with OPENAI_API_BASE=http://host:port/v1 for a local OpenAI-compatible server "
-        "(paper: Qwen3-235B-A22B-Instruct, GPT-4.1)",
+        "(paper: one fixed strong user, Qwen3-235B-A22B-Instruct or GPT-4.1)",
     )
 
 
@@ -281,8 +282,9 @@ def turn_prompt(tok, ep, h):
 
 
 def parse_action(text):
-    """The last <action>...</action> of a model output, normalised like ALFWorld commands; "" without tags."""
-    found = re.findall(r"<action>(.*?)</action>", text, flags=re.S)
+    """The last <action>...</action> of a model output's answer (not of its thinking), normalised like ALFWorld
+    commands; "" without tags."""
+    found = re.findall(r"<action>(.*?)</action>", strip_thinking(text), flags=re.S)
     return " ".join(found[-1].lower().split()) if found else ""
 
 
@@ -412,13 +414,14 @@ def select_games(env, split, n=None, domains=(), tasks=None, first=0):
     return games[first:][:n] if n else games[first:]
 
 
-def play(jobs, model, tok, settings):
+def play(jobs, model, tok, settings, user=None):
     """Play (game, split, episode index) jobs with the model (or settings.policy); yields finished episodes, in the
-    order they finish (ep.job: the episode's position in `jobs`)."""
+    order they finish (ep.job: the episode's position in `jobs`). τ²: `user` is the (model, tokenizer) of a fixed
+    local user (settings.user_model "local:MODEL"; loaded here when not given)."""
     if settings.env == "tau2":
         from support.tau2_env import play_tau2
 
-        return play_tau2(jobs, model, tok, settings)
+        return play_tau2(jobs, model, tok, settings, user)
     return play_alfworld(jobs, model, tok, settings)
 
 
@@ -459,7 +462,18 @@ def open_outputs(out, resume):
 
 
 def record_episodes(
-    games, split, episodes, settings, out, resume=False, model=None, tok=None, dtype="auto", desc="collect", plot=True
+    games,
+    split,
+    episodes,
+    settings,
+    out,
+    resume=False,
+    model=None,
+    tok=None,
+    dtype="auto",
+    desc="collect",
+    plot=True,
+    user=None,
 ):
     """Play `episodes` episodes of each game, append them to `out` (and plot its metrics.jsonl), and return all
     rollout records (old and new). Without `model` the model settings.model is loaded (only if an episode is
@@ -473,7 +487,7 @@ def record_episodes(
         model, tok = load_model(settings.model, dtype=dtype)
     t0, steps = time.time(), 0
     bar = tqdm(total=len(games) * episodes, initial=len(rollouts), desc=desc, unit="ep")
-    for ep in play(jobs, model, tok, settings):
+    for ep in play(jobs, model, tok, settings, user):
         rec = rollout_record(ep, settings)
         append_jsonl(f_trip, triplet_records(rec, settings.history))  # triplets first: a kill here drops them on resume
         append_jsonl(f_roll, [rec])

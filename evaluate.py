@@ -3,7 +3,8 @@ and valid_unseen (OOD) splits, or on τ²-bench's test tasks per domain, mean ±
 invalid-action (τ²: invalid tool-call) rate.
 
     python evaluate.py --model smollm2-135m --games 10 --runs 3 --out runs/eval
-    python evaluate.py --env tau2 --domain retail telecom airline --runs 3 --out runs/eval_tau2
+    python evaluate.py --env tau2 --domain retail telecom airline --user-model local:Qwen/Qwen3-8B --runs 3 \
+        --out runs/eval_tau2
     python evaluate.py --model Base=smollm2-135m "RWML + Policy RL=runs/rwml_policy_rl/checkpoint/model" ...
 
 --model takes one or more HF ids or folders, each optionally as NAME=PATH (NAME is its row in the
@@ -149,6 +150,11 @@ def parse_args(argv=None):
         p, max_steps=30, temperature=0.4, batch_games=None
     )  # paper: 30 steps; --batch-games is also --wm's batch
     add_plan_args(p)
+    p.add_argument(
+        "--allow-self-user",
+        action="store_true",
+        help="τ²: let --user-model local stand (each row's model plays its own user: rows not comparable)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the first run")
     p.add_argument("--out", default="runs/eval", help="output folder")
     p.add_argument("--resume", action="store_true", help="keep finished episodes of a killed evaluation")
@@ -201,6 +207,18 @@ def check_args(args):
         fail(f"--val-size {args.val_size}: {args.wm} holds only {len(held)} triplets")
     if args.forgetting:
         read_jsonl(args.prompts, PROMPT)
+    if args.env != "tau2" or args.wm or args.forgetting:
+        return
+    if args.user_model == "local" and not args.allow_self_user:
+        fail(
+            "τ² evaluation needs one fixed user for every row (tau2 scores 0 unless the user ends the dialogue): "
+            "--user-model local:MODEL (a local model, loaded once) or a litellm id (paper: gpt-4.1); "
+            "--allow-self-user lets each row's model play its own user"
+        )
+    if args.user_model.startswith("local:"):
+        check_model(args.user_model.removeprefix("local:"))
+    for split in args.splits:  # every named task is known, before the first model loads
+        column_games(args, dict(split=split, domain=args.domain))
 
 
 def plan_eval_batch(args):
@@ -294,6 +312,18 @@ def table(results):
             row.append(pct([statistics.mean(v) for v in zip(*(res["splits"][s]["success"] for s in cols))]))
         lines.append("| " + " | ".join(row) + " |")
     tau2 = results[0].get("env") == "tau2"
+    if tau2:  # Table 2's rows compare only against one user
+        users = {(r.get("user_model"), r.get("user_temperature")) for r in results}
+        lines += [
+            "",
+            "User simulator: "
+            + "; ".join(
+                "each row's own model (--user-model local): rows not comparable"
+                if u == "local"
+                else f"{u} (temperature {t:g}), the same for every row"
+                for u, t in sorted(users, key=str)
+            ),
+        ]
     types = [] if tau2 else sorted({t for res in results for s in cols for t in res["splits"][s]["per_task_type"]})
     head = ["Method", "Split", "Invalid tool calls (%)" if tau2 else "Invalid actions (%)", "Mean steps"] + types
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -320,13 +350,19 @@ def column_games(args, where):
     return [t for t in named if t.split("/")[0] in where["domain"]][: args.games]
 
 
-def evaluate(args, model, tok, name, out):
-    """Play every split (τ²: every domain's split) `args.runs` times with the model as policy; return the
-    results dict, with one entry per column of the table in results["splits"]."""
+def evaluate(args, model, tok, name, out, user=None):
+    """Play every split (τ²: every domain's split) `args.runs` times with the model as policy (τ²: against the
+    fixed `user`, the (model, tokenizer) of --user-model local:MODEL); return the results dict, with one entry
+    per column of the table in results["splits"]."""
     out.mkdir(parents=True, exist_ok=True)
     results = dict(
         name=name, env=args.env, runs=args.runs, max_steps=args.max_steps, temperature=args.temperature, splits={}
     )
+    if args.env == "tau2":
+        from support.tau2_env import USER_TEMPERATURE
+
+        self_user = args.user_model == "local"
+        results.update(user_model=args.user_model, user_temperature=args.temperature if self_user else USER_TEMPERATURE)
     metrics = [dict(run=r) for r in range(args.runs)]  # one line per run: <metric>/<column>
     columns = (
         [(s, dict(split=s)) for s in args.splits]
@@ -354,6 +390,7 @@ def evaluate(args, model, tok, name, out):
                 tok,
                 desc=f"eval {split} run {r}",
                 plot=False,  # one figure for the model's runs (below), not one a run and split
+                user=user,
             )
             per_run.append((rollouts, summary(rollouts)))
             metrics[r].update({f"{k}/{split}": v for k, v in per_run[-1][1].items()})
@@ -406,12 +443,19 @@ def main(args):
             (Path(args.out) / "forgetting.md").write_text(forgetting_table(res) + "\n")
             return print(forgetting_table(res))
         embed = Embeddings(args.embedder, dtype=args.embed_dtype) if args.wm else None
+        user = None
+        if args.env == "tau2" and not args.wm:  # one fixed user for every row, loaded once
+            from support.tau2_env import load_user
+
+            user = load_user(args.user_model, args.dtype)
         results = []
         for name, path in args.models:
             model, tok = load_model(path, dtype=args.dtype)
             out = Path(args.out) / slug(name)
             results.append(
-                evaluate_wm(args, model, tok, name, out, embed) if args.wm else evaluate(args, model, tok, name, out)
+                evaluate_wm(args, model, tok, name, out, embed)
+                if args.wm
+                else evaluate(args, model, tok, name, out, user)
             )
             del model
         md = wm_table(results) if args.wm else table(results)

@@ -74,8 +74,12 @@ def wm_prompt(triplet):
 
 
 def parse_next_state(text):
-    """The text inside the last <next_state>...</next_state>, or None when the tags are missing."""
-    found = re.findall(r"<next_state>(.*?)</next_state>", text or "", flags=re.S)
+    """The text inside the last <next_state>...</next_state> of the answer, or None when the tags are missing.
+    The answer is what follows the last </think>, less a think block left open: a next state drafted inside
+    thinking that the token budget cut is not read as the prediction (support.lm.strip_thinking, the same rule:
+    this file imports nothing from the project)."""
+    answer = re.sub(r"<think>.*", "", (text or "").rsplit("</think>", 1)[-1], flags=re.S)
+    found = re.findall(r"<next_state>(.*?)</next_state>", answer, flags=re.S)
     return found[-1].strip() if found else None
 
 

@@ -147,6 +147,11 @@ def main(args):
     games = check_args(args)  # the games, and the memory plan (--dry-run prints it and exits), before the model loads
     settings = play_settings(args)  # the model acts alone (policy "model"), every episode of a step in flight at once
     model, tok, ref_model, optimizer, start = start_training(args, ckpt, reference=True)
+    user = None
+    if args.env == "tau2":  # a fixed local user (--user-model local:MODEL), loaded once
+        from support.tau2_env import load_user
+
+        user = load_user(args.user_model, args.dtype)
     f_metrics = open_step_log(out / "metrics.jsonl", args.resume, start)
     f_rollouts = open_step_log(out / "rollouts.jsonl", args.resume, start)
     G, per_step = args.group_size, min(args.games_per_step, len(games))
@@ -165,7 +170,7 @@ def main(args):
         # ---- interaction: G episodes of each game, all in flight through collect.play (torchrun: per rank) ----
         jobs = [(g, args.split, i) for g in schedule[step][rank::world] for i in range(G)]
         with full_weights(model):  # (the whole model on every rank under --fsdp)
-            episodes = sorted(play(jobs, model, tok, settings), key=lambda ep: ep.job)  # back in job (group) order
+            episodes = sorted(play(jobs, model, tok, settings, user), key=lambda ep: ep.job)  # in job (group) order
         rollouts = gather(dict(rollout_record(ep, settings), step=step + 1) for ep in episodes)  # all ranks' episodes
         append_jsonl(f_rollouts, rollouts)
         rollout_seconds = time.time() - t0

@@ -318,9 +318,11 @@ def wm_heldout(model, tok, heldout, embed, tau, args):
 
 
 def sft_target(tok, triplet):
-    """WM SFT's target tokens: an empty thought, then the real next state, then end of turn."""
+    """WM SFT's target tokens: an empty thought, then the real next state, then end of turn. The empty thought
+    is written as Qwen3's template writes an assistant turn without reasoning, so that the target is one think
+    block after a prompt that opens none (tests/test_chat_templates.py)."""
     # ---- EXERCISE 8: the WM SFT target (paper Sec. 3.2) ----
-    text = f"<think> </think><next_state>{triplet['next_state']}</next_state>"
+    text = f"<think>\n\n</think>\n\n<next_state>{triplet['next_state']}</next_state>"
     return tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     # ---- END EXERCISE 8 ----
 

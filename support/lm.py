@@ -10,6 +10,7 @@ import glob
 import importlib.util
 import inspect
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -149,7 +150,8 @@ def sample(
 
     `prompts` are chat-rendered strings (see `chat_prompt`); temperature 0 is greedy; sampling draws from the
     model's own distribution at `temperature`, whatever its generation config says (`plain_generation_config`);
-    `stop` lists strings that end a completion early (e.g. "</action>"). Returns [(prompt_ids, completion_ids, text)],
+    `stop` lists strings that end a completion early (e.g. "</action>") when they occur in its answer, not inside a
+    think block (`stop_outside_thinking`). Returns [(prompt_ids, completion_ids, text)],
     the completion cut after its end-of-sequence token (kept, so training learns to stop).
     A prompt that occurs several times in a chunk (GRPO's group of G) is prefilled once (`share=False`:
     each copy on its own, the plain path that bench/sample_throughput.py compares against).
@@ -187,8 +189,7 @@ def sample(
             **batch,
             **{cache_arg(model): cache},
             max_new_tokens=max_new_tokens,
-            stop_strings=stop,
-            tokenizer=tok if stop else None,
+            stopping_criteria=[stop_outside_thinking(tok, stop, batch["input_ids"].shape[1])] if stop else None,
             synced_gpus=False,
             **sampling,
             **compiling,
@@ -219,6 +220,32 @@ def plain_generation_config(model, tok):
 
     own = model.generation_config
     return GenerationConfig(bos_token_id=own.bos_token_id, eos_token_id=own.eos_token_id, pad_token_id=tok.pad_token_id)
+
+
+def strip_thinking(text):
+    """A model's answer: the text after its last </think>, less a think block left open (a completion cut
+    inside its thinking has no answer). Qwen3's template lets the model open its own <think> block; the
+    project's prompts ask every model to reason inside <think> </think> before it answers."""
+    return re.sub(r"<think>.*", "", text.rsplit("</think>", 1)[-1], flags=re.S)
+
+
+def stop_outside_thinking(tok, stop, prompt_len):
+    """A stopping criterion: a row stops at one of the `stop` strings only where it lies in the answer, never
+    inside a think block (a model that drafts "<action>...</action>" while it thinks goes on thinking).
+    transformers' StopStringCriteria finds the candidates; only those rows are decoded."""
+    from transformers import StoppingCriteria, StopStringCriteria
+
+    class StopOutsideThinking(StoppingCriteria):
+        hit = StopStringCriteria(tok, stop)
+
+        def __call__(self, input_ids, scores, **kwargs):
+            done = self.hit(input_ids, scores)
+            for i in done.nonzero().flatten().tolist():
+                answer = strip_thinking(tok.decode(input_ids[i, prompt_len:], skip_special_tokens=True))
+                done[i] = any(s in answer for s in stop)
+            return done
+
+    return StopOutsideThinking()
 
 
 def cache_arg(model):

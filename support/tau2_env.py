@@ -3,8 +3,9 @@ that lets collect.py, train_policy.py and evaluate.py play its tasks (collect.py
 
 The model is the customer-service agent (domain policy and tools in its prompt, tool calls as
 <tool_call>{"name", "arguments"}</tool_call>); tau2's Orchestrator runs the conversation against the real
-domain database, tau2's user simulator plays the customer (`--user-model local`: the same local model; or
-any litellm id) and tau2's evaluate_simulation scores it. A triplet's next state is the user's reply or the
+domain database, tau2's user simulator plays the customer (`--user-model local`: the played model itself;
+`local:MODEL`: one fixed local model, loaded once, at τ²'s user temperature; or any litellm id) and tau2's
+evaluate_simulation scores it. A triplet's next state is the user's reply or the
 tool's answer masked to its schema.
 """
 
@@ -23,6 +24,7 @@ from loguru import logger  # installed with tau2, which logs DEBUG lines from it
 
 logger.disable("tau2")
 from tau2.agent.base import LocalAgent
+from tau2.config import DEFAULT_LLM_TEMPERATURE_USER, DEFAULT_MAX_STEPS
 from tau2.data_model.message import AssistantMessage, MultiToolMessage, ToolCall, ToolMessage, UserMessage
 from tau2.data_model.simulation import SimulationRun, TerminationReason
 from tau2.evaluator.evaluator import EvaluationType, evaluate_simulation
@@ -33,10 +35,12 @@ from tau2.user.user_simulator import UserSimulator
 
 from support.checks import fail
 from support.episode import Episode
-from support.lm import chat_prompt, sample
+from support.lm import chat_prompt, load_model, sample, strip_thinking
 
 TAU2_DOMAINS = ("retail", "airline", "telecom", "mock")  # mock: tau2's small test domain, for CPU runs
 TAU2_MAX_ERRORS = 10  # tau2's default: the episode ends after 10 tool errors
+TAU2_MAX_STEPS = DEFAULT_MAX_STEPS  # tau2's runs: 200 orchestrator steps (every agent, user and tool message)
+USER_TEMPERATURE = DEFAULT_LLM_TEMPERATURE_USER  # tau2's runs sample their user simulator at 0.0
 CALL_IDS = count()  # tool-call ids, unique in a process
 
 
@@ -137,12 +141,13 @@ def tau2_agent_prompt(tok, ep):
 
 
 def parse_reply(text, tool_names, requestor="assistant"):
-    """A model's message -> (content, tool_calls, valid). <think> is dropped; <tool_call>{"name", "arguments"}
+    """A model's message -> (content, tool_calls, valid). Its thinking is dropped (`strip_thinking`: a think
+    block left open leaves no message); <tool_call>{"name", "arguments"}
     </tool_call> becomes a tool call. A call that is not JSON, names no known tool or lacks an arguments
     object (or whose name is not a string) is an invalid tool call: the text goes to the other side as a
     message, as a chat API returns unparsed text. An empty message is invalid too: no reply ends a run."""
 
-    text = re.sub(r"<think>.*?(</think>|$)", "", text or "", flags=re.S).strip()
+    text = strip_thinking(text or "").strip()
     if "<tool_call>" not in text:
         return text or "(no message)", None, bool(text)
     calls = []
@@ -216,14 +221,27 @@ class LocalUser(UserSimulator):
         return msg, state
 
 
+def load_user(user_model, dtype="auto"):
+    """(model, tokenizer) of a fixed local user `local:MODEL`, loaded once and never trained; None for "local"
+    (the played model is its own user) and for a litellm id."""
+    if not user_model.startswith("local:"):
+        return None
+    model, tok = load_model(user_model.removeprefix("local:"), dtype=dtype)
+    return model.eval().requires_grad_(False), tok
+
+
 def tau2_user(env, task, user_model):
     """tau2's user simulator with the task's scenario: `user_model` is any litellm model id (e.g. gpt-4.1,
-    or openai/<name> with OPENAI_API_BASE pointing at a local OpenAI-compatible server); "local" is the
-    same prompt and stop signals answered by the project's model (LocalUser)."""
+    or openai/<name> with OPENAI_API_BASE pointing at a local OpenAI-compatible server), sampled at τ²'s user
+    temperature; "local" / "local:MODEL" is the same prompt and stop signals answered by a local model
+    (LocalUser): the played model, or one fixed model."""
     tools = env.get_user_tools() if env.user_tools else None  # telecom: the user acts on their phone
-    if user_model != "local":
+    if not user_model.startswith("local"):
         return UserSimulator(
-            tools=tools, instructions=str(task.user_scenario), llm=user_model, llm_args=dict(temperature=0.0)
+            tools=tools,
+            instructions=str(task.user_scenario),
+            llm=user_model,
+            llm_args=dict(temperature=USER_TEMPERATURE),
         )
     return LocalUser(tools=tools, instructions=str(task.user_scenario))
 
@@ -314,10 +332,13 @@ def step_tau2(ep, max_steps, seq=None):
         )
 
 
-def play_tau2(jobs, model, tok, settings):
+def play_tau2(jobs, model, tok, settings, user=None):
     """Play ("domain/id", split, episode index) jobs, B at a time: every Orchestrator is stepped in lockstep,
-    and every agent (and local user) message of a step comes from one batched `sample`; yields each finished
-    Episode."""
+    and every agent (and "local" user) message of a step comes from one batched `sample`; a fixed local user
+    (`user`: (model, tokenizer) of settings.user_model "local:MODEL") answers in a batch of its own, at τ²'s
+    user temperature. Yields each finished Episode."""
+    if settings.user_model.startswith("local:") and user is None:
+        user = load_user(settings.user_model)
 
     pending, active = list(enumerate(jobs)), []
     while pending or active:
@@ -326,11 +347,20 @@ def play_tau2(jobs, model, tok, settings):
             active.append(start_tau2(*job, settings.seed, settings.user_model))
             active[-1].job = k
         agents = [ep for ep in active if ep.orch.to_role == Role.AGENT]
-        users = [ep for ep in active if ep.orch.to_role == Role.USER and settings.user_model == "local"]
+        users = [ep for ep in active if ep.orch.to_role == Role.USER and settings.user_model.startswith("local")]
+        selves = [] if user else users  # "local": the played model answers as the user, in the agents' batch
         prompts = [tau2_agent_prompt(tok, ep) for ep in agents] + [
-            ep.orch.user.prompt(tok, ep.orch.message, ep.orch.user_state) for ep in users
+            ep.orch.user.prompt(tok, ep.orch.message, ep.orch.user_state) for ep in selves
         ]
         outputs = sample(model, tok, prompts, settings.max_new_tokens, settings.temperature, stop=["</tool_call>"])
+        if user and users:  # one fixed user for every episode
+            outputs += sample(
+                *user,
+                [ep.orch.user.prompt(user[1], ep.orch.message, ep.orch.user_state) for ep in users],
+                settings.max_new_tokens,
+                USER_TEMPERATURE,
+                stop=["</tool_call>"],
+            )
         seqs = {}
         for ep, (prompt_ids, completion_ids, text) in zip(agents + users, outputs):
             if ep.orch.to_role == Role.AGENT:

@@ -345,19 +345,37 @@ def test_policy_rl_and_evaluation_on_tau2(tiny, tmp_path):
             "2",
             "--max-new-tokens",
             "16",
+            "--user-model",
+            "local:smollm2-135m",
             "--out",
             str(tmp_path / "eval"),
         ]
     )
-    results = evaluate.evaluate(ev, *tiny, "base", tmp_path / "eval")
+    evaluate.check_args(ev)
+    results = evaluate.evaluate(ev, *tiny, "base", tmp_path / "eval", user=tiny)  # the base model: a fixed user
     assert list(results["splits"]) == ["mock"] and results["splits"]["mock"]["games"] == 1
+    played = [json.loads(line) for line in open(tmp_path / "eval" / "run0" / "mock" / "rollouts.jsonl")]
+    assert {r["user_model"] for r in played} == {"local:smollm2-135m"}
     md = evaluate.table([results, dict(results, name="again")]).splitlines()
     assert md[:4] == ["| Method | Mock |", "|---|---|", "| base | 0.0 ± 0.0 |", "| again | 0.0 ± 0.0 |"]
-    assert md[5:8] == [
+    assert md[5] == "User simulator: local:smollm2-135m (temperature 0), the same for every row"
+    assert md[7:10] == [
         "| Method | Split | Invalid tool calls (%) | Mean steps |",
         "|---|---|---|---|",
         "| base | mock | 0.0 ± 0.0 | 2.0 |",
     ]
+
+
+def test_evaluation_refuses_a_user_played_by_each_rows_own_model_unless_asked(tmp_path):
+    from conftest import run_script
+
+    base = ["--env", "tau2", "--domain", "mock", "--games", "1", "--out", tmp_path / "eval"]
+    r = run_script("evaluate.py", *base)
+    assert r.returncode == 1 and r.stderr.startswith("error: τ² evaluation needs one fixed user for every row")
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "eval").exists()
+    import evaluate
+
+    evaluate.check_args(evaluate.parse_args([*map(str, base), "--allow-self-user"]))  # asked for: allowed
 
 
 def test_make_pipeline_env_tau2_runs_every_stage_on_tau2():

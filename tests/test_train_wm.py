@@ -44,7 +44,7 @@ def test_sft_target_is_an_empty_thought_then_the_real_next_state(tiny):
     tok = tiny[1]
     ids = train_wm.sft_target(tok, dict(next_state="You arrive at sink 1."))
     assert ids[-1] == tok.eos_token_id
-    assert tok.decode(ids[:-1]) == "<think> </think><next_state>You arrive at sink 1.</next_state>"
+    assert tok.decode(ids[:-1]) == "<think>\n\n</think>\n\n<next_state>You arrive at sink 1.</next_state>"
 
 
 def test_sft_lowers_the_loss_on_its_batch(tiny, triplets):

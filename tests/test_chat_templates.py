@@ -1,0 +1,72 @@
+"""The paper's models' real chat templates (tests/data/chat_templates, source named there) on the tiny model's
+tokenizer: the world model's prompt, its SFT target and the parsers agree on one think block."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+import train_wm
+from collect import parse_action
+from conftest import ROOT
+from reward import parse_next_state, wm_prompt
+from support.lm import chat_prompt, stop_outside_thinking, strip_thinking
+from support.tau2_env import parse_reply
+
+TEMPLATES = ROOT / "tests" / "data" / "chat_templates"
+TRIPLET = dict(task="put a mug in the sink.", history=[], state="You are in a room.", action="go to sink 1")
+
+
+@pytest.fixture(scope="module", params=["qwen3-8b", "qwen2.5-7b-instruct"])
+def qwen(request, tiny):
+    """The tiny tokenizer with the model's real chat template (both use ChatML's <|im_start|> / <|im_end|>)."""
+    tok = copy.deepcopy(tiny[1])
+    tok.chat_template = json.loads((TEMPLATES / f"{request.param}.tokenizer_config.json").read_text())["chat_template"]
+    return request.param, tok
+
+
+def test_the_prompt_opens_no_think_block_and_the_sft_target_is_the_one_the_template_writes(qwen):
+    name, tok = qwen
+    prompt = chat_prompt(tok, wm_prompt(TRIPLET))
+    assert prompt.endswith("<|im_start|>assistant\n")  # Qwen3: thinking on (its default), no pre-filled empty block
+    target = tok.decode(train_wm.sft_target(tok, dict(next_state="You arrive at sink 1.")), skip_special_tokens=True)
+    # the template's own rendering of that answer as the assistant's turn: prompt + target, one think block
+    turn = tok.apply_chat_template(
+        [dict(role="user", content=wm_prompt(TRIPLET)), dict(role="assistant", content=target)], tokenize=False
+    )
+    assert turn.startswith(prompt + target) and turn[len(prompt) :].count("<think>") == 1, name
+    assert parse_next_state(target) == "You arrive at sink 1."
+    if name == "qwen3-8b":  # thinking off pre-fills the same empty block: a prompt that asks for one more
+        off = tok.apply_chat_template(
+            [dict(role="user", content="hi")], tokenize=False, add_generation_prompt=True, enable_thinking=False
+        )
+        assert off.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n") and target.startswith(off[-19:])
+
+
+def test_an_answer_drafted_inside_unfinished_thinking_is_not_read():
+    cut = "<think>\nThe drawer opens, so <next_state>You open the drawer 1.</next_state> and <action>open drawer 1"
+    assert parse_next_state(cut) is None and parse_action(cut + "</action>") == "" and strip_thinking(cut) == ""
+    done = "<think>\nmaybe <next_state>no</next_state>\n</think>\n\n<next_state>You open the drawer 1.</next_state>"
+    assert parse_next_state(done) == "You open the drawer 1."
+    thought = "<think>\n<action>look</action>?\n</think>\n\n"
+    assert parse_action(thought + "<action>open drawer 1</action>") == "open drawer 1"
+    assert parse_reply('<think>\n<tool_call>{"name": "x", "arguments": {}}</tool_call>', {"x"}) == (
+        "(no message)",
+        None,
+        False,
+    )
+
+
+def test_a_stop_string_ends_the_answer_but_not_the_thinking(tiny):
+    tok = tiny[1]
+    prompt = tok("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    stop = stop_outside_thinking(tok, ["</action>"], len(prompt))
+
+    def stops(text):
+        ids = torch.tensor([prompt + tok(text, add_special_tokens=False)["input_ids"]])
+        return bool(stop(ids, None)[0])
+
+    assert stops("<think>go</think><action>go to sink 1</action>") and stops("<action>look</action>")
+    assert not stops("<think>I could write <action>look</action>")  # drafted while thinking: go on
+    assert not stops("<think>a</think><action>look")
