@@ -27,7 +27,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from support.alfworld_env import SPLITS, game_id, list_games, make_env, split_intro, task_type
-from support.checks import at_least, check_model, claim_out, fail, fraction, non_negative, parser
+from support.checks import at_least, check_disk, check_model, claim_out, fail, fraction, non_negative, parser
 from support.episode import Episode, summary
 from support.lm import TINY_MODEL, chat_prompt, load_model, sample
 from support.runs import append_jsonl, plot_metrics, resume_jsonl, set_seed
@@ -418,6 +418,10 @@ def record_episodes(
     name = (lambda g: g) if settings.env == "tau2" else game_id
     # a game's episodes side by side: they start from the same prompt, which lm.sample prefills once
     jobs = [(g, split, e) for g in games for e in range(episodes) if episode_key(name(g), e) not in done]
+    per_turn = (64_000 if settings.env == "tau2" else 2_000) + 4 * settings.max_new_tokens  # τ² states: policy, tools
+    check_disk(
+        out, len(jobs) * settings.max_steps * per_turn, f"{len(jobs)} episodes of up to {settings.max_steps} turns"
+    )
     if jobs and model is None and settings.policy == "model":
         model, tok = load_model(settings.model, dtype=dtype)
     t0, steps = time.time(), 0

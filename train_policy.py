@@ -29,7 +29,7 @@ from support.checks import SkipCounter, at_least, check_model, claim_out, parser
 from support.distributed import all_sum, full_weights, gather, init_distributed
 from support.episode import summary
 from support.lm import TINY_MODEL
-from support.memory import fit_memory, peak_memory
+from support.memory import check_checkpoint_disk, fit_memory, peak_memory
 from support.runs import append_jsonl, open_step_log, plot_metrics, read_jsonl, set_seed
 
 
@@ -94,6 +94,7 @@ def check_args(args):
         args.max_memory_gb,
         args.dry_run,
     )
+    check_checkpoint_disk(args.out, args.model, args.dtype, args.lora_rank)  # what its checkpoints will take
     return games
 
 

@@ -59,7 +59,7 @@ from support.checks import (
 )
 from support.distributed import all_sum, ddp, full_weights, gather, init_distributed, micro_batches, rank_world
 from support.lm import TINY_MODEL, chat_prompt, generate, load_model, load_tokenizer, sample
-from support.memory import fit_memory, peak_memory
+from support.memory import check_checkpoint_disk, fit_memory, peak_memory
 from support.runs import append_jsonl, open_step_log, plot_metrics, read_jsonl, resume_jsonl, set_seed, write_jsonl
 from support.schema import TRIPLET
 
@@ -207,6 +207,7 @@ def plan_memory(args, triplets):
         args.max_memory_gb,
         args.dry_run,
     )
+    check_checkpoint_disk(args.out, args.model, args.dtype, args.lora_rank)  # what its checkpoints will take
 
 
 def heldout_split(triplets, frac, seed):
