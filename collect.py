@@ -30,7 +30,7 @@ from support.alfworld_env import SPLITS, game_id, list_games, make_env, split_in
 from support.checks import at_least, check_disk, check_model, claim_out, fail, fraction, non_negative, parser
 from support.episode import Episode, summary
 from support.lm import TINY_MODEL, chat_prompt, load_model, sample
-from support.runs import append_jsonl, plot_metrics, resume_jsonl, set_seed
+from support.runs import append_jsonl, plot_metrics, resume_jsonl, run_stage, set_seed
 from support.schema import METRICS, ROLLOUT, TRIPLET
 
 ROLLOUT_FIELDS = (
@@ -463,8 +463,7 @@ def collect(args, model=None, tok=None, desc="collect"):
     )
 
 
-if __name__ == "__main__":
-    args = parse_args()
+def main(args):
     claim_out(args.out, "collect", args.resume)
     rollouts = collect(args)
     s = summary(rollouts)
@@ -472,3 +471,7 @@ if __name__ == "__main__":
         f"{len(rollouts)} episodes, success {s['success']:.3f}, invalid-action rate {s['invalid_rate']:.3f}, "
         f"mean steps {s['mean_steps']:.1f} -> {args.out}/rollouts.jsonl, triplets.jsonl"
     )
+
+
+if __name__ == "__main__":
+    run_stage(main, parse_args())  # Ctrl-C: one line, exit status 130

@@ -30,7 +30,7 @@ from support.distributed import all_sum, full_weights, gather, init_distributed
 from support.episode import summary
 from support.lm import TINY_MODEL
 from support.memory import check_checkpoint_disk, fit_memory, peak_memory
-from support.runs import append_jsonl, open_step_log, plot_metrics, read_jsonl, set_seed
+from support.runs import append_jsonl, open_step_log, plot_metrics, read_jsonl, run_stage, set_seed
 
 
 def parse_args(argv=None):
@@ -190,4 +190,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    args = parse_args()
+    run_stage(main, args, Path(args.out) / "checkpoint")  # Ctrl-C: one line, exit status 130

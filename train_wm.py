@@ -60,7 +60,16 @@ from support.checks import (
 from support.distributed import all_sum, ddp, full_weights, gather, init_distributed, micro_batches, rank_world
 from support.lm import TINY_MODEL, chat_prompt, generate, load_model, load_tokenizer, sample
 from support.memory import check_checkpoint_disk, fit_memory, peak_memory
-from support.runs import append_jsonl, open_step_log, plot_metrics, read_jsonl, resume_jsonl, set_seed, write_jsonl
+from support.runs import (
+    append_jsonl,
+    open_step_log,
+    plot_metrics,
+    read_jsonl,
+    resume_jsonl,
+    run_stage,
+    set_seed,
+    write_jsonl,
+)
 from support.schema import TRIPLET
 
 
@@ -447,4 +456,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    args = parse_args()
+    run_stage(main, args, Path(args.out) / "checkpoint" if args.mode != "filter" else None)  # Ctrl-C: one line
