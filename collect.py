@@ -28,11 +28,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 from support.alfworld_env import SPLITS, game_id, list_games, make_env, split_intro, task_type
-from support.checks import at_least, check_model, claim_out, fail, fraction, non_negative, parser, positive
+from support.checks import at_least, check_disk, check_model, claim_out, fail, fraction, non_negative, parser, positive
 from support.episode import Episode, summary
 from support.lm import TINY_MODEL, chat_prompt, load_model, sample, strip_thinking
 from support.memory import CPU_BATCH, sampling_batch
-from support.runs import append_jsonl, plot_metrics, resume_jsonl, set_seed
+from support.runs import append_jsonl, plot_metrics, resume_jsonl, run_stage, set_seed
 from support.schema import METRICS, ROLLOUT, TRIPLET
 
 ROLLOUT_FIELDS = (
@@ -483,6 +483,10 @@ def record_episodes(
     name = (lambda g: g) if settings.env == "tau2" else game_id
     # a game's episodes side by side: they start from the same prompt, which lm.sample prefills once
     jobs = [(g, split, e) for g in games for e in range(episodes) if episode_key(name(g), e) not in done]
+    per_turn = (64_000 if settings.env == "tau2" else 2_000) + 4 * settings.max_new_tokens  # τ² states: policy, tools
+    check_disk(
+        out, len(jobs) * settings.max_steps * per_turn, f"{len(jobs)} episodes of up to {settings.max_steps} turns"
+    )
     if jobs and model is None and settings.policy == "model":
         model, tok = load_model(settings.model, dtype=dtype)
     t0, steps = time.time(), 0
@@ -526,8 +530,7 @@ def collect(args, model=None, tok=None, desc="collect"):
     )
 
 
-if __name__ == "__main__":
-    args = parse_args()
+def main(args):
     if not args.dry_run:
         claim_out(args.out, "collect", args.resume)
     rollouts = collect(args)
@@ -536,3 +539,7 @@ if __name__ == "__main__":
         f"{len(rollouts)} episodes, success {s['success']:.3f}, invalid-action rate {s['invalid_rate']:.3f}, "
         f"mean steps {s['mean_steps']:.1f} -> {args.out}/rollouts.jsonl, triplets.jsonl"
     )
+
+
+if __name__ == "__main__":
+    run_stage(main, parse_args())  # Ctrl-C: one line, exit status 130

@@ -40,7 +40,7 @@ from support.checks import at_least, check_model, claim_out, distance_threshold,
 from support.episode import summary
 from support.lm import TINY_MODEL, chat_prompt, load_model
 from support.memory import CPU_BATCH
-from support.runs import plot_metrics, read_jsonl, write_jsonl
+from support.runs import plot_metrics, read_jsonl, run_stage, write_jsonl
 from support.schema import PREDICTION, PROMPT, TRIPLET
 from train_wm import heldout_scores, predict_and_score
 
@@ -465,4 +465,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    args = parse_args()  # Ctrl-C: one line, exit status 130; --resume keeps the episodes of a policy evaluation
+    run_stage(main, args, resumable=not (args.wm or args.forgetting or args.report or args.calibrate or args.score))

@@ -30,8 +30,8 @@ from support.checks import SkipCounter, at_least, check_model, claim_out, parser
 from support.distributed import all_sum, full_weights, gather, init_distributed
 from support.episode import summary
 from support.lm import TINY_MODEL
-from support.memory import fit_memory, peak_memory
-from support.runs import append_jsonl, open_step_log, plot_metrics, read_jsonl, set_seed
+from support.memory import check_checkpoint_disk, fit_memory, peak_memory
+from support.runs import append_jsonl, open_step_log, plot_metrics, read_jsonl, run_stage, set_seed
 
 
 def parse_args(argv=None):
@@ -112,6 +112,7 @@ def check_args(args):
         args.dry_run,
         work=work,
     )
+    check_checkpoint_disk(args.out, args.model, args.dtype, args.lora_rank)  # what its checkpoints will take
     return games
 
 
@@ -217,4 +218,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    args = parse_args()
+    run_stage(main, args, Path(args.out) / "checkpoint")  # Ctrl-C: one line, exit status 130

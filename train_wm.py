@@ -63,8 +63,17 @@ from support.checks import (
 )
 from support.distributed import all_sum, ddp, full_weights, gather, init_distributed, micro_batches, rank_world
 from support.lm import TINY_MODEL, chat_prompt, generate, load_model, load_tokenizer, sample
-from support.memory import CARD_BATCH, fit_memory, memory_budget, peak_memory, sampling_batch
-from support.runs import append_jsonl, open_step_log, plot_metrics, read_jsonl, resume_jsonl, set_seed, write_jsonl
+from support.memory import CARD_BATCH, check_checkpoint_disk, fit_memory, memory_budget, peak_memory, sampling_batch
+from support.runs import (
+    append_jsonl,
+    open_step_log,
+    plot_metrics,
+    read_jsonl,
+    resume_jsonl,
+    run_stage,
+    set_seed,
+    write_jsonl,
+)
 from support.schema import TRIPLET
 
 
@@ -259,6 +268,7 @@ def plan_memory(args, triplets, train=(), heldout=()):
         embedder=embedder,
         work=work,
     )
+    check_checkpoint_disk(args.out, args.model, args.dtype, args.lora_rank)  # what its checkpoints will take
 
 
 def has_budget(args):
@@ -514,4 +524,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    args = parse_args()
+    run_stage(main, args, Path(args.out) / "checkpoint" if args.mode != "filter" else None)  # Ctrl-C: one line

@@ -115,8 +115,22 @@ def stub(m):
 
 
 def blocks(root):
-    """{exercise number: (file, the marked block's text)} of a tree."""
-    return {int(m["n"]): (f, m[0]) for f in SOURCES for m in BLOCK.finditer((Path(root) / f).read_text())}
+    """{exercise number: (file, the marked block's text)} of a tree; a tree without every exercise's block (not
+    a copy of this project) is a one-line error."""
+    root = Path(root)
+    missing = [f for f in SOURCES if not (root / f).is_file()]
+    if missing:
+        raise SystemExit(f"error: {root} holds no {missing[0]}: give the folder of a copy of this project")
+    found = {int(m["n"]): (f, m[0]) for f in SOURCES for m in BLOCK.finditer((root / f).read_text())}
+    if sorted(found) != sorted(EXERCISES):
+        lost = sorted(set(EXERCISES) - set(found))
+        raise SystemExit(f"error: {root} lacks the marked block of exercise {lost[0] if lost else '?'}")
+    return found
+
+
+def unanswered(found):
+    """The exercise numbers whose block is the student's stub (no answer in it)."""
+    return sorted(n for n, (_, text) in found.items() if 'raise NotImplementedError("Exercise' in text)
 
 
 def make(out):
@@ -124,6 +138,7 @@ def make(out):
     out = Path(out)
     if out.exists():
         raise SystemExit(f"error: {out} exists: give the student copy a new folder")
+    blocks(ROOT)  # every exercise marked in this tree
     git = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
     if git.returncode:
         raise SystemExit(f"error: {ROOT} is not a git checkout: the student copy is made of the files git tracks")
@@ -138,8 +153,18 @@ def make(out):
 
 
 def fill(student, only=None):
-    """Put the reference blocks back into a student copy (only those of the exercise numbers `only`)."""
+    """Put the reference blocks back into a student copy (only those of the exercise numbers `only`). The answers
+    come from the reference checkout this script lives in: run from a student copy, it has none to give."""
     reference = blocks(ROOT)
+    stubs = [n for n in unanswered(reference) if only is None or n in only]
+    if stubs:
+        raise SystemExit(
+            f"error: fill takes the answers from the reference checkout this script is in ({ROOT}), and its "
+            f"exercise {stubs[0]} is a stub: run the reference's course/exercises.py fill {Path(student).resolve()}"
+        )
+    if Path(student).resolve() == ROOT:
+        raise SystemExit(f"error: fill puts the answers into a student copy, and {student} is this reference checkout")
+    blocks(student)  # a copy of this project, every exercise marked
     put = lambda m: reference[int(m["n"])][1] if only is None or int(m["n"]) in only else m[0]
     for f in SOURCES:
         path = Path(student) / f
@@ -175,7 +200,7 @@ def exercises_md(reference):
 def grade(root=ROOT):
     """One line an exercise (passed / failed / not attempted) and the total; returns the number passed."""
     found = blocks(root)
-    todo = {n for n, (_, text) in found.items() if 'raise NotImplementedError("Exercise' not in text}
+    todo = set(found) - set(unanswered(found))
     graders = sorted({g for n in todo for g in EXERCISES[n][1]})
     outcome = {}
     if graders:

@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 
@@ -128,6 +129,19 @@ def claim_out(out, stage, resume=False):
     if not marker.exists():
         marker.write_text(json.dumps(dict(stage=stage)) + "\n")
     return out
+
+
+def check_disk(out, need, what):
+    """Stop with one line when the disk that holds `out` has fewer than `need` bytes free; `what` says what they are."""
+    folder = Path(out).resolve()
+    while not folder.exists():  # the folder is made later: the disk of its nearest existing parent
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        fail(
+            f"--out {out}: {free / 1e9:.2f} GB free on its disk, and this run writes up to {need / 1e9:.2f} GB "
+            f"({what}): free some space or give an --out on another disk"
+        )
 
 
 # ---------------------------------------------------------------------------------------------

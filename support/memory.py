@@ -2,9 +2,11 @@
 loaded). Every training script prints it before loading anything (`--dry-run` stops there) and shrinks its
 batches to `--max-memory-gb`; bench/memory_plan.py checks it against measured peaks."""
 
+from pathlib import Path
+
 import torch
 
-from support.checks import fail
+from support.checks import check_disk, fail
 from support.distributed import rank_world
 from support.lm import LORA_TARGETS, load_config, torch_dtype
 
@@ -194,6 +196,26 @@ def fit_memory(
             time_plan(config, torch_type, work(micro_batch, gen_batch), lora_rank, grad_checkpointing)
         raise SystemExit(0)
     return micro_batch, gen_batch
+
+
+def checkpoint_bytes(model, dtype, lora_rank):
+    """(weights, AdamW state) bytes of one checkpoint, by arithmetic on the config: the weights (adapters merged)
+    in the run's dtype, and AdamW's two moments of the trained parameters (LoRA: the fp32 adapters only)."""
+    n, n_lora = count_params(load_config(model), lora_rank)
+    B = torch.finfo(torch_dtype(dtype)).bits // 8
+    return n * B, 2 * (n_lora * 4 if lora_rank else n * B)
+
+
+def check_checkpoint_disk(out, model, dtype, lora_rank):
+    """Stop with one line unless --out's disk holds what the run writes at its peak: during a save the previous
+    checkpoint and the new one, each weights + AdamW state (a checkpoint already in --out is replaced)."""
+    weights, adam = checkpoint_bytes(model, dtype, lora_rank)
+    there = sum(f.stat().st_size for f in Path(out).glob("checkpoint*/**/*") if f.is_file())
+    check_disk(
+        out,
+        2 * (weights + adam) - there,
+        f"two checkpoints during a save, each {weights / 1e9:.2f} GB of weights + {adam / 1e9:.2f} GB of AdamW state",
+    )
 
 
 CPU_BATCH = 8  # prompts sampled at once by a stage that only samples, on CPU (2 cores: the prefill dominates)

@@ -4,11 +4,16 @@ records a resumed run keeps, and the metric curves every stage draws from its me
 import json
 import os
 import random
+import shlex
 import shutil
+import signal
+import sys
+import threading
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from support.checks import fail, json_line
 from support.distributed import rank_world
@@ -70,9 +75,16 @@ def drop_partial_line(path):
 
 
 def append_jsonl(f, rows):
-    """Write whole lines in one call and flush, so a kill never leaves half a record behind."""
-    f.write("".join(json_line(r) for r in rows))  # NaN / Infinity written as null: strict JSON
-    f.flush()
+    """Write whole lines in one call and flush, so a kill never leaves half a record behind (Ctrl-C waits for it)."""
+    text = "".join(json_line(r) for r in rows)  # NaN / Infinity written as null: strict JSON
+    main = threading.current_thread() is threading.main_thread() and hasattr(signal, "pthread_sigmask")
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if main else None
+    try:
+        f.write(text)
+        f.flush()
+    finally:
+        if main:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a Ctrl-C meanwhile is raised now, after the lines
 
 
 def write_jsonl(path, rows):
@@ -107,6 +119,29 @@ def open_step_log(path, resume, step):
     return open(path, "a", encoding="utf-8")
 
 
+def run_stage(main, args, checkpoint=None, resumable=True):
+    """main(args) of a stage script. Ctrl-C ends it with one line instead of a traceback, exit status 130: where
+    its last checkpoint is (or that its records in --out end on whole lines) and the command that continues it."""
+    argv = ["python", *(a for a in sys.argv if a != "--resume")]  # now: ALFWorld's planner rewrites sys.argv
+    try:
+        return main(args)
+    except KeyboardInterrupt:
+        found = newest_checkpoint(checkpoint) if checkpoint else None
+        if found:
+            step = torch.load(Path(found) / "trainer.pt", mmap=True, weights_only=False)["step"]
+            where, resume = f"the last checkpoint is {found} (step {step})", True
+        elif checkpoint:
+            where, resume = f"no checkpoint yet in {checkpoint} (one every --save-every updates)", False
+        else:
+            where = f"its records in {args.out} end on whole lines" if resumable else "nothing to keep"
+            resume = resumable
+        how = f"continue with: {shlex.join(argv + ['--resume'])}" if resume else f"run it again: {shlex.join(argv)}"
+        for bar in list(getattr(tqdm, "_instances", ())):  # the progress bars end their lines before it, not after
+            bar.close()
+        sys.stderr.write(f"interrupted: {where}; {how}\n")
+        raise SystemExit(130) from None
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoint folders: written aside and swapped in, so that a kill at any instant leaves a complete one
 # ---------------------------------------------------------------------------------------------
@@ -137,12 +172,17 @@ def swap_in(tmp, folder):
     remove_checkpoint(old)
 
 
+def newest_checkpoint(folder):
+    """The newest complete one of folder.tmp (written whole, not yet swapped in), folder, folder.old; or None."""
+    return next((f for f in (aside(folder, "tmp"), Path(folder), aside(folder, "old")) if complete(f)), None)
+
+
 def find_checkpoint(folder):
     """The newest complete checkpoint of `folder`, or None: folder.tmp when a save was written whole but not yet
     swapped in (it is newer than folder), else folder, else folder.old (kept aside mid-swap). One found
     aside is put in the place of `folder` (the cut swap is finished), with one line saying so; returns `folder`."""
     folder = Path(folder)
-    found = next((f for f in (aside(folder, "tmp"), folder, aside(folder, "old")) if complete(f)), None)
+    found = newest_checkpoint(folder)
     if found in (None, folder):
         return found
     print(f"--resume: {found.name} is the newest complete checkpoint (a save was cut short); it becomes {folder}")

@@ -6,6 +6,8 @@ import argparse
 import copy
 import json
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -217,6 +219,23 @@ def test_every_reader_checks_the_records_it_reads(name, content, argv, message, 
     path.write_bytes(content)
     argv = [str(path) if a == "F" else str(tmp_path / "out") if a == "O" else a for a in argv]
     assert_one_error_line(run_script(*argv), 1, message)
+
+
+def test_a_run_whose_checkpoints_do_not_fit_the_disk_stops_before_loading(triplets, tmp_path):
+    """A model folder without weights, whose config asks for ~2 TB of fp32 weights: the disk check stops the run
+    after the memory plan (arithmetic on the config), before any weight is read."""
+    from support.lm import resolve_model
+
+    src, big = Path(resolve_model("smollm2-135m")), tmp_path / "big"
+    big.mkdir()
+    for f in src.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, big / f.name)
+    config = json.loads((src / "config.json").read_text())
+    (big / "config.json").write_text(json.dumps(dict(config, intermediate_size=10_000_000)))
+    r = run_script("train_wm.py", "--triplets", triplets, "--out", tmp_path / "out", "--model", big, "--dtype", "fp32")
+    assert_one_error_line(r, 1, "GB free on its disk, and this run writes up to", alone=False)
+    assert "two checkpoints during a save, each 2" in r.stderr and "memory plan" in r.stdout
 
 
 def test_out_must_be_a_folder_of_this_stage(triplets, tmp_path):

@@ -25,6 +25,7 @@ from collect import (
 from conftest import ROOT, run_script
 from support.alfworld_env import list_games, make_env, reuse_translations, split_intro, task_type
 from support.runs import read_jsonl
+from support.schema import ROLLOUT, TRIPLET
 
 
 def first_game_of_each_type(split):
@@ -180,6 +181,26 @@ def test_kill_and_resume_gives_the_same_episodes_once(tmp_path):
     assert rollouts(cut / "rollouts.jsonl") == rollouts(ref / "rollouts.jsonl")
     assert sorted(open(cut / "triplets.jsonl")) == sorted(open(ref / "triplets.jsonl"))
     assert len(open(cut / "metrics.jsonl").readlines()) == 4
+
+
+def test_ctrl_c_is_one_line_with_the_resume_command_and_leaves_whole_lines(tmp_path):
+    out = tmp_path / "cut"
+    argv = collect_argv(out, "--games", "4")  # the later --games wins: 8 episodes, time to interrupt
+    proc = subprocess.Popen(
+        [sys.executable, *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    while not (out / "rollouts.jsonl").exists() or not (out / "rollouts.jsonl").read_text():
+        assert proc.poll() is None, "finished before it could be interrupted"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    err = proc.communicate()[1]
+    last, resume = err.strip().splitlines()[-1], f"python {' '.join(argv)} --resume"
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert last == f"interrupted: its records in {out} end on whole lines; continue with: {resume}"
+    for name in ("rollouts.jsonl", "triplets.jsonl", "metrics.jsonl"):
+        text = (out / name).read_text()
+        assert text.endswith("\n") and all(json.loads(line) for line in text.splitlines()), name
+    assert 1 <= len(read_jsonl(out / "rollouts.jsonl", ROLLOUT)) < 8 and read_jsonl(out / "triplets.jsonl", TRIPLET)
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "course"))
@@ -41,6 +43,17 @@ def test_the_student_copy_holds_no_answer_and_fill_gives_back_the_reference(tmp_
         assert code and not set(code) & set((student / f).read_text().splitlines()), n  # no line of the answer
     assert all(f"## Exercise {n}:" in (student / "EXERCISES.md").read_text() for n in EXERCISES)
     assert grade(student)[-1] == "total: 0 of 10 exercises passed"  # nothing attempted: nothing runs
+    # fill as a student would run it after reading --help: the copy holds no answer to give, and says so
+    r = subprocess.run(
+        [sys.executable, "course/exercises.py", "fill", ".", "--only", "3"], cwd=student, capture_output=True, text=True
+    )
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("error: fill takes the answers from the reference checkout this script is in")
+    assert "exercise 3 is a stub" in r.stderr and blocks(student) == found  # nothing changed
+    with pytest.raises(SystemExit, match="holds no reward.py: give the folder of a copy of this project"):
+        fill(tmp_path / "nowhere")
+    with pytest.raises(SystemExit, match="is this reference checkout"):
+        fill(ROOT)
     fill(student)
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
     assert [f for f in files if (student / f).read_bytes() != (ROOT / f).read_bytes()] == []

@@ -4,6 +4,7 @@ import argparse
 import copy
 import math
 import os
+import sys
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from grpo import (
     start_training,
 )
 from support.lm import chat_prompt, sample
-from support.runs import complete, find_checkpoint, set_seed
+from support.runs import complete, find_checkpoint, run_stage, set_seed
 
 
 def test_group_advantages_by_hand():
@@ -234,3 +235,24 @@ def test_a_finished_run_drops_its_optimizer_state_unless_asked_to_keep_it(tiny, 
     model2 = small(tiny)[0]
     assert load_checkpoint(tmp_path / "ckpt", model2, torch.optim.AdamW(add_lora(model2, rank=4))) == 3
     assert "finished run saved without its AdamW state (--keep-optimizer keeps it)" in capsys.readouterr().out
+
+
+def test_ctrl_c_names_the_newest_complete_checkpoint_and_the_resume_command(tmp_path, capsys, monkeypatch):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    args, ckpt = argparse.Namespace(out=tmp_path), tmp_path / "checkpoint"
+    monkeypatch.setattr(sys, "argv", ["train_wm.py", "--out", str(tmp_path), "--resume"])
+    for folders, said in (
+        ({}, f"no checkpoint yet in {ckpt} (one every --save-every updates); run it again: python train_wm.py --out"),
+        ({"checkpoint": 4}, f"the last checkpoint is {ckpt} (step 4); continue with: python train_wm.py --out"),
+        ({"checkpoint": 4, "checkpoint.tmp": 6}, "checkpoint.tmp (step 6); continue with: python train_wm.py --out"),
+    ):
+        for name, step in folders.items():
+            (tmp_path / name).mkdir(exist_ok=True)
+            torch.save(dict(step=step), tmp_path / name / "trainer.pt")
+        with pytest.raises(SystemExit) as stop:
+            run_stage(interrupted, args, ckpt)
+        line = capsys.readouterr().err.strip()
+        assert stop.value.code == 130 and line.startswith("interrupted: ") and said in line, line
+        assert line.endswith(f"{tmp_path} --resume") == ("continue" in said) and "\n" not in line
