@@ -224,8 +224,11 @@ def test_every_instant_of_the_checkpoint_swap_resumes_from_the_newest_complete_c
 
 def test_a_finished_run_drops_its_optimizer_state_unless_asked_to_keep_it(tiny, tmp_path, capsys):
     model, tok = small(tiny)
-    opt = torch.optim.AdamW(add_lora(model, rank=4), lr=1e-3)
-    grpo_update(model, opt, [(tok("a b c")["input_ids"], tok(" d e")["input_ids"])], torch.tensor([1.0]), args_for())
+    params = add_lora(model, rank=4)
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    for p in params:  # one AdamW step: moments to keep or drop
+        p.grad = torch.ones_like(p)
+    opt.step()
     for final, keep, kept in ((False, False, True), (True, True, True), (True, False, False)):
         save_checkpoint(tmp_path / "ckpt", model, tok, opt, 3, argparse.Namespace(keep_optimizer=keep), final=final)
         state = torch.load(tmp_path / "ckpt" / "trainer.pt", weights_only=False)
