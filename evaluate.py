@@ -32,14 +32,14 @@ from pathlib import Path
 
 import torch
 
-from collect import add_play_args, play_settings, record_episodes, select_games
+from collect import add_play_args, play_defaults, play_settings, record_episodes, select_games
 from grpo import collate, completion_logits
 from reward import DEFAULT_EMBEDDER, Embeddings, calibrate, default_tau, mean_scores, sim_to_real
 from support.checks import at_least, check_model, claim_out, distance_threshold, fail, parser, positive
 from support.episode import summary
 from support.lm import TINY_MODEL, chat_prompt, load_model
 from support.runs import plot_metrics, read_jsonl, write_jsonl
-from train_wm import heldout_scores, predict_and_score
+from train_wm import heldout_scores, predict_and_score, wm_budget
 
 SPLIT_NAMES = {"valid_seen": "ID", "valid_unseen": "OOD"}
 GENERAL_PROMPTS = Path(__file__).resolve().parent / "data" / "general_prompts.jsonl"
@@ -143,9 +143,7 @@ def parse_args(argv=None):
         "(default: all; ALFWorld 140 / 134, τ² test retail 40, airline 20, telecom 40)",
     )
     p.add_argument("--runs", type=at_least(), default=3, help="independent runs, seeds seed..seed+runs-1 (paper: 3)")
-    add_play_args(
-        p, max_steps=30, temperature=0.4, batch_games=8
-    )  # paper: 30 steps; --batch-games is also --wm's batch
+    add_play_args(p, temperature=0.4, batch_games=8)  # paper: 30 steps; --batch-games is also --wm's batch
     p.add_argument(
         "--allow-self-user",
         action="store_true",
@@ -182,6 +180,7 @@ def parse_args(argv=None):
         "--report", metavar="RUN", help="write RUN/report.md and RUN/report.png from `make pipeline`'s runs"
     )
     args = p.parse_args(argv)
+    play_defaults(args, max_steps=30, tokens=not args.wm)  # --wm: tokens from the triplets (train_wm.wm_budget)
     args.splits = args.splits or (["test"] if args.env == "tau2" else ["valid_seen", "valid_unseen"])
     args.models = [(m.rpartition("=")[0] or m, m.rpartition("=")[2]) for m in args.model]  # [(name, path)]
     return args
@@ -217,13 +216,14 @@ def evaluate_wm(args, model, tok, name, out, embed):
     """Held-out world-model quality: greedy predictions -> mean sim-to-real reward, similarity, format rate."""
     triplets = read_jsonl(args.wm, required=("task", "history", "state", "action", "next_state"))[: args.val_size]
     tau = args.tau if args.tau is not None else default_tau(args.embedder, triplets)
-    outputs, recs = predict_and_score(model, tok, triplets, embed, tau, args.max_new_tokens, args.batch_games)
+    max_new = args.max_new_tokens or wm_budget(tok, triplets)  # default: from the triplets, as train_wm.py
+    outputs, recs = predict_and_score(model, tok, triplets, embed, tau, max_new, args.batch_games)
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(
         out / "wm_predictions.jsonl",
         [dict(id=t.get("id"), output=o, next_state=t["next_state"], **r) for t, o, r in zip(triplets, outputs, recs)],
     )
-    res = dict(name=name, tau=tau, embedder=args.embedder, **heldout_scores(triplets, recs))  # scores, "triplets"
+    res = dict(name=name, tau=tau, embedder=args.embedder, max_new_tokens=max_new, **heldout_scores(triplets, recs))
     (out / "wm_results.json").write_text(json.dumps(res, indent=1))
     return res
 
@@ -356,7 +356,10 @@ def evaluate(args, model, tok, name, out, user=None):
         types = sorted({x["task_type"] for x in per_run[0][0]})
         results["splits"][split] = dict(
             games=len(per_run[0][0]),
-            **{k: [s[k] for _, s in per_run] for k in ("success", "invalid_rate", "mean_steps")},
+            **{
+                k: [s[k] for _, s in per_run]
+                for k in ("success", "invalid_rate", "mean_steps", "cut_turn_rate", "step_limit_rate")
+            },
             per_task_type={
                 t: [statistics.mean(x["won"] for x in ro if x["task_type"] == t) for ro, _ in per_run] for t in types
             },

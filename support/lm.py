@@ -187,6 +187,14 @@ def sample(model, tok, prompts, max_new_tokens=256, temperature=1.0, stop=None, 
     return results
 
 
+def hit_limit(model, tok, completion_ids, max_new_tokens):
+    """Whether a completion of `sample` was cut by `max_new_tokens`: that long and not ended by an end-of-turn
+    token (one that a stop string ended on its very last token counts too)."""
+    eos = model.generation_config.eos_token_id
+    ends = set(eos if isinstance(eos, list) else [eos]) | {tok.eos_token_id, tok.pad_token_id}
+    return len(completion_ids) >= max_new_tokens and completion_ids[-1] not in ends
+
+
 def strip_thinking(text):
     """A model's answer: the text after its last </think>, less a think block left open (a completion cut
     inside its thinking has no answer). Qwen3's template lets the model open its own <think> block; the
