@@ -62,14 +62,14 @@ EVAL ?= --runs 3
 else ifeq ($(ENV),tau2)
 # the world model's τ² state holds the policy and the tools (~2k tokens on mock): fewer, smaller updates
 EMBED ?=
-COLLECT ?= --episodes 1 --max-steps 4 --max-new-tokens 48
+COLLECT ?= --episodes 1 --max-steps 8 --max-new-tokens 48
 FILTER ?= --filter-k 2 --max-new-tokens 48
 WM ?= --lora-rank 8 --batch-size 4 --micro-batch 2 --max-new-tokens 48 --eval-every 5
 RWML ?= --group-size 4 --lr 1e-4 --max-steps 3
 SFT ?= --lr 1e-3 --max-steps 8
-POLICY ?= --lora-rank 8 --micro-batch 2 --lr 1e-4 --games-per-step 2 --group-size 4 --updates 1 --max-steps 4 --max-new-tokens 48
+POLICY ?= --lora-rank 8 --micro-batch 2 --lr 1e-4 --games-per-step 2 --group-size 4 --updates 1 --max-steps 8 --max-new-tokens 48
 WM_EVAL ?= --max-new-tokens 48
-EVAL ?= --games 4 --runs 2 --max-steps 4 --max-new-tokens 48
+EVAL ?= --games 4 --runs 2 --max-steps 8 --max-new-tokens 48
 else
 # the CPU experiment (above): full fine-tuning of SmolLM2-135M in fp32
 SEEDS ?= 0 1 2

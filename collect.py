@@ -30,7 +30,7 @@ from tqdm import tqdm
 from support.alfworld_env import SPLITS, game_id, list_games, make_env, split_intro, task_type
 from support.checks import at_least, check_disk, check_model, claim_out, fail, fraction, non_negative, parser, positive
 from support.episode import Episode, summary
-from support.lm import TINY_MODEL, chat_prompt, load_model, sample, strip_thinking
+from support.lm import TINY_MODEL, chat_prompt, hit_limit, load_model, sample, strip_thinking
 from support.memory import CPU_BATCH, sampling_batch
 from support.runs import append_jsonl, plot_metrics, resume_jsonl, run_stage, set_seed
 from support.schema import METRICS, ROLLOUT, TRIPLET
@@ -71,7 +71,7 @@ def parse_args(argv=None):
         help="start at game K of the split's order, so that runs can play disjoint games (default: 0)",
     )
     p.add_argument("--episodes", type=at_least(), default=3, help="episodes per game (paper: 3)")
-    add_play_args(p, max_steps=30, temperature=1.0, batch_games=None)
+    add_play_args(p, temperature=1.0, batch_games=None)
     add_plan_args(p)
     p.add_argument(
         "--policy",
@@ -109,7 +109,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--resume", action="store_true", help="continue a killed run in --out: keep its whole episodes, play the rest"
     )
-    args = p.parse_args(argv)
+    args = play_defaults(p.parse_args(argv), max_steps=30)
     if args.env == "tau2" and args.policy == "random":
         p.error("--policy random needs ALFWorld's admissible commands; τ²-bench has none")
     if args.invalid_rate and args.policy != "random":
@@ -117,15 +117,22 @@ def parse_args(argv=None):
     return args
 
 
-def add_play_args(p, max_steps, temperature, batch_games):
+TAU2_MAX_STEPS = 200  # tau2.config.DEFAULT_MAX_STEPS: τ²'s runs end after 200 orchestrator steps (every message)
+# new tokens per agent turn: ALFWorld's think + action; τ²: room for Qwen3's own think block before its message
+# (the share of turns cut at this limit is logged as cut_turn_rate: raise --max-new-tokens if it is not ~0)
+AGENT_TOKENS = dict(alfworld=256, tau2=1024)
+
+
+def add_play_args(p, temperature, batch_games):
     """The flags of how episodes are played (the fields of `Play`), shared by collect.py, train_policy.py and
-    evaluate.py with their own defaults."""
+    evaluate.py with their own defaults (--max-steps and --max-new-tokens: see `play_defaults`)."""
     p.add_argument("--env", default="alfworld", choices=["alfworld", "tau2"], help="ALFWorld or τ²-bench")
     p.add_argument(
         "--max-steps",
         type=at_least(),
-        default=max_steps,
-        help="agent steps per episode (paper: 30 at evaluation, 15 in ALFWorld policy RL)",
+        default=None,
+        help="ALFWorld: agent steps per episode (paper: 30 at evaluation, 15 in policy RL); τ²: orchestrator steps "
+        f"(every agent, user and tool message), as τ² counts them (default: τ²'s own {TAU2_MAX_STEPS})",
     )
     p.add_argument(
         "--history", type=at_least(0), default=2, help="H: previous (observation, action) turns shown to the agent"
@@ -136,7 +143,13 @@ def add_play_args(p, max_steps, temperature, batch_games):
         default=temperature,
         help="sampling temperature (paper: 1.0 for collection and policy RL)",
     )
-    p.add_argument("--max-new-tokens", type=at_least(), default=256, help="tokens the agent may write per turn")
+    p.add_argument(
+        "--max-new-tokens",
+        type=at_least(),
+        default=None,
+        help=f"tokens the agent may write per turn, thinking included (default: {AGENT_TOKENS['alfworld']} ALFWorld, "
+        f"{AGENT_TOKENS['tau2']} τ²)",
+    )
     p.add_argument(
         "--batch-games",
         type=at_least(),
@@ -203,6 +216,15 @@ def plan_batch(args, model, episodes, prompt_len=None, embedder=0):
         embedder=embedder,
         work=work,
     )
+
+
+def play_defaults(args, max_steps, tokens=True):
+    """--max-steps and --max-new-tokens where not given: `max_steps` agent steps on ALFWorld, τ²'s own 200
+    orchestrator steps; AGENT_TOKENS (`tokens=False`: leave --max-new-tokens as given)."""
+    args.max_steps = args.max_steps or (TAU2_MAX_STEPS if args.env == "tau2" else max_steps)
+    if tokens:
+        args.max_new_tokens = args.max_new_tokens or AGENT_TOKENS[args.env]
+    return args
 
 
 @dataclass
@@ -346,6 +368,7 @@ def play_alfworld(jobs, model, tok, settings):
                 act(ep, None, *random_command(ep, settings.invalid_rate))
             else:
                 prompt_ids, completion_ids, text = by_model[id(ep)]
+                ep.cut += hit_limit(model, tok, completion_ids, settings.max_new_tokens)
                 act(ep, text, parse_action(text), "model", (prompt_ids, completion_ids))
         for ep in [ep for ep in active if ep.done]:
             active.remove(ep)
@@ -367,6 +390,7 @@ def alfworld_rollout_record(ep, settings):
         won=ep.won,
         steps=len(ep.turns),
         invalid=sum(not t["valid"] for t in ep.turns),
+        cut_turns=ep.cut,
         turns=ep.turns,
         final_observation=ep.observation,
         policy=settings.policy,

@@ -33,16 +33,33 @@ from pathlib import Path
 
 import torch
 
-from collect import add_plan_args, add_play_args, plan_batch, play_settings, record_episodes, select_games
+from collect import (
+    add_plan_args,
+    add_play_args,
+    plan_batch,
+    play_defaults,
+    play_settings,
+    record_episodes,
+    select_games,
+)
 from grpo import collate, completion_logits
-from reward import DEFAULT_EMBEDDER, Embeddings, calibrate, default_tau, embedder_bytes, mean_scores, sim_to_real
+from reward import (
+    DEFAULT_EMBEDDER,
+    Embeddings,
+    calibrate,
+    default_tau,
+    embedder_bytes,
+    mean_scores,
+    sim_to_real,
+    wm_prompt,
+)
 from support.checks import at_least, check_model, claim_out, distance_threshold, fail, parser, positive
 from support.episode import summary
-from support.lm import TINY_MODEL, chat_prompt, load_model
+from support.lm import TINY_MODEL, chat_prompt, load_model, load_tokenizer
 from support.memory import CPU_BATCH
 from support.runs import plot_metrics, read_jsonl, run_stage, write_jsonl
 from support.schema import PREDICTION, PROMPT, TRIPLET
-from train_wm import heldout_scores, predict_and_score
+from train_wm import heldout_scores, predict_and_score, wm_budget
 
 SPLIT_NAMES = {"valid_seen": "ID", "valid_unseen": "OOD"}
 GENERAL_PROMPTS = Path(__file__).resolve().parent / "data" / "general_prompts.jsonl"
@@ -146,9 +163,7 @@ def parse_args(argv=None):
         "(default: all; ALFWorld 140 / 134, τ² test retail 40, airline 20, telecom 40)",
     )
     p.add_argument("--runs", type=at_least(), default=3, help="independent runs, seeds seed..seed+runs-1 (paper: 3)")
-    add_play_args(
-        p, max_steps=30, temperature=0.4, batch_games=None
-    )  # paper: 30 steps; --batch-games is also --wm's batch
+    add_play_args(p, temperature=0.4, batch_games=None)  # paper: 30 steps; --batch-games is also --wm's batch
     add_plan_args(p)
     p.add_argument(
         "--allow-self-user",
@@ -192,6 +207,7 @@ def parse_args(argv=None):
         "--report", metavar="RUN", help="write RUN/report.md and RUN/report.png from `make pipeline`'s runs"
     )
     args = p.parse_args(argv)
+    play_defaults(args, max_steps=30, tokens=not args.wm)  # --wm: tokens from the triplets (train_wm.wm_budget)
     args.splits = args.splits or (["test"] if args.env == "tau2" else ["valid_seen", "valid_unseen"])
     args.models = [(m.rpartition("=")[0] or m, m.rpartition("=")[2]) for m in args.model]  # [(name, path)]
     return args
@@ -232,13 +248,11 @@ def plan_eval_batch(args):
             for d in (args.domain if args.env == "tau2" else [None])
         )
         return plan_batch(args, path, games * args.runs * len(args.models))
-    from reward import wm_prompt
-    from support.lm import load_tokenizer
-
     tok = load_tokenizer(path)
     triplets = read_jsonl(args.wm)[: args.val_size]
     prompt_len = max(len(tok(chat_prompt(tok, wm_prompt(t)), add_special_tokens=False)["input_ids"]) for t in triplets)
-    wm = dict(vars(args), max_steps=1)  # one greedy prediction a triplet: one "turn"
+    new = args.max_new_tokens or wm_budget(tok, triplets)  # as `evaluate_wm`
+    wm = dict(vars(args), max_steps=1, max_new_tokens=new)  # one greedy prediction a triplet: one "turn"
     return plan_batch(
         argparse.Namespace(**wm),
         path,
@@ -258,13 +272,14 @@ def evaluate_wm(args, model, tok, name, out, embed):
     triplets = read_jsonl(args.wm, TRIPLET)[: args.val_size]
     tau = args.tau if args.tau is not None else default_tau(args.embedder, triplets)
     batch = args.batch_games or CPU_BATCH  # None: not sized by a plan (`plan_eval_batch`)
-    outputs, recs = predict_and_score(model, tok, triplets, embed, tau, args.max_new_tokens, batch)
+    max_new = args.max_new_tokens or wm_budget(tok, triplets)  # default: from the triplets, as train_wm.py
+    outputs, recs = predict_and_score(model, tok, triplets, embed, tau, max_new, batch)
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(
         out / "wm_predictions.jsonl",
         [dict(id=t.get("id"), output=o, next_state=t["next_state"], **r) for t, o, r in zip(triplets, outputs, recs)],
     )
-    res = dict(name=name, tau=tau, embedder=args.embedder, **heldout_scores(triplets, recs))  # scores, "triplets"
+    res = dict(name=name, tau=tau, embedder=args.embedder, max_new_tokens=max_new, **heldout_scores(triplets, recs))
     (out / "wm_results.json").write_text(json.dumps(res, indent=1))
     return res
 
@@ -397,7 +412,10 @@ def evaluate(args, model, tok, name, out, user=None):
         types = sorted({x["task_type"] for x in per_run[0][0]})
         results["splits"][split] = dict(
             games=len(per_run[0][0]),
-            **{k: [s[k] for _, s in per_run] for k in ("success", "invalid_rate", "mean_steps")},
+            **{
+                k: [s[k] for _, s in per_run]
+                for k in ("success", "invalid_rate", "mean_steps", "cut_turn_rate", "step_limit_rate")
+            },
             per_task_type={
                 t: [statistics.mean(x["won"] for x in ro if x["task_type"] == t) for ro, _ in per_run] for t in types
             },

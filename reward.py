@@ -181,7 +181,8 @@ def sim_to_real(outputs, next_states, embed, tau, kinds=None):
 
 def mean_scores(records):
     """Mean reward, mean similarity (over embedded outputs with tags), the shares of outputs with tags and of
-    exact predictions, and the mean ROUGE reward over tool-response outputs when there are any."""
+    exact predictions, the mean ROUGE reward over tool-response outputs when there are any, and the share of
+    outputs cut by the token budget when the records say (`truncated`)."""
     sims = [r["similarity"] for r in records if r["similarity"] is not None]
     rouge = [r["rouge"] for r in records if "rouge" in r]
     n = max(1, len(records))
@@ -191,6 +192,7 @@ def mean_scores(records):
         format=sum(r["format"] for r in records) / n,
         exact=sum(r.get("exact", False) for r in records) / n,
         **(dict(rouge=sum(rouge) / len(rouge)) if rouge else {}),
+        **(dict(truncated=sum(r["truncated"] for r in records) / n) if any("truncated" in r for r in records) else {}),
     )
 
 

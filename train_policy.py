@@ -6,7 +6,8 @@
         --out runs/tau2_policy
 
 Each update takes --games-per-step training games and plays G episodes of each from the same start,
-all of them in parallel through collect.py's batched loop (temperature 1.0, at most 15 steps; τ²: 30). An
+all of them in parallel through collect.py's batched loop (temperature 1.0, at most 15 steps; τ²: τ²'s own
+limit of 200 orchestrator steps). An
 episode's reward is 1 if it is won (τ²: tau2's evaluator gives reward 1), else 0. With gamma = 1 and only a
 terminal reward, every agent turn of an episode gets the episode's group-normalised advantage; the loss
 covers the tokens the agent wrote in each turn, given the prompt it saw at that turn. Turns of a group
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from collect import add_play_args, play, play_settings, rollout_record, select_games
+from collect import add_play_args, play, play_defaults, play_settings, rollout_record, select_games
 from grpo import add_grpo_args, group_advantages, grpo_update, save_checkpoint, start_training
 from support.checks import SkipCounter, at_least, check_model, claim_out, parser
 from support.distributed import all_sum, full_weights, gather, init_distributed
@@ -57,8 +58,8 @@ def parse_args(argv=None):
         help="G: episodes per game from the same start (paper: 8)",
     )
     p.add_argument("--updates", type=at_least(), default=100, help="GRPO updates")
-    # --max-steps default: as the paper, 15 on ALFWorld and 30 on τ²; --batch-games: all G x games-per-step at once
-    add_play_args(p, max_steps=None, temperature=1.0, batch_games=None)
+    # --max-steps default: as the paper, 15 on ALFWorld; τ²'s own 200; --batch-games: all G x games-per-step at once
+    add_play_args(p, temperature=1.0, batch_games=None)
     p.add_argument("--save-every", type=at_least(), default=10, help="updates between checkpoints")
     p.add_argument(
         "--plan-prompt-len",
@@ -72,7 +73,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", default="runs/policy", help="output folder")
     args = p.parse_args(argv)
-    args.max_steps = args.max_steps or (30 if args.env == "tau2" else 15)
+    play_defaults(args, max_steps=15)
     args.batch_games = args.batch_games or args.games_per_step * args.group_size
     return args
 

@@ -62,7 +62,7 @@ from support.checks import (
     ranged,
 )
 from support.distributed import all_sum, ddp, full_weights, gather, init_distributed, micro_batches, rank_world
-from support.lm import TINY_MODEL, chat_prompt, generate, load_model, load_tokenizer, sample
+from support.lm import TINY_MODEL, chat_prompt, generate, hit_limit, load_model, load_tokenizer, sample
 from support.memory import CARD_BATCH, check_checkpoint_disk, fit_memory, memory_budget, peak_memory, sampling_batch
 from support.runs import (
     append_jsonl,
@@ -75,6 +75,9 @@ from support.runs import (
     write_jsonl,
 )
 from support.schema import TRIPLET
+
+# the think block's share of the default token budget: Qwen3-8B thinks on its own, the prompt asks every model to
+THINK_TOKENS = 512
 
 
 def parse_args(argv=None):
@@ -120,7 +123,13 @@ def parse_args(argv=None):
     p.add_argument(
         "--temperature", type=non_negative("0 is greedy"), default=1.0, help="sampling temperature of the G predictions"
     )
-    p.add_argument("--max-new-tokens", type=at_least(), default=256, help="tokens per prediction (think + next_state)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=at_least(),
+        default=None,
+        help=f"tokens per prediction (think + next_state; default: from the data, the longest next state in tokens "
+        f"+ {THINK_TOKENS} to think: τ²'s masked tool answers run to ~1.5k tokens)",
+    )
     p.add_argument(
         "--gen-batch",
         type=at_least(),
@@ -206,6 +215,9 @@ def check_args(args, world):
     if args.mode == "filter" and world > 1:
         fail("--mode filter runs on one device: start it with python, not torchrun")
     args.tau = args.tau if args.tau is not None else default_tau(args.embedder, triplets)
+    if args.max_new_tokens is None:  # from the data: every real next state fits, with room to think
+        args.max_new_tokens = wm_budget(load_tokenizer(args.model), train + heldout)
+        print(f"--max-new-tokens {args.max_new_tokens}: the longest next state + {THINK_TOKENS} to think")
     return triplets, train, heldout
 
 
@@ -290,9 +302,17 @@ def heldout_split(triplets, frac, seed):
     return [t for t in triplets if game_of(t) not in held], [t for t in triplets if game_of(t) in held]
 
 
+def wm_budget(tok, triplets):
+    """The default token budget of a prediction: the longest real next state of `triplets`, in tags and tokens,
+    and THINK_TOKENS for the think block (a budget cut before </next_state> scores 0: `truncated` counts them)."""
+    texts = [f"<think>\n\n</think>\n\n<next_state>{t['next_state']}</next_state>" for t in triplets]
+    return max(len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]) + THINK_TOKENS
+
+
 def predict_and_score(model, tok, triplets, embed, tau, max_new_tokens, batch_size):
-    """The model's greedy next-state predictions for `triplets` and their sim-to-real scores: (outputs, records)."""
-    outputs = generate(
+    """The model's greedy next-state predictions for `triplets` and their sim-to-real scores: (outputs, records);
+    each record says whether its prediction was cut by the token budget (`truncated`)."""
+    samples = sample(
         model,
         tok,
         [chat_prompt(tok, wm_prompt(t)) for t in triplets],
@@ -300,9 +320,11 @@ def predict_and_score(model, tok, triplets, embed, tau, max_new_tokens, batch_si
         temperature=0,
         batch_size=batch_size,
     )
-    return outputs, sim_to_real(
-        outputs, [t["next_state"] for t in triplets], embed, tau, [t.get("kind") for t in triplets]
-    )
+    outputs = [text for _, _, text in samples]
+    records = sim_to_real(outputs, [t["next_state"] for t in triplets], embed, tau, [t.get("kind") for t in triplets])
+    for r, (_, c, _) in zip(records, samples):
+        r["truncated"] = hit_limit(model, tok, c, max_new_tokens)
+    return outputs, records
 
 
 def heldout_scores(triplets, records):
@@ -486,6 +508,8 @@ def main(args):
                 reward_std=torch.tensor(rewards).std().item(),
                 no_signal_groups=sum(gather([no_signal])),
                 completion_len=sum(lengths) / len(lengths),
+                truncated=sum(gather(hit_limit(model, tok, c, args.max_new_tokens) for _, c, _ in samples))
+                / len(lengths),  # the share of predictions the token budget cut
             )
         else:
             # ---- WM SFT baseline: next-state token prediction ----

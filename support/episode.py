@@ -23,14 +23,19 @@ class Episode:
     won: bool = False
     done: bool = False
     job: int = 0  # its position in the jobs played (episodes finish out of order)
+    cut: int = 0  # model turns cut by the token limit (--max-new-tokens)
 
 
 def summary(rollouts):
-    """Success rate, invalid-action rate (per turn) and mean episode length of rollout records."""
+    """Success rate, invalid-action rate (per turn) and mean episode length of rollout records; the shares of
+    turns cut by the token limit and of episodes ended by the step limit (ALFWorld: every one not won)."""
     n = max(1, len(rollouts))
     turns = max(1, sum(r["steps"] for r in rollouts))
     return dict(
         success=sum(r["won"] for r in rollouts) / n,
         invalid_rate=sum(r["invalid"] for r in rollouts) / turns,
         mean_steps=sum(r["steps"] for r in rollouts) / n,
+        cut_turn_rate=sum(r.get("cut_turns", 0) for r in rollouts) / turns,
+        step_limit_rate=sum(r.get("termination", "won" if r["won"] else "max_steps") == "max_steps" for r in rollouts)
+        / n,
     )

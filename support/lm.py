@@ -222,6 +222,14 @@ def plain_generation_config(model, tok):
     return GenerationConfig(bos_token_id=own.bos_token_id, eos_token_id=own.eos_token_id, pad_token_id=tok.pad_token_id)
 
 
+def hit_limit(model, tok, completion_ids, max_new_tokens):
+    """Whether a completion of `sample` was cut by `max_new_tokens`: that long and not ended by an end-of-turn
+    token (one that a stop string ended on its very last token counts too)."""
+    eos = model.generation_config.eos_token_id
+    ends = set(eos if isinstance(eos, list) else [eos]) | {tok.eos_token_id, tok.pad_token_id}
+    return len(completion_ids) >= max_new_tokens and completion_ids[-1] not in ends
+
+
 def strip_thinking(text):
     """A model's answer: the text after its last </think>, less a think block left open (a completion cut
     inside its thinking has no answer). Qwen3's template lets the model open its own <think> block; the

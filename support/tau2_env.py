@@ -24,7 +24,7 @@ from loguru import logger  # installed with tau2, which logs DEBUG lines from it
 
 logger.disable("tau2")
 from tau2.agent.base import LocalAgent
-from tau2.config import DEFAULT_LLM_TEMPERATURE_USER, DEFAULT_MAX_STEPS
+from tau2.config import DEFAULT_LLM_TEMPERATURE_USER
 from tau2.data_model.message import AssistantMessage, MultiToolMessage, ToolCall, ToolMessage, UserMessage
 from tau2.data_model.simulation import SimulationRun, TerminationReason
 from tau2.evaluator.evaluator import EvaluationType, evaluate_simulation
@@ -35,11 +35,10 @@ from tau2.user.user_simulator import UserSimulator
 
 from support.checks import fail
 from support.episode import Episode
-from support.lm import chat_prompt, load_model, sample, strip_thinking
+from support.lm import chat_prompt, hit_limit, load_model, sample, strip_thinking
 
 TAU2_DOMAINS = ("retail", "airline", "telecom", "mock")  # mock: tau2's small test domain, for CPU runs
 TAU2_MAX_ERRORS = 10  # tau2's default: the episode ends after 10 tool errors
-TAU2_MAX_STEPS = DEFAULT_MAX_STEPS  # tau2's runs: 200 orchestrator steps (every agent, user and tool message)
 USER_TEMPERATURE = DEFAULT_LLM_TEMPERATURE_USER  # tau2's runs sample their user simulator at 0.0
 CALL_IDS = count()  # tool-call ids, unique in a process
 
@@ -289,9 +288,10 @@ def message_record(m, call_names):
 
 
 def step_tau2(ep, max_steps, seq=None):
-    """One Orchestrator step (agent, user or environment), then the limits of Orchestrator.run: the episode
-    ends before the agent's (max_steps + 1)-th message or after TAU2_MAX_ERRORS tool errors; a finished
-    episode is scored by tau2's evaluate_simulation."""
+    """One Orchestrator step (agent, user or environment), then the limits of Orchestrator.run, as τ² applies
+    them: the episode ends after max_steps orchestrator steps (every message; τ²'s runs: 200) or
+    TAU2_MAX_ERRORS tool errors, checked when no tool is to answer; a finished episode is scored by tau2's
+    evaluate_simulation."""
 
     o = ep.orch
     agent_turn = o.to_role == Role.AGENT
@@ -305,7 +305,7 @@ def step_tau2(ep, max_steps, seq=None):
         m = ep.messages[-1]
         ep.turns.append(dict(output=m["output"], action=message_text(m), valid=m["valid"]))
         ep.seqs.append(seq)
-    if not o.done and o.to_role == Role.AGENT and len(ep.turns) >= max_steps:
+    if not o.done and o.to_role != Role.ENV and o.step_count >= max_steps:
         o.done, o.termination_reason = True, TerminationReason.MAX_STEPS
     if not o.done and o.to_role != Role.ENV and o.num_errors >= TAU2_MAX_ERRORS:
         o.done, o.termination_reason = True, TerminationReason.TOO_MANY_ERRORS
@@ -365,6 +365,7 @@ def play_tau2(jobs, model, tok, settings, user=None):
         for ep, (prompt_ids, completion_ids, text) in zip(agents + users, outputs):
             if ep.orch.to_role == Role.AGENT:
                 ep.orch.agent.reply, seqs[id(ep)] = text, (prompt_ids, completion_ids)
+                ep.cut += hit_limit(model, tok, completion_ids, settings.max_new_tokens)
             else:
                 ep.orch.user.reply = text
         for ep in active:
@@ -449,6 +450,7 @@ def tau2_rollout_record(ep, settings):
         reward=ep.reward,
         steps=len(ep.turns),
         invalid=sum(not t["valid"] for t in ep.turns),
+        cut_turns=ep.cut,
         termination=ep.termination,
         reward_info=ep.reward_info,
         turns=ep.turns,

@@ -30,9 +30,9 @@ TRIPLET = dict(
 
 @pytest.fixture(scope="module")
 def triplets(tmp_path_factory):
-    """12 well-formed triplets (the checks below fail before anything reads their text)."""
+    """12 well-formed triplets of 12 games (the checks below fail before anything reads their text)."""
     path = tmp_path_factory.mktemp("cli") / "triplets.jsonl"
-    path.write_text("".join(json.dumps(dict(TRIPLET, id=f"g#0#{i}")) + "\n" for i in range(12)))
+    path.write_text("".join(json.dumps(dict(TRIPLET, id=f"g{i}#0#0")) + "\n" for i in range(12)))
     return path
 
 
@@ -83,7 +83,7 @@ BAD_ARGUMENTS = [
         "train_wm.py",
         ["--triplets", "T", "--out", "O", "--val-frac", "0.99"],
         1,
-        "--val-frac 0.99 holds out all 12 triplets of",
+        "--val-frac 0.99 holds out all 12 games of",
     ),
     (
         "train_wm.py",
@@ -121,7 +121,7 @@ BAD_ARGUMENTS = [
         "model folder runs/no/checkpoint/model does not exist",
     ),
     ("evaluate.py", ["--wm", "T", "--val-size", "13", "--out", "O"], 1, "--val-size 13: "),
-    ("train_wm.py", ["--triplets", "T", "--heldout", "T", "--out", "O"], 1, "12 triplets of --heldout"),
+    ("train_wm.py", ["--triplets", "T", "--heldout", "T", "--out", "O"], 1, "12 games of --heldout"),
     (
         "train_wm.py",
         ["--triplets", "T", "--heldout", "O/missing.jsonl", "--out", "O"],

@@ -7,6 +7,7 @@ import pytest
 
 from collect import collect, parse_args, rollout_record, triplet_records
 from conftest import ROOT
+from support.episode import summary
 from support.tau2_env import list_tasks, mask_json, parse_reply, start_tau2, step_tau2, tool_call_text
 
 
@@ -37,7 +38,7 @@ def replay(name, drop_last_write=False, tok=None):
             if tok:
                 ep.user_prompts.append(ep.orch.user.prompt(tok, ep.orch.message, ep.orch.user_state))
             ep.orch.user.reply = user.pop(0) if user else "Thanks, that's all. ###STOP###"
-        step_tau2(ep, max_steps=30)
+        step_tau2(ep, max_steps=200)
     return ep
 
 
@@ -175,6 +176,7 @@ ROLLOUT = {
     "reward",
     "steps",
     "invalid",
+    "cut_turns",
     "termination",
     "reward_info",
     "turns",
@@ -204,7 +206,7 @@ def mock_run(tiny, tmp_path_factory):
             "--episodes",
             "1",
             "--max-steps",
-            "2",
+            "5",
             "--max-new-tokens",
             "24",
             "--out",
@@ -228,8 +230,11 @@ def test_tiny_model_episodes_run_to_their_step_limit_and_write_schema_valid_reco
             "user",
         ]  # tau2's greeting, then the user simulator
         assert r["user_model"] == "local" and all({"output", "action", "valid"} == set(t) for t in r["turns"])
+    stats = summary(rows)  # every episode ended by the step limit; the turns the token limit cut, counted
+    assert stats["step_limit_rate"] == 1.0 and stats["cut_turn_rate"] == sum(r["cut_turns"] for r in rows) / 4
     triplets = [json.loads(line) for line in open(out / "triplets.jsonl")]
-    assert len(triplets) == 4 and len({t["id"] for t in triplets}) == 4  # 2 agent messages each, every one answered
+    # 5 orchestrator steps (τ²'s count, after the greeting): user, agent, user or tool, agent, user or tool
+    assert len(triplets) == 4 and len({t["id"] for t in triplets}) == 4
     for t in triplets:
         assert set(t) == TRIPLET and t["env"] == "tau2" and t["kind"] in ("user", "tool") and t["next_state"]
         assert t["state"].startswith("Policy:") and "create_task" in t["state"]  # the mock domain's policy and tools
@@ -342,7 +347,7 @@ def test_policy_rl_and_evaluation_on_tau2(tiny, tmp_path):
             "--runs",
             "1",
             "--max-steps",
-            "2",
+            "4",
             "--max-new-tokens",
             "16",
             "--user-model",
@@ -364,6 +369,19 @@ def test_policy_rl_and_evaluation_on_tau2(tiny, tmp_path):
         "|---|---|---|---|",
         "| base | mock | 0.0 ± 0.0 | 2.0 |",
     ]
+
+
+def test_the_step_limit_is_tau2s_own():
+    import tau2.config
+
+    import collect
+    import train_policy
+
+    assert collect.TAU2_MAX_STEPS == tau2.config.DEFAULT_MAX_STEPS == 200
+    for script in (collect, train_policy):
+        args = script.parse_args(["--env", "tau2"])
+        assert (args.max_steps, args.max_new_tokens) == (200, collect.AGENT_TOKENS["tau2"])
+    assert collect.parse_args([]).max_steps == 30 and train_policy.parse_args([]).max_steps == 15  # ALFWorld
 
 
 def test_evaluation_refuses_a_user_played_by_each_rows_own_model_unless_asked(tmp_path):

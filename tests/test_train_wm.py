@@ -47,6 +47,17 @@ def test_sft_target_is_an_empty_thought_then_the_real_next_state(tiny):
     assert tok.decode(ids[:-1]) == "<think>\n\n</think>\n\n<next_state>You arrive at sink 1.</next_state>"
 
 
+def test_the_token_budget_fits_the_longest_next_state_and_cut_predictions_are_counted(tiny, triplets):
+    from reward import Embeddings, mean_scores
+
+    model, tok = tiny
+    every = read_jsonl(triplets)
+    longest = max(len(train_wm.sft_target(tok, t)) - 1 for t in every)  # the next state in its tags, no end token
+    assert train_wm.wm_budget(tok, every) == longest + train_wm.THINK_TOKENS
+    _, recs = train_wm.predict_and_score(model, tok, every[:2], Embeddings(), 0.2, 3, 2)
+    assert [r["truncated"] for r in recs] == [True, True] and mean_scores(recs)["truncated"] == 1.0
+
+
 def test_sft_lowers_the_loss_on_its_batch(tiny, triplets):
     model, tok = copy.deepcopy(tiny[0]), tiny[1]
     args = wm_args(triplets, "/unused")
