@@ -68,9 +68,11 @@ GENERAL_PROMPTS = Path(__file__).resolve().parent / "data" / "general_prompts.js
 # ---------------------------------------------------------------------------------------------
 # Forgetting (the paper's claim: RWML moves the weights less than WM SFT): a trained model against its start
 # ---------------------------------------------------------------------------------------------
+@torch.no_grad()
 def weights_changed(model, start, eta=1e-3):
-    """The share of the model's weights whose relative change from the start exceeds eta (paper: 1e-3);
-    tied weights count once (named_parameters), a LoRA run is measured on its merged checkpoint."""
+    """The share of the model's weights whose relative change from the start exceeds eta (paper: 1e-3), in fp32
+    on the weights' device; tied weights count once (named_parameters), a LoRA run is measured on its merged
+    checkpoint (its merged weights are fp32: grpo.merged_state_dict)."""
     before = dict(start.named_parameters())
     changed = total = 0
     for name, w in model.named_parameters():
@@ -109,13 +111,15 @@ def general_drift(model, start, tok, rows, batch_size=8):
 
 
 def forgetting(args):
-    """Every --model against --forgetting (their start): weights changed, KL and perplexity on general prompts."""
+    """Every --model against --forgetting (their start): weights changed, KL and perplexity on general prompts.
+    The models load in fp32 whatever --dtype says: in bf16 a change of less than half a bf16 step (0.2-0.4% of a
+    weight, above the paper's eta 1e-3) would not count, and the drift would carry bf16's noise."""
     rows = read_jsonl(args.prompts, PROMPT)
-    start, tok = load_model(args.forgetting, dtype=args.dtype)
+    start, tok = load_model(args.forgetting, dtype="fp32")
     shapes = lambda m: {name: w.shape for name, w in m.named_parameters()}
     results = []
     for name, path in args.models:
-        model, _ = load_model(path, dtype=args.dtype)
+        model, _ = load_model(path, dtype="fp32")
         if shapes(model) != shapes(start):
             fail(f"{path} is not the architecture of --forgetting {args.forgetting}: its weights cannot be compared")
         results.append(
@@ -147,7 +151,7 @@ def parse_args(argv=None):
         "--dtype",
         default="auto",
         choices=["auto", "bf16", "fp32"],
-        help="weights dtype (auto: bf16 on CUDA, fp32 on CPU)",
+        help="weights dtype (auto: bf16 on CUDA, fp32 on CPU; --forgetting always measures in fp32)",
     )
     p.add_argument(
         "--splits",

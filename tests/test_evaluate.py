@@ -10,6 +10,7 @@ from evaluate import (
     GENERAL_PROMPTS,
     evaluate,
     evaluate_wm,
+    forgetting,
     general_drift,
     main,
     parse_args,
@@ -123,6 +124,30 @@ def test_general_drift_is_zero_for_the_start_model_and_grows_when_weights_move(t
     drift = general_drift(moved, model, tok, rows)
     assert drift["kl"] > 1e-4 and drift["perplexity"] != drift["start_perplexity"] == same["start_perplexity"]
     assert 1 < same["perplexity"] < 100  # fluent English for the instruct model: a reference answer is likely
+
+
+def test_forgetting_counts_changes_below_bf16_resolution_whatever_the_dtype(tiny, tmp_path):
+    """Forgetting measures in fp32 even under --dtype bf16: an up_proj moved by 0.15% (above eta 1e-3, below half
+    a bf16 step) counts, and its drift is seen; in bf16 both checkpoints would load as the same weights."""
+    from test_grpo import tiny_llama
+
+    tok = tiny[1]
+    start = tiny_llama(tok, torch.bfloat16).float()  # weights that bf16 holds exactly
+    moved = copy.deepcopy(start)
+    with torch.no_grad():
+        moved.model.layers[0].mlp.up_proj.weight.mul_(1 + 1.5e-3)
+    up, up0 = moved.model.layers[0].mlp.up_proj.weight, start.model.layers[0].mlp.up_proj.weight
+    assert torch.equal(up.bfloat16(), up0.bfloat16()) and not torch.equal(up, up0)
+    for name, m in (("start", start), ("moved", moved)):
+        m.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in read_jsonl(GENERAL_PROMPTS)[:2]))
+    argv = ["--forgetting", tmp_path / "start", "--model", f"moved={tmp_path / 'moved'}", "--dtype", "bf16"]
+    res = forgetting(parse_args([*map(str, argv), "--prompts", str(prompts), "--out", str(tmp_path / "out")]))
+    n = sum(p.numel() for p in start.parameters())
+    assert res["models"][0]["weights_changed"] == up.numel() / n
+    assert res["models"][0]["perplexity"] != res["models"][0]["start_perplexity"]  # in bf16: the same weights
 
 
 def test_the_general_prompts_cover_four_kinds_of_text():

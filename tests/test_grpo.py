@@ -18,10 +18,11 @@ from grpo import (
     grpo_loss,
     grpo_update,
     load_checkpoint,
+    merged_state_dict,
     save_checkpoint,
     start_training,
 )
-from support.lm import chat_prompt, sample
+from support.lm import chat_prompt, load_model, sample
 from support.runs import complete, find_checkpoint, run_stage, set_seed
 
 
@@ -156,8 +157,6 @@ def test_checkpoint_resume_restores_step_optimizer_and_adapters(tiny, tmp_path):
     s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
     assert s1.keys() == s2.keys() and all(torch.equal(s1[k]["exp_avg"], s2[k]["exp_avg"]) for k in s1)
     # the exported folder is a plain HF model with the adapters merged in
-    from support.lm import load_model
-
     merged, _ = load_model(str(tmp_path / "ckpt" / "model"))
     ids = torch.tensor([tok("a b c d")["input_ids"]])
     with torch.no_grad():
@@ -259,3 +258,72 @@ def test_ctrl_c_names_the_newest_complete_checkpoint_and_the_resume_command(tmp_
         line = capsys.readouterr().err.strip()
         assert stop.value.code == 130 and line.startswith("interrupted: ") and said in line, line
         assert line.endswith(f"{tmp_path} --resume") == ("continue" in said) and "\n" not in line
+
+
+def tiny_llama(tok, dtype=torch.float32, seed=0):
+    """A random-init Llama of 2 layers of width 64 on the tiny model's tokenizer (~3.4M weights, most of them
+    the embedding), weights of std 0.02 as a 7B model's: for precision checks that need no trained model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def test_a_bf16_lora_checkpoint_computes_what_the_trained_model_computed(tiny, tmp_path):
+    """bf16 base weights, fp32 adapters, three updates: the merged checkpoint loaded in fp32 computes the trained
+    model's function (far inside the bf16 noise the trained model itself computes with), and loaded in bf16 it
+    stays within that noise."""
+    tok = tiny[1]
+    model = tiny_llama(tok, torch.bfloat16)
+    opt = torch.optim.AdamW(add_lora(model, rank=4), lr=1e-3)
+    seqs = [
+        (tok("You are in a room.")["input_ids"], tok(" You open the fridge 1.")["input_ids"]),
+        (tok("Go to desk 1.")["input_ids"], tok(" Nothing happens.")["input_ids"]),
+    ]
+    for _ in range(3):
+        grpo_update(model, opt, seqs, torch.tensor([1.0, -1.0]), args_for())
+    save_checkpoint(tmp_path / "ckpt", model, tok, opt, 3, argparse.Namespace())
+    ids = torch.tensor([tok("You are in the middle of a room. Looking around you, you see a desk 1.")["input_ids"]])
+    logits = lambda m: m(ids).logits.float()
+    with torch.no_grad():
+        live = logits(model)  # bf16 weights and activations, as trained
+        exact = logits(copy.deepcopy(model).float())  # the same weights and adapters, computed in fp32
+        as_fp32 = logits(load_model(str(tmp_path / "ckpt" / "model"), device="cpu", dtype="fp32")[0])
+        as_bf16 = logits(load_model(str(tmp_path / "ckpt" / "model"), device="cpu", dtype="bf16")[0])
+    noise = (live - exact).abs().max()  # ~5e-3 on logits of scale ~0.8
+    assert noise > 0
+    assert (as_fp32 - exact).abs().max() < 0.05 * noise  # ~1e-5: fp32 sums in another order
+    assert (as_bf16 - exact).abs().max() < 2 * noise
+
+
+def test_a_lora_update_below_bf16_resolution_survives_the_merge_and_is_counted(tiny, tmp_path):
+    """An update of 1e-6 on bf16 weights of 0.02 (a bf16 step there is 1.2e-4): the merge keeps it, in fp32, and
+    reports it among the weights that a bf16 copy rounds back."""
+    tok = tiny[1]
+    model = tiny_llama(tok, torch.bfloat16)
+    opt = torch.optim.AdamW(add_lora(model, rank=1), lr=1e-3)
+    layer = model.model.layers[0].mlp.up_proj
+    with torch.no_grad():
+        layer.base.weight.fill_(0.02)
+        layer.A.fill_(1.0)
+        layer.B.fill_(1e-6 / layer.scale)  # scale B A = 1e-6 everywhere
+    weights, lost = merged_state_dict(model)
+    w = weights["model.layers.0.mlp.up_proj.weight"]
+    assert w.dtype == torch.float32 and torch.allclose(w - layer.base.weight.float(), torch.tensor(1e-6), atol=1e-8)
+    assert torch.equal(w.bfloat16(), layer.base.weight)  # what a bf16 copy would keep: the start
+    assert torch.equal(weights["model.layers.0.mlp.down_proj.weight"], model.model.layers[0].mlp.down_proj.base.weight)
+    merged = sum(m.base.weight.numel() for m in model.modules() if hasattr(m, "scale"))
+    assert lost == layer.base.weight.numel() / merged  # only this layer's updates are lost in bf16, all of them
+    save_checkpoint(tmp_path / "ckpt", model, tok, opt, 1, argparse.Namespace())
+    reloaded = load_model(str(tmp_path / "ckpt" / "model"), device="cpu", dtype="fp32")[0]
+    assert torch.equal(reloaded.model.layers[0].mlp.up_proj.weight, w)
