@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from grpo import (
     add_grpo_args,
+    check_precision,
     collate,
     completion_logprobs,
     group_advantages,
@@ -185,6 +186,8 @@ def check_args(args, world):
         )
     if args.mode == "filter" and world > 1:
         fail("--mode filter runs on one device: start it with python, not torchrun")
+    if args.mode != "filter":
+        check_precision(args)  # no full fine-tuning in bf16
     args.tau = args.tau if args.tau is not None else default_tau(args.embedder, triplets)
     return triplets, train, heldout
 
