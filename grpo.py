@@ -24,7 +24,7 @@ import torch
 
 from support.checks import at_least, fail, finite, non_negative, positive
 from support.distributed import all_sum, ddp, is_sharded, micro_batches, rank_world, shard
-from support.lm import LORA_TARGETS, checkpoint_activations, load_model
+from support.lm import LORA_TARGETS, checkpoint_activations, load_model, torch_dtype
 from support.runs import aside, find_checkpoint, remove_checkpoint, set_seed, swap_in
 
 
@@ -342,12 +342,25 @@ def merged_state_dict(model):
 # Starting a training run, and its checkpoints: an HF folder any stage loads with --model, plus what
 # --resume needs (TRY NOT TO MODIFY)
 # ---------------------------------------------------------------------------------------------
+def check_precision(args):
+    """Full fine-tuning only in fp32 weights: AdamW updates bf16 weights in place, and a step of lr 1e-6 on a
+    weight of ~0.02 is far below half a bf16 step there (1.2e-4 / 2), so nearly every update rounds away (the
+    run would "train" with almost no effect). LoRA keeps its adapters in fp32 on bf16 weights."""
+    if not args.lora_rank and torch_dtype(args.dtype) == torch.bfloat16:
+        auto = ", bf16 on CUDA" if args.dtype == "auto" else ""
+        fail(
+            f"full fine-tuning with bf16 weights (--dtype {args.dtype}{auto}) rounds its updates away: "
+            "pass --dtype fp32 (fp32 weights), or --lora-rank R (fp32 adapters)"
+        )
+
+
 def start_training(args, ckpt, reference):
     """What a training script needs from args (model, dtype, lora_rank, lr, beta, resume) and its checkpoint
     folder: (model, tok, ref_model, optimizer, first step). With --resume the weights (full fine-tuning)
     or the adapters (LoRA), the optimizer and the RNG come from `ckpt`. The reference policy is the
     *starting* model: a frozen copy of args.model for full fine-tuning (None when `reference` is False
     or beta = 0), the same weights with adapters off under LoRA (also None here)."""
+    check_precision(args)  # the scripts' check_args ran it already: here for any other caller
     ckpt = Path(ckpt)
     # rank 0 finds the newest complete checkpoint (and finishes a swap a kill cut short); the other ranks wait
     if args.resume and not all_sum([rank_world()[0] == 0 and find_checkpoint(ckpt) is not None])[0]:

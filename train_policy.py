@@ -26,7 +26,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from collect import add_play_args, play, play_defaults, play_settings, rollout_record, select_games
-from grpo import add_grpo_args, group_advantages, grpo_update, save_checkpoint, start_training
+from grpo import add_grpo_args, check_precision, group_advantages, grpo_update, save_checkpoint, start_training
 from support.checks import SkipCounter, at_least, check_model, claim_out, parser
 from support.distributed import all_sum, full_weights, gather, init_distributed
 from support.episode import summary
@@ -81,6 +81,7 @@ def parse_args(argv=None):
 def check_args(args):
     """The training games (`--games` of the split), checked before any model loads; --micro-batch and
     --batch-games halved until the memory plan fits --max-memory-gb (--dry-run: print the plan and exit)."""
+    check_precision(args)  # no full fine-tuning in bf16
     games = select_games(args.env, args.split, args.games, args.domain, args.tasks)
     prompt_len = args.plan_prompt_len or (8192 if args.env == "tau2" else 1536)
     episodes = args.games_per_step * args.group_size

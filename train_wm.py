@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from grpo import (
     add_grpo_args,
+    check_precision,
     collate,
     completion_logprobs,
     group_advantages,
@@ -214,6 +215,8 @@ def check_args(args, world):
         )
     if args.mode == "filter" and world > 1:
         fail("--mode filter runs on one device: start it with python, not torchrun")
+    if args.mode != "filter":
+        check_precision(args)  # no full fine-tuning in bf16
     args.tau = args.tau if args.tau is not None else default_tau(args.embedder, triplets)
     if args.max_new_tokens is None:  # from the data: every real next state fits, with room to think
         args.max_new_tokens = wm_budget(load_tokenizer(args.model), train + heldout)

@@ -137,6 +137,14 @@ BAD_ARGUMENTS = [
         1,
         "model folder /no/such/start does not exist",
     ),
+    (  # full fine-tuning in bf16 (--dtype auto on CUDA): refused before the model loads
+        "train_wm.py",
+        ["--mode", "sft", "--triplets", "T", "--dtype", "bf16", "--lr", "1e-6", "--out", "O"],
+        1,
+        "full fine-tuning with bf16 weights (--dtype bf16) rounds its updates away: pass --dtype fp32 (fp32 weights), "
+        "or --lora-rank R",
+    ),
+    ("train_policy.py", ["--dtype", "bf16", "--lr", "1e-6", "--out", "O"], 1, "pass --dtype fp32 (fp32 weights), or"),
 ]
 
 
