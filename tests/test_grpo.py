@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from grpo import (
+    LoRALinear,
     adapters_off,
     add_lora,
     collate,
@@ -218,7 +219,7 @@ def test_every_instant_of_the_checkpoint_swap_resumes_from_the_newest_complete_c
             save_checkpoint(tmp_path / "s1", model, tok, opt, 1, argparse.Namespace(x=1))
     os.rename(tmp_path / "half", names["tmp"])  # nothing complete: a one-line error, not a half-written folder
     with pytest.raises(SystemExit, match=r"error: --resume: no complete checkpoint in .*ckpt \(nor in ckpt.tmp"):
-        start_training(argparse.Namespace(resume=True), ckpt, reference=False)
+        start_training(argparse.Namespace(resume=True, lora_rank=4, dtype="fp32"), ckpt, reference=False)
 
 
 def test_a_finished_run_drops_its_optimizer_state_unless_asked_to_keep_it(tiny, tmp_path, capsys):
@@ -280,18 +281,18 @@ def tiny_llama(tok, dtype=torch.float32, seed=0):
 
 
 def test_a_bf16_lora_checkpoint_computes_what_the_trained_model_computed(tiny, tmp_path):
-    """bf16 base weights, fp32 adapters, three updates: the merged checkpoint loaded in fp32 computes the trained
-    model's function (far inside the bf16 noise the trained model itself computes with), and loaded in bf16 it
-    stays within that noise."""
+    """bf16 base weights, fp32 adapters moved as a few updates at lr 1e-3 move them (B ~ 1e-3; set directly, not
+    by grpo_update, so that the course kit's student copy, whose GRPO loss is cut out, passes this test): the merged
+    checkpoint loaded in fp32 computes the trained model's function (far inside the bf16 noise the trained model
+    itself computes with), and loaded in bf16 it stays within that noise."""
     tok = tiny[1]
     model = tiny_llama(tok, torch.bfloat16)
     opt = torch.optim.AdamW(add_lora(model, rank=4), lr=1e-3)
-    seqs = [
-        (tok("You are in a room.")["input_ids"], tok(" You open the fridge 1.")["input_ids"]),
-        (tok("Go to desk 1.")["input_ids"], tok(" Nothing happens.")["input_ids"]),
-    ]
-    for _ in range(3):
-        grpo_update(model, opt, seqs, torch.tensor([1.0, -1.0]), args_for())
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.B.normal_(0, 1e-3)
     save_checkpoint(tmp_path / "ckpt", model, tok, opt, 3, argparse.Namespace())
     ids = torch.tensor([tok("You are in the middle of a room. Looking around you, you see a desk 1.")["input_ids"]])
     logits = lambda m: m(ids).logits.float()

@@ -112,7 +112,10 @@ def test_dry_run_prints_the_plan_and_trains_nothing(triplets, tmp_path):
 
 
 def test_max_memory_shrinks_the_batches_then_refuses(triplets, tmp_path):
-    r = run("train_wm.py", "--triplets", str(triplets), "--out", str(tmp_path), "--dry-run", "--max-memory-gb", "4")
+    args = ("--max-new-tokens", "256")  # the default (the longest next state + 512 to think) plans longer sequences
+    r = run(
+        "train_wm.py", "--triplets", str(triplets), "--out", str(tmp_path), "--dry-run", "--max-memory-gb", "4", *args
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "micro-batch 8 x" not in r.stdout and "micro-batch" in r.stdout  # 8 (the default) did not fit in 4 GB
     r = run("train_wm.py", "--triplets", str(triplets), "--out", str(tmp_path), "--dry-run", "--max-memory-gb", "0.5")
