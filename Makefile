@@ -73,6 +73,7 @@ EVAL ?= --games 4 --runs 2 --max-steps 8 --max-new-tokens 48
 else
 # the CPU experiment (above): full fine-tuning of SmolLM2-135M in fp32
 SEEDS ?= 0 1 2
+DTYPE ?= --dtype fp32# on a GPU too (there --dtype auto is bf16: SmolLM2 writes noise, and full fine-tuning is refused)
 COLLECT ?= --policy random --invalid-rate 0.6 --episodes 1
 GAMES ?= --games 8 --max-steps 8# training triplets: games 0-7 of train
 HELDOUT ?= --first-game 8 --games 16 --max-steps 5# held-out triplets (64 scored): games 8-23
@@ -100,14 +101,14 @@ START = $(OUT)/warmup/$(CKPT)
 # start from them): the other seeds' and the ablations' checkpoints are removed (0.54 GB each), so `make pipeline`
 # leaves ~3.3 GB instead of ~5.5 GB. KEEP_ARMS=1 keeps every checkpoint.
 PRUNE = $(if $(KEEP_ARMS),: keeping,rm -rf)
-ARM_RUN = $(PYTHON) train_wm.py --model $(START) $(WM_FLAGS) $(ARM) --no-start-eval
+ARM_RUN = $(PYTHON) train_wm.py --model $(START) $(DTYPE) $(WM_FLAGS) $(ARM) --no-start-eval
 experiment:
 	$(PYTHON) collect.py --split train $(COLLECT) $(GAMES) --out $(OUT)/collect
 	$(PYTHON) collect.py --split train $(COLLECT) $(HELDOUT) --out $(OUT)/heldout
 	$(PYTHON) collect.py --split train $(COLLECT) $(WARMUP_GAMES) --out $(OUT)/warmup_data
-	$(PYTHON) train_wm.py --mode sft --model $(MODEL) --triplets $(OUT)/warmup_data/triplets.jsonl $(WM_FLAGS) $(WARMUP) \
+	$(PYTHON) train_wm.py --mode sft --model $(MODEL) $(DTYPE) --triplets $(OUT)/warmup_data/triplets.jsonl $(WM_FLAGS) $(WARMUP) \
 		--no-start-eval --out $(OUT)/warmup
-	$(PYTHON) train_wm.py --mode filter --model $(START) --triplets $(OUT)/collect/triplets.jsonl \
+	$(PYTHON) train_wm.py --mode filter --model $(START) $(DTYPE) --triplets $(OUT)/collect/triplets.jsonl \
 		--heldout $(OUT)/heldout/triplets.jsonl $(FILTER) --out $(OUT)/filter
 	for s in $(SEEDS); do \
 	  $(ARM_RUN) --mode rwml $(TRIPLETS) $(RWML) --seed $$s --out $(OUT)/arms/rwml_s$$s && \
@@ -116,10 +117,10 @@ experiment:
 	$(PYTHON) evaluate.py --forgetting $(START) $(FORGETTING) --out $(OUT)/forgetting \
 		--model $(foreach s,$(SEEDS),rwml_s$(s)=$(OUT)/arms/rwml_s$(s)/$(CKPT) wm_sft_s$(s)=$(OUT)/arms/wm_sft_s$(s)/$(CKPT))
 	$(PRUNE) $(foreach s,$(wordlist 2,99,$(SEEDS)),$(OUT)/arms/rwml_s$(s)/checkpoint $(OUT)/arms/wm_sft_s$(s)/checkpoint)
-	$(PYTHON) train_policy.py --model $(MODEL) $(POLICY) --out $(OUT)/policy_rl
-	$(PYTHON) train_policy.py --model $(OUT)/arms/wm_sft_s0/$(CKPT) $(POLICY) --out $(OUT)/wm_sft_policy_rl
-	$(PYTHON) train_policy.py --model $(OUT)/arms/rwml_s0/$(CKPT) $(POLICY) --out $(OUT)/rwml_policy_rl
-	$(PYTHON) evaluate.py $(EVAL) --out $(OUT)/eval --model "Base=$(MODEL)" "WM SFT=$(OUT)/arms/wm_sft_s0/$(CKPT)" \
+	$(PYTHON) train_policy.py --model $(MODEL) $(DTYPE) $(POLICY) --out $(OUT)/policy_rl
+	$(PYTHON) train_policy.py --model $(OUT)/arms/wm_sft_s0/$(CKPT) $(DTYPE) $(POLICY) --out $(OUT)/wm_sft_policy_rl
+	$(PYTHON) train_policy.py --model $(OUT)/arms/rwml_s0/$(CKPT) $(DTYPE) $(POLICY) --out $(OUT)/rwml_policy_rl
+	$(PYTHON) evaluate.py $(DTYPE) $(EVAL) --out $(OUT)/eval --model "Base=$(MODEL)" "WM SFT=$(OUT)/arms/wm_sft_s0/$(CKPT)" \
 		"RWML=$(OUT)/arms/rwml_s0/$(CKPT)" "Policy RL=$(OUT)/policy_rl/$(CKPT)" \
 		"WM SFT + Policy RL=$(OUT)/wm_sft_policy_rl/$(CKPT)" "RWML + Policy RL=$(OUT)/rwml_policy_rl/$(CKPT)"
 	$(PYTHON) evaluate.py --report $(OUT)

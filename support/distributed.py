@@ -3,6 +3,7 @@ rank samples its share of the batch; PyTorch DDP averages the gradients (or FSDP
 update is the one a single process would make on the whole batch. Run alone, every helper here does nothing
 special: (rank, world) = (0, 1)."""
 
+import atexit
 import os
 from contextlib import contextmanager, nullcontext
 
@@ -17,7 +18,20 @@ def init_distributed():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        atexit.register(dist.destroy_process_group)  # NCCL warns of leaked communicators otherwise
     return rank_world()
+
+
+def collective_device(backend=None, local_rank=None):
+    """Where a collective's tensors live: the rank's GPU under NCCL (it reduces no CPU tensor: the first update
+    of a multi-GPU run would stop there), the CPU under gloo. Object collectives (`gather`) place their buffers
+    on the current device themselves."""
+    import torch.distributed as dist
+
+    backend = backend or (dist.get_backend() if dist.is_initialized() else "gloo")
+    if backend != "nccl":
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) if local_rank is None else local_rank)
 
 
 def rank_world():
@@ -41,9 +55,10 @@ def all_sum(values):
     """Element-wise sums of a list of numbers over the ranks."""
     import torch.distributed as dist
 
-    t = torch.tensor(values, dtype=torch.float64)
-    if rank_world()[1] > 1:
-        dist.all_reduce(t)
+    if rank_world()[1] == 1:
+        return [float(v) for v in values]
+    t = torch.tensor(values, dtype=torch.float64, device=collective_device())
+    dist.all_reduce(t)
     return t.tolist()
 
 

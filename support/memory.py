@@ -199,11 +199,12 @@ def fit_memory(
 
 
 def checkpoint_bytes(model, dtype, lora_rank):
-    """(weights, AdamW state) bytes of one checkpoint, by arithmetic on the config: the weights (adapters merged)
-    in the run's dtype, and AdamW's two moments of the trained parameters (LoRA: the fp32 adapters only)."""
+    """(weights, AdamW state) bytes of one checkpoint, by arithmetic on the config: the weights in the run's dtype
+    (LoRA: merged and saved in fp32, grpo.merged_state_dict), and AdamW's two moments of the trained parameters
+    (LoRA: the fp32 adapters only)."""
     n, n_lora = count_params(load_config(model), lora_rank)
     B = torch.finfo(torch_dtype(dtype)).bits // 8
-    return n * B, 2 * (n_lora * 4 if lora_rank else n * B)
+    return n * (4 if lora_rank else B), 2 * (n_lora * 4 if lora_rank else n * B)
 
 
 def check_checkpoint_disk(out, model, dtype, lora_rank):

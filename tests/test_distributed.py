@@ -91,3 +91,14 @@ def test_torchrun_trains_the_world_model_with_fsdp_and_the_policy_with_ddp(ranks
     rollouts = read_jsonl(out / "policy" / "rollouts.jsonl")
     assert len(rollouts) == 4 and len({(x["game"], x["episode"]) for x in rollouts}) == 4  # 2 games x G 2, from 2 ranks
     assert read_jsonl(out / "policy" / "metrics.jsonl")[0]["groups"] == 2
+
+
+def test_collectives_reduce_on_the_ranks_gpu_under_nccl_and_on_the_cpu_under_gloo():
+    """NCCL reduces no CPU tensor (the first update of a multi-GPU run would stop): all_sum's tensor lives on the
+    rank's GPU under NCCL, on the CPU under gloo; run alone it makes none."""
+    from support.distributed import all_sum, collective_device
+
+    assert collective_device("nccl", local_rank=1) == torch.device("cuda", 1)
+    assert collective_device("gloo", local_rank=1) == torch.device("cpu")
+    assert collective_device() == torch.device("cpu")  # no process group here
+    assert all_sum([1, 2.5, True]) == [1.0, 2.5, 1.0]

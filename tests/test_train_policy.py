@@ -238,6 +238,16 @@ def test_the_experiment_trains_both_arms_once_per_seed_from_the_warm_up_checkpoi
     )
 
 
+def test_the_experiment_runs_in_fp32_on_any_device():
+    """Every model of the CPU experiment (`make pipeline` and `make ablations`) loads in fp32 on a GPU too, where
+    --dtype auto is bf16; forgetting measures in fp32 by itself."""
+    commands = make_commands("pipeline", "OUT=out") + make_commands("ablations", "OUT=out")
+    models = [a for a in commands if a[0] in ("train_wm.py", "train_policy.py", "evaluate.py") and "--model" in a]
+    fp32 = lambda a: "--dtype" in a and a[a.index("--dtype") + 1] == "fp32"
+    # pipeline: warm-up, filter, 2 arms x 3 seeds, forgetting, 3 Policy RL runs, Table 1; ablations: 3 x 3, forgetting
+    assert len(models) == 13 + 10 and all(fp32(a) or "--forgetting" in a for a in models)
+
+
 def test_make_pipeline_budget_paper_runs_the_papers_protocol_on_alfworld():
     """BUDGET=paper: every stage once and Table 1 (the stages run in the test above and their own tests)."""
     r = subprocess.run(
