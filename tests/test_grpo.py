@@ -164,19 +164,11 @@ def test_checkpoint_resume_restores_step_optimizer_and_adapters(tiny, tmp_path):
         assert torch.allclose(merged(ids).logits, model(ids).logits, atol=1e-4)
 
 
-def small(tiny):
-    """A random two-layer model of the tiny model's vocabulary: checkpoints of a few MB, written in milliseconds."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=len(tiny[1]), **config)), tiny[1]
-
-
 def test_every_instant_of_the_checkpoint_swap_resumes_from_the_newest_complete_checkpoint(tiny, tmp_path, capsys):
     """save_checkpoint writes ckpt.tmp (trainer.pt last), renames ckpt -> ckpt.old, ckpt.tmp -> ckpt, deletes
     ckpt.old. Each state a kill can leave (the folders renamed as it would leave them): --resume finds the newest
     complete checkpoint; a half-written ckpt.tmp is never used."""
-    model, tok = small(tiny)
+    model, tok = tiny_llama(tiny[1]), tiny[1]
     opt = torch.optim.AdamW(add_lora(model, rank=4), lr=1e-3)
     for step in (1, 2):
         save_checkpoint(tmp_path / f"s{step}", model, tok, opt, step, argparse.Namespace(x=1))
@@ -206,7 +198,7 @@ def test_every_instant_of_the_checkpoint_swap_resumes_from_the_newest_complete_c
         assert (said in out) if said else out == "", (on_disk, out)
         assert torch.load(ckpt / "trainer.pt", weights_only=False)["step"] == step, on_disk
         assert not (ckpt / "model" / "config.json").read_text() == "{}"  # never the half-written folder
-        model2 = small(tiny)[0]
+        model2 = tiny_llama(tiny[1])
         assert load_checkpoint(ckpt, model2, torch.optim.AdamW(add_lora(model2, rank=4))) == step
         if said == "ckpt.tmp is the newest complete checkpoint":  # the cut swap was finished: ckpt.old deleted
             assert sorted(p.name for p in tmp_path.glob("ckpt*")) == ["ckpt"]
@@ -223,7 +215,7 @@ def test_every_instant_of_the_checkpoint_swap_resumes_from_the_newest_complete_c
 
 
 def test_a_finished_run_drops_its_optimizer_state_unless_asked_to_keep_it(tiny, tmp_path, capsys):
-    model, tok = small(tiny)
+    model, tok = tiny_llama(tiny[1]), tiny[1]
     params = add_lora(model, rank=4)
     opt = torch.optim.AdamW(params, lr=1e-3)
     for p in params:  # one AdamW step: moments to keep or drop
@@ -235,7 +227,7 @@ def test_a_finished_run_drops_its_optimizer_state_unless_asked_to_keep_it(tiny, 
         assert (state["optimizer"] is not None) == kept and state["adapters"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # nothing left aside
     capsys.readouterr()
-    model2 = small(tiny)[0]
+    model2 = tiny_llama(tiny[1])
     assert load_checkpoint(tmp_path / "ckpt", model2, torch.optim.AdamW(add_lora(model2, rank=4))) == 3
     assert "finished run saved without its AdamW state (--keep-optimizer keeps it)" in capsys.readouterr().out
 
