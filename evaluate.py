@@ -246,11 +246,7 @@ def plan_eval_batch(args):
     run, or with --wm the held-out triplets (their longest prompt, the embedder counted)."""
     path = args.models[0][1]
     if not args.wm:
-        games = sum(
-            len(select_games(args.env, s, args.games, [d] if args.env == "tau2" else args.domain, args.tasks))
-            for s in args.splits
-            for d in (args.domain if args.env == "tau2" else [None])
-        )
+        games = sum(len(column_games(args, where)) for _, where in table_columns(args))  # what `evaluate` plays
         return plan_batch(args, path, games * args.runs * len(args.models))
     tok = load_tokenizer(path)
     triplets = read_jsonl(args.wm)[: args.val_size]
@@ -358,6 +354,17 @@ def table(results):
     return "\n".join(lines)
 
 
+def table_columns(args):
+    """[(column name, where)] of the table: each ALFWorld split, or each τ² domain (and split)."""
+    if args.env == "alfworld":
+        return [(s, dict(split=s)) for s in args.splits]
+    return [
+        (d if len(args.splits) == 1 else f"{d}/{s}", dict(split=s, domain=[d]))
+        for d in args.domain
+        for s in args.splits
+    ]
+
+
 def column_games(args, where):
     """The games of a table column: --games of an ALFWorld split, or of one τ² domain's split; --tasks: the
     named tasks of that domain only (each task is played in its own domain's column)."""
@@ -383,15 +390,7 @@ def evaluate(args, model, tok, name, out, user=None):
         self_user = args.user_model == "local"
         results.update(user_model=args.user_model, user_temperature=args.temperature if self_user else USER_TEMPERATURE)
     metrics = [dict(run=r) for r in range(args.runs)]  # one line per run: <metric>/<column>
-    columns = (
-        [(s, dict(split=s)) for s in args.splits]
-        if args.env == "alfworld"
-        else [
-            (d if len(args.splits) == 1 else f"{d}/{s}", dict(split=s, domain=[d]))
-            for d in args.domain
-            for s in args.splits
-        ]
-    )
+    columns = table_columns(args)
     for split, where in columns:
         games = column_games(args, where)
         if not games:
