@@ -130,15 +130,18 @@ def checkpoint_activations(model):
 # ---------------------------------------------------------------------------------------------
 # Batched sampling: one `generate` call for all prompts
 # ---------------------------------------------------------------------------------------------
-def chat_prompt(tok, user, system=None):
-    """A user message (and optional system message), or a whole list of {"role", "content"} messages,
-    rendered with the model's own chat template."""
+def chat_prompt(tok, user, system=None, thinking=True, tools=None):
+    """A user message (and optional system message), or a whole list of chat messages, rendered with the
+    model's own chat template. `thinking=False` is the template's own switch (Qwen3: `enable_thinking=False`
+    writes an empty think block, so the model answers at once); templates without the switch ignore it.
+    `tools`: JSON schemas passed as the template's `tools=` (Qwen's `# Tools <tools>` block)."""
     messages = (
         user
         if isinstance(user, list)
         else ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
     )
-    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    switch = {} if thinking else dict(enable_thinking=False)
+    return tok.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True, **switch)
 
 
 @torch.no_grad()
