@@ -37,6 +37,9 @@ install:
 #   make pipeline ENV=tau2 [BUDGET=paper]   the same on τ²-bench: Table 2 (Retail / Telecom / Airline / AVG);
 #                                            the tiny budget plays tau2's small `mock` domain
 # Each budget variable can be overridden on the command line, e.g. `make pipeline SEEDS="0 1 2 3 4"`.
+ifeq ($(BUDGET)$(MODEL),paper)
+$(error BUDGET=paper is the paper's protocol on the paper's model: add MODEL=Qwen/Qwen2.5-7B-Instruct (ALFWorld) or MODEL=Qwen/Qwen3-8B (ENV=tau2))
+endif
 MODEL ?= smollm2-135m
 ifeq ($(ENV),tau2)
 DOMAINS ?= $(if $(filter paper,$(BUDGET)),retail telecom airline,mock)
@@ -52,6 +55,7 @@ ifeq ($(BUDGET),paper)
 TUNE ?= --lora-rank 64 --lr 1e-5 --micro-batch 2 --grad-checkpointing
 EMBED ?= --embedder Qwen/Qwen3-Embedding-8B
 COLLECT ?= --episodes 3
+PI ?= --val-size 64# pi' (WM SFT on the 10% share, as the arms' WM SFT): scored on 64 of the triplets it filters
 FILTER ?=
 WM ?= $(TUNE)
 RWML ?= $(if $(ENV_FLAGS),--group-size 16)
@@ -139,28 +143,37 @@ ablations: install
 	$(PRUNE) $(foreach s,$(SEEDS),$(foreach a,rwml_judge rwml_judge_binary rwml_no_filter,$(OUT)/arms/$(a)_s$(s)/checkpoint))
 	$(PYTHON) evaluate.py --report $(OUT)
 
-# the paper's protocol: interaction learning on `train` -> easy-triplet filter -> RWML, and the WM SFT baseline ->
-# Policy RL from the base model, from WM SFT and from RWML -> held-out world-model scores, and ALFWorld success on
-# valid_seen (ID) / valid_unseen (OOD) of all six models, printed as the paper's Table 1 (also $(OUT)/eval/table.md).
-# The held-out triplets are 10% of collect's games, set aside by the filter stage before it filters
-# ($(OUT)/filter/heldout.jsonl): no game on both sides, and not only the triplets the base model failed.
-HELDOUT_WM = $(OUT)/filter/heldout.jsonl
+# the paper's protocol: interaction learning on `train` -> the easy-triplet filter (Sec. 3.2: 10% of collect's
+# games train an auxiliary model pi' by WM SFT; pi' scores the other 90%, K predictions each; easy triplets are kept
+# with probability 0.1) -> RWML, and the WM SFT baseline, from the base model on the kept triplets -> held-out
+# world-model scores -> Policy RL from the base model, from WM SFT and from RWML -> Table 1 of all six models
+# (ALFWorld: valid_seen ID / valid_unseen OOD; τ²: Table 2) -> forgetting of the five trained models against the
+# base model (Sec. 4), in $(OUT)/forgetting/forgetting.md beside $(OUT)/eval/table.md.
+# The held-out world-model triplets are pi''s share ($(OUT)/split/heldout.jsonl): no evaluated model trains on it,
+# and no game is on both sides. pi' is never evaluated; its own held-out scores are on triplets it then filters.
+SPLIT = $(OUT)/split
+HELDOUT_WM = $(SPLIT)/heldout.jsonl
+TRAINED = "WM SFT=$(OUT)/wm_sft/$(CKPT)" "RWML=$(OUT)/rwml/$(CKPT)" "Policy RL=$(OUT)/policy_rl/$(CKPT)" \
+	"WM SFT + Policy RL=$(OUT)/wm_sft_policy_rl/$(CKPT)" "RWML + Policy RL=$(OUT)/rwml_policy_rl/$(CKPT)"
 protocol:
 	$(PYTHON) collect.py --model $(MODEL) $(ENV_FLAGS) --split train $(COLLECT) --out $(OUT)/collect
 	$(if $(ENV_FLAGS),,$(PYTHON) evaluate.py --calibrate $(OUT)/collect/triplets.jsonl $(EMBED))
-	$(PYTHON) train_wm.py --mode filter --model $(MODEL) --triplets $(OUT)/collect/triplets.jsonl $(FILTER) $(EMBED) --out $(OUT)/filter
+	$(PYTHON) train_wm.py --mode split --triplets $(OUT)/collect/triplets.jsonl --out $(SPLIT)
+	$(PYTHON) train_wm.py --mode sft --model $(MODEL) --triplets $(HELDOUT_WM) --heldout $(SPLIT)/train.jsonl \
+		--no-start-eval $(PI) $(WM) $(SFT) $(EMBED) --out $(OUT)/pi_prime
+	$(PYTHON) train_wm.py --mode filter --model $(OUT)/pi_prime/$(CKPT) --triplets $(SPLIT)/train.jsonl \
+		--heldout $(HELDOUT_WM) $(FILTER) $(EMBED) --out $(OUT)/filter
 	$(PYTHON) train_wm.py --mode rwml --model $(MODEL) $(TRIPLETS) --heldout $(HELDOUT_WM) $(WM) $(RWML) $(EMBED) \
 		--out $(OUT)/rwml
 	$(PYTHON) train_wm.py --mode sft --model $(MODEL) $(TRIPLETS) --heldout $(HELDOUT_WM) $(WM) $(SFT) $(EMBED) \
 		--out $(OUT)/wm_sft
+	$(PYTHON) evaluate.py --wm $(HELDOUT_WM) $(WM_EVAL) $(EMBED) --out $(OUT)/wm_eval --model "Base=$(MODEL)" \
+		"WM SFT=$(OUT)/wm_sft/$(CKPT)" "RWML=$(OUT)/rwml/$(CKPT)"
 	$(PYTHON) train_policy.py --model $(MODEL) $(ENV_FLAGS) $(POLICY) --out $(OUT)/policy_rl
 	$(PYTHON) train_policy.py --model $(OUT)/wm_sft/$(CKPT) $(ENV_FLAGS) $(POLICY) --out $(OUT)/wm_sft_policy_rl
 	$(PYTHON) train_policy.py --model $(OUT)/rwml/$(CKPT) $(ENV_FLAGS) $(POLICY) --out $(OUT)/rwml_policy_rl
-	$(PYTHON) evaluate.py --wm $(HELDOUT_WM) $(WM_EVAL) $(EMBED) --out $(OUT)/wm_eval --model "Base=$(MODEL)" \
-		"WM SFT=$(OUT)/wm_sft/$(CKPT)" "RWML=$(OUT)/rwml/$(CKPT)"
-	$(PYTHON) evaluate.py $(EVAL_ENV_FLAGS) $(EVAL) --out $(OUT)/eval --model "Base=$(MODEL)" "WM SFT=$(OUT)/wm_sft/$(CKPT)" \
-		"RWML=$(OUT)/rwml/$(CKPT)" "Policy RL=$(OUT)/policy_rl/$(CKPT)" \
-		"WM SFT + Policy RL=$(OUT)/wm_sft_policy_rl/$(CKPT)" "RWML + Policy RL=$(OUT)/rwml_policy_rl/$(CKPT)"
+	$(PYTHON) evaluate.py $(EVAL_ENV_FLAGS) $(EVAL) --out $(OUT)/eval --model "Base=$(MODEL)" $(TRAINED)
+	$(PYTHON) evaluate.py --forgetting $(MODEL) $(FORGETTING) --out $(OUT)/forgetting --model $(TRAINED)
 
 # the formatter and linter (ruff, pyproject.toml) must leave the tree as it is, then every test, on two workers
 # (one core each; tests/conftest.py starts the long ones first). One file alone: python -m pytest tests/test_grpo.py

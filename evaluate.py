@@ -123,11 +123,30 @@ def forgetting(args):
         if shapes(model) != shapes(start):
             fail(f"{path} is not the architecture of --forgetting {args.forgetting}: its weights cannot be compared")
         results.append(
-            dict(name=name, path=path, weights_changed=weights_changed(model, start, args.eta))
+            dict(name=name, path=path, weights_changed=weights_changed(model, start, args.eta), lora_rank=lora(path))
             | general_drift(model, start, tok, rows)
         )
         del model
     return dict(start=args.forgetting, eta=args.eta, prompts=str(args.prompts), models=results)
+
+
+def lora(path):
+    """The LoRA rank a checkpoint folder (`<run>/checkpoint/model`) was trained with, None for full fine-tuning
+    or a folder that no stage of this project wrote."""
+    trainer = Path(path).parent / "trainer.pt"
+    return (
+        torch.load(trainer, map_location="cpu", weights_only=False)["args"].get("lora_rank")
+        if trainer.exists()
+        else None
+    )
+
+
+# general benchmarks (the paper's names are not in its offline text: these are the project's choice), run by
+# EleutherAI's lm-evaluation-harness, which needs the network to fetch them
+LM_EVAL = (
+    "lm_eval --model hf --model_args pretrained={path},dtype=bfloat16 --tasks mmlu,gsm8k,arc_challenge,hellaswag "
+    "--batch_size auto --output_path {out}"
+)
 
 
 def forgetting_table(res):
@@ -136,10 +155,25 @@ def forgetting_table(res):
         f"| Model | Weights changed (η = {res['eta']:g}) | KL from start (nats/token) | Perplexity (start {ppl:.2f}) |"
     )
     rows = [
-        f"| {m['name']} | {100 * m['weights_changed']:.2f}% | {m['kl']:.4f} | {m['perplexity']:.2f} |"
+        f"| {m['name']}{' (LoRA r ' + str(m['lora_rank']) + ')' if m.get('lora_rank') else ''} | "
+        f"{100 * m['weights_changed']:.2f}% | {m['kl']:.4f} | {m['perplexity']:.2f} |"
         for m in res["models"]
     ]
-    return "\n".join([head, "|---|---|---|---|", *rows])
+    notes = [
+        "",
+        f"Against {res['start']}. The share of weights changed of a LoRA run counts its merged update W + scale·BA "
+        "(every weight of an adapted matrix moves by a low-rank product): not comparable with the paper's figure, "
+        "which is of full fine-tuning.",
+    ]
+    return "\n".join(
+        [head, "|---|---|---|---|", *rows, *(notes if any(m.get("lora_rank") for m in res["models"]) else [])]
+    )
+
+
+def lm_eval_commands(res, out):
+    """The lm-evaluation-harness commands that score the start and every model on general benchmarks."""
+    models = [("start", res["start"])] + [(m["name"], m["path"]) for m in res["models"]]
+    return [LM_EVAL.format(path=path, out=Path(out) / "lm_eval" / slug(name)) for name, path in models]
 
 
 def parse_args(argv=None):
@@ -462,7 +496,12 @@ def main(args):
             res = forgetting(args)
             (Path(args.out) / "forgetting.json").write_text(json.dumps(res, indent=1))
             (Path(args.out) / "forgetting.md").write_text(forgetting_table(res) + "\n")
-            return print(forgetting_table(res))
+            print(forgetting_table(res))
+            return print(
+                "General benchmarks (with network access; lm-evaluation-harness: pip install lm-eval):",
+                *lm_eval_commands(res, args.out),
+                sep="\n",
+            )
         embed = Embeddings(args.embedder, dtype=args.embed_dtype) if args.wm else None
         user = None
         if args.env == "tau2" and not args.wm:  # one fixed user for every row, loaded once

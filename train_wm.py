@@ -1,21 +1,26 @@
 """World-model learning (RWML paper, Sec. 3.2): teach the model to predict the next state of the
 environment from triplets collected by collect.py.
 
-    python train_wm.py --mode filter --triplets runs/collect/triplets.jsonl --out runs/filter
-    python train_wm.py --mode rwml --triplets runs/filter/triplets.filtered.jsonl --heldout runs/filter/heldout.jsonl \
+    python train_wm.py --mode split --triplets runs/collect/triplets.jsonl --out runs/split
+    python train_wm.py --mode sft --triplets runs/split/heldout.jsonl --out runs/pi_prime
+    python train_wm.py --mode filter --model runs/pi_prime/checkpoint/model --triplets runs/split/train.jsonl \
+        --heldout runs/split/heldout.jsonl --out runs/filter
+    python train_wm.py --mode rwml --triplets runs/filter/triplets.filtered.jsonl --heldout runs/split/heldout.jsonl \
         --out runs/rwml
-    python train_wm.py --mode sft --triplets runs/filter/triplets.filtered.jsonl --heldout runs/filter/heldout.jsonl \
+    python train_wm.py --mode sft --triplets runs/filter/triplets.filtered.jsonl --heldout runs/split/heldout.jsonl \
         --out runs/wm_sft
 
-Modes:
+Modes (the easy-triplet filter of Sec. 3.2 is the first three commands: split, an auxiliary model pi', filter):
+  split   --val-frac (10%) of the games -> heldout.jsonl, the rest -> train.jsonl. pi' trains on heldout.jsonl,
+          which is also the held-out world-model set: pi' is never evaluated, no evaluated model trains on it
+  sft     the WM SFT baseline (and pi'): cross-entropy on "<think> </think><next_state>{s}</next_state>"
+  filter  the easy-triplet filter: --model (pi') makes K predictions per triplet; a triplet whose mean reward
+          reaches tau_easy is easy and kept with probability 0.1; writes triplets.filtered.jsonl
   rwml    GRPO with the sim-to-real gap reward: r = 1[1 - cos(E(s_hat), E(s)) < tau_d]   (the method)
-  sft     the WM SFT baseline: cross-entropy on "<think> </think><next_state>{s}</next_state>"
-  filter  the easy-triplet filter: K predictions per triplet; a triplet whose mean reward reaches
-          tau_easy is easy and kept with probability 0.1; writes triplets.filtered.jsonl
 
-Writes, in --out: heldout.jsonl (the validation triplets: --val-frac of the games, held out before the
-filter sees them, so pass the filter's heldout.jsonl as --heldout to rwml and sft), metrics.jsonl
-(+ metrics.png), checkpoint/ (checkpoint/model is a plain HF folder for --model of later stages).
+Writes, in --out: heldout.jsonl (the held-out triplets: --heldout, else --val-frac of the games of --triplets),
+metrics.jsonl (+ metrics.png), heldout_predictions.jsonl (the last held-out evaluation's predictions),
+checkpoint/ (checkpoint/model is a plain HF folder for --model of later stages).
 """
 
 import math
@@ -46,6 +51,7 @@ from reward import (
     embedder_bytes,
     judge,
     mean_scores,
+    parse_next_state,
     sim_to_real,
     wm_prompt,
 )
@@ -63,8 +69,9 @@ from support.checks import (
     ranged,
 )
 from support.distributed import all_sum, ddp, full_weights, gather, init_distributed, micro_batches, rank_world
-from support.lm import TINY_MODEL, chat_prompt, generate, hit_limit, load_model, load_tokenizer, sample
+from support.lm import TINY_MODEL, chat_prompt, cut_warning, generate, hit_limit, load_model, load_tokenizer, sample
 from support.memory import CARD_BATCH, check_checkpoint_disk, fit_memory, memory_budget, peak_memory, sampling_batch
+from support.report import collapse, spread_warning
 from support.runs import (
     append_jsonl,
     open_step_log,
@@ -83,7 +90,7 @@ THINK_TOKENS = 512
 
 def parse_args(argv=None):
     p = parser(__doc__)
-    p.add_argument("--mode", default="rwml", choices=["rwml", "sft", "filter"], help="what to run (see above)")
+    p.add_argument("--mode", default="rwml", choices=["rwml", "sft", "filter", "split"], help="what to run (Modes)")
     p.add_argument("--triplets", required=True, help="triplets.jsonl from collect.py (or filtered by --mode filter)")
     p.add_argument("--model", type=check_model, default=TINY_MODEL, help="HF id or local folder to start from")
     p.add_argument(
@@ -172,7 +179,8 @@ def parse_args(argv=None):
         "--tau-easy",
         type=non_negative(),
         default=0.8,
-        help="a triplet is easy when its mean reward reaches this (above 1: none is)",
+        help="a triplet is easy when its mean reward over K reaches this (above 1: none is). The project's "
+        "choice: the paper does not give tau_easy",
     )
     p.add_argument(
         "--keep-easy", type=fraction(), default=0.1, help="probability of keeping an easy triplet (paper: 0.1)"
@@ -191,6 +199,8 @@ def check_args(args, world):
     triplets = read_jsonl(args.triplets, TRIPLET)
     if not triplets:
         fail(f"{args.triplets} holds no triplets")
+    if args.heldout and args.mode == "split":
+        fail("--mode split makes the held-out share (--val-frac of the games): --heldout is for the other modes")
     if args.heldout:
         train, heldout = triplets, read_jsonl(args.heldout, TRIPLET)
         both = {game_of(t) for t in train} & {game_of(t) for t in heldout}
@@ -213,8 +223,10 @@ def check_args(args, world):
             )
             + f"; ask for at most {len(heldout)}, or leave --val-size out to score them all"
         )
-    if args.mode == "filter" and world > 1:
-        fail("--mode filter runs on one device: start it with python, not torchrun")
+    if args.mode in ("filter", "split") and world > 1:
+        fail(f"--mode {args.mode} runs on one device: start it with python, not torchrun")
+    if args.mode == "split":
+        return triplets, train, heldout
     if args.mode != "filter":
         check_precision(args)  # no full fine-tuning in bf16
     args.tau = args.tau if args.tau is not None else default_tau(args.embedder, triplets)
@@ -342,14 +354,22 @@ def heldout_scores(triplets, records):
 
 
 def wm_heldout(model, tok, heldout, embed, tau, args):
-    """Greedy predictions on held-out triplets -> mean reward, similarity, format and exact-match rates,
-    overall and for valid / invalid actions (ranks share the work)."""
+    """Greedy predictions on held-out triplets -> (scores, predictions): mean reward, similarity, format and
+    exact-match rates, overall and for valid / invalid actions, and how varied the predicted next states are
+    (`collapse`); one prediction record per triplet (ranks share the work)."""
     rank, world = rank_world()
     mine = heldout[rank::world]
     with full_weights(model):
-        _, scores = predict_and_score(model, tok, mine, embed, tau, args.max_new_tokens, args.gen_batch)
+        outputs, scores = predict_and_score(model, tok, mine, embed, tau, args.max_new_tokens, args.gen_batch)
     in_rank_order = [t for r in range(world) for t in heldout[r::world]]  # the order `gather` returns
-    return heldout_scores(in_rank_order, gather(scores))
+    outputs, scores = gather(outputs), gather(scores)
+    predicted, real = [parse_next_state(o) for o in outputs], [t["next_state"] for t in in_rank_order]
+    spread = collapse(predicted, real)
+    predictions = [
+        dict(id=t["id"], output=o, next_state=t["next_state"], **r) for t, o, r in zip(in_rank_order, outputs, scores)
+    ]
+    scores = dict(heldout_scores(in_rank_order, scores), distinct=spread["distinct"], top_share=spread["top_share"])
+    return scores, predictions
 
 
 def sft_target(tok, triplet):
@@ -421,16 +441,34 @@ def run_filter(args, triplets, model, tok, embed):
     kept = [s for s, e in zip(scored, easy) if not e or rng.random() < args.keep_easy]
     # ---- END EXERCISE 7 ----
     write_jsonl(out / "triplets.filtered.jsonl", kept)
+    share = lambda xs, test: sum(map(test, xs)) / max(1, len(xs))
     stats = dict(
+        step=0,
+        model=str(args.model),  # the model that scored: pi' in the paper's protocol
         triplets=len(scored),
-        easy_fraction=sum(easy) / max(1, len(scored)),
+        easy_fraction=share(easy, bool),
         kept=len(kept),
         mean_filter_reward=sum(s["filter_reward"] for s in scored) / max(1, len(scored)),
     )
-    write_jsonl(out / "metrics.jsonl", [dict(step=0, **stats)])
+    mix = ""
+    if all("valid" in s for s in scored):  # ALFWorld: which actions the filter found easy, and the kept mix
+        invalid = [s for s in scored if not s["valid"]]
+        stats.update(
+            invalid_fraction=share(scored, lambda s: not s["valid"]),
+            easy_invalid=share(invalid, lambda s: s["filter_reward"] >= args.tau_easy),
+            easy_valid=share([s for s in scored if s["valid"]], lambda s: s["filter_reward"] >= args.tau_easy),
+            kept_invalid_fraction=share(kept, lambda s: not s["valid"]),
+        )
+        mix = (
+            f"; easy: {stats['easy_invalid']:.0%} of the invalid actions' triplets, {stats['easy_valid']:.0%} of the "
+            f"valid; invalid actions {stats['invalid_fraction']:.0%} of all -> {stats['kept_invalid_fraction']:.0%} "
+            "of the kept"
+        )
+    write_jsonl(out / "metrics.jsonl", [stats])
     print(
-        f"easy fraction {stats['easy_fraction']:.3f} (paper aims at ~0.3); kept {len(kept)} of {len(scored)} "
-        f"-> {out}/triplets.filtered.jsonl"
+        f"filter model {args.model}: easy fraction {stats['easy_fraction']:.3f}, kept {len(kept)} of {len(scored)}"
+        f"{mix} -> {out}/triplets.filtered.jsonl\nnext: --triplets {out}/triplets.filtered.jsonl --heldout "
+        f"{out}/heldout.jsonl for --mode rwml and --mode sft"
     )
     return stats
 
@@ -441,6 +479,17 @@ def main(args):
     out = claim_out(args.out, f"train_wm --mode {args.mode}", args.resume) if rank == 0 else Path(args.out)
     triplets, train, heldout = check_args(args, world)  # every cross-check before the model loads
     ckpt = out / "checkpoint"
+    if args.mode == "split":  # the paper's 10% of the data for pi' (Sec. 3.2), by game; no model
+        write_jsonl(out / "heldout.jsonl", heldout)
+        write_jsonl(out / "train.jsonl", train)
+        games = lambda ts: len({game_of(t) for t in ts})
+        print(
+            f"{len(heldout)} triplets of {games(heldout)} games -> {out}/heldout.jsonl (pi' trains on them; the "
+            f"held-out set), {len(train)} of {games(train)} games -> {out}/train.jsonl (the filter scores them)\n"
+            f"next: python train_wm.py --mode sft --triplets {out}/heldout.jsonl --out PI_PRIME, then --mode filter "
+            f"--model PI_PRIME/checkpoint/model --triplets {out}/train.jsonl --heldout {out}/heldout.jsonl"
+        )
+        return dict(heldout=len(heldout), train=len(train))
     plan_memory(args, triplets, train, heldout)  # --dry-run: the memory and time plans, then exit
     if args.mode == "filter":  # the held-out games are set aside before the filter: it scores the training games
         write_jsonl(out / "heldout.jsonl", heldout)
@@ -452,7 +501,7 @@ def main(args):
     if args.reward != "embedding":  # the judge's verdicts replace the sim-to-real reward in RWML's update
         jm, jt = load_model(args.judge_model, dtype=args.dtype)  # a frozen judge, never the model being trained
         ask = lambda prompts: generate(  # the judge's reply is prefilled with JUDGE_REPLY: it writes the score
-            jm, jt, [chat_prompt(jt, p) + JUDGE_REPLY for p in prompts], 8, temperature=0, batch_size=args.gen_batch
+            jm, jt, [chat_prompt(jt, p, thinking=False) + JUDGE_REPLY for p in prompts], 8, 0, batch_size=args.gen_batch
         )
     if rank == 0:
         write_jsonl(out / "heldout.jsonl", heldout)
@@ -462,7 +511,7 @@ def main(args):
     metrics_path = out / "metrics.jsonl"
     f_metrics = open_step_log(metrics_path, args.resume, start)
     if start == 0 and not args.no_start_eval:
-        scores = wm_heldout(model, tok, heldout, embed, args.tau, args)
+        scores, _ = wm_heldout(model, tok, heldout, embed, args.tau, args)
         append_jsonl(f_metrics, [dict(step=0, **{f"heldout/{k}": v for k, v in scores.items()})])
 
     skips = SkipCounter()  # updates skipped for a non-finite loss or gradient norm
@@ -510,6 +559,7 @@ def main(args):
                 optimised_reward=sum(rewards) / len(rewards),
                 reward_std=torch.tensor(rewards).std().item(),
                 no_signal_groups=sum(gather([no_signal])),
+                groups=len(rewards) // G,
                 completion_len=sum(lengths) / len(lengths),
                 truncated=sum(gather(hit_limit(model, tok, c, args.max_new_tokens) for _, c, _ in samples))
                 / len(lengths),  # the share of predictions the token budget cut
@@ -530,7 +580,10 @@ def main(args):
             **peak_memory(),
         )
         if (step + 1) % args.eval_every == 0 or step + 1 == total:
-            row.update({f"heldout/{k}": v for k, v in wm_heldout(model, tok, heldout, embed, args.tau, args).items()})
+            scores, predictions = wm_heldout(model, tok, heldout, embed, args.tau, args)
+            row.update({f"heldout/{k}": v for k, v in scores.items()})
+            if rank == 0 and step + 1 == total:  # what the final model writes, one line a held-out triplet
+                write_jsonl(out / "heldout_predictions.jsonl", predictions)
         append_jsonl(f_metrics, [row])
         skips.check(step + 1)  # a few non-finite updates in a row: stop, naming the step
         if (step + 1) % args.save_every == 0 or step + 1 == total:
@@ -545,8 +598,21 @@ def main(args):
     print(
         f"held-out reward {first['heldout/reward']:.3f} (step {first['step']}) -> {last['heldout/reward']:.3f} "
         f"(step {last['step']}), similarity {first['heldout/similarity']:.3f} -> {last['heldout/similarity']:.3f}; "
-        f"model: {ckpt}/model"
+        f"{last['heldout/distinct']:.0f} distinct predictions of {last['heldout/triplets']:.0f}"
     )
+    updates = [r for r in rows if "train/groups" in r]
+    warnings = [
+        spread_warning(read_jsonl(out / "heldout_predictions.jsonl")),
+        cut_warning(sum(r["train/truncated"] for r in updates) / max(1, len(updates)), "RWML samples")
+        if updates
+        else None,
+        "no update had a learning signal: every group's G rewards were equal (format "
+        f"{sum(r['train/format'] for r in updates) / len(updates):.0%}: a model that writes no <next_state> needs "
+        "the format warm-up, docs/stages.md)"
+        if updates and all(r["train/no_signal_groups"] == r["train/groups"] for r in updates)
+        else None,
+    ]
+    print(*[w for w in warnings if w], f"model: {ckpt}/model", sep="\n")
     return rows
 
 

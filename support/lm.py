@@ -233,6 +233,25 @@ def hit_limit(model, tok, completion_ids, max_new_tokens):
     return len(completion_ids) >= max_new_tokens and completion_ids[-1] not in ends
 
 
+CUT_WARNING = 0.1  # a run whose token budget cut more than this share of its completions says so at its end
+
+
+def cut_warning(share, what, flag="--max-new-tokens"):
+    """The one line a run prints at its end when its token budget cut more than CUT_WARNING of `what` (a
+    thinking model's think block may not fit: raise the budget, or turn thinking off where the role allows)."""
+    if share > CUT_WARNING:
+        return f"warning: {share:.0%} of the {what} were cut by the token budget (over {CUT_WARNING:.0%}): raise {flag}"
+    return None
+
+
+def thinks(tok):
+    """Whether the model's chat template has a thinking switch (Qwen3's `enable_thinking`): the generation prompt
+    differs with it off (Qwen3 then writes an empty think block itself). Qwen2.5 and SmolLM2 have none."""
+    probe = [{"role": "user", "content": "hi"}]
+    render = lambda **kw: tok.apply_chat_template(probe, tokenize=False, add_generation_prompt=True, **kw)
+    return render() != render(enable_thinking=False)
+
+
 def strip_thinking(text):
     """A model's answer: the text after its last </think>, less a think block left open (a completion cut
     inside its thinking has no answer). Qwen3's template lets the model open its own <think> block; the

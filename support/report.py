@@ -13,6 +13,7 @@ Writes RUN/report.md and RUN/report.png (and RUN/judge.png when the judge arms r
 
 import json
 import statistics
+from collections import Counter
 
 from support.runs import read_jsonl
 from support.schema import METRICS, TRIPLET
@@ -25,6 +26,33 @@ ARMS = {  # folder prefix -> the arm's name (in the order of the tables)
     "rwml_judge_binary": "RWML, LLM judge (score ≥ 5)",
 }
 SCORES = ("reward", "similarity", "format", "exact", "valid/reward", "invalid/reward")
+
+
+def collapse(predicted, real):
+    """How varied a world model's predicted next states are (None: no <next_state> written) against the real
+    ones: distinct predictions, the most common one and its share, and whether the model has `collapsed`: that
+    prediction covers most of the set and at least half of the triplets whose real next state is something
+    else (a model right on every "Nothing happens." of a set with 60% of them is not collapsed; one that writes
+    it for 90% is)."""
+    n = max(1, len(predicted))
+    top, count = Counter(predicted).most_common(1)[0] if predicted else (None, 0)
+    right = sum(r == top for r in real)  # the triplets for which the top prediction is the real next state
+    collapsed = count > n / 2 and count - right >= (n - right) / 2 and n - right > 0
+    return dict(distinct=len(set(predicted)), top=top, top_share=count / n, collapsed=collapsed)
+
+
+def spread_warning(predictions):
+    """The line a run or the report prints when a model's held-out predictions (records with `output` and
+    `next_state`) have collapsed onto one, else None."""
+    from reward import parse_next_state  # (reward.py imports nothing of the project)
+
+    c = collapse([parse_next_state(p["output"]) for p in predictions], [p["next_state"] for p in predictions])
+    if c["collapsed"]:
+        return (
+            f"collapsed: {c['top_share']:.0%} of the {len(predictions)} held-out predictions are {c['top']!r} "
+            f"({c['distinct']} distinct)"
+        )
+    return None
 
 
 def mean_std(xs):

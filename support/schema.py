@@ -69,8 +69,11 @@ PROMPT = Schema(  # data/general_prompts.jsonl, evaluate.py --forgetting --promp
 
 STEP_LOG = Schema("step line", required=dict(step="int"))  # a JSONL of per-step lines a resumed run cuts at its step
 
-METRICS = Schema(  # metrics.jsonl of collect.py and train_wm.py, which support/report.py reads: numbers only
-    "metrics line", required=dict(step="int"), other="number|null"
+METRICS = Schema(  # metrics.jsonl of collect.py and train_wm.py, which support/report.py reads: numbers, and the
+    "metrics line",
+    required=dict(step="int"),
+    optional=dict(model="str"),
+    other="number|null",  # filter's model
 )
 
 
