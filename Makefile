@@ -83,6 +83,8 @@ GAMES ?= --games 8 --max-steps 8# training triplets: games 0-7 of train
 HELDOUT ?= --first-game 8 --games 16 --max-steps 5# held-out triplets (64 scored): games 8-23
 WARMUP_GAMES ?= --first-game 24 --games 8 --max-steps 8# format warm-up triplets: games 24-31
 WARMUP ?= --batch-size 8 --lr 1e-4 --max-steps 8
+PI_GAMES ?= --first-game 32 --games 8 --max-steps 8# pi''s triplets (the filter's model): games 32-39
+PI ?= --batch-size 8 --lr 1e-4 --max-steps 16 --eval-every 16# pi': WM SFT from the warm-up checkpoint, 2 epochs
 FILTER ?= --filter-k 4 --max-new-tokens 48
 ARM ?= --batch-size 4 --lr 1e-5 --max-steps 6 --eval-every 3# every arm: same updates, triplets, optimiser
 FORGETTING ?=# e.g. --prompts FILE: other general prompts than data/general_prompts.jsonl
@@ -110,17 +112,24 @@ experiment:
 	$(PYTHON) collect.py --split train $(COLLECT) $(GAMES) --out $(OUT)/collect
 	$(PYTHON) collect.py --split train $(COLLECT) $(HELDOUT) --out $(OUT)/heldout
 	$(PYTHON) collect.py --split train $(COLLECT) $(WARMUP_GAMES) --out $(OUT)/warmup_data
+	$(PYTHON) collect.py --split train $(COLLECT) $(PI_GAMES) --out $(OUT)/pi_data
 	$(PYTHON) train_wm.py --mode sft --model $(MODEL) $(DTYPE) --triplets $(OUT)/warmup_data/triplets.jsonl $(WM_FLAGS) $(WARMUP) \
 		--no-start-eval --out $(OUT)/warmup
-	$(PYTHON) train_wm.py --mode filter --model $(START) $(DTYPE) --triplets $(OUT)/collect/triplets.jsonl \
+	$(PYTHON) train_wm.py --mode sft --model $(START) $(DTYPE) --triplets $(OUT)/pi_data/triplets.jsonl $(WM_FLAGS) $(PI) \
+		--no-start-eval --out $(OUT)/pi_prime
+	$(PYTHON) train_wm.py --mode filter --model $(OUT)/pi_prime/$(CKPT) $(DTYPE) --triplets $(OUT)/collect/triplets.jsonl \
 		--heldout $(OUT)/heldout/triplets.jsonl $(FILTER) --out $(OUT)/filter
 	for s in $(SEEDS); do \
 	  $(ARM_RUN) --mode rwml $(TRIPLETS) $(RWML) --seed $$s --out $(OUT)/arms/rwml_s$$s && \
-	  $(ARM_RUN) --mode sft $(TRIPLETS) --seed $$s --out $(OUT)/arms/wm_sft_s$$s || exit 1; \
+	  $(ARM_RUN) --mode sft $(TRIPLETS) --seed $$s --out $(OUT)/arms/wm_sft_s$$s && \
+	  $(ARM_RUN) --mode rwml --triplets $(OUT)/collect/triplets.jsonl $(RWML) --seed $$s --out $(OUT)/arms/rwml_no_filter_s$$s \
+	  || exit 1; \
 	done
-	$(PYTHON) evaluate.py --forgetting $(START) $(FORGETTING) --out $(OUT)/forgetting \
-		--model $(foreach s,$(SEEDS),rwml_s$(s)=$(OUT)/arms/rwml_s$(s)/$(CKPT) wm_sft_s$(s)=$(OUT)/arms/wm_sft_s$(s)/$(CKPT))
-	$(PRUNE) $(foreach s,$(wordlist 2,99,$(SEEDS)),$(OUT)/arms/rwml_s$(s)/checkpoint $(OUT)/arms/wm_sft_s$(s)/checkpoint)
+	$(PYTHON) evaluate.py --forgetting $(START) $(FORGETTING) --out $(OUT)/forgetting --model $(foreach s,$(SEEDS),\
+		rwml_s$(s)=$(OUT)/arms/rwml_s$(s)/$(CKPT) wm_sft_s$(s)=$(OUT)/arms/wm_sft_s$(s)/$(CKPT) \
+		rwml_no_filter_s$(s)=$(OUT)/arms/rwml_no_filter_s$(s)/$(CKPT))
+	$(PRUNE) $(OUT)/pi_prime/checkpoint $(foreach s,$(SEEDS),$(OUT)/arms/rwml_no_filter_s$(s)/checkpoint) \
+		$(foreach s,$(wordlist 2,99,$(SEEDS)),$(OUT)/arms/rwml_s$(s)/checkpoint $(OUT)/arms/wm_sft_s$(s)/checkpoint)
 	$(PYTHON) train_policy.py --model $(MODEL) $(DTYPE) $(POLICY) --out $(OUT)/policy_rl
 	$(PYTHON) train_policy.py --model $(OUT)/arms/wm_sft_s0/$(CKPT) $(DTYPE) $(POLICY) --out $(OUT)/wm_sft_policy_rl
 	$(PYTHON) train_policy.py --model $(OUT)/arms/rwml_s0/$(CKPT) $(DTYPE) $(POLICY) --out $(OUT)/rwml_policy_rl
@@ -133,14 +142,12 @@ experiment:
 ablations: install
 	for s in $(SEEDS); do \
 	  $(ARM_RUN) --mode rwml $(TRIPLETS) $(RWML) --reward judge --seed $$s --out $(OUT)/arms/rwml_judge_s$$s && \
-	  $(ARM_RUN) --mode rwml $(TRIPLETS) $(RWML) --reward judge-binary --seed $$s --out $(OUT)/arms/rwml_judge_binary_s$$s && \
-	  $(ARM_RUN) --mode rwml --triplets $(OUT)/collect/triplets.jsonl $(RWML) --seed $$s --out $(OUT)/arms/rwml_no_filter_s$$s \
+	  $(ARM_RUN) --mode rwml $(TRIPLETS) $(RWML) --reward judge-binary --seed $$s --out $(OUT)/arms/rwml_judge_binary_s$$s \
 	  || exit 1; \
 	done
 	$(PYTHON) evaluate.py --forgetting $(START) $(FORGETTING) --out $(OUT)/forgetting_ablations --model $(foreach s,$(SEEDS),\
-		rwml_judge_s$(s)=$(OUT)/arms/rwml_judge_s$(s)/$(CKPT) rwml_judge_binary_s$(s)=$(OUT)/arms/rwml_judge_binary_s$(s)/$(CKPT) \
-		rwml_no_filter_s$(s)=$(OUT)/arms/rwml_no_filter_s$(s)/$(CKPT))
-	$(PRUNE) $(foreach s,$(SEEDS),$(foreach a,rwml_judge rwml_judge_binary rwml_no_filter,$(OUT)/arms/$(a)_s$(s)/checkpoint))
+		rwml_judge_s$(s)=$(OUT)/arms/rwml_judge_s$(s)/$(CKPT) rwml_judge_binary_s$(s)=$(OUT)/arms/rwml_judge_binary_s$(s)/$(CKPT))
+	$(PRUNE) $(foreach s,$(SEEDS),$(foreach a,rwml_judge rwml_judge_binary,$(OUT)/arms/$(a)_s$(s)/checkpoint))
 	$(PYTHON) evaluate.py --report $(OUT)
 
 # the paper's protocol: interaction learning on `train` -> the easy-triplet filter (Sec. 3.2: 10% of collect's

@@ -1,9 +1,10 @@
 """The report of the CPU experiment (`make pipeline`, `evaluate.py --report RUN`): every arm's held-out
 world-model scores over seeds, its forgetting, and one figure, from the JSONL the stages wrote in RUN:
 
-  collect/ heldout/ warmup_data/   triplets (training, held-out, format warm-up), from disjoint games
+  collect/ heldout/ warmup_data/ pi_data/   triplets (training, held-out, format warm-up, pi'), disjoint games
   warmup/                          the format warm-up (WM SFT); its last held-out scores are every arm's step 0
-  filter/                          the easy-triplet filter the RWML arms train on
+  pi_prime/                        pi', the filter's model: WM SFT from the warm-up checkpoint on pi_data
+  filter/                          the easy-triplet filter (pi' scores the training triplets) the arms train on
   arms/<arm>_s<seed>/              train_wm.py runs from the warm-up checkpoint: same updates, same triplets
   forgetting*/forgetting.json      evaluate.py --forgetting of the arms against the warm-up checkpoint
   eval/table.md                    the brief Table 1 pass
@@ -89,7 +90,12 @@ def curve(rows, start, key="heldout/reward"):
 def data_lines(run, scored):
     """Triplets of each collection: games, count, share of invalid actions (held-out: the `scored` first ones)."""
     lines = ["| Triplets | From games | Count | Invalid actions |", "|---|---|---|---|"]
-    for folder, what in (("warmup_data", "format warm-up"), ("collect", "training"), ("heldout", "held-out, scored")):
+    for folder, what in (
+        ("warmup_data", "format warm-up"),
+        ("pi_data", "π′ (the filter's model)"),
+        ("collect", "training"),
+        ("heldout", "held-out, scored"),
+    ):
         path = run / folder / "triplets.jsonl"
         if path.exists():
             t = read_jsonl(path, TRIPLET, required=("game", "valid"))[: scored if folder == "heldout" else None]
@@ -119,26 +125,51 @@ def write_report(run):
     counts = [r["heldout/triplets"] for r in every_row if "heldout/triplets" in r]  # how many were scored
     md += ["## Data", ""] + data_lines(run, int(counts[0]) if counts else None)
     if filt:
+        mix = (
+            f" (of the invalid actions' triplets {filt['easy_invalid']:.0%}, of the valid {filt['easy_valid']:.0%})"
+            f"; {filt['kept']} kept, invalid actions {filt['invalid_fraction']:.0%} of all -> "
+            f"{filt['kept_invalid_fraction']:.0%} of the kept"
+            if "kept_invalid_fraction" in filt
+            else f"; {filt['kept']} kept"
+        )
         md += [
             "",
-            f"Easy-triplet filter (warm-up model): {100 * filt['easy_fraction']:.0f}% of {filt['triplets']} "
-            f"training triplets easy; {filt['kept']} kept.",
+            f"Easy-triplet filter (scored by {filt.get('model', 'the warm-up model')}): {filt['easy_fraction']:.0%} of "
+            f"{filt['triplets']} training triplets easy{mix}.",
         ]
     updates = {a: max(r["step"] for rows in s.values() for r in rows) for a, s in runs.items()}
     md += ["", "## Held-out world-model scores (greedy; mean ± std over seeds)", ""]
     md += [
-        "| Arm | Seeds | Updates | Reward | Similarity | Format | Exact | Reward, valid actions | Reward, invalid |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| Arm | Seeds | Updates | Reward | Similarity | Format | Exact | Reward, valid actions | Reward, invalid "
+        "| Distinct predictions | Most common's share |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         "| warm-up checkpoint (start of every arm) | – | 0 | "
         + " | ".join(f"{start[k]:.3f}" if k in start else "–" for k in SCORES)
+        + " | "
+        + " | ".join(cell([start[k]], digits=d) if k in start else "–" for k, d in (("distinct", 0), ("top_share", 2)))
         + " |",
     ]
     for a, rows in final.items():
         md.append(
             f"| {ARMS.get(a, a)} | {len(rows)} | {updates[a]} | "
             + " | ".join(cell([r[f"heldout/{k}"] for r in rows if f"heldout/{k}" in r]) for k in SCORES)
+            + " | "
+            + " | ".join(
+                cell([r[f"heldout/{k}"] for r in rows if f"heldout/{k}" in r], digits=d)
+                for k, d in (("distinct", 0), ("top_share", 2))
+            )
             + " |"
         )
+    collapsed = [
+        f"- {ARMS.get(a, a)}, seed {seed}: {line}"
+        for a, seeds in runs.items()
+        for seed in seeds
+        for path in [run / "arms" / f"{a}_s{seed}" / "heldout_predictions.jsonl"]
+        if path.exists()
+        for line in [spread_warning(read_jsonl(path))]
+        if line
+    ]
+    md += ["", "Collapsed arms (one prediction for most of the held-out set):", "", *collapsed] if collapsed else []
     if forget:
         md += ["", "## Forgetting against the warm-up checkpoint (mean ± std over seeds)", ""]
         ppl0 = next(iter(forget.values()))[0]["start_perplexity"]

@@ -7,9 +7,9 @@ import shlex
 import subprocess
 
 import pytest
+from test_train_policy import make_commands
 
 from conftest import ROOT
-from test_train_policy import make_commands
 
 PAPER = {"alfworld": "Qwen/Qwen2.5-7B-Instruct", "tau2": "Qwen/Qwen3-8B"}
 

@@ -246,34 +246,3 @@ def test_the_experiment_runs_in_fp32_on_any_device():
     fp32 = lambda a: "--dtype" in a and a[a.index("--dtype") + 1] == "fp32"
     # pipeline: warm-up, filter, 2 arms x 3 seeds, forgetting, 3 Policy RL runs, Table 1; ablations: 3 x 3, forgetting
     assert len(models) == 13 + 10 and all(fp32(a) or "--forgetting" in a for a in models)
-
-
-def test_make_pipeline_budget_paper_runs_the_papers_protocol_on_alfworld():
-    """BUDGET=paper: every stage once and Table 1 (the stages run in the test above and their own tests)."""
-    r = subprocess.run(
-        ["make", "-n", "pipeline", "PYTHON=python", "BUDGET=paper", "MODEL=Qwen/Qwen2.5-7B-Instruct"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    steps = [line.split()[1:3] for line in r.stdout.splitlines() if line.startswith("python ") and ".py" in line]
-    assert [s[0] for s in steps] == ["collect.py", "evaluate.py"] + ["train_wm.py"] * 3 + ["train_policy.py"] * 3 + [
-        "evaluate.py"
-    ] * 2
-    assert "--embedder Qwen/Qwen3-Embedding-8B" in r.stdout and "--runs 3" in r.stdout
-    # the held-out world-model triplets: 10% of collect's games, set aside by the filter stage before it filters
-    commands = make_commands("pipeline", "BUDGET=paper", "MODEL=Qwen/Qwen2.5-7B-Instruct", "OUT=out")
-    flag = lambda argv, name: argv[argv.index(name) + 1] if name in argv else None
-    stage = lambda *head: next(argv for argv in commands if argv[: len(head)] == list(head))
-    filt = stage("train_wm.py", "--mode", "filter")
-    assert (flag(filt, "--triplets"), flag(filt, "--heldout"), flag(filt, "--out")) == (
-        "out/collect/triplets.jsonl",
-        None,
-        "out/filter",
-    )
-    for mode in ("rwml", "sft"):
-        argv = stage("train_wm.py", "--mode", mode)
-        assert flag(argv, "--triplets") == "out/filter/triplets.filtered.jsonl"
-        assert flag(argv, "--heldout") == "out/filter/heldout.jsonl"
-    assert flag(stage("evaluate.py", "--wm"), "--wm") == "out/filter/heldout.jsonl"

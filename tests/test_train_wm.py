@@ -154,3 +154,41 @@ def test_heldout_scores_split_valid_and_invalid_actions():
     assert s["invalid/reward"] == 0.5 and s["invalid/similarity"] == pytest.approx(0.525) and s["invalid/exact"] == 0
     assert s["triplets"] == 3 and s["valid/triplets"] == 1 and s["invalid/triplets"] == 2
     assert set(train_wm.heldout_scores([{}] * 3, records)) == {"reward", "similarity", "format", "exact", "triplets"}
+
+
+def test_the_filter_chain_scores_with_pi_prime_trained_on_its_own_share_of_games(triplets, tmp_path):
+    """Sec. 3.2 as `make pipeline BUDGET=paper` runs it: split by game -> pi' = WM SFT on the share -> the filter
+    scores the other games with pi' (and records that it did); no game of the share reaches the filtered file."""
+    run = lambda *argv: train_wm.main(train_wm.parse_args([str(a) for a in argv]))
+    split, pi, filt = tmp_path / "split", tmp_path / "pi_prime", tmp_path / "filter"
+    assert run("--mode", "split", "--triplets", triplets, "--val-frac", "0.5", "--out", split) == dict(
+        heldout=5, train=5
+    )
+    run(
+        *["--mode", "sft", "--triplets", split / "heldout.jsonl", "--heldout", split / "train.jsonl", "--val-size", 1],
+        *["--batch-size", 2, "--max-steps", 1, "--lora-rank", 4, "--max-new-tokens", 8, "--no-start-eval", "--out", pi],
+    )
+    trained = torch.load(pi / "checkpoint" / "trainer.pt", weights_only=False)["args"]
+    assert (trained["mode"], trained["triplets"]) == ("sft", str(split / "heldout.jsonl"))
+    model = pi / "checkpoint" / "model"
+    stats = run(
+        *[
+            "--mode",
+            "filter",
+            "--model",
+            model,
+            "--triplets",
+            split / "train.jsonl",
+            "--heldout",
+            split / "heldout.jsonl",
+        ],
+        *["--filter-k", 2, "--max-new-tokens", 8, "--tau-easy", 1.5, "--out", filt],  # nothing easy: all kept
+    )
+    assert read_jsonl(filt / "metrics.jsonl")[0]["model"] == str(model) == stats["model"]
+    share = {t["game"] for t in read_jsonl(split / "heldout.jsonl")}
+    train = read_jsonl(split / "train.jsonl")
+    kept = read_jsonl(filt / "triplets.filtered.jsonl")
+    assert len(share) == 1 and not share & {t["game"] for t in train} and stats["triplets"] == len(train) == 5
+    assert kept and not share & {t["game"] for t in kept} and {t["id"] for t in kept} <= {t["id"] for t in train}
+    assert len(kept) == 5 and stats["easy_fraction"] == 0  # the kept mix: the share of invalid actions
+    assert stats["invalid_fraction"] == stats["kept_invalid_fraction"] == sum(not t["valid"] for t in train) / 5
