@@ -25,13 +25,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from collect import add_play_args, play, play_defaults, play_settings, rollout_record, select_games
+from collect import play, rollout_record, select_games
 from grpo import add_grpo_args, check_precision, group_advantages, grpo_update, save_checkpoint, start_training
 from support.checks import SkipCounter, at_least, check_model, claim_out, parser
 from support.distributed import all_sum, full_weights, gather, init_distributed
 from support.episode import summary
 from support.lm import TINY_MODEL
 from support.memory import check_checkpoint_disk, fit_memory, peak_memory
+from support.play import add_play_args, play_defaults, play_settings
 from support.runs import append_jsonl, open_step_log, plot_metrics, read_jsonl, run_stage, set_seed
 
 

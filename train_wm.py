@@ -9,7 +9,7 @@ environment from triplets collected by collect.py.
 
 Modes:
   rwml    GRPO with the sim-to-real gap reward: r = 1[1 - cos(E(s_hat), E(s)) < tau_d]   (the method)
-  sft     the WM SFT baseline: cross-entropy on "<think> </think><next_state>{s}</next_state>"
+  sft     the WM SFT baseline: cross-entropy on an empty thought, then "<next_state>{s}</next_state>"
   filter  the easy-triplet filter: K predictions per triplet; a triplet whose mean reward reaches
           tau_easy is easy and kept with probability 0.1; writes triplets.filtered.jsonl
 
@@ -83,7 +83,13 @@ THINK_TOKENS = 512
 
 def parse_args(argv=None):
     p = parser(__doc__)
-    p.add_argument("--mode", default="rwml", choices=["rwml", "sft", "filter"], help="what to run (see above)")
+    p.add_argument(
+        "--mode",
+        default="rwml",
+        choices=["rwml", "sft", "filter"],
+        help="rwml: GRPO on the sim-to-real reward (the method); sft: the WM SFT baseline; filter: the easy-triplet "
+        "filter (writes triplets.filtered.jsonl and heldout.jsonl)",
+    )
     p.add_argument("--triplets", required=True, help="triplets.jsonl from collect.py (or filtered by --mode filter)")
     p.add_argument("--model", type=check_model, default=TINY_MODEL, help="HF id or local folder to start from")
     p.add_argument(
@@ -306,9 +312,9 @@ def heldout_split(triplets, frac, seed):
 
 
 def wm_budget(tok, triplets):
-    """The default token budget of a prediction: the longest real next state of `triplets`, in tags and tokens,
+    """The default token budget of a prediction: the longest real next state of `triplets`, in its tags, in tokens,
     and THINK_TOKENS for the think block (a budget cut before </next_state> scores 0: `truncated` counts them)."""
-    texts = [f"<think>\n\n</think>\n\n<next_state>{t['next_state']}</next_state>" for t in triplets]
+    texts = [f"<next_state>{t['next_state']}</next_state>" for t in triplets]
     return max(len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]) + THINK_TOKENS
 
 
@@ -357,6 +363,8 @@ def sft_target(tok, triplet):
     is written as Qwen3's template writes an assistant turn without reasoning, so that the target is one think
     block after a prompt that opens none (tests/test_chat_templates.py)."""
     # ---- EXERCISE 8: the WM SFT target (paper Sec. 3.2) ----
+    # Eq. WM SFT target: y = "<think>\n\n</think>\n\n" + "<next_state>" + s + "</next_state>", then the end token
+    # (the empty thought as Qwen3's template writes an answer without reasoning; no special tokens before it)
     text = f"<think>\n\n</think>\n\n<next_state>{triplet['next_state']}</next_state>"
     return tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     # ---- END EXERCISE 8 ----
