@@ -47,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--policy", default="model", choices=["model", "random"], help="the model, or random admissible")
     p.add_argument("--epsilon", type=fraction(), default=0.0, help="model policy: P(a random admissible command)")
     p.add_argument("--invalid-rate", type=fraction(), default=0.0, help="random policy: P(a command no longer valid)")
-    p.add_argument("--model", type=check_model, default=TINY_MODEL, help="HF id or local folder (default: tiny)")
+    p.add_argument("--model", type=check_model, default=TINY_MODEL, help="HF id or folder (default: SmolLM2-135M)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 on CUDA, else fp32")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", default="runs/collect", help="output folder")
@@ -350,7 +350,7 @@ def record_episodes(
     for f in (f_roll, f_trip, f_metrics):
         f.close()
     if plot:
-        plot_metrics(Path(out) / "metrics.jsonl")
+        plot_metrics(Path(out) / "metrics.jsonl", xlabel="episode")  # a line an episode (`step`: episodes so far)
     return rollouts
 
 
@@ -359,20 +359,23 @@ def collect(args, model=None, tok=None, desc="collect"):
     games = select_games(args.env, args.split, args.games, args.domain, args.tasks, args.first_game)
     if args.policy == "model" and model is None:
         args.batch_games = plan_batch(args, args.model, len(games) * args.episodes)  # --dry-run exits here
+    elif args.dry_run:
+        print(f"--dry-run: {len(games) * args.episodes} episodes of the random policy: no model to plan for")
+        raise SystemExit(0)
+    claim_out(args.out, "collect", args.resume)  # the games check out: --out is this run's
     return record_episodes(
         games, args.split, args.episodes, play_settings(args), args.out, args.resume, model, tok, args.dtype, desc
     )
 
 
 def main(args):
-    if not args.dry_run:
-        claim_out(args.out, "collect", args.resume)
     rollouts = collect(args)
     s = summary(rollouts)
     print(
         f"{len(rollouts)} episodes, success {s['success']:.3f}, invalid-action rate {s['invalid_rate']:.3f}, "
         f"mean steps {s['mean_steps']:.1f} -> {args.out}/rollouts.jsonl, triplets.jsonl"
     )
+    print(f"next: python train_wm.py --mode filter --triplets {args.out}/triplets.jsonl --out ...")
 
 
 if __name__ == "__main__":

@@ -446,6 +446,9 @@ def main(args):
         check_args(args)  # every model folder and the held-out file, before the first model loads
         if not args.forgetting:  # --batch-games for the card (--dry-run: the memory and time plans, then exit)
             args.batch_games = plan_eval_batch(args)
+        elif args.dry_run:
+            print(f"--dry-run: {len(args.models)} models, each beside {args.forgetting} in fp32: no batch to plan")
+            raise SystemExit(0)
         claim_out(
             args.out,
             "evaluate --forgetting" if args.forgetting else "evaluate --wm" if args.wm else "evaluate",

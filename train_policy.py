@@ -146,9 +146,9 @@ def turn_batch(episodes, G):
 def main(args):
     rank, world = init_distributed()  # (0, 1) unless started by torchrun
     set_seed(args.seed + rank)  # ranks play differently; DDP starts them all from rank 0's weights
-    out = claim_out(args.out, "train_policy", args.resume) if rank == 0 else Path(args.out)
-    ckpt = out / "checkpoint"
     games = check_args(args)  # the games, and the memory plan (--dry-run prints it and exits), before the model loads
+    out = claim_out(args.out, "train_policy", args.resume) if rank == 0 else Path(args.out)  # once they check out
+    ckpt = out / "checkpoint"
     settings = play_settings(args)  # the model acts alone (policy "model"), every episode of a step in flight at once
     model, tok, ref_model, optimizer, start = start_training(args, ckpt, reference=True)
     user = None
@@ -217,6 +217,7 @@ def main(args):
             f"{rows[0]['invalid_rate']:.3f} -> {rows[-1]['invalid_rate']:.3f}, updates with signal "
             f"{sum(r['updated'] for r in rows)} of {len(rows)}; model: {ckpt}/model"
         )
+    print(f"next: python evaluate.py --model NAME={ckpt}/model --out ...  (Table 1; τ²: Table 2, with --env tau2)")
     return rows
 
 

@@ -120,9 +120,9 @@ def parse_args(argv=None):
     # RWML (paper, ALFWorld: group 8, lr 1e-6, batch 32, 2 epochs)
     p.add_argument(
         "--group-size",
-        type=at_least(2, "GRPO normalises within a group"),
+        type=int,  # checked in parse_args where it is used: --mode rwml
         default=8,
-        help="G: predictions sampled per triplet (paper: 8 ALFWorld, 16 tau2)",
+        help="G: predictions sampled per triplet in --mode rwml, at least 2 (paper: 8 ALFWorld, 16 tau2)",
     )
     p.add_argument("--batch-size", type=at_least(), default=32, help="triplets per update (paper: 32)")
     p.add_argument("--epochs", type=positive(), default=2, help="passes over the training triplets (paper: 2)")
@@ -188,7 +188,10 @@ def parse_args(argv=None):
     )  # --lr, --clip-eps, --beta, --ppo-epochs, --micro-batch, --lora-rank, --dtype, --grad-checkpointing, ...
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", default="runs/wm", help="output folder")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.mode == "rwml" and args.group_size < 2:  # checked where it is used: sft and the filter sample no group
+        p.error(f"--group-size must be ≥ 2 (GRPO normalises within a group), got {args.group_size}")
+    return args
 
 
 def check_args(args, world):
@@ -440,16 +443,21 @@ def run_filter(args, triplets, model, tok, embed):
         f"easy fraction {stats['easy_fraction']:.3f} (paper aims at ~0.3); kept {len(kept)} of {len(scored)} "
         f"-> {out}/triplets.filtered.jsonl"
     )
+    print(
+        f"next: python train_wm.py --mode rwml --triplets {out}/triplets.filtered.jsonl --heldout {out}/heldout.jsonl"
+        " --model ... --out ...  (the same for --mode sft: the held-out games, set aside before the filter)"
+    )
     return stats
 
 
 def main(args):
     rank, world = init_distributed()  # (0, 1) unless started by torchrun
     set_seed(args.seed + rank)  # ranks sample differently; DDP starts them all from rank 0's weights
-    out = claim_out(args.out, f"train_wm --mode {args.mode}", args.resume) if rank == 0 else Path(args.out)
     triplets, train, heldout = check_args(args, world)  # every cross-check before the model loads
-    ckpt = out / "checkpoint"
     plan_memory(args, triplets, train, heldout)  # --dry-run: the memory and time plans, then exit
+    # --out is this run's once the data checked out and the plan fits (a dry run or a data error leaves it as it was)
+    out = claim_out(args.out, f"train_wm --mode {args.mode}", args.resume) if rank == 0 else Path(args.out)
+    ckpt = out / "checkpoint"
     if args.mode == "filter":  # the held-out games are set aside before the filter: it scores the training games
         write_jsonl(out / "heldout.jsonl", heldout)
         model, tok = load_model(args.model, dtype=args.dtype)
@@ -555,6 +563,7 @@ def main(args):
         f"(step {last['step']}), similarity {first['heldout/similarity']:.3f} -> {last['heldout/similarity']:.3f}; "
         f"model: {ckpt}/model"
     )
+    print(f"next: python train_policy.py --model {ckpt}/model --out ...  (or evaluate.py --model NAME={ckpt}/model)")
     return rows
 
 
