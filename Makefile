@@ -207,11 +207,13 @@ gpu-stages:
 	$(PYTHON) bench/gpu_stages.py --device $(DEVICE)
 
 # The course kit (course/exercises.py): a student copy with every equation of the paper cut out, and its grader.
-#   make exercises [STUDENT=../rwml-student]    the copy and its EXERCISES.md
-#   make grade                                   in the copy: one line an exercise (passed / failed / not attempted)
+#   make exercises [STUDENT=../rwml-student]    the copy and its EXERCISES.md (the standard library only: the
+#                                                environment's python once installed, else python3)
+#   make grade                                   in the copy: installs first, as `make test`, then one line an
+#                                                exercise (passed / failed / not attempted) and each failed test
 STUDENT ?= ../rwml-student
 exercises:
-	$(PYTHON) course/exercises.py make $(STUDENT)
+	$(if $(wildcard $(PYTHON)),$(PYTHON),python3) course/exercises.py make $(STUDENT)
 
-grade:
+grade: install
 	$(PYTHON) course/exercises.py grade

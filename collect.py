@@ -12,244 +12,54 @@ Writes, in --out:
 The acting policy is the model itself (the paper's self-play). `--policy random` samples uniformly
 from the admissible commands instead, and `--epsilon e` lets the model act but takes a random
 admissible command with probability e: a tiny model writes almost no admissible action, so on CPU
-these behaviours give the world model transitions worth learning from. No expert data is used.
+these behaviours give the world model transitions worth learning from. `--invalid-rate q` makes the random
+policy send, with probability q, a command admissible earlier in the episode but not now: a stand-in for an
+imperfect agent's invalid actions (the paper's self-play data: 59% invalid). No expert data is used.
 
-This file holds ALFWorld's loop; τ²-bench (`--env tau2`) is played by support/tau2_env.py, picked in one place
-(`environment switch` below). ALFWorld's engine glue is support/alfworld_env.py.
+Below: the flags (those of how episodes are played, shared with train_policy.py and evaluate.py, are in
+support/play.py), the agent's prompt, the batched episode loop, the records. This file holds ALFWorld's loop;
+τ²-bench (`--env tau2`) is played by support/tau2_env.py, picked in one place (`environment switch` below).
+ALFWorld's engine glue is support/alfworld_env.py.
 """
 
-import math
 import random
 import re
 import time
-from dataclasses import dataclass, fields
 from pathlib import Path
 
 from tqdm import tqdm
 
 from support.alfworld_env import SPLITS, game_id, list_games, make_env, split_intro, task_type
-from support.checks import at_least, check_disk, check_model, claim_out, fail, fraction, non_negative, parser, positive
+from support.checks import at_least, check_disk, check_model, claim_out, fail, fraction, parser
 from support.episode import Episode, summary
 from support.lm import TINY_MODEL, chat_prompt, hit_limit, load_model, sample, strip_thinking
-from support.memory import CPU_BATCH, sampling_batch
+from support.play import add_plan_args, add_play_args, plan_batch, play_defaults, play_settings
 from support.runs import append_jsonl, plot_metrics, resume_jsonl, run_stage, set_seed
 from support.schema import METRICS, ROLLOUT, TRIPLET
-
-ROLLOUT_FIELDS = (
-    "env",
-    "game",
-    "split",
-    "task_type",
-    "task",
-    "episode",
-    "won",
-    "steps",
-    "invalid",
-    "turns",
-    "policy",
-    "epsilon",
-    "model",
-    "seed",
-)
-TURN_FIELDS = ("observation", "output", "action", "valid", "behaviour")
-TRIPLET_FIELDS = ("id", "env", "game", "task", "history", "state", "action", "next_state", "valid")
 
 
 def parse_args(argv=None):
     p = parser(__doc__)
     p.add_argument("--split", default="train", help=f"ALFWorld split ({', '.join(SPLITS)}); τ²: train or test")
-    p.add_argument(
-        "--games",
-        type=at_least(),
-        default=None,
-        help="play N games (τ²: tasks) of the split, spread over task types / domains (default: all)",
-    )
-    p.add_argument(
-        "--first-game",
-        type=at_least(0),
-        default=0,
-        help="start at game K of the split's order, so that runs can play disjoint games (default: 0)",
-    )
+    p.add_argument("--games", type=at_least(), default=None, help="N games (τ²: tasks) of the split (default: all)")
+    p.add_argument("--first-game", type=at_least(0), default=0, help="start at game K of the split (disjoint runs)")
     p.add_argument("--episodes", type=at_least(), default=3, help="episodes per game (paper: 3)")
-    add_play_args(p, temperature=1.0, batch_games=None)
-    add_plan_args(p)
-    p.add_argument(
-        "--policy",
-        default="model",
-        choices=["model", "random"],
-        help="who acts: the model, or uniform over admissible commands",
-    )
-    p.add_argument(
-        "--epsilon",
-        type=fraction(),
-        default=0.0,
-        help="with --policy model: probability of a random admissible command instead",
-    )
-    p.add_argument(
-        "--invalid-rate",
-        type=fraction(),
-        default=0.0,
-        help="with --policy random: probability of a command admissible earlier in the episode but not now, "
-        "a stand-in for an imperfect agent's invalid actions (the paper's self-play data: 59%% invalid)",
-    )
-    p.add_argument(
-        "--model",
-        type=check_model,
-        default=TINY_MODEL,
-        help="HF id or local folder (default: SmolLM2-135M-Instruct, offline)",
-    )
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "bf16", "fp32"],
-        help="weights dtype (auto: bf16 on CUDA, fp32 on CPU)",
-    )
+    p.add_argument("--policy", default="model", choices=["model", "random"], help="the model, or random admissible")
+    p.add_argument("--epsilon", type=fraction(), default=0.0, help="model policy: P(a random admissible command)")
+    p.add_argument("--invalid-rate", type=fraction(), default=0.0, help="random policy: P(a command no longer valid)")
+    p.add_argument("--model", type=check_model, default=TINY_MODEL, help="HF id or folder (default: SmolLM2-135M)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 on CUDA, else fp32")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", default="runs/collect", help="output folder")
-    p.add_argument(
-        "--resume", action="store_true", help="continue a killed run in --out: keep its whole episodes, play the rest"
-    )
+    p.add_argument("--resume", action="store_true", help="continue a killed run in --out: play the missing episodes")
+    add_play_args(p, temperature=1.0, batch_games=None)  # --env --max-steps --history ... --user-model (support/play)
+    add_plan_args(p)  # --max-memory-gb --dry-run
     args = play_defaults(p.parse_args(argv), max_steps=30)
     if args.env == "tau2" and args.policy == "random":
         p.error("--policy random needs ALFWorld's admissible commands; τ²-bench has none")
     if args.invalid_rate and args.policy != "random":
         p.error("--invalid-rate is a share of the random policy's commands: use it with --policy random")
     return args
-
-
-TAU2_MAX_STEPS = 200  # tau2.config.DEFAULT_MAX_STEPS: τ²'s runs end after 200 orchestrator steps (every message)
-# new tokens per agent turn: ALFWorld's think + action; τ²: room for Qwen3's own think block before its message
-# (the share of turns cut at this limit is logged as cut_turn_rate: raise --max-new-tokens if it is not ~0)
-AGENT_TOKENS = dict(alfworld=256, tau2=1024)
-
-
-def add_play_args(p, temperature, batch_games):
-    """The flags of how episodes are played (the fields of `Play`), shared by collect.py, train_policy.py and
-    evaluate.py with their own defaults (--max-steps and --max-new-tokens: see `play_defaults`)."""
-    p.add_argument("--env", default="alfworld", choices=["alfworld", "tau2"], help="ALFWorld or τ²-bench")
-    p.add_argument(
-        "--max-steps",
-        type=at_least(),
-        default=None,
-        help="ALFWorld: agent steps per episode (paper: 30 at evaluation, 15 in policy RL); τ²: orchestrator steps "
-        f"(every agent, user and tool message), as τ² counts them (default: τ²'s own {TAU2_MAX_STEPS})",
-    )
-    p.add_argument(
-        "--history", type=at_least(0), default=2, help="H: previous (observation, action) turns shown to the agent"
-    )
-    p.add_argument(
-        "--temperature",
-        type=non_negative("0 is greedy"),
-        default=temperature,
-        help="sampling temperature (paper: 1.0 for collection and policy RL)",
-    )
-    p.add_argument(
-        "--max-new-tokens",
-        type=at_least(),
-        default=None,
-        help=f"tokens the agent may write per turn, thinking included (default: {AGENT_TOKENS['alfworld']} ALFWorld, "
-        f"{AGENT_TOKENS['tau2']} τ²)",
-    )
-    p.add_argument(
-        "--batch-games",
-        type=at_least(),
-        default=batch_games,
-        help="B: episodes played in parallel, one batched generate call per turn (collect, evaluate: 8 on CPU; with "
-        "--max-memory-gb or on CUDA, as many as the memory plan fits)",
-    )
-    p.add_argument(
-        "--domain",
-        nargs="+",
-        default=["retail", "telecom", "airline"],
-        help="τ²-bench domains (retail, airline, telecom; mock: tau2's small test domain)",
-    )
-    p.add_argument(
-        "--tasks", nargs="+", default=None, help="τ²: only these task ids (domain/id, or an id of the first --domain)"
-    )
-    p.add_argument(
-        "--user-model",
-        default="local",
-        help="τ² user simulator: 'local' (the --model itself, batched with the agent), 'local:MODEL' (one fixed "
-        "local model, HF id or folder, loaded once, at τ²'s user temperature 0), or a litellm model id, e.g. "
-        "gpt-4.1, or openai/<name> with OPENAI_API_BASE=http://host:port/v1 for a local OpenAI-compatible server "
-        "(paper: one fixed strong user, Qwen3-235B-A22B-Instruct or GPT-4.1)",
-    )
-
-
-def add_plan_args(p):
-    """--max-memory-gb and --dry-run of the stages that only sample (collect.py, evaluate.py): the training scripts
-    have theirs in grpo.add_grpo_args."""
-    p.add_argument(
-        "--max-memory-gb",
-        type=positive(),
-        default=None,
-        help="memory of the device (default: the card's on CUDA): --batch-games as large as the memory plan fits",
-    )
-    p.add_argument("--dry-run", action="store_true", help="print the memory and time plans and exit")
-
-
-def plan_batch(args, model, episodes, prompt_len=None, embedder=0):
-    """--batch-games for `episodes` episodes of `model`: on CPU --batch-games (default 8); with a memory budget
-    (--max-memory-gb, or the card on CUDA) as many as the memory plan fits (memory.sampling_batch). A turn is
-    planned at prompt_len tokens (default: 1,536 ALFWorld, 8,192 τ², as train_policy.py) + --max-new-tokens.
-    --dry-run: the memory plan and the time plan (every episode to --max-steps: an upper bound), then exit."""
-    prompt_len = prompt_len or (8192 if args.env == "tau2" else 1536)
-    new, steps = args.max_new_tokens, args.max_steps
-
-    def work(mb, gb):
-        calls = math.ceil(episodes / gb) * steps  # generate calls: a turn of up to gb episodes each
-        context = prompt_len + new // 2
-        return {
-            "episodes": dict(
-                prefill=episodes * steps * prompt_len, steps=calls * new, rows=min(episodes, gb), context=context
-            )
-        }
-
-    return sampling_batch(
-        args.batch_games,
-        model,
-        args.dtype,
-        prompt_len,
-        new,
-        args.max_memory_gb,
-        args.dry_run,
-        embedder=embedder,
-        work=work,
-    )
-
-
-def play_defaults(args, max_steps, tokens=True):
-    """--max-steps and --max-new-tokens where not given: `max_steps` agent steps on ALFWorld, τ²'s own 200
-    orchestrator steps; AGENT_TOKENS (`tokens=False`: leave --max-new-tokens as given)."""
-    args.max_steps = args.max_steps or (TAU2_MAX_STEPS if args.env == "tau2" else max_steps)
-    if tokens:
-        args.max_new_tokens = args.max_new_tokens or AGENT_TOKENS[args.env]
-    return args
-
-
-@dataclass
-class Play:
-    """How episodes are played: what `play` and the records need, and nothing else."""
-
-    env: str = "alfworld"
-    max_steps: int = 30
-    history: int = 2  # H
-    temperature: float = 1.0
-    max_new_tokens: int = 256
-    batch_games: int = 8
-    seed: int = 0
-    policy: str = "model"  # or "random": uniform over the admissible commands (ALFWorld)
-    epsilon: float = 0.0  # with policy "model": probability of a random admissible command instead
-    invalid_rate: float = 0.0  # with policy "random": probability of a command admissible earlier, not now
-    model: str = TINY_MODEL  # the name the rollouts record
-    user_model: str = "local"  # τ²'s user simulator
-
-
-def play_settings(args, **override):
-    """The `Play` settings of a script's flags (those it has), with `override` on top."""
-    settings = Play(**{f.name: getattr(args, f.name) for f in fields(Play) if hasattr(args, f.name)} | override)
-    settings.batch_games = settings.batch_games or CPU_BATCH  # None: not sized by a plan (`plan_batch`)
-    return settings
 
 
 # ---------------------------------------------------------------------------------------------
@@ -540,7 +350,7 @@ def record_episodes(
     for f in (f_roll, f_trip, f_metrics):
         f.close()
     if plot:
-        plot_metrics(Path(out) / "metrics.jsonl")
+        plot_metrics(Path(out) / "metrics.jsonl", xlabel="episode")  # a line an episode (`step`: episodes so far)
     return rollouts
 
 
@@ -549,20 +359,23 @@ def collect(args, model=None, tok=None, desc="collect"):
     games = select_games(args.env, args.split, args.games, args.domain, args.tasks, args.first_game)
     if args.policy == "model" and model is None:
         args.batch_games = plan_batch(args, args.model, len(games) * args.episodes)  # --dry-run exits here
+    elif args.dry_run:
+        print(f"--dry-run: {len(games) * args.episodes} episodes of the random policy: no model to plan for")
+        raise SystemExit(0)
+    claim_out(args.out, "collect", args.resume)  # the games check out: --out is this run's
     return record_episodes(
         games, args.split, args.episodes, play_settings(args), args.out, args.resume, model, tok, args.dtype, desc
     )
 
 
 def main(args):
-    if not args.dry_run:
-        claim_out(args.out, "collect", args.resume)
     rollouts = collect(args)
     s = summary(rollouts)
     print(
         f"{len(rollouts)} episodes, success {s['success']:.3f}, invalid-action rate {s['invalid_rate']:.3f}, "
         f"mean steps {s['mean_steps']:.1f} -> {args.out}/rollouts.jsonl, triplets.jsonl"
     )
+    print(f"next: python train_wm.py --mode filter --triplets {args.out}/triplets.jsonl --out ...")
 
 
 if __name__ == "__main__":

@@ -33,15 +33,7 @@ from pathlib import Path
 
 import torch
 
-from collect import (
-    add_plan_args,
-    add_play_args,
-    plan_batch,
-    play_defaults,
-    play_settings,
-    record_episodes,
-    select_games,
-)
+from collect import record_episodes, select_games
 from grpo import collate, completion_logits
 from reward import (
     DEFAULT_EMBEDDER,
@@ -57,6 +49,7 @@ from support.checks import at_least, check_model, claim_out, distance_threshold,
 from support.episode import summary
 from support.lm import TINY_MODEL, chat_prompt, load_model, load_tokenizer
 from support.memory import CPU_BATCH
+from support.play import add_plan_args, add_play_args, plan_batch, play_defaults, play_settings
 from support.runs import plot_metrics, read_jsonl, run_stage, write_jsonl
 from support.schema import PREDICTION, PROMPT, TRIPLET
 from train_wm import heldout_scores, predict_and_score, wm_budget
@@ -276,7 +269,7 @@ def check_args(args):
 
 
 def plan_eval_batch(args):
-    """--batch-games sized by the memory plan of the first --model (collect.plan_batch): episodes of every split and
+    """--batch-games sized by the memory plan of the first --model (play.plan_batch): episodes of every split and
     run, or with --wm the held-out triplets (their longest prompt, the embedder counted)."""
     path = args.models[0][1]
     if not args.wm:
@@ -487,6 +480,9 @@ def main(args):
         check_args(args)  # every model folder and the held-out file, before the first model loads
         if not args.forgetting:  # --batch-games for the card (--dry-run: the memory and time plans, then exit)
             args.batch_games = plan_eval_batch(args)
+        elif args.dry_run:
+            print(f"--dry-run: {len(args.models)} models, each beside {args.forgetting} in fp32: no batch to plan")
+            raise SystemExit(0)
         claim_out(
             args.out,
             "evaluate --forgetting" if args.forgetting else "evaluate --wm" if args.wm else "evaluate",

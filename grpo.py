@@ -57,7 +57,8 @@ def add_grpo_args(p):
         "--seq-mean",
         dest="token_mean",
         action="store_false",
-        help="average the loss per sequence, then over sequences (default: over all tokens)",
+        help="average the loss per sequence, then over sequences (the GRPO paper's form; without it: the token "
+        "mean over all completion tokens of the batch)",
     )
     g.add_argument(
         "--micro-batch", type=at_least(), default=8, help="sequences per forward/backward (gradient accumulation)"
@@ -106,7 +107,7 @@ def add_grpo_args(p):
     g.add_argument(
         "--dry-run",
         action="store_true",
-        help="print the memory plan (weights, grads, AdamW, activations, KV cache) and exit",
+        help="print the memory plan (weights, grads, AdamW, activations, KV cache) and the time plan, and exit",
     )
 
 

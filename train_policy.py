@@ -25,13 +25,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from collect import add_play_args, play, play_defaults, play_settings, rollout_record, select_games
+from collect import play, rollout_record, select_games
 from grpo import add_grpo_args, check_precision, group_advantages, grpo_update, save_checkpoint, start_training
 from support.checks import SkipCounter, at_least, check_model, claim_out, parser
 from support.distributed import all_sum, full_weights, gather, init_distributed
 from support.episode import summary
 from support.lm import TINY_MODEL
 from support.memory import check_checkpoint_disk, fit_memory, peak_memory
+from support.play import add_play_args, play_defaults, play_settings
 from support.runs import append_jsonl, open_step_log, plot_metrics, read_jsonl, run_stage, set_seed
 
 
@@ -145,9 +146,9 @@ def turn_batch(episodes, G):
 def main(args):
     rank, world = init_distributed()  # (0, 1) unless started by torchrun
     set_seed(args.seed + rank)  # ranks play differently; DDP starts them all from rank 0's weights
-    out = claim_out(args.out, "train_policy", args.resume) if rank == 0 else Path(args.out)
-    ckpt = out / "checkpoint"
     games = check_args(args)  # the games, and the memory plan (--dry-run prints it and exits), before the model loads
+    out = claim_out(args.out, "train_policy", args.resume) if rank == 0 else Path(args.out)  # once they check out
+    ckpt = out / "checkpoint"
     settings = play_settings(args)  # the model acts alone (policy "model"), every episode of a step in flight at once
     model, tok, ref_model, optimizer, start = start_training(args, ckpt, reference=True)
     user = None
@@ -216,6 +217,7 @@ def main(args):
             f"{rows[0]['invalid_rate']:.3f} -> {rows[-1]['invalid_rate']:.3f}, updates with signal "
             f"{sum(r['updated'] for r in rows)} of {len(rows)}; model: {ckpt}/model"
         )
+    print(f"next: python evaluate.py --model NAME={ckpt}/model --out ...  (Table 1; τ²: Table 2, with --env tau2)")
     return rows
 
 

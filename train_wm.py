@@ -13,7 +13,7 @@ environment from triplets collected by collect.py.
 Modes (the easy-triplet filter of Sec. 3.2 is the first three commands: split, an auxiliary model pi', filter):
   split   --val-frac (10%) of the games -> heldout.jsonl, the rest -> train.jsonl. pi' trains on heldout.jsonl,
           which is also the held-out world-model set: pi' is never evaluated, no evaluated model trains on it
-  sft     the WM SFT baseline (and pi'): cross-entropy on "<think> </think><next_state>{s}</next_state>"
+  sft     the WM SFT baseline (and pi'): cross-entropy on an empty thought, then "<next_state>{s}</next_state>"
   filter  the easy-triplet filter: --model (pi') makes K predictions per triplet; a triplet whose mean reward
           reaches tau_easy is easy and kept with probability 0.1; writes triplets.filtered.jsonl
   rwml    GRPO with the sim-to-real gap reward: r = 1[1 - cos(E(s_hat), E(s)) < tau_d]   (the method)
@@ -90,7 +90,13 @@ THINK_TOKENS = 512
 
 def parse_args(argv=None):
     p = parser(__doc__)
-    p.add_argument("--mode", default="rwml", choices=["rwml", "sft", "filter", "split"], help="what to run (Modes)")
+    p.add_argument(
+        "--mode",
+        default="rwml",
+        choices=["rwml", "sft", "filter", "split"],
+        help="rwml: GRPO on the sim-to-real reward (the method); sft: the WM SFT baseline (and pi'); filter: the "
+        "easy-triplet filter (writes triplets.filtered.jsonl); split: pi''s share of the games (see Modes above)",
+    )
     p.add_argument("--triplets", required=True, help="triplets.jsonl from collect.py (or filtered by --mode filter)")
     p.add_argument("--model", type=check_model, default=TINY_MODEL, help="HF id or local folder to start from")
     p.add_argument(
@@ -121,9 +127,9 @@ def parse_args(argv=None):
     # RWML (paper, ALFWorld: group 8, lr 1e-6, batch 32, 2 epochs)
     p.add_argument(
         "--group-size",
-        type=at_least(2, "GRPO normalises within a group"),
+        type=int,  # checked in parse_args where it is used: --mode rwml
         default=8,
-        help="G: predictions sampled per triplet (paper: 8 ALFWorld, 16 tau2)",
+        help="G: predictions sampled per triplet in --mode rwml, at least 2 (paper: 8 ALFWorld, 16 tau2)",
     )
     p.add_argument("--batch-size", type=at_least(), default=32, help="triplets per update (paper: 32)")
     p.add_argument("--epochs", type=positive(), default=2, help="passes over the training triplets (paper: 2)")
@@ -190,7 +196,10 @@ def parse_args(argv=None):
     )  # --lr, --clip-eps, --beta, --ppo-epochs, --micro-batch, --lora-rank, --dtype, --grad-checkpointing, ...
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", default="runs/wm", help="output folder")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.mode == "rwml" and args.group_size < 2:  # checked where it is used: sft and the filter sample no group
+        p.error(f"--group-size must be ≥ 2 (GRPO normalises within a group), got {args.group_size}")
+    return args
 
 
 def check_args(args, world):
@@ -318,9 +327,9 @@ def heldout_split(triplets, frac, seed):
 
 
 def wm_budget(tok, triplets):
-    """The default token budget of a prediction: the longest real next state of `triplets`, in tags and tokens,
+    """The default token budget of a prediction: the longest real next state of `triplets`, in its tags, in tokens,
     and THINK_TOKENS for the think block (a budget cut before </next_state> scores 0: `truncated` counts them)."""
-    texts = [f"<think>\n\n</think>\n\n<next_state>{t['next_state']}</next_state>" for t in triplets]
+    texts = [f"<next_state>{t['next_state']}</next_state>" for t in triplets]
     return max(len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]) + THINK_TOKENS
 
 
@@ -377,6 +386,8 @@ def sft_target(tok, triplet):
     is written as Qwen3's template writes an assistant turn without reasoning, so that the target is one think
     block after a prompt that opens none (tests/test_chat_templates.py)."""
     # ---- EXERCISE 8: the WM SFT target (paper Sec. 3.2) ----
+    # Eq. WM SFT target: y = "<think>\n\n</think>\n\n" + "<next_state>" + s + "</next_state>", then the end token
+    # (the empty thought as Qwen3's template writes an answer without reasoning; no special tokens before it)
     text = f"<think>\n\n</think>\n\n<next_state>{triplet['next_state']}</next_state>"
     return tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     # ---- END EXERCISE 8 ----
@@ -470,14 +481,21 @@ def run_filter(args, triplets, model, tok, embed):
         f"{mix} -> {out}/triplets.filtered.jsonl\nnext: --triplets {out}/triplets.filtered.jsonl --heldout "
         f"{out}/heldout.jsonl for --mode rwml and --mode sft"
     )
+    print(
+        f"next: python train_wm.py --mode rwml --triplets {out}/triplets.filtered.jsonl --heldout {out}/heldout.jsonl"
+        " --model ... --out ...  (the same for --mode sft: the held-out games, set aside before the filter)"
+    )
     return stats
 
 
 def main(args):
     rank, world = init_distributed()  # (0, 1) unless started by torchrun
     set_seed(args.seed + rank)  # ranks sample differently; DDP starts them all from rank 0's weights
-    out = claim_out(args.out, f"train_wm --mode {args.mode}", args.resume) if rank == 0 else Path(args.out)
     triplets, train, heldout = check_args(args, world)  # every cross-check before the model loads
+    if args.mode != "split":  # (split loads no model)
+        plan_memory(args, triplets, train, heldout)  # --dry-run: the memory and time plans, then exit
+    # --out is this run's once the data checked out and the plan fits (a dry run or a data error leaves it as it was)
+    out = claim_out(args.out, f"train_wm --mode {args.mode}", args.resume) if rank == 0 else Path(args.out)
     ckpt = out / "checkpoint"
     if args.mode == "split":  # the paper's 10% of the data for pi' (Sec. 3.2), by game; no model
         write_jsonl(out / "heldout.jsonl", heldout)
@@ -490,7 +508,6 @@ def main(args):
             f"--model PI_PRIME/checkpoint/model --triplets {out}/train.jsonl --heldout {out}/heldout.jsonl"
         )
         return dict(heldout=len(heldout), train=len(train))
-    plan_memory(args, triplets, train, heldout)  # --dry-run: the memory and time plans, then exit
     if args.mode == "filter":  # the held-out games are set aside before the filter: it scores the training games
         write_jsonl(out / "heldout.jsonl", heldout)
         model, tok = load_model(args.model, dtype=args.dtype)
@@ -612,7 +629,8 @@ def main(args):
         if updates and all(r["train/no_signal_groups"] == r["train/groups"] for r in updates)
         else None,
     ]
-    print(*[w for w in warnings if w], f"model: {ckpt}/model", sep="\n")
+    print(*[w for w in warnings if w], sep="\n")
+    print(f"next: python train_policy.py --model {ckpt}/model --out ...  (or evaluate.py --model NAME={ckpt}/model)")
     return rows
 
 

@@ -1,4 +1,4 @@
-"""The memory plan (grpo.memory_plan) next to measured peaks, and the plan at paper scale.
+"""The memory plan (support/memory.py: memory_plan) next to measured peaks, and the plan at paper scale.
 
     python bench/memory_plan.py            # tiny model: planned vs measured peak of one update and one sampling call
     python bench/memory_plan.py --paper    # the plan for Qwen2.5-7B-Instruct and Qwen3-8B (no download: configs below)

@@ -1,7 +1,8 @@
 """The course kit: a student copy of the project with the paper's equations cut out, and its grader.
 
     python course/exercises.py make ../rwml-student   # (make exercises) the copy, with EXERCISES.md
-    python course/exercises.py grade                  # (make grade, in the copy) one line an exercise, a total
+    python course/exercises.py grade                  # (make grade, in the copy) one line an exercise, a total,
+                                                      # and each failed test with its first failing line
     python course/exercises.py fill ../rwml-student   # put the reference blocks back (the solution key;
                                                       # --only 1 3: those exercises)
 
@@ -15,10 +16,14 @@ An exercise is a block of the reference code between two marker comments:
 The student copy keeps the markers and the block's comment lines (the equation) and replaces its code by
 `raise NotImplementedError("Exercise 4: the clipped surrogate, see paper Sec. 3.2")`. The graders are the
 project's own tests (hand-computed values and properties on real tensors, the real tiny model and
-embedder): the copy holds no answer.
+embedder): the copy holds no answer. The copy is a git repository of its own with every file staged and no
+commit (`git diff` shows the student's work), so it can make a copy in turn, as the reference does.
 """
 
 import argparse
+import contextlib
+import io
+import linecache
 import re
 import shutil
 import subprocess
@@ -85,7 +90,8 @@ EXERCISES = {
         ["tests/test_train_wm.py::test_filter_keeps_hard_triplets_and_a_tenth_of_easy_ones"],
     ),
     8: (
-        "Return WM SFT's target token ids: an empty thought, the real next state in its tags, the end of turn.",
+        "Return WM SFT's target token ids `y` (the equation above, tokenised without special tokens, then the "
+        "tokenizer's end token): the answer a world model without reasoning writes.",
         [
             "tests/test_train_wm.py::test_sft_target_is_an_empty_thought_then_the_real_next_state",
             "tests/test_train_wm.py::test_sft_lowers_the_loss_on_its_batch",
@@ -149,6 +155,8 @@ def make(out):
     for f in SOURCES:
         (out / f).write_text(BLOCK.sub(stub, (ROOT / f).read_text()))
     (out / "EXERCISES.md").write_text(exercises_md(blocks(ROOT)))
+    for git_args in (["init", "-q"], ["add", "-A"]):  # its files staged: `git ls-files` lists them, `git diff` the work
+        subprocess.run(["git", *git_args], cwd=out, check=True, capture_output=True)
     print(f"student copy with {len(EXERCISES)} exercises -> {out} (see {out}/EXERCISES.md)")
 
 
@@ -197,38 +205,68 @@ def exercises_md(reference):
     return "\n".join(lines)
 
 
+class Progress:
+    """A pytest plugin: each test's outcome, where it first failed, and a line on stderr as each test ends."""
+
+    def __init__(self):
+        self.total, self.done, self.outcome, self.where = 0, 0, {}, {}
+
+    def pytest_collection_finish(self, session):
+        self.total = len(session.items)
+
+    def pytest_runtest_logreport(self, report):  # setup, call and teardown of a test: a failure in any fails it
+        if report.failed and self.outcome.get(report.nodeid) != "FAILED":
+            self.outcome[report.nodeid] = "FAILED"
+            crash = getattr(report.longrepr, "reprcrash", None)
+            self.where[report.nodeid] = first_failing_line(crash) if crash else str(report.longrepr).splitlines()[-1]
+        elif report.when == "call" or report.skipped:
+            self.outcome.setdefault(report.nodeid, "PASSED" if report.passed else "SKIPPED")
+
+    def pytest_runtest_logfinish(self, nodeid):
+        self.done += 1
+        print(f"  [{self.done}/{self.total}] {self.outcome.get(nodeid, '?'):<7} {nodeid}", file=sys.stderr, flush=True)
+
+
+def first_failing_line(crash):
+    """`file:line: ...` of a failure: where it was raised, its source line when that is an assertion, and the
+    message's first line (an assertion's values, or the exception: an exercise's stub names its exercise)."""
+    path = Path(crash.path)
+    where = f"{path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}:{crash.lineno}"
+    message = crash.message.splitlines()[0] if crash.message else ""
+    source = linecache.getline(str(path), crash.lineno).strip()
+    shown = f"{source}  ({message})" if source.startswith("assert") else message
+    return f"{where}: {shown}"[:200]
+
+
 def grade(root=ROOT):
-    """One line an exercise (passed / failed / not attempted) and the total; returns the number passed."""
+    """One line an exercise (passed / failed / not attempted), under it each failed test with its first failing
+    line, and the total; a line on stderr as each test ends. Returns the number of exercises passed."""
     found = blocks(root)
     todo = set(found) - set(unanswered(found))
     graders = sorted({g for n in todo for g in EXERCISES[n][1]})
-    outcome = {}
+    progress = Progress()
     if graders:
-        r = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "-n", "0", *graders],
-            cwd=root,
-            capture_output=True,
-            text=True,
-        )
-        for line in r.stdout.splitlines():
-            word, _, node = line.partition(" ")
-            if word in ("PASSED", "FAILED", "ERROR"):
-                outcome[node.split(" - ")[0]] = word
+        try:
+            import pytest  # the project's environment (make install); grading nothing needs none
+        except ImportError:
+            raise SystemExit("error: grading runs the tests: `make grade` installs the environment first") from None
+        print(f"grading {len(todo)} exercises: {len(graders)} tests", file=sys.stderr)
+        with contextlib.chdir(root), contextlib.redirect_stdout(io.StringIO()):  # pytest's own report: not shown
+            pytest.main(["-q", "--tb=short", "-p", "no:cacheprovider", "-n", "0", *graders], plugins=[progress])
+    titles = {n: BLOCK.match(found[n][1])["title"] for n in EXERCISES}
+    width = max(map(len, titles.values()))
     passed = 0
     for n, (_, tests) in EXERCISES.items():
-        title = BLOCK.match(found[n][1])["title"]
-        if n not in todo:
-            status = "not attempted"
-        else:
-            runs = [o for node, o in outcome.items() if any(node == t or node.startswith(t + "[") for t in tests)]
-            ok = runs and all(o == "PASSED" for o in runs)
-            status = (
-                f"passed ({len(runs)} of {len(runs)} tests)"
-                if ok
-                else f"failed ({runs.count('PASSED')} of {len(runs)} tests)"
-            )
-            passed += bool(ok)
-        print(f"Exercise {n}: {title:<40} {status}")
+        runs = {
+            node: o for node, o in progress.outcome.items() if any(node == t or node.startswith(t + "[") for t in tests)
+        }
+        ok = n in todo and runs and all(o == "PASSED" for o in runs.values())
+        count = f"({sum(o == 'PASSED' for o in runs.values())} of {len(runs)} tests)"
+        status = "not attempted" if n not in todo else f"passed {count}" if ok else f"failed {count}"
+        print(f"Exercise {n:>2}: {titles[n]:<{width}}  {status}")
+        for node in [node for node, o in runs.items() if o != "PASSED"] if n in todo else []:
+            print(f"    {node}\n        {progress.where.get(node, 'not run (a test of its file failed to import?)')}")
+        passed += bool(ok)
     print(f"total: {passed} of {len(EXERCISES)} exercises passed")
     return passed
 

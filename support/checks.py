@@ -32,9 +32,19 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}\n")
 
 
+class DefaultsOnce(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default said once: argparse's "(default: X)" unless the help says its own default,
+    or there is none to say (None; a switch, whose help says what it turns on)."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or "") or action.default is None or action.nargs == 0:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parser(doc):
     """The command line of a stage script: its docstring's first paragraph as description, defaults in --help."""
-    return OneLineParser(description=doc.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    return OneLineParser(description=doc.split("\n\n")[0], formatter_class=DefaultsOnce)
 
 
 # ---------------------------------------------------------------------------------------------

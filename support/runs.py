@@ -123,6 +123,8 @@ def run_stage(main, args, checkpoint=None, resumable=True):
     """main(args) of a stage script. Ctrl-C ends it with one line instead of a traceback, exit status 130: where
     its last checkpoint is (or that its records in --out end on whole lines) and the command that continues it."""
     argv = ["python", *(a for a in sys.argv if a != "--resume")]  # now: ALFWorld's planner rewrites sys.argv
+    # no "Loading weights" bars of transformers / huggingface_hub between the stage's own (read at their import)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         return main(args)
     except KeyboardInterrupt:
@@ -194,8 +196,9 @@ def find_checkpoint(folder):
     return folder
 
 
-def plot_metrics(jsonl_path, png_path=None, x="step"):
-    """Turn a metrics JSONL into one PNG with a panel per numeric metric (x: `x`, else line index)."""
+def plot_metrics(jsonl_path, png_path=None, x="step", xlabel=None):
+    """Turn a metrics JSONL into one PNG with a panel per numeric metric (x: `x`, else line index; its axis
+    labelled `xlabel`, by default the name of x)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -220,7 +223,7 @@ def plot_metrics(jsonl_path, png_path=None, x="step"):
         pts = [(r.get(x, i), r[k]) for i, r in enumerate(rows) if isinstance(r.get(k), (int, float))]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 50 else None)
         ax.set_title(k, fontsize=9)
-        ax.set_xlabel(x if any(x in r for r in rows) else "record")
+        ax.set_xlabel(xlabel or (x if any(x in r for r in rows) else "record"))
     for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
     fig.savefig(png_path, dpi=100)

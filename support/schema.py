@@ -109,6 +109,8 @@ def problem(row, schema, required=()):
     of the schema that this reader needs."""
     for field in [*schema.required, *required]:
         if field not in row:
+            if schema is TRIPLET and problem(row, ROLLOUT) is None:
+                return "a rollout (one episode), not a triplet: pass the triplets.jsonl written beside rollouts.jsonl"
             return f"missing field {field!r}"
     for field, value in row.items():
         kind = schema.required.get(field) or schema.optional.get(field) or schema.other

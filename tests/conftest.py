@@ -50,18 +50,19 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: (first[group.get(item, item)], str(group.get(item, "")), order[item]))
 
 
-def run_script(script, *argv, env=None):
-    """`python script argv` from the project's folder, in this process: its exit status, stdout and stderr as the
-    interpreter gives them (SystemExit("error: ...") printed with status 1, an exception as its traceback), without
-    the ~10 s a fresh process pays for its imports. (What needs its own process, a kill or torchrun, starts one.)"""
+def run_script(script, *argv, env=None, cwd=ROOT):
+    """`python script argv` from the project's folder (or `cwd`), in this process: its exit status, stdout and stderr
+    as the interpreter gives them (SystemExit("error: ...") printed with status 1, an exception as its traceback),
+    without the ~10 s a fresh process pays for its imports. (What needs its own process, a kill or torchrun, starts
+    one.)"""
     out, err, saved = io.StringIO(), io.StringIO(), (sys.argv, os.getcwd(), dict(os.environ))
     sys.argv = [script, *map(str, argv)]
     os.environ.update(env or {})
-    os.chdir(ROOT)
+    os.chdir(cwd)
     try:
         with redirect_stdout(out), redirect_stderr(err):
             try:
-                runpy.run_path(script, run_name="__main__")
+                runpy.run_path(str(ROOT / script), run_name="__main__")
                 rc = 0
             except SystemExit as e:
                 rc = e.code if isinstance(e.code, int) else 0 if e.code is None else 1

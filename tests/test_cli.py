@@ -157,6 +157,13 @@ def test_a_bad_argument_is_one_error_line(script, argv, rc, message, triplets, t
     assert_one_error_line(run_script(script, *argv), rc, message)
 
 
+def test_group_size_is_checked_where_it_is_used():
+    from train_wm import parse_args
+
+    assert parse_args(["--triplets", "t.jsonl", "--mode", "sft", "--group-size", "1"]).group_size == 1  # no groups
+    assert parse_args(["--triplets", "t.jsonl", "--mode", "filter", "--group-size", "1"]).mode == "filter"
+
+
 def test_missing_alfworld_data_is_one_error_line(tmp_path):
     r = run_script("collect.py", "--policy", "random", "--out", tmp_path / "out", env={"ALFWORLD_DATA": "/nonexistent"})
     assert_one_error_line(r, 1, "ALFWorld data not found: /nonexistent")
@@ -183,6 +190,13 @@ BAD_TRIPLETS = [  # file bytes -> the error (support/schema.py: TRIPLET); each c
     (lines(TRIPLET, dict(GOOD, history=[["a"]])), "t.jsonl:2: `history` must be a list of [observation, action]"),
     (lines(TRIPLET, dict(GOOD, valid="yes")), 't.jsonl:2: `valid` must be true or false, got "yes"'),
     (lines(TRIPLET, GOOD) * 2, "t.jsonl:3: id 'g#0#0' is already on line 1 (each triplet once in a file"),
+    (  # collect.py's other file, passed by mistake
+        lines(
+            dict(env="alfworld", game="g", split="train", task_type="pick", task="t", episode=0, won=False, steps=1)
+            | dict(invalid=0, turns=[dict(action="look", valid=True)], policy="random", epsilon=0.0, model=None, seed=0)
+        ),
+        "t.jsonl:1: a rollout (one episode), not a triplet: pass the triplets.jsonl written beside rollouts.jsonl",
+    ),
 ]
 
 

@@ -11,9 +11,6 @@ from collections import Counter
 import pytest
 
 from collect import (
-    ROLLOUT_FIELDS,
-    TRIPLET_FIELDS,
-    TURN_FIELDS,
     act,
     collect,
     parse_action,
@@ -26,6 +23,13 @@ from conftest import ROOT, run_script
 from support.alfworld_env import list_games, make_env, reuse_translations, split_intro, task_type
 from support.runs import read_jsonl
 from support.schema import ROLLOUT, TRIPLET
+
+ROLLOUT_FIELDS = (
+    *("env", "game", "split", "task_type", "task", "episode", "won", "steps", "invalid", "turns"),
+    *("policy", "epsilon", "model", "seed"),
+)
+TURN_FIELDS = ("observation", "output", "action", "valid", "behaviour")
+TRIPLET_FIELDS = ("id", "env", "game", "task", "history", "state", "action", "next_state", "valid")
 
 
 def first_game_of_each_type(split):

@@ -27,14 +27,24 @@ def outcomes(folder, *tests):
 
 
 def grade(folder):
+    """`exercises.py grade` in `folder`: its stdout's lines (stderr: a line as each test ends)."""
     r = subprocess.run([sys.executable, "course/exercises.py", "grade"], cwd=folder, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    return r.stdout.splitlines()
+    return r.stdout.splitlines(), r.stderr
 
 
 def test_the_student_copy_holds_no_answer_and_fill_gives_back_the_reference(tmp_path):
     student = tmp_path / "student"
-    make(student)
+    # `make exercises` before any install: the standard library's python3 where the environment is missing
+    r = subprocess.run(
+        ["make", "-s", "exercises", f"STUDENT={student}", f"VENV={tmp_path / 'none'}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0 and r.stdout.startswith("student copy with 10 exercises"), r.stderr
+    staged = subprocess.run(["git", "ls-files"], cwd=student, capture_output=True, text=True).stdout.split()
+    assert "EXERCISES.md" in staged and "tests/test_course.py" in staged  # a checkout of its own: it can copy on
     found, reference = blocks(student), blocks(ROOT)
     assert sorted(found) == sorted(reference) == list(EXERCISES) == list(range(1, 11))
     for n, (f, text) in found.items():
@@ -42,7 +52,7 @@ def test_the_student_copy_holds_no_answer_and_fill_gives_back_the_reference(tmp_
         code = [line for line in reference[n][1].splitlines()[1:-1] if not line.strip().startswith("#")]
         assert code and not set(code) & set((student / f).read_text().splitlines()), n  # no line of the answer
     assert all(f"## Exercise {n}:" in (student / "EXERCISES.md").read_text() for n in EXERCISES)
-    assert grade(student)[-1] == "total: 0 of 10 exercises passed"  # nothing attempted: nothing runs
+    assert grade(student)[0][-1] == "total: 0 of 10 exercises passed"  # nothing attempted: nothing runs
     # fill as a student would run it after reading --help: the copy holds no answer to give, and says so
     r = subprocess.run(
         [sys.executable, "course/exercises.py", "fill", ".", "--only", "3"], cwd=student, capture_output=True, text=True
@@ -70,15 +80,21 @@ def test_the_student_copy_fails_exactly_the_graders_and_grade_tells_each_exercis
     assert {node for node, o in result.items() if o != "PASSED"} == {node for node in result if is_grader(node)}
     assert all(any(is_grader(node) and node.startswith(g) for node in result) for g in graders)  # each one ran
     assert out.count("NotImplementedError: Exercise") >= len(graders)
-    # a right answer to exercises 2 and 3, a wrong one to exercise 4 (no clipping), nothing else
-    fill(student, only=[2, 3])
+    # a right answer to exercises 2, 3 and 5, a wrong one to exercise 4 (no clipping), nothing else
+    fill(student, only=[2, 3, 5])
     grpo = (student / "grpo.py").read_text()
     wrong = "    ratio = torch.exp(logp - old_logp)\n    surrogate = ratio * adv[:, None]\n"
     grpo = re.sub(r'    raise NotImplementedError\("Exercise 4: [^\n]*\n', wrong, grpo)
     (student / "grpo.py").write_text(grpo)
-    lines = grade(student)
-    assert lines[1].startswith("Exercise 2: ") and lines[1].endswith("passed (1 of 1 tests)")
-    assert lines[2].startswith("Exercise 3: ") and lines[2].endswith("passed (1 of 1 tests)")
-    assert lines[3].startswith("Exercise 4: ") and "failed" in lines[3]
-    assert all(line.endswith("not attempted") for line in lines[:1] + lines[4:10])
-    assert lines[-1] == "total: 2 of 10 exercises passed"
+    lines, progress = grade(student)
+    rows = {int(line.split(":")[0].split()[1]): line for line in lines if line.startswith("Exercise")}
+    assert sorted(rows) == list(EXERCISES) and len({line.rindex("  ") for line in rows.values()}) == 1  # aligned
+    assert rows[2].endswith("  passed (1 of 1 tests)") and rows[3].endswith("  passed (1 of 1 tests)")
+    assert rows[5].endswith("  passed (2 of 2 tests)")
+    assert rows[4].endswith("  failed (0 of 2 tests)")  # the test runs with a positive and a negative advantage
+    assert all(rows[n].endswith("  not attempted") for n in EXERCISES if n not in (2, 3, 4, 5))
+    # under the failed exercise: its test, and the assertion that failed (no gradient beyond the clipped ratio)
+    test, where = lines[lines.index(rows[4]) + 1 : lines.index(rows[4]) + 3]
+    assert test.strip().startswith(EXERCISES[4][1][0] + "[") and where.strip().startswith("tests/test_grpo.py:"), lines
+    assert "assert " in where and "logp.grad" in where and lines[-1] == "total: 3 of 10 exercises passed"
+    assert progress.count("\n") == 7 and "[6/6] " in progress  # "grading ...", then a line as each test ends

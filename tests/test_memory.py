@@ -105,10 +105,11 @@ def triplets(tmp_path_factory):
 
 
 def test_dry_run_prints_the_plan_and_trains_nothing(triplets, tmp_path):
-    r = run("train_wm.py", "--triplets", str(triplets), "--out", str(tmp_path), "--lora-rank", "8", "--dry-run")
+    r = run("train_wm.py", "--triplets", triplets, "--out", tmp_path / "out", "--lora-rank", "8", "--dry-run")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "memory plan" in r.stdout and "LoRA r 8" in r.stdout and "peak" in r.stdout
-    assert not (tmp_path / "metrics.jsonl").exists()
+    assert "time plan" in r.stdout and "planned at its longest" in r.stdout
+    assert not (tmp_path / "out").exists()  # not claimed: no run.json, nothing written
 
 
 def test_max_memory_shrinks_the_batches_then_refuses(triplets, tmp_path):

@@ -376,11 +376,12 @@ def test_the_step_limit_is_tau2s_own():
 
     import collect
     import train_policy
+    from support import play
 
-    assert collect.TAU2_MAX_STEPS == tau2.config.DEFAULT_MAX_STEPS == 200
+    assert play.TAU2_MAX_STEPS == tau2.config.DEFAULT_MAX_STEPS == 200
     for script in (collect, train_policy):
         args = script.parse_args(["--env", "tau2"])
-        assert (args.max_steps, args.max_new_tokens) == (200, collect.AGENT_TOKENS["tau2"])
+        assert (args.max_steps, args.max_new_tokens) == (200, play.AGENT_TOKENS["tau2"])
     assert collect.parse_args([]).max_steps == 30 and train_policy.parse_args([]).max_steps == 15  # ALFWorld
 
 

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 import train_policy
-from collect import act, parse_action, play, play_settings, start, turn_prompt
+from collect import act, parse_action, play, start, turn_prompt
 from conftest import ROOT, run_script
 from grpo import add_lora, collate, completion_logprobs
 from support.alfworld_env import list_games, make_env, task_type
 from support.lm import load_model
+from support.play import play_settings
 from support.runs import read_jsonl
 
 G = 3

@@ -52,8 +52,8 @@ def test_the_token_budget_fits_the_longest_next_state_and_cut_predictions_are_co
 
     model, tok = tiny
     every = read_jsonl(triplets)
-    longest = max(len(train_wm.sft_target(tok, t)) - 1 for t in every)  # the next state in its tags, no end token
-    assert train_wm.wm_budget(tok, every) == longest + train_wm.THINK_TOKENS
+    tagged = [tok(f"<next_state>{t['next_state']}</next_state>", add_special_tokens=False)["input_ids"] for t in every]
+    assert train_wm.wm_budget(tok, every) == max(map(len, tagged)) + train_wm.THINK_TOKENS
     _, recs = train_wm.predict_and_score(model, tok, every[:2], Embeddings(), 0.2, 3, 2)
     assert [r["truncated"] for r in recs] == [True, True] and mean_scores(recs)["truncated"] == 1.0
 

@@ -1,0 +1,149 @@
+"""How episodes are played, stated once for the three stages that play them (collect.py, train_policy.py,
+evaluate.py): the play flags, their defaults per environment, the `Play` settings the episode loop reads, and
+the batch of episodes the memory plan fits (--max-memory-gb, --dry-run).
+
+Each stage adds the flags with its own defaults (temperature: 1.0 to collect and in policy RL, 0.4 to evaluate;
+--max-steps: 30 to collect and evaluate, 15 in policy RL, as the paper) and keeps its own flags beside them.
+"""
+
+import math
+from dataclasses import dataclass, fields
+
+from support.checks import at_least, non_negative, positive
+from support.lm import TINY_MODEL
+from support.memory import CPU_BATCH, sampling_batch
+
+TAU2_MAX_STEPS = 200  # tau2.config.DEFAULT_MAX_STEPS: τ²'s runs end after 200 orchestrator steps (every message)
+# new tokens per agent turn: ALFWorld's think + action; τ²: room for Qwen3's own think block before its message
+# (the share of turns cut at this limit is logged as cut_turn_rate: raise --max-new-tokens if it is not ~0)
+AGENT_TOKENS = dict(alfworld=256, tau2=1024)
+
+
+def add_play_args(p, temperature, batch_games):
+    """The flags of how episodes are played (the fields of `Play`), with the stage's own defaults (--max-steps and
+    --max-new-tokens: see `play_defaults`)."""
+    g = p.add_argument_group("playing episodes (collect.py, train_policy.py, evaluate.py)")
+    g.add_argument("--env", default="alfworld", choices=["alfworld", "tau2"], help="ALFWorld or τ²-bench")
+    g.add_argument(
+        "--max-steps",
+        type=at_least(),
+        default=None,
+        help="ALFWorld: agent steps per episode (paper: 30 at evaluation, 15 in policy RL); τ²: orchestrator steps "
+        f"(every agent, user and tool message), as τ² counts them (default: τ²'s own {TAU2_MAX_STEPS})",
+    )
+    g.add_argument(
+        "--history", type=at_least(0), default=2, help="H: previous (observation, action) turns shown to the agent"
+    )
+    g.add_argument(
+        "--temperature",
+        type=non_negative("0 is greedy"),
+        default=temperature,
+        help="sampling temperature (paper: 1.0 for collection and policy RL)",
+    )
+    g.add_argument(
+        "--max-new-tokens",
+        type=at_least(),
+        default=None,
+        help=f"tokens the agent may write per turn, thinking included (default: {AGENT_TOKENS['alfworld']} ALFWorld, "
+        f"{AGENT_TOKENS['tau2']} τ²)",
+    )
+    g.add_argument(
+        "--batch-games",
+        type=at_least(),
+        default=batch_games,
+        help="B: episodes played in parallel, one batched generate call per turn (collect, evaluate: 8 on CPU; with "
+        "--max-memory-gb or on CUDA, as many as the memory plan fits)",
+    )
+    g.add_argument(
+        "--domain",
+        nargs="+",
+        default=["retail", "telecom", "airline"],
+        help="τ²-bench domains (retail, airline, telecom; mock: tau2's small test domain)",
+    )
+    g.add_argument(
+        "--tasks", nargs="+", default=None, help="τ²: only these task ids (domain/id, or an id of the first --domain)"
+    )
+    g.add_argument(
+        "--user-model",
+        default="local",
+        help="τ² user simulator: 'local' (the --model itself, batched with the agent), 'local:MODEL' (one fixed "
+        "local model, HF id or folder, loaded once, at τ²'s user temperature 0), or a litellm model id, e.g. "
+        "gpt-4.1, or openai/<name> with OPENAI_API_BASE=http://host:port/v1 for a local OpenAI-compatible server "
+        "(paper: one fixed strong user, Qwen3-235B-A22B-Instruct or GPT-4.1)",
+    )
+
+
+def add_plan_args(p):
+    """--max-memory-gb and --dry-run of the stages that only sample (collect.py, evaluate.py): the training scripts
+    have theirs in grpo.add_grpo_args."""
+    p.add_argument(
+        "--max-memory-gb",
+        type=positive(),
+        default=None,
+        help="memory of the device (default: the card's on CUDA): --batch-games as large as the memory plan fits",
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the memory and time plans and exit")
+
+
+def play_defaults(args, max_steps, tokens=True):
+    """--max-steps and --max-new-tokens where not given: `max_steps` agent steps on ALFWorld, τ²'s own 200
+    orchestrator steps; AGENT_TOKENS (`tokens=False`: leave --max-new-tokens as given)."""
+    args.max_steps = args.max_steps or (TAU2_MAX_STEPS if args.env == "tau2" else max_steps)
+    if tokens:
+        args.max_new_tokens = args.max_new_tokens or AGENT_TOKENS[args.env]
+    return args
+
+
+@dataclass
+class Play:
+    """How episodes are played: what the episode loop (collect.play) and the records need, and nothing else."""
+
+    env: str = "alfworld"
+    max_steps: int = 30
+    history: int = 2  # H
+    temperature: float = 1.0
+    max_new_tokens: int = 256
+    batch_games: int = 8
+    seed: int = 0
+    policy: str = "model"  # or "random": uniform over the admissible commands (ALFWorld)
+    epsilon: float = 0.0  # with policy "model": probability of a random admissible command instead
+    invalid_rate: float = 0.0  # with policy "random": probability of a command admissible earlier, not now
+    model: str = TINY_MODEL  # the name the rollouts record
+    user_model: str = "local"  # τ²'s user simulator
+
+
+def play_settings(args, **override):
+    """The `Play` settings of a script's flags (those it has), with `override` on top."""
+    settings = Play(**{f.name: getattr(args, f.name) for f in fields(Play) if hasattr(args, f.name)} | override)
+    settings.batch_games = settings.batch_games or CPU_BATCH  # None: not sized by a plan (`plan_batch`)
+    return settings
+
+
+def plan_batch(args, model, episodes, prompt_len=None, embedder=0):
+    """--batch-games for `episodes` episodes of `model`: on CPU --batch-games (default 8); with a memory budget
+    (--max-memory-gb, or the card on CUDA) as many as the memory plan fits (memory.sampling_batch). A turn is
+    planned at prompt_len tokens (default: 1,536 ALFWorld, 8,192 τ², as train_policy.py) + --max-new-tokens.
+    --dry-run: the memory plan and the time plan (every episode to --max-steps: an upper bound), then exit."""
+    prompt_len = prompt_len or (8192 if args.env == "tau2" else 1536)
+    new, steps = args.max_new_tokens, args.max_steps
+
+    def work(mb, gb):
+        calls = math.ceil(episodes / gb) * steps  # generate calls: a turn of up to gb episodes each
+        context = prompt_len + new // 2
+        return {
+            "episodes": dict(
+                prefill=episodes * steps * prompt_len, steps=calls * new, rows=min(episodes, gb), context=context
+            )
+        }
+
+    return sampling_batch(
+        args.batch_games,
+        model,
+        args.dtype,
+        prompt_len,
+        new,
+        args.max_memory_gb,
+        args.dry_run,
+        embedder=embedder,
+        work=work,
+    )
