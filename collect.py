@@ -32,7 +32,7 @@ from tqdm import tqdm
 from support.alfworld_env import SPLITS, game_id, list_games, make_env, split_intro, task_type
 from support.checks import at_least, check_disk, check_model, claim_out, fail, fraction, parser
 from support.episode import Episode, summary
-from support.lm import TINY_MODEL, chat_prompt, hit_limit, load_model, sample, strip_thinking
+from support.lm import TINY_MODEL, chat_prompt, cut_warning, hit_limit, load_model, sample, strip_thinking
 from support.play import add_plan_args, add_play_args, plan_batch, play_defaults, play_settings
 from support.runs import append_jsonl, plot_metrics, resume_jsonl, run_stage, set_seed
 from support.schema import METRICS, ROLLOUT, TRIPLET
@@ -54,7 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue a killed run in --out: play the missing episodes")
     add_play_args(p, temperature=1.0, batch_games=None)  # --env --max-steps --history ... --user-model (support/play)
     add_plan_args(p)  # --max-memory-gb --dry-run
-    args = play_defaults(p.parse_args(argv), max_steps=30)
+    args = p.parse_args(argv)
+    args = play_defaults(args, max_steps=30, model=args.model if args.policy == "model" else None)
     if args.env == "tau2" and args.policy == "random":
         p.error("--policy random needs ALFWorld's admissible commands; τ²-bench has none")
     if args.invalid_rate and args.policy != "random":
@@ -98,7 +99,7 @@ def agent_prompt(task, history, observation, admissible, step, h):
     )
 
 
-def turn_prompt(tok, ep, h):
+def turn_prompt(tok, ep, h, thinking="on"):
     """The chat-rendered prompt the agent sees at an episode's current turn."""
     return chat_prompt(
         tok,
@@ -110,6 +111,7 @@ def turn_prompt(tok, ep, h):
             len(ep.turns),
             h,
         ),
+        thinking=thinking == "on",
     )
 
 
@@ -170,7 +172,7 @@ def play_alfworld(jobs, model, tok, settings):
             active[-1].job = k
         coin = [settings.policy == "random" or ep.rng.random() < settings.epsilon for ep in active]
         thinking = [ep for ep, c in zip(active, coin) if not c]
-        prompts = [turn_prompt(tok, ep, settings.history) for ep in thinking]
+        prompts = [turn_prompt(tok, ep, settings.history, settings.thinking) for ep in thinking]
         outputs = sample(model, tok, prompts, settings.max_new_tokens, settings.temperature, stop=["</action>"])
         by_model = dict(zip(map(id, thinking), outputs))
         for ep, c in zip(active, coin):
@@ -375,7 +377,9 @@ def main(args):
         f"{len(rollouts)} episodes, success {s['success']:.3f}, invalid-action rate {s['invalid_rate']:.3f}, "
         f"mean steps {s['mean_steps']:.1f} -> {args.out}/rollouts.jsonl, triplets.jsonl"
     )
-    print(f"next: python train_wm.py --mode filter --triplets {args.out}/triplets.jsonl --out ...")
+    if cut_warning(s["cut_turn_rate"], "agent turns"):
+        print(cut_warning(s["cut_turn_rate"], "agent turns"))
+    print(f"next: python train_wm.py --mode split --triplets {args.out}/triplets.jsonl --out ...  (the filter's share)")
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ from reward import (
 )
 from support.checks import at_least, check_model, claim_out, distance_threshold, fail, parser, positive
 from support.episode import summary
-from support.lm import TINY_MODEL, chat_prompt, load_model, load_tokenizer
+from support.lm import TINY_MODEL, chat_prompt, cut_warning, load_model, load_tokenizer
 from support.memory import CPU_BATCH
 from support.play import add_plan_args, add_play_args, plan_batch, play_defaults, play_settings
 from support.runs import plot_metrics, read_jsonl, run_stage, write_jsonl
@@ -238,9 +238,10 @@ def parse_args(argv=None):
         "--report", metavar="RUN", help="write RUN/report.md and RUN/report.png from `make pipeline`'s runs"
     )
     args = p.parse_args(argv)
-    play_defaults(args, max_steps=30, tokens=not args.wm)  # --wm: tokens from the triplets (train_wm.wm_budget)
-    args.splits = args.splits or (["test"] if args.env == "tau2" else ["valid_seen", "valid_unseen"])
     args.models = [(m.rpartition("=")[0] or m, m.rpartition("=")[2]) for m in args.model]  # [(name, path)]
+    # --wm: tokens from the triplets (train_wm.wm_budget); the agent's budget from the first model's template
+    play_defaults(args, max_steps=30, tokens=not (args.wm or args.forgetting), model=(args.models or [[None]])[0][-1])
+    args.splits = args.splits or (["test"] if args.env == "tau2" else ["valid_seen", "valid_unseen"])
     return args
 
 
@@ -517,6 +518,10 @@ def main(args):
         md = wm_table(results) if args.wm else table(results)
         (Path(args.out) / ("wm_table.md" if args.wm else "table.md")).write_text(md + "\n")
         print(md)
+        for r in [] if args.wm else results:  # the agent's turns its token budget cut, a line a model over the bar
+            cut = [x for s in r["splits"].values() for x in s["cut_turn_rate"]]
+            if cut_warning(sum(cut) / len(cut), f"{r['name']}'s agent turns"):
+                print(cut_warning(sum(cut) / len(cut), f"{r['name']}'s agent turns"))
         print(f"-> {args.out}/")
 
 

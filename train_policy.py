@@ -30,7 +30,7 @@ from grpo import add_grpo_args, check_precision, group_advantages, grpo_update, 
 from support.checks import SkipCounter, at_least, check_model, claim_out, parser
 from support.distributed import all_sum, full_weights, gather, init_distributed
 from support.episode import summary
-from support.lm import TINY_MODEL
+from support.lm import TINY_MODEL, cut_warning
 from support.memory import check_checkpoint_disk, fit_memory, peak_memory
 from support.play import add_play_args, play_defaults, play_settings
 from support.runs import append_jsonl, open_step_log, plot_metrics, read_jsonl, run_stage, set_seed
@@ -74,7 +74,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", default="runs/policy", help="output folder")
     args = p.parse_args(argv)
-    play_defaults(args, max_steps=15)
+    play_defaults(args, max_steps=15, model=args.model)
     args.batch_games = args.batch_games or args.games_per_step * args.group_size
     return args
 
@@ -217,6 +217,12 @@ def main(args):
             f"{rows[0]['invalid_rate']:.3f} -> {rows[-1]['invalid_rate']:.3f}, updates with signal "
             f"{sum(r['updated'] for r in rows)} of {len(rows)}; model: {ckpt}/model"
         )
+        cut = cut_warning(sum(r["cut_turn_rate"] for r in rows) / len(rows), "agent turns")
+        silent = (
+            "no update had a learning signal: in every group all G episodes ended alike (a model that writes no "
+            "admissible action wins no game; docs/stages.md)"
+        )
+        print(*[w for w in (cut, silent if not any(r["updated"] for r in rows) else None) if w], sep="\n")
     print(f"next: python evaluate.py --model NAME={ckpt}/model --out ...  (Table 1; τ²: Table 2, with --env tau2)")
     return rows
 

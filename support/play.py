@@ -10,13 +10,15 @@ import math
 from dataclasses import dataclass, fields
 
 from support.checks import at_least, non_negative, positive
-from support.lm import TINY_MODEL
+from support.lm import TINY_MODEL, load_tokenizer, thinks
 from support.memory import CPU_BATCH, sampling_batch
 
 TAU2_MAX_STEPS = 200  # tau2.config.DEFAULT_MAX_STEPS: τ²'s runs end after 200 orchestrator steps (every message)
 # new tokens per agent turn: ALFWorld's think + action; τ²: room for Qwen3's own think block before its message
 # (the share of turns cut at this limit is logged as cut_turn_rate: raise --max-new-tokens if it is not ~0)
 AGENT_TOKENS = dict(alfworld=256, tau2=1024)
+# what a template with a thinking switch (Qwen3) gets on top of AGENT_TOKENS with --thinking on: its own think block
+THINKING_TOKENS = 1024
 
 
 def add_play_args(p, temperature, batch_games):
@@ -45,7 +47,15 @@ def add_play_args(p, temperature, batch_games):
         type=at_least(),
         default=None,
         help=f"tokens the agent may write per turn, thinking included (default: {AGENT_TOKENS['alfworld']} ALFWorld, "
-        f"{AGENT_TOKENS['tau2']} τ²)",
+        f"{AGENT_TOKENS['tau2']} τ²; + {THINKING_TOKENS} for a model that thinks, see --thinking)",
+    )
+    g.add_argument(
+        "--thinking",
+        default="on",
+        choices=["on", "off"],
+        help="the agent's own thinking (the paper does not say): on, a model whose chat template has a thinking "
+        "switch (Qwen3) thinks before it acts, with room for it in the default --max-new-tokens; off, the template's "
+        "switch (enable_thinking=False) makes it act at once. Templates without one (Qwen2.5, SmolLM2): no change",
     )
     g.add_argument(
         "--batch-games",
@@ -85,13 +95,24 @@ def add_plan_args(p):
     p.add_argument("--dry-run", action="store_true", help="print the memory and time plans and exit")
 
 
-def play_defaults(args, max_steps, tokens=True):
+def play_defaults(args, max_steps, tokens=True, model=None):
     """--max-steps and --max-new-tokens where not given: `max_steps` agent steps on ALFWorld, τ²'s own 200
-    orchestrator steps; AGENT_TOKENS (`tokens=False`: leave --max-new-tokens as given)."""
+    orchestrator steps; AGENT_TOKENS, + THINKING_TOKENS when `model` thinks under --thinking on (`tokens=False`:
+    leave --max-new-tokens as given)."""
     args.max_steps = args.max_steps or (TAU2_MAX_STEPS if args.env == "tau2" else max_steps)
-    if tokens:
-        args.max_new_tokens = args.max_new_tokens or AGENT_TOKENS[args.env]
+    if tokens and not args.max_new_tokens:
+        thinks_here = args.thinking == "on" and model is not None and model_thinks(model)
+        args.max_new_tokens = AGENT_TOKENS[args.env] + (THINKING_TOKENS if thinks_here else 0)
     return args
+
+
+def model_thinks(model):
+    """Whether `model`'s chat template has a thinking switch (support.lm.thinks); a model that does not load here
+    says so later, in its own stage's one line."""
+    try:
+        return thinks(load_tokenizer(model))
+    except (OSError, ValueError, SystemExit):
+        return False
 
 
 @dataclass
@@ -108,6 +129,7 @@ class Play:
     policy: str = "model"  # or "random": uniform over the admissible commands (ALFWorld)
     epsilon: float = 0.0  # with policy "model": probability of a random admissible command instead
     invalid_rate: float = 0.0  # with policy "random": probability of a command admissible earlier, not now
+    thinking: str = "on"  # the agent's: "off" sets the chat template's switch (enable_thinking=False)
     model: str = TINY_MODEL  # the name the rollouts record
     user_model: str = "local"  # τ²'s user simulator
 

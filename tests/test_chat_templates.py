@@ -3,6 +3,7 @@ tokenizer: the world model's prompt, its SFT target and the parsers agree on one
 
 import copy
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -70,3 +71,32 @@ def test_a_stop_string_ends_the_answer_but_not_the_thinking(tiny):
     assert stops("<think>go</think><action>go to sink 1</action>") and stops("<action>look</action>")
     assert not stops("<think>I could write <action>look</action>")  # drafted while thinking: go on
     assert not stops("<think>a</think><action>look")
+
+
+def test_each_role_thinks_or_not_through_the_templates_own_switch(qwen, tmp_path):
+    """Qwen3 thinks by default: the agent's default budget makes room for its think block (--thinking on) or the
+    template's switch turns it off (--thinking off); the judge answers without thinking. Qwen2.5 has no switch."""
+    import collect
+    import train_policy
+    from reward import JUDGE_REPLY
+    from support.lm import thinks
+    from support.play import AGENT_TOKENS, THINKING_TOKENS
+
+    name, tok = qwen
+    qwen3 = name == "qwen3-8b"
+    assert thinks(tok) == qwen3
+    folder = tmp_path / name  # a model folder holding just this tokenizer: what the flags' defaults read
+    tok.save_pretrained(folder)
+    budget = lambda parse, *flags: parse(["--model", str(folder), *flags]).max_new_tokens
+    for parse in (collect.parse_args, train_policy.parse_args):
+        assert budget(parse) == AGENT_TOKENS["alfworld"] + THINKING_TOKENS * qwen3
+        assert budget(parse, "--env", "tau2") == AGENT_TOKENS["tau2"] + THINKING_TOKENS * qwen3
+        assert budget(parse, "--thinking", "off") == AGENT_TOKENS["alfworld"]
+        assert budget(parse, "--max-new-tokens", "99") == 99
+    empty = "<|im_start|>assistant\n<think>\n\n</think>\n\n"  # Qwen3's own rendering of an answer without thinking
+    judge = chat_prompt(tok, "Score it.", thinking=False) + JUDGE_REPLY
+    assert judge.endswith((empty if qwen3 else "<|im_start|>assistant\n") + JUDGE_REPLY)
+    ep = SimpleNamespace(task="put a mug in the sink.", turns=[], observation="You are in a room.", admissible=["look"])
+    agent = lambda thinking: collect.turn_prompt(tok, ep, 2, thinking)  # the ALFWorld agent's prompt
+    assert agent("on").endswith("<|im_start|>assistant\n") and agent("off").endswith(empty if qwen3 else "assistant\n")
+    assert strip_thinking("<think>\nlong thought") == ""  # a turn cut inside its thinking has no action
