@@ -38,7 +38,7 @@ def collapse(predicted, real):
     n = max(1, len(predicted))
     top, count = Counter(predicted).most_common(1)[0] if predicted else (None, 0)
     right = sum(r == top for r in real)  # the triplets for which the top prediction is the real next state
-    collapsed = count > n / 2 and count - right >= (n - right) / 2 and n - right > 0
+    collapsed = top is not None and count > n / 2 and count - right >= (n - right) / 2 and n - right > 0
     return dict(distinct=len(set(predicted)), top=top, top_share=count / n, collapsed=collapsed)
 
 

@@ -166,8 +166,16 @@ def test_the_report_gives_each_arm_its_mean_and_spread_over_seeds(tmp_path):
 
     held = lambda step, x: {"step": step, "heldout/reward": x, "heldout/similarity": x, "heldout/triplets": 4}
     metrics("warmup", {"step": 1, "train/loss": 1.0}, held(1, 0.1))
-    metrics("arms/rwml_s0", {"step": 1, "train/reward": 0.0}, held(2, 0.2), held(4, 0.5))
-    metrics("arms/rwml_s1", held(4, 0.7))
+    spread = lambda distinct, top: {"heldout/distinct": distinct, "heldout/top_share": top}
+    metrics("arms/rwml_s0", {"step": 1, "train/reward": 0.0}, held(2, 0.2), held(4, 0.5) | spread(4, 0.25))
+    metrics("arms/rwml_s1", held(4, 0.7) | spread(2, 0.75))
+    real = ["Nothing happens.", "You arrive at sink 1.", "You pick up the mug 1.", "You open the drawer 1."]
+    (tmp_path / "arms" / "rwml_s1" / "heldout_predictions.jsonl").write_text(  # one prediction for 3 of 4: collapsed
+        "".join(
+            json.dumps(dict(output=f"<next_state>{p}</next_state>", next_state=r)) + "\n"
+            for p, r in zip(["Nothing happens."] * 3 + [real[3]], real)
+        )
+    )
     metrics("arms/wm_sft_s0", held(4, 0.25))
     metrics("arms/wm_sft_s1", {"step": 1, "train/loss": 1.0})  # still in its first updates: left out
     forgetting = [
@@ -179,8 +187,22 @@ def test_the_report_gives_each_arm_its_mean_and_spread_over_seeds(tmp_path):
     main(parse_args(["--report", str(tmp_path)]))
     report = (tmp_path / "report.md").read_text().splitlines()
     # the last held-out scores of each seed: RWML 0.5 and 0.7 -> 0.600 ± 0.141 (sample std); WM SFT one seed
-    assert "| RWML | 2 | 4 | 0.600 ± 0.141 | 0.600 ± 0.141 | – | – | – | – |" in report
-    assert "| WM SFT (continued) | 1 | 4 | 0.250 | 0.250 | – | – | – | – |" in report
-    assert "| warm-up checkpoint (start of every arm) | – | 0 | 0.100 | 0.100 | – | – | – | – |" in report
+    assert "| RWML | 2 | 4 | 0.600 ± 0.141 | 0.600 ± 0.141 | – | – | – | – | 3 ± 1 | 0.50 ± 0.35 |" in report
+    assert "| WM SFT (continued) | 1 | 4 | 0.250 | 0.250 | – | – | – | – | – | – |" in report
+    assert "| warm-up checkpoint (start of every arm) | – | 0 | 0.100 | 0.100 | – | – | – | – | – | – |" in report
+    collapsed = "- RWML, seed 1: collapsed: 75% of the 4 held-out predictions are 'Nothing happens.' (2 distinct)"
+    assert [line for line in report if line.startswith("- ")] == [collapsed]
     assert "| RWML | 15.00 ± 7.07 | 0.0020 ± 0.0014 | 3.20 ± 0.14 |" in report  # weights changed in %, KL, perplexity
     assert (tmp_path / "report.png").stat().st_size > 0
+
+
+def test_a_collapsed_world_model_writes_one_prediction_where_the_real_next_states_differ():
+    """Most of ALFWorld's held-out next states may be "Nothing happens." (invalid actions): a model right on all
+    of them has not collapsed; one that also writes it for half the others has; no tags at all is no collapse."""
+    from support.report import collapse
+
+    real = ["Nothing happens."] * 6 + [f"You arrive at sink {i}." for i in range(4)]
+    assert collapse(real, real) == dict(distinct=5, top="Nothing happens.", top_share=0.6, collapsed=False)
+    assert collapse(["Nothing happens."] * 8 + real[8:], real)["collapsed"]  # 2 of the 4 others
+    assert not collapse(["Nothing happens."] * 7 + real[7:], real)["collapsed"]  # 1 of 4
+    assert not collapse([None] * 10, real)["collapsed"] and collapse([None] * 10, real)["distinct"] == 1

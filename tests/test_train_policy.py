@@ -173,6 +173,8 @@ def test_the_pipeline_runs_end_to_end_and_prints_table_1(tmp_path):
         HELDOUT="--first-game 5 --games 2 --max-steps 2",
         WARMUP_GAMES="--first-game 7 --games 1 --max-steps 3",
         WARMUP="--batch-size 2 --max-steps 1",
+        PI_GAMES="--first-game 6 --games 1 --max-steps 2",
+        PI="--batch-size 2 --max-steps 1",
         FILTER="--filter-k 2 --max-new-tokens 8",
         ARM="--batch-size 1 --lr 1e-5 --max-steps 1 --eval-every 1",
         RWML="--group-size 2",
@@ -185,7 +187,8 @@ def test_the_pipeline_runs_end_to_end_and_prints_table_1(tmp_path):
         r = run_script(*argv)
         assert r.returncode == 0, " ".join(argv) + "\n" + r.stderr[-2000:]
     start = str(tmp_path / "warmup" / "checkpoint" / "model")
-    arms = {f"{a}_s0": tmp_path / "arms" / f"{a}_s0" for a in ("rwml", "wm_sft")}
+    arms = {f"{a}_s0": tmp_path / "arms" / f"{a}_s0" for a in ("rwml", "wm_sft", "rwml_no_filter")}
+    assert not (arms.pop("rwml_no_filter_s0") / "checkpoint").exists()  # measured by forgetting, then removed
     saved = {name: torch.load(f / "checkpoint" / "trainer.pt", weights_only=False) for name, f in arms.items()}
     assert {x["args"]["model"] for x in saved.values()} == {start}  # one warm-up checkpoint for every arm
     assert {x["args"]["triplets"] for x in saved.values()} == {str(tmp_path / "filter" / "triplets.filtered.jsonl")}
@@ -200,7 +203,14 @@ def test_the_pipeline_runs_end_to_end_and_prints_table_1(tmp_path):
         final = finals[f"{arm}_s0"][-1]
         assert f"| {name} | 1 | 1 | {final['heldout/reward']:.3f} | {final['heldout/similarity']:.3f} | " in report
     forgetting = json.loads((tmp_path / "forgetting" / "forgetting.json").read_text())
-    assert forgetting["start"] == start and sorted(m["name"] for m in forgetting["models"]) == sorted(arms)
+    names = sorted(m["name"] for m in forgetting["models"])
+    assert forgetting["start"] == start and names == sorted([*arms, "rwml_no_filter_s0"])
+    filt = read_jsonl(tmp_path / "filter" / "metrics.jsonl")[0]  # the filter's model is pi', trained on its own games
+    assert (
+        filt["model"] == str(tmp_path / "pi_prime" / "checkpoint" / "model") and f"scored by {filt['model']}" in report
+    )
+    pi = read_jsonl(tmp_path / "pi_prime" / "metrics.jsonl")
+    assert pi[-1]["heldout/triplets"] == 3 and "| π′ (the filter's model) | 1 | 2 |" in report
     assert all(0 <= m["weights_changed"] <= 1 and m["kl"] >= 0 for m in forgetting["models"])
     assert "| format warm-up | 1 | 3 |" in report and "| held-out, scored | 2 | 3 |" in report  # games, triplets
     rows = (tmp_path / "eval" / "table.md").read_text().splitlines()
@@ -214,7 +224,7 @@ def test_the_pipeline_runs_end_to_end_and_prints_table_1(tmp_path):
         "| RWML + Policy RL",
     ]
     assert rows[0] in report and "report.md" in r.stdout and (tmp_path / "report.png").exists()
-    for stage in ("collect", "heldout", "warmup", "arms/rwml_s0", "arms/wm_sft_s0", "policy_rl", "eval/rwml_policy_rl"):
+    for stage in ("collect", "heldout", "warmup", "pi_prime", "arms/rwml_s0", "arms/wm_sft_s0", "policy_rl"):
         assert (tmp_path / stage / "metrics.png").exists(), stage
 
 
@@ -225,17 +235,29 @@ def test_the_experiment_trains_both_arms_once_per_seed_from_the_warm_up_checkpoi
     arms = [argv for argv in commands if argv[0] == "train_wm.py" and "out/arms/" in " ".join(argv)]
     flag = lambda argv, name: argv[argv.index(name) + 1]
     assert [(flag(a, "--mode"), flag(a, "--seed"), flag(a, "--out")) for a in arms] == [
-        (mode, s, f"out/arms/{arm}_s{s}") for s in "012" for mode, arm in (("rwml", "rwml"), ("sft", "wm_sft"))
+        (mode, s, f"out/arms/{arm}_s{s}")
+        for s in "012"
+        for mode, arm in (("rwml", "rwml"), ("sft", "wm_sft"), ("rwml", "rwml_no_filter"))
     ]
-    own = {"--mode", "--seed", "--out", "--group-size"}  # what differs between the arms (G: RWML's samples)
+    own = {"--mode", "--seed", "--out", "--group-size", "--triplets"}  # what differs (G: RWML's samples)
     shared = [[x for i, x in enumerate(a) if x not in own and (i == 0 or a[i - 1] not in own)] for a in arms]
     assert all(s == shared[0] for s in shared) and flag(shared[0], "--model") == "out/warmup/checkpoint/model"
-    assert flag(shared[0], "--triplets") == "out/filter/triplets.filtered.jsonl"
+    assert [flag(a, "--triplets") for a in arms[:3]] == ["out/filter/triplets.filtered.jsonl"] * 2 + [
+        "out/collect/triplets.jsonl"  # the no-filter arm: what the filter prevents
+    ]
+    pi, filt = (next(a for a in commands if flag(a, "--out") == f"out/{s}") for s in ("pi_prime", "filter"))
+    assert (flag(pi, "--model"), flag(pi, "--triplets")) == (
+        "out/warmup/checkpoint/model",
+        "out/pi_data/triplets.jsonl",
+    )
+    assert flag(filt, "--model") == "out/pi_prime/checkpoint/model"
     forgetting = next(argv for argv in commands if argv[:2] == ["evaluate.py", "--forgetting"])
     assert flag(forgetting, "--forgetting") == "out/warmup/checkpoint/model"
     names = forgetting[forgetting.index("--model") + 1 :]
     assert sorted(names) == sorted(
-        f"{arm}_s{s}=out/arms/{arm}_s{s}/checkpoint/model" for arm in ("rwml", "wm_sft") for s in "012"
+        f"{arm}_s{s}=out/arms/{arm}_s{s}/checkpoint/model"
+        for arm in ("rwml", "wm_sft", "rwml_no_filter")
+        for s in "012"
     )
 
 
@@ -245,5 +267,5 @@ def test_the_experiment_runs_in_fp32_on_any_device():
     commands = make_commands("pipeline", "OUT=out") + make_commands("ablations", "OUT=out")
     models = [a for a in commands if a[0] in ("train_wm.py", "train_policy.py", "evaluate.py") and "--model" in a]
     fp32 = lambda a: "--dtype" in a and a[a.index("--dtype") + 1] == "fp32"
-    # pipeline: warm-up, filter, 2 arms x 3 seeds, forgetting, 3 Policy RL runs, Table 1; ablations: 3 x 3, forgetting
-    assert len(models) == 13 + 10 and all(fp32(a) or "--forgetting" in a for a in models)
+    # pipeline: warm-up, pi', filter, 3 arms x 3 seeds, forgetting, 3 Policy RL, Table 1; ablations: 2 x 3, forgetting
+    assert len(models) == 17 + 7 and all(fp32(a) or "--forgetting" in a for a in models)

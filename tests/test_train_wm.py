@@ -156,7 +156,7 @@ def test_heldout_scores_split_valid_and_invalid_actions():
     assert set(train_wm.heldout_scores([{}] * 3, records)) == {"reward", "similarity", "format", "exact", "triplets"}
 
 
-def test_the_filter_chain_scores_with_pi_prime_trained_on_its_own_share_of_games(triplets, tmp_path):
+def test_the_filter_chain_scores_with_pi_prime_trained_on_its_own_share_of_games(triplets, tmp_path, capsys):
     """Sec. 3.2 as `make pipeline BUDGET=paper` runs it: split by game -> pi' = WM SFT on the share -> the filter
     scores the other games with pi' (and records that it did); no game of the share reaches the filtered file."""
     run = lambda *argv: train_wm.main(train_wm.parse_args([str(a) for a in argv]))
@@ -192,3 +192,13 @@ def test_the_filter_chain_scores_with_pi_prime_trained_on_its_own_share_of_games
     assert kept and not share & {t["game"] for t in kept} and {t["id"] for t in kept} <= {t["id"] for t in train}
     assert len(kept) == 5 and stats["easy_fraction"] == 0  # the kept mix: the share of invalid actions
     assert stats["invalid_fraction"] == stats["kept_invalid_fraction"] == sum(not t["valid"] for t in train) / 5
+    # forgetting of a LoRA run says its weights changed are the merged update's, and prints the lm_eval commands
+    import evaluate
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps(dict(prompt="Name a colour.", answer="Red.")) + "\n")
+    argv = ["--forgetting", "smollm2-135m", "--model", f"pi={model}", "--prompts", prompts, "--out", tmp_path / "f"]
+    evaluate.main(evaluate.parse_args([str(a) for a in argv]))
+    table, printed = (tmp_path / "f" / "forgetting.md").read_text(), capsys.readouterr().out
+    assert "| pi (LoRA r 4) | " in table and "merged update" in table and "not comparable" in table
+    assert f"lm_eval --model hf --model_args pretrained={model}," in printed and "pretrained=smollm2-135m," in printed
