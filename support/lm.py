@@ -187,26 +187,31 @@ def sample(
         dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature > 0 else dict(do_sample=False)
     )
     own, model.generation_config = model.generation_config, plain_generation_config(model, tok)
+    stopping = stop_outside_thinking(tok, stop, batch["input_ids"].shape[1]) if stop else None
     try:
         out = model.generate(
             **batch,
             **{cache_arg(model): cache},
             max_new_tokens=max_new_tokens,
-            stopping_criteria=[stop_outside_thinking(tok, stop, batch["input_ids"].shape[1])] if stop else None,
+            stopping_criteria=[stopping] if stop else None,
             synced_gpus=False,
             **sampling,
             **compiling,
         ).cpu()  # ranks sample alone (under FSDP: see `full_weights`)
     finally:
         model.generation_config = own
+    # a row ends at its first EOS (kept) or where its stop string ended (`stopping.stopped`); `generate` fills
+    # the rest of a finished row with pad tokens, which the model did not sample (Qwen's pad <|endoftext|> is
+    # one of its EOS ids too: cutting at the first pad would keep one after every stop string)
     eos = own.eos_token_id
-    ends = set(eos if isinstance(eos, list) else [eos]) | {tok.pad_token_id}
+    ends = set(eos if isinstance(eos, list) else [eos])
     results = []
-    for ids, mask, gen in zip(
-        batch["input_ids"].cpu(), batch["attention_mask"].cpu(), out[:, batch["input_ids"].shape[1] :]
+    for row, (ids, mask, gen) in enumerate(
+        zip(batch["input_ids"].cpu(), batch["attention_mask"].cpu(), out[:, batch["input_ids"].shape[1] :])
     ):
         gen = gen.tolist()
         cut = next((i + 1 for i, t in enumerate(gen) if t in ends), len(gen))
+        cut = min(cut, stopping.stopped.get(row, cut)) if stop else cut
         results.append((ids[mask.bool()].tolist(), gen[:cut], tok.decode(gen[:cut], skip_special_tokens=True)))
     return results
 
@@ -243,17 +248,23 @@ def strip_thinking(text):
 def stop_outside_thinking(tok, stop, prompt_len):
     """A stopping criterion: a row stops at one of the `stop` strings only where it lies in the answer, never
     inside a think block (a model that drafts "<action>...</action>" while it thinks goes on thinking).
-    transformers' StopStringCriteria finds the candidates; only those rows are decoded."""
+    transformers' StopStringCriteria finds the candidates; only those rows are decoded. `stopped`: row -> the
+    tokens it had sampled when it stopped (the stop string's last token included)."""
     from transformers import StoppingCriteria, StopStringCriteria
 
     class StopOutsideThinking(StoppingCriteria):
         hit = StopStringCriteria(tok, stop)
+
+        def __init__(self):
+            self.stopped = {}
 
         def __call__(self, input_ids, scores, **kwargs):
             done = self.hit(input_ids, scores)
             for i in done.nonzero().flatten().tolist():
                 answer = strip_thinking(tok.decode(input_ids[i, prompt_len:], skip_special_tokens=True))
                 done[i] = any(s in answer for s in stop)
+                if done[i]:
+                    self.stopped.setdefault(i, input_ids.shape[1] - prompt_len)
             return done
 
     return StopOutsideThinking()

@@ -142,3 +142,22 @@ def test_static_cache_decoding_is_the_eager_path_token_for_token(tiny, wm_prompt
         assert isinstance(caches[-1], StaticCache)
     assert len(prefills) == 2 and prefills[1] is not None  # the shared prefill ran in the compiled path too
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the decoding step was captured
+
+
+def test_a_row_stopped_by_a_stop_string_ends_on_it_not_on_a_pad_it_never_sampled(tiny):
+    """Rows that stop at different steps by a stop string: each completion is the row's own greedy tokens up to
+    the first one that completes the stop string (or its EOS), nothing after. `generate` pads a finished row
+    while others run, and the tiny model's pad is its EOS (as Qwen's <|endoftext|> is one of its EOS ids):
+    a cut at the first pad would keep one token the model never sampled."""
+    model, tok = tiny
+    questions = ["Count to five, then say done.", "Name three colors.", "Say hello inside <action></action> tags."]
+    prompts = [chat_prompt(tok, q) for q in questions]
+    free = sample(model, tok, prompts, 32, temperature=0)  # the same batch without a stop string
+    stopped = sample(model, tok, prompts, 32, temperature=0, stop=["."])
+    eos = model.generation_config.eos_token_id
+    lengths = []
+    for (_, ids, _), (_, got, _) in zip(free, stopped):
+        k = next(k for k in range(1, len(ids) + 1) if "." in tok.decode(ids[:k]) or ids[k - 1] == eos)
+        assert got == ids[:k], (got, ids)  # exactly the sampled tokens: no pad appended
+        lengths.append(k)
+    assert len(set(lengths)) == len(lengths)  # the rows stopped at three different steps
