@@ -31,7 +31,7 @@ from support.alfworld_env import SPLITS, game_id, list_games, make_env, split_in
 from support.checks import at_least, check_disk, check_model, claim_out, fail, fraction, non_negative, parser, positive
 from support.episode import Episode, summary
 from support.lm import TINY_MODEL, chat_prompt, hit_limit, load_model, sample, strip_thinking
-from support.memory import CPU_BATCH, sampling_batch
+from support.memory import CPU_BATCH, helper_models, sampling_batch
 from support.runs import append_jsonl, plot_metrics, resume_jsonl, run_stage, set_seed
 from support.schema import METRICS, ROLLOUT, TRIPLET
 
@@ -215,6 +215,7 @@ def plan_batch(args, model, episodes, prompt_len=None, embedder=0):
         args.dry_run,
         embedder=embedder,
         work=work,
+        helpers=helper_models(args.env, args.user_model, None, args.dtype, prompt_len, new),  # a fixed τ² user
     )
 
 
