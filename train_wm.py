@@ -72,6 +72,7 @@ from support.memory import (
     memory_budget,
     peak_memory,
     sampling_batch,
+    scoring_batch,
 )
 from support.runs import (
     append_jsonl,
@@ -270,8 +271,9 @@ def plan_memory(args, triplets, train=(), heldout=()):
     evals = steps // args.eval_every + (0 if args.no_start_eval else 1)
     rows = args.batch_size * (args.group_size if rwml else 1)
 
-    # the held-out scoring's prompts are all distinct: as many at once as RWML's distinct prompts (CPU: gen_batch)
-    score_batch = lambda gb: max(1, gb // args.group_size) if rwml and has_budget(args) else gb
+    # the held-out scoring's prompts are all distinct: as many at once as fit where RWML's groups did (CPU: gen_batch)
+    score = lambda gb: scoring_batch(args.model, args.dtype, gb, args.group_size, prompt_len, new)
+    score_batch = lambda gb: score(gb) if rwml and has_budget(args) else gb
 
     def work(mb, gb):  # the time plan: RWML's G predictions a triplet, every update, the held-out scoring
         phases = {"RWML sampling": sampled(args.batch_size, rows, gb, steps)} if rwml else {}

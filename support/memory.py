@@ -133,8 +133,9 @@ def memory_plan(
         layer -= 2 * h * B
         if B != 4:
             layer += (5 * h + q + I) * 4 - (2 * h + q + I) * B
-    if getattr(config, "num_experts", 0):  # the router's logits and each token's k routed copies and outputs
-        layer += (config.num_experts + 2 * config.num_experts_per_tok * h) * B
+    # a mixture-of-experts layer: the router's logits and each token's k routed copies of its input and outputs
+    routed = config.num_experts + 2 * config.num_experts_per_tok * h if getattr(config, "num_experts", 0) else 0
+    layer += routed * B
     if not training:
         micro_batch, reference, trainable = 0, False, 0
     tokens = micro_batch * seq_len
@@ -152,7 +153,7 @@ def memory_plan(
         activations=activations,
         logits=micro_batch * (completion_len + 1) * V * (B + 16),  # logits, their fp32 copy, backward's temporaries
         kv_cache=gen_batch * context * L * 2 * kv * B,
-        prefill=(distinct or gen_batch) * prompt_len * (4 * h + 3 * I) * B,  # one layer's MLP over the prompts at once
+        prefill=(distinct or gen_batch) * prompt_len * (4 * h + 3 * I + routed) * B,  # one layer's MLP over the prompts
     )
     if compiled:
         plan["kv_repeat"] = gen_batch * context * 2 * q * B
@@ -359,6 +360,20 @@ def sampling_batch(
         group=group,
         helpers=helpers,
     )[1]
+
+
+def scoring_batch(model, dtype, rows, group, prompt_len, completion_len):
+    """Rows of distinct prompts (RWML's held-out scoring) to sample at once in the memory that a batch of `rows`
+    rows in groups of `group` (RWML's sampling, as fit_memory planned it) takes: `rows` halved until their KV cache
+    and prefill are no more than that batch's."""
+    config = load_config(model) if isinstance(model, str) else model
+    part = lambda b, d: memory_plan(config, torch_dtype(dtype), gen_batch=b, distinct=d, prompt_len=prompt_len,
+                                    seq_len=prompt_len + completion_len, completion_len=completion_len,
+                                    training=False)  # fmt: skip
+    room, b = part(rows, distinct_prompts(rows, group)), rows
+    while b > 1 and part(b, b)["kv_cache"] + part(b, b)["prefill"] > room["kv_cache"] + room["prefill"]:
+        b //= 2
+    return b
 
 
 def helper_models(env=None, user_model="local", judge_model=None, dtype="auto", prompt_len=0, new_tokens=0):
