@@ -280,7 +280,7 @@ def plan_eval_batch(args):
     triplets = read_jsonl(args.wm)[: args.val_size]
     prompt_len = max(len(tok(chat_prompt(tok, wm_prompt(t)), add_special_tokens=False)["input_ids"]) for t in triplets)
     new = args.max_new_tokens or wm_budget(tok, triplets)  # as `evaluate_wm`
-    wm = dict(vars(args), max_steps=1, max_new_tokens=new)  # one greedy prediction a triplet: one "turn"
+    wm = dict(vars(args), max_steps=1, max_new_tokens=new, user_model="local")  # one prediction a triplet; no user
     return plan_batch(
         argparse.Namespace(**wm),
         path,

@@ -25,6 +25,7 @@ import torch
 from support.checks import at_least, fail, finite, non_negative, positive
 from support.distributed import all_sum, ddp, is_sharded, micro_batches, rank_world, shard
 from support.lm import LORA_TARGETS, checkpoint_activations, load_model, torch_dtype
+from support.memory import check_lora_targets
 from support.runs import aside, find_checkpoint, remove_checkpoint, set_seed, swap_in
 
 
@@ -289,7 +290,9 @@ class LoRALinear(torch.nn.Module):
 
 
 def add_lora(model, rank, alpha=None):
-    """Freeze the model and wrap its attention/MLP projections with adapters; returns the trainable params."""
+    """Freeze the model and wrap its attention/MLP projections with adapters; returns the trainable params.
+    A mixture-of-experts model stops here in one line: its fused experts are no nn.Linear (`check_lora_targets`)."""
+    check_lora_targets(model.config, rank)
     model.requires_grad_(False)
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
@@ -346,7 +349,8 @@ def merged_state_dict(model):
 def check_precision(args):
     """Full fine-tuning only in fp32 weights: AdamW updates bf16 weights in place, and a step of lr 1e-6 on a
     weight of ~0.02 is far below half a bf16 step there (1.2e-4 / 2), so nearly every update rounds away (the
-    run would "train" with almost no effect). LoRA keeps its adapters in fp32 on bf16 weights."""
+    run would "train" with almost no effect). LoRA keeps its adapters in fp32 on bf16 weights. fp32 weights on
+    CUDA compute their matrix products in TF32 (`lm.tf32_matmuls`): the weights and AdamW's state stay fp32."""
     if not args.lora_rank and torch_dtype(args.dtype) == torch.bfloat16:
         auto = ", bf16 on CUDA" if args.dtype == "auto" else ""
         fail(
@@ -455,15 +459,19 @@ def save_checkpoint(folder, model, tok, optimizer, step, args, final=False):
 def load_checkpoint(folder, model, optimizer):
     """Restore adapters (the full weights come from folder/model via load_model), optimizer and RNG; the step.
     Read onto the CPU (a GPU run's checkpoint opens on a machine without one; each tensor then goes where its
-    parameter is, not every rank's to cuda:0); the CUDA generators' states are restored where CUDA is, so a
-    resumed GPU run samples what the uninterrupted one would have."""
-    state = torch.load(Path(folder) / "trainer.pt", map_location="cpu", weights_only=False)
+    parameter is, not every rank's to cuda:0). Under FSDP the file is memory-mapped (no rank reads its tensors into
+    memory of its own) and only rank 0 reads the AdamW state, tensor by tensor, broadcast to the others, which keep
+    their shards (`broadcast_from_rank0`; 7B in fp32: ~61 GB that every rank would otherwise load). The CUDA
+    generators' states are restored where CUDA is, so a resumed GPU run samples as the uninterrupted one would."""
+    sharded = is_sharded(model)
+    state = torch.load(Path(folder) / "trainer.pt", map_location="cpu", weights_only=False, mmap=sharded)
     if state["adapters"]:
         model.load_state_dict(state["adapters"], strict=False)
-    if is_sharded(model) and state["optimizer"] is not None:
+    if sharded and state["optimizer"] is not None:  # rank 0 reads the whole AdamW state and sends each rank its shards
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        whole = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_optimizer_state_dict(model, optimizer, state["optimizer"] if rank_world()[0] == 0 else {}, options=whole)
     elif state["optimizer"] is not None:
         optimizer.load_state_dict(state["optimizer"])
     if state["optimizer"] is None and rank_world()[0] == 0:

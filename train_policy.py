@@ -31,7 +31,7 @@ from support.checks import SkipCounter, at_least, check_model, claim_out, parser
 from support.distributed import all_sum, full_weights, gather, init_distributed
 from support.episode import summary
 from support.lm import TINY_MODEL, cut_warning
-from support.memory import check_checkpoint_disk, fit_memory, peak_memory
+from support.memory import check_checkpoint_disk, fit_memory, helper_models, peak_memory
 from support.play import add_play_args, play_defaults, play_settings
 from support.runs import append_jsonl, open_step_log, plot_metrics, read_jsonl, run_stage, set_seed
 
@@ -114,6 +114,7 @@ def check_args(args):
         args.max_memory_gb,
         args.dry_run,
         work=work,
+        helpers=helper_models(args.env, args.user_model, None, args.dtype, prompt_len, args.max_new_tokens),
     )
     check_checkpoint_disk(args.out, args.model, args.dtype, args.lora_rank)  # what its checkpoints will take
     return games

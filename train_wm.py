@@ -70,7 +70,16 @@ from support.checks import (
 )
 from support.distributed import all_sum, ddp, full_weights, gather, init_distributed, micro_batches, rank_world
 from support.lm import TINY_MODEL, chat_prompt, cut_warning, generate, hit_limit, load_model, load_tokenizer, sample
-from support.memory import CARD_BATCH, check_checkpoint_disk, fit_memory, memory_budget, peak_memory, sampling_batch
+from support.memory import (
+    CARD_BATCH,
+    check_checkpoint_disk,
+    fit_memory,
+    helper_models,
+    memory_budget,
+    peak_memory,
+    sampling_batch,
+    scoring_batch,
+)
 from support.report import collapse, spread_warning
 from support.runs import (
     append_jsonl,
@@ -274,6 +283,7 @@ def plan_memory(args, triplets, train=(), heldout=()):
             64,
             embedder,
             work,
+            group=args.filter_k,  # each triplet's K predictions share one prefill
         )
         return
     if args.gen_batch is None:
@@ -282,12 +292,17 @@ def plan_memory(args, triplets, train=(), heldout=()):
     evals = steps // args.eval_every + (0 if args.no_start_eval else 1)
     rows = args.batch_size * (args.group_size if rwml else 1)
 
+    # the held-out scoring's prompts are all distinct: as many at once as fit where RWML's groups did (CPU: gen_batch)
+    score = lambda gb: scoring_batch(args.model, args.dtype, gb, args.group_size, prompt_len, new)
+    score_batch = lambda gb: score(gb) if rwml and has_budget(args) else gb
+
     def work(mb, gb):  # the time plan: RWML's G predictions a triplet, every update, the held-out scoring
         phases = {"RWML sampling": sampled(args.batch_size, rows, gb, steps)} if rwml else {}
         phases["updates"] = dict(train=steps * rows * (prompt_len + new) * (args.ppo_epochs if rwml else 1))
-        phases["held-out scoring"] = sampled(held, held, gb, evals)
+        phases["held-out scoring"] = sampled(held, held, score_batch(gb), evals)
         return phases
 
+    judge_model = args.judge_model if rwml and args.reward != "embedding" else None  # loaded beside the model
     args.micro_batch, args.gen_batch = fit_memory(
         args.model,
         args.dtype,
@@ -303,7 +318,10 @@ def plan_memory(args, triplets, train=(), heldout=()):
         args.dry_run,
         embedder=embedder,
         work=work,
+        group=args.group_size if rwml else 1,  # a triplet's G predictions share one prefill
+        helpers=helper_models(judge_model=judge_model, dtype=args.dtype, prompt_len=prompt_len, new_tokens=new),
     )
+    args.score_batch = score_batch(args.gen_batch)
     check_checkpoint_disk(args.out, args.model, args.dtype, args.lora_rank)  # what its checkpoints will take
 
 
@@ -369,7 +387,7 @@ def wm_heldout(model, tok, heldout, embed, tau, args):
     rank, world = rank_world()
     mine = heldout[rank::world]
     with full_weights(model):
-        outputs, scores = predict_and_score(model, tok, mine, embed, tau, args.max_new_tokens, args.gen_batch)
+        outputs, scores = predict_and_score(model, tok, mine, embed, tau, args.max_new_tokens, args.score_batch)
     in_rank_order = [t for r in range(world) for t in heldout[r::world]]  # the order `gather` returns
     outputs, scores = gather(outputs), gather(scores)
     predicted, real = [parse_next_state(o) for o in outputs], [t["next_state"] for t in in_rank_order]

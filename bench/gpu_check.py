@@ -1,20 +1,27 @@
 """The GPU check: on one CUDA device, the memory plan (memory.memory_plan) next to measured peaks and the
-sampling speed, for the paper's models and the tiny one, built from their configs with random weights
-(nothing is downloaded: a lent GPU machine has no network). One table, in <= 8 minutes on one H100.
+sampling speed of each decoding path, for the paper's models and the tiny one, built from their configs with
+random weights (nothing is downloaded: a lent GPU machine has no network). One table; expected ~9 minutes on one
+H100/H200 for all of it (not yet run in this form: the eager rows took 108-132 s, inductor compiles each dense
+model once, ~1-2 min, and Qwen3-30B-A3B adds ~2 min), so one call with timeout_s 600; `--models` runs a part.
 
     python bench/gpu_check.py                        # on a GPU; --models smollm2-135m for a quick look
     python bench/gpu_check.py --device cpu --tiny    # the same code on CPU, tiny configs (tests/test_bench.py)
 
 Per model, in bf16 (fp32 on CPU): one sampling phase through lm.sample (64 distinct prompts x 1,408 tokens
 + 256 new ones; random weights write to the limit, which is the case a plan must cover), the same with 8
-prompts x G = 8 (the shared prefill), and one GRPO update (grpo.grpo_update, beta 0.001) with LoRA r 64 and
+prompts x G = 8 (the shared prefill), each on the eager path (the default) and the compiled one
+(RWML_COMPILE_DECODING=on), side by side; for Qwen3-30B-A3B the eager path with its experts grouped (lm.sample)
+and with transformers' own switch to "batched_mm" while decoding (lm.grouped_experts undone); and one GRPO update
+(grpo.grpo_update, beta 0.001) with LoRA r 64 and
 gradient checkpointing on micro-batches of 2 x 1,664 tokens (the second update: AdamW's moments exist);
-SmolLM2-shaped also with full fine-tuning (a frozen reference copy). Measured: torch.cuda.max_memory_allocated
+SmolLM2-shaped also with full fine-tuning (a frozen reference copy); none for the mixture-of-experts model, whose
+LoRA is refused (memory.check_lora_targets). Measured: torch.cuda.max_memory_allocated
 (CPU: the bytes of tensors alive at once, bench/memory_plan.py's PeakMemory). Prompts are random token ids
 written as words of a word-level tokenizer over the model's vocabulary (so a prompt is exactly its length).
 """
 
 import argparse
+import contextlib
 import gc
 import os
 import sys
@@ -25,8 +32,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from memory_plan import PAPER_MODELS, Peak, measure_sample_call, measure_update  # noqa: E402
 
+import support.lm as lm  # noqa: E402
 from support.lm import sample  # noqa: E402
-from support.memory import RATES, device_kind, step_bytes  # noqa: E402
+from support.memory import RATES, decode_bytes, device_kind  # noqa: E402
 from support.runs import set_seed  # noqa: E402
 
 # SmolLM2-135M-Instruct's config.json (the fields the model is built from; tests/test_bench.py compares
@@ -50,6 +58,7 @@ SMOLLM2 = (
 MODELS = {"smollm2-135m": SMOLLM2, **PAPER_MODELS}
 # --tiny: each model's architecture at toy width, for the CPU run of this script
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+TINY_MOE = dict(moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2)
 
 
 def build(name, device, dtype, tiny):
@@ -58,7 +67,7 @@ def build(name, device, dtype, tiny):
 
     kind, fields = MODELS[name]
     if tiny:
-        fields = dict(fields, **TINY, head_dim=16, vocab_size=512)
+        fields = dict(fields, **TINY, **(TINY_MOE if "num_experts" in fields else {}), head_dim=16, vocab_size=512)
     config = AutoConfig.for_model(kind, **fields)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -98,18 +107,19 @@ def check_sampling(model, tok, n_prompts, group, prompt_len, new_tokens, seed, c
     return measured, planned, rate, step
 
 
-def decode_limit(config, dtype, rows, context, bandwidth):
-    """The least seconds a decoding step can take on a card of `bandwidth` bytes/s: it must read the weights and
-    the KV cache of `rows` rows of `context` tokens (memory.step_bytes) once."""
-    return step_bytes(config, dtype, rows, context) / bandwidth
+def decode_limit(config, dtype, rows, context, bandwidth, path="eager"):
+    """The least seconds a decoding step can take on a card of `bandwidth` bytes/s: it must read what the path
+    reads (memory.decode_bytes: the weights, the KV cache of `rows` rows of `context` tokens, the compiled path's
+    repeated K/V, batched_mm's copied experts) once."""
+    return decode_bytes(config, dtype, rows, context, path) / bandwidth
 
 
-def limit_cells(model, rows, prompt_len, new_tokens, step, bandwidth):
+def limit_cells(model, rows, prompt_len, new_tokens, step, bandwidth, path="eager"):
     """The table's decode cells: achieved step ms | bandwidth-limit ms | limit / achieved. The KV cache read is
     that of the mean step (prompt + half the new tokens)."""
     if not bandwidth:
         return f"{1e3 * step:.2f} | – | –"
-    limit = decode_limit(model.config, model.dtype, rows, prompt_len + new_tokens // 2, bandwidth)
+    limit = decode_limit(model.config, model.dtype, rows, prompt_len + new_tokens // 2, bandwidth, path)
     return f"{1e3 * step:.2f} | {1e3 * limit:.2f} | {limit / step:.2f}"
 
 
@@ -124,7 +134,8 @@ def main():
         nargs="+",
         choices=["eager", "compiled"],
         default=None,
-        help="lm.sample's paths to time (default: both on CUDA, eager on CPU, where inductor compiles for minutes)",
+        help="lm.sample's paths to time for dense models (default: both on CUDA, eager on CPU, where inductor "
+        "compiles for minutes); a mixture-of-experts model: its experts grouped and transformers' batched_mm",
     )
     p.add_argument(
         "--bandwidth-gbs",
@@ -155,8 +166,9 @@ def main():
         "| limit / step |\n|---|---|---|---|---|---|---|---|---|"
     )
     for name in a.models:
+        moe = "num_experts" in MODELS[name][1]
         # sampling: one model per path, both rows on it (the compiled path compiles once per model)
-        for path in decoding:
+        for path in ["eager", "batched_mm"] if moe else decoding:
             set_seed(a.seed)
             model = build(name, device, dtype, a.tiny)
             tok = word_tokenizer(model.config.vocab_size)
@@ -167,20 +179,28 @@ def main():
                     dict(n_prompts=n_prompts // group, group=group),
                 ),
             ):
-                measured, planned, rate, step = check_sampling(
-                    model,
-                    tok,
-                    prompt_len=prompt_len,
-                    new_tokens=new_tokens,
-                    seed=a.seed,
-                    compiled=path == "compiled",
-                    **kw,
-                )
+                with transformers_experts(path == "batched_mm"):
+                    measured, planned, rate, step = check_sampling(
+                        model,
+                        tok,
+                        prompt_len=prompt_len,
+                        new_tokens=new_tokens,
+                        seed=a.seed,
+                        compiled=path == "compiled",
+                        **kw,
+                    )
+                if path == "batched_mm" and device.type != "cpu":  # one layer's copied experts (none on CPU)
+                    c = model.config
+                    planned += n_prompts * c.num_experts_per_tok * 3 * c.moe_intermediate_size * c.hidden_size * 2
                 gb = f"{planned / 1e9:.3g} | {measured / 1e9:.3g} | {measured / planned:.2f}"
-                cells = limit_cells(model, n_prompts, prompt_len, new_tokens, step, bandwidth)
+                cells = limit_cells(model, n_prompts, prompt_len, new_tokens, step, bandwidth, path)
                 print(f"| {name} | {label}, {path} | {gb} | {rate:.0f} sampled tokens/s | {cells} |", flush=True)
             del model, tok
             release(device)
+        if moe:
+            print(f"| {name} | GRPO update, LoRA: refused (fused experts, memory.check_lora_targets) | – | – | – | – "
+                  "| – | – | – |", flush=True)  # fmt: skip
+            continue
         cases = [("GRPO update, LoRA r 64, gradient checkpointing", 64)] + (
             [("GRPO update, full fine-tuning (reference copy)", 0)] if name == "smollm2-135m" else []
         )
@@ -201,6 +221,19 @@ def main():
             print(f"| {name} | {label} | {gb} | {seconds:.1f} s | – | – | – |", flush=True)
             del model
             release(device)
+
+
+@contextlib.contextmanager
+def transformers_experts(on):
+    """`with transformers_experts(True):` samples as transformers would decode a mixture-of-experts model on its
+    own: lm.grouped_experts undone, so that `generate` switches the experts to "batched_mm" off the CPU."""
+    keep = lm.grouped_experts
+    if on:
+        lm.grouped_experts = lambda model: contextlib.nullcontext()
+    try:
+        yield
+    finally:
+        lm.grouped_experts = keep
 
 
 def release(device):

@@ -1,6 +1,6 @@
 """Every stage script end to end on one device, small: what a GPU run of the pipeline executes, in minutes.
 
-    python bench/gpu_stages.py                        # on a GPU (make gpu-stages); one table, <= 5 min meant
+    python bench/gpu_stages.py                        # on a GPU (make gpu-stages); one table, < 10 min meant
     python bench/gpu_stages.py --device cpu           # the same on CPU (CUDA hidden from every stage)
     python bench/gpu_stages.py --device cpu --stages collect,warmup,rwml   # a few stages (tests/test_bench.py)
 
@@ -23,6 +23,10 @@ package is 88 MB, over what may travel to a lent machine).
   policy_rl             train_policy.py: one Policy RL update (LoRA, bf16, gradient checkpointing)
   wm_eval, eval         evaluate.py --wm (held-out world-model scores), evaluate.py (success on valid_seen/unseen)
   report                evaluate.py --report
+
+Every stage decodes eagerly (RWML_COMPILE_DECODING=off, lm.sample's default) except `wm_eval`, which runs the
+compiled path (=on: inductor compiles the toy model once, ~1 min) so that the chain checks it end to end without
+compiling in every stage (CPU: off there too, inductor would take minutes).
 
 Prints one row a stage: seconds, exit status, and the peak GPU memory its metrics.jsonl recorded (`peak_gb`,
 train_wm.py / train_policy.py on CUDA); exits 1 if any stage fails (its log's tail is printed; every log stays
@@ -58,6 +62,7 @@ QWEN2 = dict(
     tie_word_embeddings=True,
 )
 CKPT = "checkpoint/model"
+COMPILED_STAGE = "wm_eval"  # the one stage that decodes on the compiled path (on CUDA)
 # what the model learns to write before any stage runs (teach_format): the WM SFT target of an invalid action,
 # which is what a random model's actions in ALFWorld are
 FORMAT = "<think> </think><next_state>Nothing happens.</next_state>"
@@ -342,7 +347,7 @@ def main():
     stages = a.stages.split(",")
     if any(s not in STAGES for s in stages):
         raise SystemExit(f"error: --stages {a.stages}: each one of {','.join(STAGES)}")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", RWML_COMPILE_DECODING="off")
     if a.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # the stage scripts pick CUDA whenever they see it
     else:
@@ -376,8 +381,14 @@ def main():
         with open(log, "w") as f:
             for argv in commands[stage]:
                 try:
+                    compiled = stage == COMPILED_STAGE and a.device == "cuda"
                     rc = subprocess.run(
-                        argv, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=a.stage_timeout
+                        argv,
+                        cwd=ROOT,
+                        env=dict(env, RWML_COMPILE_DECODING="on") if compiled else env,
+                        stdout=f,
+                        stderr=subprocess.STDOUT,
+                        timeout=a.stage_timeout,
                     ).returncode
                 except subprocess.TimeoutExpired:
                     rc = 124
@@ -404,6 +415,7 @@ def main():
 
     print("\n| stage | seconds | exit | peak GPU GB | |\n|---|---|---|---|---|")
     for stage, sec, rc, peak, note in rows:
+        note = note or ("compiled decoding" if stage == COMPILED_STAGE and a.device == "cuda" else "")
         print(f"| {stage} | {sec:.1f} | {rc} | {'–' if peak is None else f'{peak:.3f}'} | {note} |")
     print(f"total {time.time() - t0:.0f} s, {a.device}; runs and logs in {out}")
     if failed:

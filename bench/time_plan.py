@@ -7,7 +7,9 @@ Counts are upper bounds: every episode runs to its step limit (the paper's self-
 every triplet is kept or scored as the flags say. Two figures are assumptions, printed with the table: the
 world-model prompt (384 tokens: ALFWorld's measured with SmolLM2's tokenizer are ~230, bench/README.md) and the
 share of triplets the filter keeps (half). Each stage's sampling batch is what the memory plan fits on the card
-(memory.memory_plan, as the scripts' own --dry-run does), LoRA r 64 with gradient checkpointing, bf16.
+(memory.memory_plan, as the scripts' own --dry-run does: a group of G or K copies of a prompt is prefilled once,
+RWML's held-out scoring runs its distinct prompts G times fewer at once), LoRA r 64 with gradient checkpointing,
+bf16, eager decoding (lm.sample's default).
 """
 
 import argparse
@@ -19,20 +21,21 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from memory_plan import PAPER_MODELS  # noqa: E402
+from memory_plan import DENSE, PAPER_MODELS  # noqa: E402
 
-from support.memory import CARD_BATCH, CARD_SHARE, memory_plan, time_plan  # noqa: E402
+from support.memory import CARD_BATCH, CARD_SHARE, distinct_prompts, memory_plan, scoring_batch, time_plan  # noqa: E402
 
 EMBEDDER = 7.57e9 * 2  # Qwen3-Embedding-8B's parameters in bf16 (--embed-dtype auto on CUDA)
 
 
-def fitted(config, budget, prompt_len, new, start, training, embedder=0):
-    """The sampling batch the plan fits in `budget` bytes, halved from `start` (memory.fit_memory's rule)."""
+def fitted(config, budget, prompt_len, new, start, training, embedder=0, group=1):
+    """The sampling batch the plan fits in `budget` bytes, halved from `start` (memory.fit_memory's rule); `group`:
+    copies of each prompt in a batch, prefilled once."""
     b = start
     while b > 1:
         plan = memory_plan(
             config, torch.bfloat16, 64, False, True, 2, prompt_len + new, new, b, prompt_len,
-            training=training, embedder=embedder,
+            distinct=distinct_prompts(b, group), training=training, embedder=embedder,
         )  # fmt: skip
         if plan["peak"] <= budget:
             break
@@ -53,7 +56,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kind", default="H200", choices=["H100", "H200"], help="the RATES row")
     p.add_argument("--card-gb", type=float, default=141, help="the card's memory (H200: 141, H100: 80)")
-    p.add_argument("--model", default="Qwen/Qwen2.5-7B-Instruct", choices=list(PAPER_MODELS))
+    p.add_argument("--model", default="Qwen/Qwen2.5-7B-Instruct", choices=DENSE, help="a model LoRA can train")
     a = p.parse_args()
     from transformers import AutoConfig
 
@@ -70,8 +73,11 @@ def main():
     G, rl_episodes, rl_steps, rl_updates = 8, 16 * 8, 15, 100
     eval_episodes = (140 + 134) * 3 * 6  # two splits x 3 runs x 6 models, <= 30 steps
     b_agent = fitted(config, budget, agent, new, CARD_BATCH, False)
-    b_wm = fitted(config, budget, wm, new, CARD_BATCH, False, EMBEDDER)
-    b_rwml = fitted(config, budget, wm, new, 32 * G, True, EMBEDDER)
+    b_wm = fitted(config, budget, wm, new, CARD_BATCH, False, EMBEDDER, group=10)  # the filter's K 10 a triplet
+    b_rwml = fitted(config, budget, wm, new, 32 * G, True, EMBEDDER, group=G)
+    b_score = scoring_batch(config, "bf16", b_rwml, G, wm, new)  # train_wm.py's score_batch
+    b_sft = fitted(config, budget, wm, new, CARD_BATCH, True, EMBEDDER)  # WM SFT's held-out scoring
+    b_score_eval = fitted(config, budget, wm, new, CARD_BATCH, False, EMBEDDER)  # evaluate.py --wm
     b_rl = fitted(config, budget, agent, new, rl_episodes, True)
     stages = {
         "collect": {"episodes": sampled(episodes, episodes, b_agent, agent, new, steps)},
@@ -79,22 +85,23 @@ def main():
         "RWML": {
             "sampling": sampled(32, 32 * G, b_rwml, wm, new, updates),
             "updates": dict(train=updates * 32 * G * (wm + new)),
-            "held-out scoring": sampled(held, held, b_rwml, wm, new, evals),
+            "held-out scoring": sampled(held, held, b_score, wm, new, evals),
         },
         "WM SFT": {
             "updates": dict(train=updates * 32 * (wm + new)),
-            "held-out scoring": sampled(held, held, b_rwml, wm, new, evals),
+            "held-out scoring": sampled(held, held, b_sft, wm, new, evals),
         },
         "Policy RL x 3": {
             "rollouts": sampled(rl_episodes, rl_episodes, b_rl, agent, new, 3 * rl_updates * rl_steps),
             "updates": dict(train=3 * rl_updates * rl_episodes * rl_steps * (agent + new)),
         },
-        "evaluate --wm (3 models)": {"scoring": sampled(3 * held, 3 * held, b_wm, wm, new)},
+        "evaluate --wm (3 models)": {"scoring": sampled(3 * held, 3 * held, b_score_eval, wm, new)},
         "evaluate (6 models)": {"episodes": sampled(eval_episodes, eval_episodes, b_agent, agent, new, steps)},
     }
     print(
         f"{a.model} on one {a.kind} ({a.card_gb:g} GB, plan budget {budget / 1e9:.0f} GB), RATES[{a.kind!r}]; "
-        f"sampling batches: agent {b_agent}, world model {b_wm}, RWML {b_rwml}, Policy RL {b_rl}; "
+        f"sampling batches: agent {b_agent}, filter {b_wm}, RWML {b_rwml} (held-out scoring {b_score}), "
+        f"Policy RL {b_rl}; "
         f"{triplets} triplets, {kept} kept, {updates} RWML / SFT updates, {evals} held-out scorings of {held}"
     )
     print("| stage | prefill h | decode h | train h | total h |\n|---|---|---|---|---|")

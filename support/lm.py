@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import tempfile
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -112,10 +113,24 @@ def load_model(name=TINY_MODEL, device=None, dtype="auto"):
     from transformers import AutoModelForCausalLM
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tf32_matmuls(device)
     tok = load_tokenizer(name)
     model = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=torch_dtype(dtype, device)).to(device)
     model.generation_config.pad_token_id = tok.pad_token_id
     return model, tok
+
+
+def tf32_matmuls(device):
+    """On CUDA, fp32 matrix products run as TF32 (tensor cores: fp32 inputs rounded to a 10-bit mantissa, products
+    summed in fp32; an H100 does 495 dense TFLOPS so, 67 in plain fp32, 990 in bf16): what `--dtype fp32` full
+    fine-tuning (the paper's lr 1e-6) computes in. Weights, gradients and AdamW's moments stay fp32, so an
+    update of 1e-6 still lands (tests/test_grpo.py); the time plan counts TF32's rate (memory.time_plan). Left
+    alone on CPU, where the CPU experiment computes in plain fp32. The legacy switch on purpose: inductor reads
+    the precision through `torch.get_float32_matmul_precision()`, which the new per-backend API makes raise.
+    Returns whether it is on."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return device.type == "cuda"
 
 
 def checkpoint_activations(model):
@@ -159,6 +174,7 @@ def sample(
     A prompt that occurs several times in a chunk (GRPO's group of G) is prefilled once (`share=False`:
     each copy on its own, the plain path that bench/sample_throughput.py compares against).
     `compiled`: decode with a static KV cache and a compiled step (`static_decoding`); None: COMPILE_DECODING.
+    A mixture-of-experts model decodes with its experts' grouped path (`grouped_experts`).
     """
     prompts = [p for p in prompts for _ in range(n)]
     if batch_size and len(prompts) > batch_size:
@@ -189,15 +205,16 @@ def sample(
     own, model.generation_config = model.generation_config, plain_generation_config(model, tok)
     stopping = stop_outside_thinking(tok, stop, batch["input_ids"].shape[1]) if stop else None
     try:
-        out = model.generate(
-            **batch,
-            **{cache_arg(model): cache},
-            max_new_tokens=max_new_tokens,
-            stopping_criteria=[stopping] if stop else None,
-            synced_gpus=False,
-            **sampling,
-            **compiling,
-        ).cpu()  # ranks sample alone (under FSDP: see `full_weights`)
+        with grouped_experts(model):
+            out = model.generate(
+                **batch,
+                **{cache_arg(model): cache},
+                max_new_tokens=max_new_tokens,
+                stopping_criteria=[stopping] if stop else None,
+                synced_gpus=False,
+                **sampling,
+                **compiling,
+            ).cpu()  # ranks sample alone (under FSDP: see `full_weights`)
     finally:
         model.generation_config = own
     # a row ends at its first EOS (kept) or where its stop string ended (`stopping.stopped`); `generate` fills
@@ -228,6 +245,31 @@ def plain_generation_config(model, tok):
 
     own = model.generation_config
     return GenerationConfig(bos_token_id=own.bos_token_id, eos_token_id=own.eos_token_id, pad_token_id=tok.pad_token_id)
+
+
+@contextmanager
+def grouped_experts(model):
+    """`with grouped_experts(model):` around `generate`: a mixture-of-experts model keeps its experts' grouped
+    kernel while it decodes. On any device but the CPU, transformers' `generate` switches "grouped_mm" experts to
+    "batched_mm" for the decoding steps (generation/utils.py `_optimize_model_for_decode`), which gathers one
+    expert's weights per token and routed slot (integrations/moe.py `batched_mm_experts_forward`:
+    `self.gate_up_proj[expert_ids]`): Qwen3-30B-A3B at 256 rows copies 256 x 8 x 3 x 768 x 2,048 bf16 weights,
+    ~19 GB, in every layer at every step. The grouped path reads each expert once (`memory.decode_bytes`)."""
+    if not hasattr(model, "_optimize_model_for_decode"):
+        yield
+        return
+    model._optimize_model_for_decode = nullcontext  # an instance attribute hides the method for this call
+    try:
+        yield
+    finally:
+        del model._optimize_model_for_decode
+
+
+def fused_experts(model):
+    """{name: parameters} of the model's fused expert weights (transformers 5 stores a mixture-of-experts layer's
+    experts as 3-D parameters, e.g. Qwen3-MoE's `mlp.experts.gate_up_proj` [experts, 2 x I, hidden]); {} for a
+    dense model."""
+    return {n: p.numel() for n, p in model.named_parameters() if p.dim() == 3 and ".experts." in n}
 
 
 def hit_limit(model, tok, completion_ids, max_new_tokens):
@@ -325,22 +367,31 @@ def prefill_distinct(model, prompts, batch):
     return getattr(out, cache_arg(model)), torch.tensor([slot[p] for p in prompts], device=model.device)
 
 
-# compiled decoding: "auto" is on for CUDA, where eager decoding of a 7B model is bound by launching small
-# kernels (~10% of the bandwidth limit, docs/scaling.md), and off on CPU, where compiling costs more than it saves
-COMPILE_DECODING = os.environ.get("RWML_COMPILE_DECODING", "auto")  # auto, on or off
+# compiled decoding is opt-in (RWML_COMPILE_DECODING=on), on CUDA too: under torch.compile transformers' SDPA path
+# repeats K and V to every query head of a GQA model (transformers/integrations/sdpa_attention.py,
+# `sdpa_attention_forward`: `use_gqa_in_sdpa` wants no mask on CUDA, and `pack_gqa`, what the eager decoding step
+# does instead, is skipped while dynamo traces), and attends over the whole static cache, not its filled part
+# (`decode_bytes`: Qwen2.5-7B at 64 rows x 1,792 tokens reads ~67 GB a step instead of ~21). Until
+# bench/gpu_check.py shows it faster on a GPU, eager decoding is the default; off on CPU, where compiling costs more
+COMPILE_DECODING = os.environ.get("RWML_COMPILE_DECODING", "off")  # on or off
 COMPILE_BACKEND = "inductor"  # tests/test_lm.py: "eager" (dynamo only: inductor takes ~50 s to compile on 2 CPU cores)
 CACHE_BLOCK = 256  # static caches are sized in blocks of this many tokens: fewer shapes, fewer recompilations
 
 
 def compile_decoding(model):
-    """Whether `sample` decodes `model` with a static cache and a compiled step by default. Never under FSDP,
-    whose gathered weights need not keep their addresses between updates (CUDA graphs read fixed addresses)."""
+    """Whether `sample` decodes `model` with a static cache and a compiled step by default: RWML_COMPILE_DECODING=on
+    (default off). Never under FSDP, whose gathered weights need not keep their addresses between updates (CUDA
+    graphs read fixed addresses)."""
     from support.distributed import is_sharded
 
-    if COMPILE_DECODING not in ("auto", "on", "off"):
-        fail(f"RWML_COMPILE_DECODING={COMPILE_DECODING!r}: use auto, on or off")
-    on = COMPILE_DECODING == "on" or (COMPILE_DECODING == "auto" and model.device.type == "cuda")
-    return on and not is_sharded(model)
+    return compiled_default() and not is_sharded(model)
+
+
+def compiled_default():
+    """RWML_COMPILE_DECODING as a bool (the memory plan reads it before any model loads)."""
+    if COMPILE_DECODING not in ("on", "off"):
+        fail(f"RWML_COMPILE_DECODING={COMPILE_DECODING!r}: use on or off")
+    return COMPILE_DECODING == "on"
 
 
 def static_decoding(model, prompts, batch, max_new_tokens, share=True):

@@ -2,28 +2,80 @@
 loaded). Every training script prints it before loading anything (`--dry-run` stops there) and shrinks its
 batches to `--max-memory-gb`; bench/memory_plan.py checks it against measured peaks."""
 
+import math
 from pathlib import Path
 
 import torch
 
 from support.checks import check_disk, fail
 from support.distributed import rank_world
-from support.lm import LORA_TARGETS, load_config, torch_dtype
+from support.lm import CACHE_BLOCK, LORA_TARGETS, compiled_default, fused_experts, load_config, torch_dtype
+
+_COUNTS = {}  # config (as JSON) -> (parameters, LoRA parameters a rank, fused expert parameters)
+
+
+def param_counts(config):
+    """(parameters, LoRA adapter parameters per unit of rank, parameters of fused experts) of `config`'s model,
+    built once on the meta device: no memory used."""
+    key = config.to_json_string()
+    if key not in _COUNTS:
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        _COUNTS[key] = (
+            sum(p.numel() for p in model.parameters()),  # tied embeddings once
+            sum(
+                m.in_features + m.out_features
+                for name, m in model.named_modules()
+                if name.rsplit(".", 1)[-1] in LORA_TARGETS and isinstance(m, torch.nn.Linear)
+            ),
+            sum(fused_experts(model).values()),
+        )
+    return _COUNTS[key]
 
 
 def count_params(config, lora_rank=0):
-    """(parameters, LoRA adapter parameters) of `config`'s model, built on the meta device: no memory used."""
-    from transformers import AutoModelForCausalLM
+    """(parameters, LoRA adapter parameters) of `config`'s model. The hand-written LoRA adapts nn.Linear
+    projections only: a mixture-of-experts model's fused experts get none (`check_lora_targets`)."""
+    n, per_rank, _ = param_counts(config)
+    return n, lora_rank * per_rank
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    total = sum(p.numel() for p in model.parameters())  # tied embeddings once
-    adapters = sum(
-        lora_rank * (m.in_features + m.out_features)
-        for name, m in model.named_modules()
-        if name.rsplit(".", 1)[-1] in LORA_TARGETS and isinstance(m, torch.nn.Linear)
-    )
-    return total, adapters
+
+def active_params(config):
+    """Parameters a token runs through: all of a dense model's; of a mixture-of-experts model, its experts'
+    share top-k / experts (Qwen3-30B-A3B: 3.3B of 30.5B). What the time plan's compute counts."""
+    n, _, experts = param_counts(config)
+    routed = getattr(config, "num_experts_per_tok", 0) / max(1, getattr(config, "num_experts", 0) or 1)
+    return n - experts + round(experts * routed)
+
+
+def check_lora_targets(config, lora_rank, name="the model"):
+    """One line and stop when --lora-rank would leave a mixture-of-experts model's experts untrained: transformers 5
+    stores them as fused 3-D parameters (Qwen3-MoE: `mlp.experts.gate_up_proj`, `mlp.experts.down_proj`), which
+    the hand-written LoRA (nn.Linear projections, grpo.add_lora) does not adapt."""
+    n, per_rank, experts = param_counts(config)
+    if lora_rank and experts:
+        fail(
+            f"--lora-rank {lora_rank} on {name}, a mixture-of-experts model: LoRA would train only its attention "
+            f"projections ({lora_rank * per_rank / 1e6:.1f}M adapter parameters), none of its {experts / 1e9:.1f}B "
+            "parameters of fused experts; fine-tune all weights instead (--lora-rank 0 --dtype fp32, --fsdp)"
+        )
+
+
+def mlp_width(config):
+    """Values a token keeps in an MLP's hidden layer: a dense layer's intermediate size; a mixture-of-experts layer
+    runs top-k experts of moe_intermediate_size each."""
+    if getattr(config, "num_experts", 0):
+        return config.num_experts_per_tok * config.moe_intermediate_size
+    return config.intermediate_size
+
+
+def distinct_prompts(rows, group):
+    """The most distinct prompts in a sampling batch of `rows` rows cut from a stream of prompts repeated `group`
+    times in a row (lm.sample's chunks of `rows`, from row 0): the most groups one chunk touches."""
+    period = group // math.gcd(rows, group) if rows else 0  # chunks repeat their alignment after this many
+    return max((((i * rows + rows - 1) // group) - (i * rows // group) + 1 for i in range(period)), default=0)
 
 
 def memory_plan(
@@ -41,6 +93,9 @@ def memory_plan(
     distinct=None,
     training=True,
     embedder=0,
+    helpers=None,
+    ddp=False,
+    compiled=False,
 ):
     """Bytes of each part of a training run on one device, and its peak. The update's micro-batch holds
     `seq_len` tokens a sequence, `completion_len` of them scored; sampling runs `gen_batch` prompts of
@@ -54,10 +109,17 @@ def memory_plan(
     Activations are counted op by op on a Llama/Qwen decoder layer (what autograd keeps for backward)
     and checked against measured peaks of the tiny model in tests/test_memory.py. `training=False`: a stage
     that only samples (collection, evaluation, the filter): weights + KV cache + prefill. `embedder`: the bytes
-    of an embedder loaded next to the model for the whole run, added to the peak."""
+    of an embedder loaded next to the model for the whole run, added to the peak. `helpers`: the other models
+    the run loads and samples from, {name: (config, dtype, prompt_len, new tokens)} (the judge, a fixed τ² user):
+    their weights stay for the whole run, and their sampling (gen_batch distinct prompts) is a phase of its own,
+    next to the model's. `ddp`: under torchrun without FSDP, DistributedDataParallel allocates gradient buckets
+    as large as the trainable gradients when it wraps the model (torch/nn/parallel/distributed.py, the Reducer),
+    held for the whole run. `compiled`: lm.sample's compiled path (RWML_COMPILE_DECODING=on): the static cache
+    is rounded up to lm.CACHE_BLOCK tokens, and one layer's K and V repeated to the query heads' width
+    (`decode_bytes`) stay in the CUDA graphs' memory pool."""
     B = torch.finfo(dtype).bits // 8
     n, n_lora = count_params(config, lora_rank)
-    L, h, I, V = config.num_hidden_layers, config.hidden_size, config.intermediate_size, config.vocab_size
+    L, h, I, V = config.num_hidden_layers, config.hidden_size, mlp_width(config), config.vocab_size
     hd = getattr(config, "head_dim", None) or h // config.num_attention_heads
     q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
     prompt_len = prompt_len or seq_len - completion_len
@@ -71,9 +133,15 @@ def memory_plan(
         layer -= 2 * h * B
         if B != 4:
             layer += (5 * h + q + I) * 4 - (2 * h + q + I) * B
+    # a mixture-of-experts layer: the router's logits and each token's k routed copies of its input and outputs
+    routed = config.num_experts + 2 * config.num_experts_per_tok * h if getattr(config, "num_experts", 0) else 0
+    layer += routed * B
     if not training:
         micro_batch, reference, trainable = 0, False, 0
     tokens = micro_batch * seq_len
+    context = prompt_len + completion_len
+    if compiled:  # the static cache's length (lm.static_decoding)
+        context = -(-context // CACHE_BLOCK) * CACHE_BLOCK
     activations = (
         tokens * (L * h * B + layer) if grad_checkpointing else tokens * L * layer
     )  # checkpointing: layer inputs + one layer
@@ -84,19 +152,30 @@ def memory_plan(
         adam=2 * trainable * tb // shards,
         activations=activations,
         logits=micro_batch * (completion_len + 1) * V * (B + 16),  # logits, their fp32 copy, backward's temporaries
-        kv_cache=gen_batch * (prompt_len + completion_len) * L * 2 * kv * B,
-        prefill=(distinct or gen_batch) * prompt_len * (4 * h + 3 * I) * B,  # one layer's MLP over the prompts at once
+        kv_cache=gen_batch * context * L * 2 * kv * B,
+        prefill=(distinct or gen_batch) * prompt_len * (4 * h + 3 * I + routed) * B,  # one layer's MLP over the prompts
     )
+    if compiled:
+        plan["kv_repeat"] = gen_batch * context * 2 * q * B
+    if ddp:
+        plan["ddp_buckets"] = trainable * tb
     if embedder:
         plan["embedder"] = embedder
+    helper_sampling = 0  # the largest sampling phase of a helper model
+    for name, (hconfig, hdtype, hprompt, hnew) in (helpers or {}).items():
+        part = memory_plan(hconfig, hdtype, gen_batch=gen_batch, prompt_len=hprompt, seq_len=hprompt + hnew,
+                           completion_len=hnew, training=False)  # fmt: skip
+        plan[name] = part["weights"]
+        helper_sampling = max(helper_sampling, part["kv_cache"] + part["prefill"])
     sampling = n * B if shards > 1 else 0  # FSDP gathers the whole weights to sample
     plan["peak"] = (
-        embedder
+        sum(plan[k] for k in ("embedder", "ddp_buckets", *(helpers or {})) if k in plan)
         + plan["reference"]
         + plan["adam"]
         + max(
             plan["weights"] + plan["grads"] + plan["activations"] + plan["logits"],
-            max(plan["weights"], sampling) + plan["kv_cache"] + plan["prefill"],
+            max(plan["weights"], sampling) + plan["kv_cache"] + plan["prefill"] + plan.get("kv_repeat", 0),
+            plan["weights"] + helper_sampling,
         )
     )
     return plan
@@ -136,18 +215,26 @@ def fit_memory(
     embedder=0,
     work=None,
     training=True,
+    group=1,
+    helpers=None,
 ):
     """Print the run's memory plan (sequences of prompt_len + completion_len tokens, `micro_batch` of them per
     forward/backward, `gen_batch` sampled at once) and return (micro_batch, gen_batch) halved, the larger phase
     first, until it fits in max_memory_gb (default: the card's memory on CUDA, no limit on CPU). A plan that cannot
     fit is a one-line error; dry_run stops after printing, and prints the time plan of `work` (`time_plan`) first.
     `reference`: whether a frozen reference copy is held (full fine-tuning with beta > 0); `embedder`: the bytes of
-    an embedder the run loads (reward.embedder_bytes); training=False: a stage that only samples."""
+    an embedder the run loads (reward.embedder_bytes); training=False: a stage that only samples. `group`: rows
+    of each prompt in a sampling batch (RWML's G, the filter's K), whose prefill lm.sample runs once. `helpers`:
+    {name: (model, dtype, prompt_len, new tokens)} of the other models the run loads and samples (`helper_models`).
+    LoRA on a mixture-of-experts model stops here, in one line (`check_lora_targets`)."""
     config = load_config(model)
+    if training:
+        check_lora_targets(config, lora_rank, model)
     seq_len = prompt_len + completion_len
     torch_type = torch_dtype(dtype)
     budget = memory_budget(max_memory_gb)
     world = rank_world()[1]
+    others = {k: (load_config(m), torch_dtype(d), p, c) for k, (m, d, p, c) in (helpers or {}).items()}
 
     def plan():
         return memory_plan(
@@ -162,13 +249,18 @@ def fit_memory(
             gen_batch,
             prompt_len,
             world if fsdp else 1,
+            distinct_prompts(gen_batch, group),
             training=training,
             embedder=embedder,
+            helpers=others,
+            ddp=training and world > 1 and not fsdp,
+            compiled=compiled_default() and not fsdp,
         )
 
     p = plan()
     while p["peak"] > budget and (micro_batch > 1 or gen_batch > 1):
-        train, sampling = p["grads"] + p["activations"] + p["logits"], p["kv_cache"] + p["prefill"]
+        train = p["grads"] + p["activations"] + p["logits"]
+        sampling = p["kv_cache"] + p["prefill"] + p.get("kv_repeat", 0)
         if training and ((train >= sampling and micro_batch > 1) or gen_batch == 1):
             micro_batch //= 2
         else:
@@ -181,7 +273,9 @@ def fit_memory(
             f"{', gradient checkpointing' if grad_checkpointing and training else ''}"
             f"{f', FSDP over {world}' if fsdp else ''}; "
             + (f"micro-batch {micro_batch} x {seq_len} tokens, " if training else "")
-            + f"sampling {gen_batch} x {prompt_len} + {completion_len}), GB per device"
+            + f"sampling {gen_batch} x {prompt_len} + {completion_len}"
+            + (f", {distinct_prompts(gen_batch, group)} distinct" if group > 1 else "")
+            + f"{', compiled decoding' if compiled_default() and not fsdp else ''}), GB per device"
             + (f" (budget {budget / 1e9:.1f}):" if budget < float("inf") else ":")
         )
         print("  " + "  ".join(f"{k} {v / 1e9:.2f}" for k, v in p.items()))
@@ -190,14 +284,17 @@ def fit_memory(
             "shorter ones; the arithmetic is within 15% of measured peaks, tests/test_memory.py)"
         )
     if p["peak"] > budget:
+        models = ("weights", "reference", "embedder", *others)
         fail(
-            f"the plan needs {p['peak'] / 1e9:.1f} GB even with micro-batch 1 and one sequence sampled at a time, "
-            f"over the budget of {budget / 1e9:.1f} GB (--max-memory-gb): try --lora-rank, --grad-checkpointing or "
-            "shorter sequences"
+            f"the plan needs {p['peak'] / 1e9:.1f} GB even with micro-batch 1 and one sequence sampled at a time "
+            f"(models: {', '.join(f'{k} {p[k] / 1e9:.1f}' for k in models if p.get(k))} GB), over the budget of "
+            f"{budget / 1e9:.1f} GB (--max-memory-gb): try --lora-rank, --grad-checkpointing "
+            "or shorter sequences"
         )
     if dry_run:
         if work and rank_world()[0] == 0:
-            time_plan(config, torch_type, work(micro_batch, gen_batch), lora_rank, grad_checkpointing)
+            time_plan(config, torch_type, work(micro_batch, gen_batch), lora_rank, grad_checkpointing,
+                      compiled=compiled_default() and not fsdp)  # fmt: skip
         raise SystemExit(0)
     return micro_batch, gen_batch
 
@@ -228,12 +325,23 @@ CARD_BATCH = 512  # the most a sampling-only stage starts from on a card, halved
 
 
 def sampling_batch(
-    batch, model, dtype, prompt_len, completion_len, max_memory_gb, dry_run, cpu=CPU_BATCH, embedder=0, work=None
+    batch,
+    model,
+    dtype,
+    prompt_len,
+    completion_len,
+    max_memory_gb,
+    dry_run,
+    cpu=CPU_BATCH,
+    embedder=0,
+    work=None,
+    group=1,
+    helpers=None,
 ):
     """The prompts a sampling-only stage (collection, evaluation, the filter) runs at once: with a memory budget
     (--max-memory-gb, or the card on CUDA), `batch` (its flag; default CARD_BATCH) halved until the plan fits;
     without one (CPU), `batch` or `cpu`. Prints the plan when it sizes the batch or under dry_run (which prints
-    the time plan of `work` too, then exits)."""
+    the time plan of `work` too, then exits). `group` and `helpers` as fit_memory's."""
     budget = memory_budget(max_memory_gb) < float("inf")
     if not dry_run and (batch is not None or not budget):
         return batch or cpu
@@ -253,7 +361,36 @@ def sampling_batch(
         embedder=embedder,
         work=work,
         training=False,
+        group=group,
+        helpers=helpers,
     )[1]
+
+
+def scoring_batch(model, dtype, rows, group, prompt_len, completion_len):
+    """Rows of distinct prompts (RWML's held-out scoring) to sample at once in the memory that a batch of `rows`
+    rows in groups of `group` (RWML's sampling, as fit_memory planned it) takes: `rows` halved until their KV cache
+    and prefill are no more than that batch's."""
+    config = load_config(model) if isinstance(model, str) else model
+    part = lambda b, d: memory_plan(config, torch_dtype(dtype), gen_batch=b, distinct=d, prompt_len=prompt_len,
+                                    seq_len=prompt_len + completion_len, completion_len=completion_len,
+                                    training=False)  # fmt: skip
+    room, b = part(rows, distinct_prompts(rows, group)), rows
+    while b > 1 and part(b, b)["kv_cache"] + part(b, b)["prefill"] > room["kv_cache"] + room["prefill"]:
+        b //= 2
+    return b
+
+
+def helper_models(env=None, user_model="local", judge_model=None, dtype="auto", prompt_len=0, new_tokens=0):
+    """fit_memory's `helpers` of a run: a fixed local τ² user (--env tau2 --user-model local:MODEL: its weights, and
+    its own sampling of the users' turns at `prompt_len` + `new_tokens`) and an LLM judge (train_wm.py --reward
+    judge*: its weights, and its scoring of gen_batch predictions: a prompt that holds the prediction, `prompt_len`
+    + `new_tokens` at most, and 8 new tokens)."""
+    helpers = {}
+    if env == "tau2" and user_model.startswith("local:"):
+        helpers["τ² user"] = (user_model.removeprefix("local:"), dtype, prompt_len, new_tokens)
+    if judge_model:
+        helpers["judge"] = (judge_model, dtype, prompt_len + new_tokens, 8)
+    return helpers
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,33 +428,57 @@ def device_kind():
     return kind or "H100"
 
 
-def step_bytes(config, dtype, rows, context):
-    """Bytes a decoding step reads: the weights once and the KV cache of `rows` rows of `context` tokens."""
+TF32_SHARE = 0.5  # fp32 weights on CUDA compute in TF32 (lm.tf32_matmuls): H100/H200 495 dense TFLOPS, bf16 990
+
+
+def decode_bytes(config, dtype, rows, context, path="eager"):
+    """Bytes a decoding step of `rows` rows attending over `context` tokens reads, by path:
+    eager (lm.sample's default): the weights once (a mixture-of-experts model: the experts its rows x top-k routed
+      slots reach, grouped: each once, `lm.grouped_experts`) and the KV cache once (a GQA model's decode step
+      packs the query heads onto the key/value heads: transformers/integrations/sdpa_attention.py `pack_gqa`);
+    compiled (RWML_COMPILE_DECODING=on): the static cache, `context` rounded up to lm.CACHE_BLOCK, read at the
+      key/value width, then its copy repeated to the query heads' width (`repeat_kv`: written once, read once);
+    batched_mm (transformers' own switch for a mixture-of-experts model's decoding on a GPU, which lm.sample
+      undoes): besides the eager path's, one expert's weights copied for each of rows x top-k routed slots, written
+      once and read once, in every layer."""
     B = torch.finfo(dtype).bits // 8
-    hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv = config.num_hidden_layers * 2 * config.num_key_value_heads * hd * B  # bytes a token
-    return count_params(config)[0] * B + rows * context * kv
+    L, h = config.num_hidden_layers, config.hidden_size
+    hd = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    kv = L * 2 * config.num_key_value_heads * hd * B  # bytes a token
+    n, _, experts = param_counts(config)
+    E, k = getattr(config, "num_experts", 0), getattr(config, "num_experts_per_tok", 0)
+    reached = 1 - (1 - k / E) ** rows if E else 1  # the expected share of a layer's experts its rows reach
+    weights = (n - experts + experts * reached) * B
+    if path == "compiled":
+        context = -(-context // CACHE_BLOCK) * CACHE_BLOCK
+        return weights + rows * context * (kv + 2 * L * 2 * config.num_attention_heads * hd * B)
+    gathered = 2 * rows * k * 3 * config.moe_intermediate_size * h * B * L if path == "batched_mm" and E else 0
+    return weights + rows * context * kv + gathered
 
 
-def time_plan(config, dtype, phases, lora_rank=0, grad_checkpointing=False, kind=None, show=True):
+def time_plan(config, dtype, phases, lora_rank=0, grad_checkpointing=False, kind=None, show=True, compiled=False):
     """Expected seconds of each phase and their sum. `phases`: {name: dict(prefill=prompt tokens, steps=decoding
     steps, rows=rows a step, context=mean tokens a row attends over, train=tokens through forward + backward)}.
-        prefill: tokens x parameters / rate;  decode: steps x step_bytes / rate;  train: tokens x parameters / rate
-    The rates are RATES[kind] (default: this machine's). Printed as the time plan under the memory plan."""
+        prefill: tokens x active parameters / rate;  decode: steps x decode_bytes / rate;
+        train: tokens x active parameters / rate
+    The rates are RATES[kind] (default: this machine's), measured in bf16 on GPUs: fp32 weights compute at
+    TF32_SHARE of them. Active parameters: a mixture-of-experts model's token runs top-k of its experts
+    (`active_params`). `compiled`: decoding on the compiled path. Printed as the time plan under the memory plan."""
     kind = kind or device_kind()
-    rate, n = RATES[kind], count_params(config)[0]
+    rate, n = RATES[kind], active_params(config)
+    compute = TF32_SHARE if kind != "cpu" and dtype == torch.float32 else 1.0
     out = {}
     for name, w in phases.items():
+        step = decode_bytes(config, dtype, w.get("rows", 1), w.get("context", 0), "compiled" if compiled else "eager")
         out[name] = dict(
-            prefill=w.get("prefill", 0) * n / rate["prefill"],
-            decode=w.get("steps", 0)
-            * step_bytes(config, dtype, w.get("rows", 1), w.get("context", 0))
-            / rate["decode"],
-            train=w.get("train", 0) * n / rate["train"],
+            prefill=w.get("prefill", 0) * n / (rate["prefill"] * compute),
+            decode=w.get("steps", 0) * step / rate["decode"],
+            train=w.get("train", 0) * n / (rate["train"] * compute),
         )
     total = sum(sum(v.values()) for v in out.values())
     if show:
-        print(f"time plan ({kind} rates, support/memory.py RATES): {total / 3600:.2f} h")
+        precision = " (fp32 as TF32)" if compute != 1 else ""
+        print(f"time plan ({kind} rates{precision}, support/memory.py RATES): {total / 3600:.2f} h")
         for name, v in out.items():
             print(f"  {name}: " + "  ".join(f"{k} {s / 3600:.2f} h" for k, s in v.items()))
     return out, total

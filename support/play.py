@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 
 from support.checks import at_least, non_negative, positive
 from support.lm import TINY_MODEL, load_tokenizer, thinks
-from support.memory import CPU_BATCH, sampling_batch
+from support.memory import CPU_BATCH, helper_models, sampling_batch
 
 TAU2_MAX_STEPS = 200  # tau2.config.DEFAULT_MAX_STEPS: τ²'s runs end after 200 orchestrator steps (every message)
 # new tokens per agent turn: ALFWorld's think + action; τ²: room for Qwen3's own think block before its message
@@ -168,4 +168,5 @@ def plan_batch(args, model, episodes, prompt_len=None, embedder=0):
         args.dry_run,
         embedder=embedder,
         work=work,
+        helpers=helper_models(args.env, args.user_model, None, args.dtype, prompt_len, new),  # a fixed τ² user
     )

@@ -1,6 +1,7 @@
 """GRPO written by hand: advantages, clipped objective, KL, LoRA reference, and a real tiny-model run."""
 
 import argparse
+import contextlib
 import copy
 import math
 import os
@@ -320,3 +321,50 @@ def test_a_lora_update_below_bf16_resolution_survives_the_merge_and_is_counted(t
     save_checkpoint(tmp_path / "ckpt", model, tok, opt, 1, argparse.Namespace())
     reloaded = load_model(str(tmp_path / "ckpt" / "model"), device="cpu", dtype="fp32")[0]
     assert torch.equal(reloaded.model.layers[0].mlp.up_proj.weight, w)
+
+
+class TF32(torch.utils._python_dispatch.TorchDispatchMode):
+    """fp32 matrix products as a GPU's tensor cores compute them under TF32: each input rounded to TF32's 10-bit
+    mantissa (the low 13 bits of fp32's 23 cleared, to nearest), products summed in fp32."""
+
+    MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.MATMULS:
+            tf32 = lambda t: ((t.view(torch.int32) + 0x1000) & ~0x1FFF).view(torch.float32)
+            args = [tf32(a) if torch.is_tensor(a) and a.dtype == torch.float32 else a for a in args]
+        return func(*args, **(kwargs or {}))
+
+
+def test_fp32_weights_computing_in_tf32_still_take_an_update_of_1e_6(tiny):
+    """`--dtype fp32` full fine-tuning (the paper's lr 1e-6) computes its matrix products in TF32 on CUDA
+    (lm.tf32_matmuls; left alone on CPU, so the CPU experiment computes as before): the weights and AdamW's state stay
+    fp32, so an update computed in TF32 (emulated here) moves the same weights as the plain fp32 one, the same way,
+    unlike bf16 weights, which round it away."""
+    from support.lm import tf32_matmuls
+
+    tok = tiny[1]
+    assert not torch.backends.cuda.matmul.allow_tf32  # no model loaded on CUDA in this process
+    assert not tf32_matmuls(torch.device("cpu")) and not torch.backends.cuda.matmul.allow_tf32
+    try:
+        assert tf32_matmuls(torch.device("cuda")) and torch.backends.cuda.matmul.allow_tf32  # what a CUDA run gets
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
+    seqs = [(tok(chat_prompt(tok, "Name a fruit."))["input_ids"], tok(" An apple, a ripe one.")["input_ids"])] * 2
+    ids, attn, P = collate(seqs, "cpu")
+
+    def step(dtype, mode=None):
+        model = tiny_llama(tok, dtype).train()
+        before = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0)
+        with mode or contextlib.nullcontext():
+            (-completion_logprobs(model, ids, attn, P)[0].sum()).backward()
+        opt.step()
+        return torch.cat([(p.detach().float() - before[n]).flatten() for n, p in model.named_parameters()])
+
+    fp32, tf32, bf16 = step(torch.float32), step(torch.float32, TF32()), step(torch.bfloat16)
+    moved = lambda d: (d != 0).float().mean().item()
+    # every weight with a gradient moves (the embedding rows of tokens not in the batch have none): ~half of them
+    assert moved(fp32) > 0.4 and moved(tf32) > 0.99 * moved(fp32) and moved(bf16) < 0.05 * moved(fp32)
+    assert (torch.sign(tf32) == torch.sign(fp32))[fp32 != 0].float().mean() > 0.95
+    assert tf32.abs().max() < 1.2e-6 and (tf32 - fp32).abs().max() > 0  # TF32 changed the gradients, not the step

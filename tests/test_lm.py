@@ -119,7 +119,10 @@ def test_static_cache_decoding_is_the_eager_path_token_for_token(tiny, wm_prompt
     """The compiled path (a StaticCache, the decoding step under torch.compile) decodes greedily what the eager
     path does, with the shared prefill (each distinct prompt prefilled once, copied into the static cache) and
     without. Dynamo's "eager" backend: the capture of the step and the static cache, without inductor, which takes
-    ~50 s to compile the tiny model on 2 CPU cores (RWML_TEST_INDUCTOR=1 runs it with inductor too)."""
+    ~50 s to compile the tiny model on 2 CPU cores (RWML_TEST_INDUCTOR=1 runs it with inductor too).
+    Why eager decoding stays the default on CUDA (RWML_COMPILE_DECODING=on opts in; bench/gpu_check.py times both):
+    in an eager decoding step transformers' SDPA packs SmolLM2's 9 query heads onto its 3 key/value heads and
+    attends over the filled cache; the compiled step repeats K and V to 9 heads over the whole static cache."""
     from transformers import StaticCache
 
     import support.lm as lm
@@ -133,13 +136,25 @@ def test_static_cache_decoding_is_the_eager_path_token_for_token(tiny, wm_prompt
     monkeypatch.setattr(lm, "prefill_distinct", lambda *a: prefills.append(prefill(*a)) or prefills[-1])
     generate = model.generate
     monkeypatch.setattr(model, "generate", lambda **kw: caches.append(kw[cache_arg(model)]) or generate(**kw))
+    seen, sdpa = [], torch.nn.functional.scaled_dot_product_attention  # (query heads, rows, key heads, tokens)
+    spy = lambda q, k, v, *a, **kw: (
+        seen.append((q.shape[1], q.shape[2], k.shape[1], k.shape[2])) or sdpa(q, k, v, *a, **kw)
+    )
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
     eager = sample(model, tok, prompts, 8, temperature=0, compiled=False)
     assert prefills[-1] is not None and caches[-1] is not None and not isinstance(caches[-1], StaticCache)
+    width = max(len(p) for p, _, _ in eager)
+    steps = [s for s in seen if s[1] not in (1, width - 1)]  # the decoding steps: the prefills run 1 or width - 1
+    assert {s[:3] for s in steps} == {(3, 3, 3)} and steps[-1][3] == width + 7, steps  # packed, the filled cache
+    torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     for share in (True, False):
+        seen.clear()  # dynamo traces the step (and calls the spy) once per shape
         static = sample(model, tok, prompts, 8, temperature=0, compiled=True, share=share)
         assert [s[:2] for s in static] == [e[:2] for e in eager], share
         assert isinstance(caches[-1], StaticCache)
+        if share:  # repeated to 9 heads, over the whole static cache
+            assert {s for s in seen if s[1] == 1} == {(9, 1, 9, -(-(width + 8) // lm.CACHE_BLOCK) * lm.CACHE_BLOCK)}
     assert len(prefills) == 2 and prefills[1] is not None  # the shared prefill ran in the compiled path too
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the decoding step was captured
 
@@ -161,3 +176,30 @@ def test_a_row_stopped_by_a_stop_string_ends_on_it_not_on_a_pad_it_never_sampled
         assert got == ids[:k], (got, ids)  # exactly the sampled tokens: no pad appended
         lengths.append(k)
     assert len(set(lengths)) == len(lengths)  # the rows stopped at three different steps
+
+
+def test_a_mixture_of_experts_model_keeps_its_grouped_experts_while_decoding():
+    """Off the CPU, `generate` switches "grouped_mm" experts to "batched_mm" for decoding, which copies one
+    expert's weights per routed token (Qwen3-30B-A3B at 256 rows: ~19 GB a layer a step). The switch keys on the
+    device not being the CPU, so the meta device shows it here; lm.grouped_experts leaves the experts grouped."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from support.lm import fused_experts, grouped_experts
+
+    config = AutoConfig.for_model(
+        "qwen3_moe", hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_experts=8,
+        num_experts_per_tok=2, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+    )  # fmt: skip
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert set(fused_experts(model)) == {
+        "model.layers.0.mlp.experts.gate_up_proj",
+        "model.layers.0.mlp.experts.down_proj",
+    }
+    assert model.get_experts_implementation()[""] == "grouped_mm"
+    with model._optimize_model_for_decode():  # what generate does around its decoding loop
+        assert model.get_experts_implementation()[""] == "batched_mm"
+    with grouped_experts(model), model._optimize_model_for_decode():
+        assert model.get_experts_implementation()[""] == "grouped_mm"
+    with model._optimize_model_for_decode():  # the method is back after the call
+        assert model.get_experts_implementation()[""] == "batched_mm"

@@ -179,3 +179,131 @@ def test_sampling_stages_size_their_batch_by_the_memory_budget(script, tiny):
         assert r.returncode == 0, r.stderr[-2000:]
         assert f"sampling only; sampling {batch} x 1536 + 256)" in r.stdout, r.stdout
         assert "time plan (cpu rates" in r.stdout and "  episodes: prefill" in r.stdout
+
+
+def tiny_moe(**kw):
+    """A random-init Qwen3-MoE config at toy width (the architecture of the paper's Qwen3-30B-A3B)."""
+    from transformers import AutoConfig
+
+    fields = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_experts=8)
+    fields.update(num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    return AutoConfig.for_model("qwen3_moe", **fields, head_dim=16, vocab_size=512, **kw)
+
+
+def test_a_group_is_prefilled_once_in_the_plan_as_in_sample(tiny, tmp_path):
+    """lm.sample prefills each distinct prompt once: 4 prompts x G 4 are planned (and measured) as 4 prefills and
+    16 rows of KV cache, and fit_memory fits a G-shared batch that many times larger than one of distinct prompts."""
+    from transformers import AutoConfig
+
+    from bench.memory_plan import PAPER_MODELS, measure_sample_call
+    from support.memory import distinct_prompts, fit_memory
+
+    model, tok = copy.deepcopy(tiny[0]), tiny[1]
+    g = torch.Generator().manual_seed(0)
+    prompts = [tok.decode(torch.randint(100, 40000, (200,), generator=g)) for _ in range(4)]
+    measured, planned, _ = measure_sample_call(model, tok, prompts, 16, n=4)
+    assert 0.85 < planned / measured < 1.15, (planned, measured)
+    assert [distinct_prompts(r, 8) for r in (256, 64, 8, 4, 6, 12)] == [32, 8, 1, 1, 2, 2]
+    kind, fields = PAPER_MODELS["Qwen/Qwen2.5-7B-Instruct"]  # its config alone: the plan loads no weights
+    AutoConfig.for_model(kind, **fields).save_pretrained(tmp_path)
+    alone, shared = (
+        fit_memory(str(tmp_path), "bf16", 0, False, False, 1, 512, 1536, 256, max_memory_gb=72, training=False, group=g)
+        for g in (1, 8)
+    )
+    assert (alone[1], shared[1]) == (128, 256)  # a batch of 8-row groups prefills 1/8 of its rows: twice the rows
+
+
+def test_the_plan_holds_every_model_that_loads_and_ddps_buckets(tiny, capsys):
+    """The judge and a fixed τ² user: their weights for the whole run and their own sampling phase; DDP's gradient
+    buckets (as large as the trainable gradients) under torchrun without FSDP. A run whose models do not fit
+    stops in one line that names them."""
+    from support.memory import fit_memory, helper_models
+
+    config = tiny[0].config
+    helpers = {"judge": (config, torch.float32, 900, 8)}
+    base = memory_plan(config, torch.float32, micro_batch=2, seq_len=1024, completion_len=256, gen_batch=16)
+    more = memory_plan(config, torch.float32, micro_batch=2, seq_len=1024, completion_len=256, gen_batch=16,
+                       helpers=helpers, ddp=True)  # fmt: skip
+    assert more["judge"] == base["weights"] and more["ddp_buckets"] == base["grads"]
+    assert more["peak"] >= base["peak"] + more["judge"] + more["ddp_buckets"]
+    assert helper_models("alfworld", "local:smollm2-135m") == {}  # no τ² user on ALFWorld
+    assert helper_models("tau2", "local", None) == {} and "τ² user" in helper_models("tau2", "local:smollm2-135m")
+    user = helper_models("tau2", "local:smollm2-135m", "smollm2-135m", "fp32", 1536, 256)
+    assert set(user) == {"τ² user", "judge"} and user["judge"][2:] == (1792, 8)
+    with pytest.raises(SystemExit) as e:
+        fit_memory("smollm2-135m", "fp32", 0, False, False, 1, 1, 512, 64, max_memory_gb=0.8, training=False,
+                   helpers=user)  # fmt: skip
+    assert "judge 0.5" in str(e.value) and "τ² user 0.5" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("script", ["train_wm.py", "collect.py"])
+def test_the_stages_plan_the_judge_and_the_tau2_user(script, triplets, tmp_path):
+    argv = (
+        ["--triplets", str(triplets), "--reward", "judge", "--out", str(tmp_path)]
+        if script == "train_wm.py"
+        else ["--env", "tau2", "--domain", "retail", "--games", "1", "--user-model", "local:smollm2-135m"]
+    )
+    r = run(script, *argv, "--dry-run")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert ("judge 0.54" if script == "train_wm.py" else "τ² user 0.54") in r.stdout, r.stdout
+
+
+def test_compiled_decoding_and_its_copies_are_in_the_plan(tiny):
+    """The compiled path (opt-in) attends over its static cache, rounded up to lm.CACHE_BLOCK tokens, and repeats
+    K and V to the query heads' width: the plan holds one layer's copy, and a step reads the copy besides the cache
+    (Qwen2.5-7B at 64 rows x 1,664 tokens: ~21 GB eager, ~114 GB compiled)."""
+    from transformers import AutoConfig
+
+    from bench.memory_plan import PAPER_MODELS
+    from support.memory import decode_bytes
+
+    config = tiny[0].config  # 9 query heads on 3 key/value heads of 64
+    eager = memory_plan(config, torch.float32, gen_batch=4, seq_len=300, completion_len=100, training=False)
+    compiled = memory_plan(config, torch.float32, gen_batch=4, seq_len=300, completion_len=100, training=False,
+                           compiled=True)  # fmt: skip
+    assert compiled["kv_cache"] == eager["kv_cache"] * 512 // 300 and compiled["kv_repeat"] == 4 * 512 * 2 * 576 * 4
+    kind, fields = PAPER_MODELS["Qwen/Qwen2.5-7B-Instruct"]
+    q7 = AutoConfig.for_model(kind, **fields)
+    assert decode_bytes(q7, torch.bfloat16, 64, 1664) == pytest.approx(21.3e9, rel=0.01)
+    assert decode_bytes(q7, torch.bfloat16, 64, 1664, "compiled") == pytest.approx(113.9e9, rel=0.01)
+
+
+def test_the_time_plan_counts_active_parameters_and_fp32_as_tf32(tiny):
+    """A mixture-of-experts token runs top-k of its experts: prefill and training count active parameters. fp32
+    weights on a GPU compute in TF32, at half of the measured bf16 rates; on CPU the rates are fp32's own."""
+    from support.memory import active_params, count_params, decode_bytes
+
+    moe = tiny_moe()
+    n, experts = count_params(moe)[0], 2 * 8 * 3 * 32 * 64  # 2 layers x 8 experts x (gate, up, down) of 32 x 64
+    assert active_params(moe) == n - experts + experts * 2 // 8
+    work = {"a": dict(prefill=1000, train=300, steps=4, rows=2, context=64)}
+    out = time_plan(moe, torch.bfloat16, work, kind="H100", show=False)[0]["a"]
+    assert out["prefill"] == pytest.approx(1000 * active_params(moe) / RATES["H100"]["prefill"])
+    fp32 = time_plan(moe, torch.float32, work, kind="H100", show=False)[0]["a"]
+    assert fp32["prefill"] == pytest.approx(2 * out["prefill"]) and fp32["train"] == pytest.approx(2 * out["train"])
+    config = tiny[0].config
+    cpu = time_plan(config, torch.float32, work, kind="cpu", show=False)[0]["a"]
+    assert cpu["prefill"] == pytest.approx(1000 * count_params(config)[0] / RATES["cpu"]["prefill"])
+    # decoding: 256 rows reach every expert; transformers' batched_mm path copies an expert per routed slot
+    grouped, batched = (decode_bytes(moe, torch.bfloat16, 256, 64, p) for p in ("eager", "batched_mm"))
+    assert grouped == pytest.approx(2 * n + 256 * 64 * 2 * 2 * 2 * 16 * 2, rel=1e-3)
+    assert batched - grouped == 2 * 256 * 2 * 3 * 32 * 64 * 2 * 2
+
+
+def test_lora_on_a_mixture_of_experts_model_stops_in_one_line(tmp_path):
+    """transformers 5 fuses a Qwen3-MoE layer's experts into 3-D parameters: the hand-written LoRA (nn.Linear)
+    would train attention only. The plan refuses before any weight loads, add_lora on a built model too."""
+    from transformers import AutoModelForCausalLM
+
+    from grpo import add_lora
+    from support.memory import fit_memory
+
+    config = tiny_moe()
+    config.save_pretrained(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        fit_memory(str(tmp_path), "fp32", 8, False, False, 1, 4, 64, 16)
+    assert str(e.value).startswith("error: --lora-rank 8 on") and "fused experts" in str(e.value)
+    model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(SystemExit, match="attention projections"):
+        add_lora(model, 8)
+    assert fit_memory(str(tmp_path), "fp32", 0, True, False, 1, 4, 64, 16) == (1, 4)  # full fine-tuning plans
