@@ -439,24 +439,25 @@ def write(eps, role, model, tok, temperature, new_tokens, limit):
     asks again (a greedy role at temperature 1: asked again greedily, it would write the same nothing), and is
     then τ²'s AGENT_ERROR / USER_ERROR, the error of an empty message (Orchestrator.check_communication_error)."""
     agent = role == Role.AGENT
+    speaker = (lambda ep: ep.orch.agent) if agent else (lambda ep: ep.orch.user)
     error = TerminationReason.AGENT_ERROR if agent else TerminationReason.USER_ERROR
     prompts = {}
     for ep in eps:
-        actor = ep.orch.agent if agent else ep.orch.user
-        p = tau2_agent_prompt(tok, ep) if agent else actor.prompt(tok, ep.orch.message, ep.orch.user_state)
+        p = tau2_agent_prompt(tok, ep) if agent else ep.orch.user.prompt(tok, ep.orch.message, ep.orch.user_state)
         if len(tok(p, add_special_tokens=False)["input_ids"]) > limit:
             ep.orch.termination_reason = error
             finish(ep, "prompt_too_long")
         else:
             prompts[id(ep)] = p
     sampled = todo = [ep for ep in eps if id(ep) in prompts]
-    for attempt in range(TAU2_RETRIES + 1):
+    for attempt in range(TAU2_RETRIES + 1 if todo else 0):
         heat = temperature if attempt == 0 or temperature > 0 else 1.0
         outputs = sample(model, tok, [prompts[id(ep)] for ep in todo], new_tokens, heat, stop=["</tool_call>"])
         for ep, (prompt_ids, completion_ids, text) in zip(todo, outputs):
-            actor = ep.orch.agent if agent else ep.orch.user
-            actor.reply, ep.seq = text, (prompt_ids, completion_ids) if agent else None
-        todo = [ep for ep in todo if empty((ep.orch.agent if agent else ep.orch.user).reply)]
+            speaker(ep).reply = text
+            if agent:
+                ep.seq = (prompt_ids, completion_ids)
+        todo = [ep for ep in todo if empty(speaker(ep).reply)]
         if not todo:
             break
     for ep in sampled if agent else []:
@@ -475,6 +476,8 @@ def play_tau2(jobs, model, tok, settings, user=None):
     user (`user`: (model, tokenizer) of settings.user_model "local:MODEL", loaded here when not given; "self":
     the played model; a litellm id: tau2's UserSimulator, called by the Orchestrator). Yields each finished
     Episode."""
+    if not jobs:
+        return
     if settings.user_model == "self":
         user = (model, tok)
     elif settings.user_model.startswith("local:") and user is None:
@@ -524,22 +527,25 @@ def masked(value, kind):
     set (Literal / Enum), or a key of an untyped record (`Dict[str, Any]`, `Any`: telecom's tools write their
     own fixed keys); every other key is data (a `Dict[str, ...]` of payment-method or variant ids, dates, option
     names; the product names of a tool typed as returning text) and becomes "str". A list, and the entries of a
-    map with data keys, show each distinct masked element once: their number is data too."""
+    map with data keys, show each distinct masked element once: their number is data too (a tuple keeps its
+    positions)."""
     kinds = members(kind)
     if isinstance(value, dict):
         models = [k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)]
         fields = {n: f.annotation for k in models for n, f in k.model_fields.items()}
-        key, item = next((get_args(k) for k in kinds if get_origin(k) is dict), (None, Any))
+        maps = [get_args(k) for k in kinds if get_origin(k) is dict and get_args(k)]
         if models:  # a data model: its fields are schema
             entries = [(k if k in fields else "str", masked(v, fields.get(k, Any))) for k, v in value.items()]
         else:  # a map: its keys are schema if they are a closed set or the record is untyped, else data
-            keep = closed(key) or item is Any or kind is Any
+            key, item = maps[0] if maps else (None, Any)
+            keep = closed(key) or (maps and item is Any) or kind is Any
             entries = [(k if keep else "str", masked(v, item)) for k, v in value.items()]
         return "{" + ", ".join(f"{json.dumps(k)}: {v}" for k, v in dict.fromkeys(entries)) + "}"
     if isinstance(value, list):
         args = next((get_args(k) for k in kinds if get_origin(k) in (list, tuple) and get_args(k)), (Any,))
-        at = lambda i: args[0] if args[-1] is Ellipsis else args[min(i, len(args) - 1)]  # list[X], tuple[A, B]
-        return "[" + ", ".join(dict.fromkeys(masked(v, at(i)) for i, v in enumerate(value))) + "]"
+        if any(get_origin(k) is tuple for k in kinds) and args[-1] is not Ellipsis:  # tuple[A, B]: every position
+            return "[" + ", ".join(masked(v, a) for v, a in zip(value, args)) + "]"
+        return "[" + ", ".join(dict.fromkeys(masked(v, args[0]) for v in value)) + "]"
     return json.dumps("null" if value is None else type(value).__name__)  # bool, int, float, str
 
 
