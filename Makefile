@@ -43,11 +43,12 @@ endif
 MODEL ?= smollm2-135m
 ifeq ($(ENV),tau2)
 DOMAINS ?= $(if $(filter paper,$(BUDGET)),retail telecom airline,mock)
-USER_MODEL ?= local# the user simulator: the model itself, or a litellm id (paper: gpt-4.1, Qwen3-235B-A22B-Instruct)
-# evaluation: one fixed user for every row of Table 2 (default: the base model, frozen, loaded once)
-EVAL_USER ?= $(if $(filter local,$(USER_MODEL)),local:$(MODEL),$(USER_MODEL))
-ENV_FLAGS = --env tau2 --domain $(DOMAINS) --user-model $(USER_MODEL)
-EVAL_ENV_FLAGS = --env tau2 --domain $(DOMAINS) --user-model $(EVAL_USER)
+# one fixed user in every stage (collection, Policy RL, evaluation): a frozen copy of the base model, loaded once,
+# never trained; or a litellm id (paper: gpt-4.1, Qwen3-235B-A22B-Instruct)
+USER_MODEL ?= local:$(MODEL)
+USER_TOKENS ?= $(if $(filter paper,$(BUDGET)),256,48)# the user's reply budget (the tiny budget: as the agent's)
+ENV_FLAGS = --env tau2 --domain $(DOMAINS) --user-model $(USER_MODEL) --user-max-new-tokens $(USER_TOKENS)
+EVAL_ENV_FLAGS = $(ENV_FLAGS)
 endif
 ifeq ($(BUDGET),paper)
 # the paper's settings (the scripts' defaults) and embedder. TUNE: LoRA, so that a 7-8B model trains on one
@@ -60,7 +61,7 @@ FILTER ?=
 WM ?= $(TUNE)
 RWML ?= $(if $(ENV_FLAGS),--group-size 16)
 SFT ?=
-POLICY ?= $(TUNE)
+POLICY ?= $(TUNE) $(if $(ENV_FLAGS),--group-size 16)
 WM_EVAL ?=
 EVAL ?= --runs 3
 else ifeq ($(ENV),tau2)

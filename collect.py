@@ -252,8 +252,8 @@ def select_games(env, split, n=None, domains=(), tasks=None, first=0):
 
 def play(jobs, model, tok, settings, user=None):
     """Play (game, split, episode index) jobs with the model (or settings.policy); yields finished episodes, in the
-    order they finish (ep.job: the episode's position in `jobs`). τ²: `user` is the (model, tokenizer) of a fixed
-    local user (settings.user_model "local:MODEL"; loaded here when not given)."""
+    order they finish (ep.job: the episode's position in `jobs`). τ²: `user` is the (model, tokenizer) of the fixed
+    local user (settings.user_model "local:MODEL"; loaded when not given)."""
     if settings.env == "tau2":
         from support.tau2_env import play_tau2
 

@@ -3,14 +3,16 @@ and valid_unseen (OOD) splits, or on τ²-bench's test tasks per domain, mean ±
 invalid-action (τ²: invalid tool-call) rate.
 
     python evaluate.py --model smollm2-135m --games 10 --runs 3 --out runs/eval
-    python evaluate.py --env tau2 --domain retail telecom airline --user-model local:Qwen/Qwen3-8B --runs 3 \
-        --out runs/eval_tau2
+    python evaluate.py --env tau2 --domain retail telecom airline --model Base=Qwen/Qwen3-8B --runs 3 \
+        --user-model gpt-4.1 --out runs/eval_tau2
     python evaluate.py --model Base=smollm2-135m "RWML + Policy RL=runs/rwml_policy_rl/checkpoint/model" ...
 
 --model takes one or more HF ids or folders, each optionally as NAME=PATH (NAME is its row in the
 table). Writes, per model in --out/<name>/: run{r}/{split}/rollouts.jsonl (every episode, readable),
 metrics.jsonl (one line per run) and its metrics.png, results.json; and --out/table.md, the Markdown table
-shaped like the paper's Table 1 (one row per model; τ²: Retail / Telecom / Airline / AVG), which is also printed.
+shaped like the paper's Table 1 (one row per model; τ²: Retail / Telecom / Airline / AVG, and τ²'s own metrics:
+average reward and pass^k per domain), which is also printed. τ²'s user is one fixed model for every row
+(--user-model; default: a frozen copy of the first --model).
 
 The world model and its reward (the command line of reward.py):
 
@@ -196,11 +198,6 @@ def parse_args(argv=None):
     p.add_argument("--runs", type=at_least(), default=3, help="independent runs, seeds seed..seed+runs-1 (paper: 3)")
     add_play_args(p, temperature=0.4, batch_games=None)  # paper: 30 steps; --batch-games is also --wm's batch
     add_plan_args(p)
-    p.add_argument(
-        "--allow-self-user",
-        action="store_true",
-        help="τ²: let --user-model local stand (each row's model plays its own user: rows not comparable)",
-    )
     p.add_argument("--seed", type=int, default=0, help="seed of the first run")
     p.add_argument("--out", default="runs/eval", help="output folder")
     p.add_argument("--resume", action="store_true", help="keep finished episodes of a killed evaluation")
@@ -257,14 +254,6 @@ def check_args(args):
         read_jsonl(args.prompts, PROMPT)
     if args.env != "tau2" or args.wm or args.forgetting:
         return
-    if args.user_model == "local" and not args.allow_self_user:
-        fail(
-            "τ² evaluation needs one fixed user for every row (tau2 scores 0 unless the user ends the dialogue): "
-            "--user-model local:MODEL (a local model, loaded once) or a litellm id (paper: gpt-4.1); "
-            "--allow-self-user lets each row's model play its own user"
-        )
-    if args.user_model.startswith("local:"):
-        check_model(args.user_model.removeprefix("local:"))
     for split in args.splits:  # every named task is known, before the first model loads
         column_games(args, dict(split=split, domain=args.domain))
 
@@ -340,33 +329,44 @@ def pct(xs):
 
 def table(results):
     """Markdown in the shape of the paper's Tables 1 and 2: ID / OOD / AVG success (%) on ALFWorld, or one
-    column per τ²-bench domain and AVG, mean ± std over runs, one row per model; then each model's
-    invalid-action rate, episode length and (ALFWorld) success per task type."""
+    column per τ²-bench domain and AVG (the mean of the domains, and over tasks: weighted by each domain's
+    tasks), mean ± std over runs, one row per model; τ²: the user and τ²'s own metrics (average reward, pass^k);
+    then each model's invalid-action rate, episode length and (ALFWorld) success per task type; τ²: the agent's
+    sampling temperature."""
     cols = list(results[0]["splits"])
-    head = (
-        ["Method"]
-        + [f"{SPLIT_NAMES[s]} ({s})" if s in SPLIT_NAMES else s.capitalize() for s in cols]
-        + (["AVG"] if len(cols) > 1 else [])
-    )
+    tau2 = results[0].get("env") == "tau2"
+    avg = (["AVG (mean of domains)", "AVG (over tasks)"] if tau2 else ["AVG"]) if len(cols) > 1 else []
+    head = ["Method"] + [f"{SPLIT_NAMES[s]} ({s})" if s in SPLIT_NAMES else s.capitalize() for s in cols] + avg
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for res in results:
-        row = [res["name"]] + [pct(res["splits"][s]["success"]) for s in cols]
-        if len(cols) > 1:
-            row.append(pct([statistics.mean(v) for v in zip(*(res["splits"][s]["success"] for s in cols))]))
+        splits = [res["splits"][s] for s in cols]
+        row = [res["name"]] + [pct(r["success"]) for r in splits]
+        per_run = list(zip(*(r["success"] for r in splits)))  # each run: every column's success
+        if avg:
+            row.append(pct([statistics.mean(v) for v in per_run]))
+        if len(avg) > 1:
+            games = [r["games"] for r in splits]
+            row.append(pct([sum(g * x for g, x in zip(games, v)) / sum(games) for v in per_run]))
         lines.append("| " + " | ".join(row) + " |")
-    tau2 = results[0].get("env") == "tau2"
-    if tau2:  # Table 2's rows compare only against one user
-        users = {(r.get("user_model"), r.get("user_temperature")) for r in results}
+    if tau2:  # Table 2's rows compare only against one user; τ²'s own metrics (tau2.metrics.agent_metrics)
+        users = sorted({(r["user_model"], r["user_temperature"]) for r in results}, key=str)
         lines += [
             "",
             "User simulator: "
             + "; ".join(
-                "each row's own model (--user-model local): rows not comparable"
-                if u == "local"
+                "each row's own model (--self-user): rows not comparable"
+                if u == "self"
                 else f"{u} (temperature {t:g}), the same for every row"
-                for u, t in sorted(users, key=str)
+                for u, t in users
             ),
         ]
+        ks = [k for k in results[0]["splits"][cols[0]]["tau2"] if k.startswith("pass^")]
+        head = ["Method", "Domain", "Avg reward"] + ks
+        lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for res in results:
+            for s in cols:
+                m = res["splits"][s]["tau2"]
+                lines.append("| " + " | ".join([res["name"], s] + [f"{m[k]:.3f}" for k in ["avg_reward", *ks]]) + " |")
     types = [] if tau2 else sorted({t for res in results for s in cols for t in res["splits"][s]["per_task_type"]})
     head = ["Method", "Split", "Invalid tool calls (%)" if tau2 else "Invalid actions (%)", "Mean steps"] + types
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -379,6 +379,13 @@ def table(results):
                 + " | ".join(row + [pct(r["per_task_type"][t]) if t in r["per_task_type"] else "" for t in types])
                 + " |"
             )
+    if tau2:
+        temps = ", ".join(f"{t:g}" for t in sorted({r["temperature"] for r in results}))
+        lines += [
+            "",
+            f"Agent sampling temperature {temps} (evaluate.py --temperature; its default 0.4 is the project's choice: "
+            "the paper does not state its evaluation temperature; τ²'s own runs sample the agent at 0.0)",
+        ]
     return "\n".join(lines)
 
 
@@ -413,10 +420,9 @@ def evaluate(args, model, tok, name, out, user=None):
         name=name, env=args.env, runs=args.runs, max_steps=args.max_steps, temperature=args.temperature, splits={}
     )
     if args.env == "tau2":
-        from support.tau2_env import USER_TEMPERATURE
+        from support.tau2_env import USER_TEMPERATURE, tau2_metrics
 
-        self_user = args.user_model == "local"
-        results.update(user_model=args.user_model, user_temperature=args.temperature if self_user else USER_TEMPERATURE)
+        results.update(user_model=args.user_model, user_temperature=USER_TEMPERATURE)
     metrics = [dict(run=r) for r in range(args.runs)]  # one line per run: <metric>/<column>
     columns = table_columns(args)
     for split, where in columns:
@@ -451,6 +457,13 @@ def evaluate(args, model, tok, name, out, user=None):
                 t: [statistics.mean(x["won"] for x in ro if x["task_type"] == t) for ro, _ in per_run] for t in types
             },
         )
+        if args.env == "tau2":  # τ²'s own metrics, and how every episode ended (per run)
+            runs = [ro for ro, _ in per_run]
+            ends = sorted({x["termination"] for ro in runs for x in ro})
+            results["splits"][split].update(
+                tau2=tau2_metrics(where["domain"][0], runs, name, args.user_model, args.max_steps),
+                terminations={e: [sum(x["termination"] == e for x in ro) for ro in runs] for e in ends},
+            )
     write_jsonl(out / "metrics.jsonl", metrics)
     plot_metrics(out / "metrics.jsonl", x="run")
     (out / "results.json").write_text(json.dumps(results, indent=1))

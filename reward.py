@@ -53,7 +53,8 @@ Then write the environment's next observation inside <next_state> </next_state> 
 WM_PROMPT_TAU2 = """You are a world model of a customer-service environment: an agent helps a user by talking \
 to them and by calling tools on the company's database.
 Predict what the agent receives after its next message: the user's reply to a message, or the tool's answer \
-to a tool call, written as JSON in which every value is replaced by its type (str, int, float, bool, null).
+to a tool call, written as JSON in which every value is replaced by its type (str, int, float, bool, null), every \
+key that is data (an id, a date, a name) by "str", and a list or such a map shows each distinct element once.
 {state}
 
 The agent's next message: {action}
@@ -64,7 +65,8 @@ Then write the next message the agent receives inside <next_state> </next_state>
 
 def wm_prompt(triplet):
     """The world model's input (paper, Sec. 3.2): task, last H turns, current observation, potential action;
-    on τ²-bench the state holds the policy, the tools, the user's basic information and the conversation."""
+    on τ²-bench the state holds what the agent sees (τ²'s system prompt with the policy, the tools, the conversation)
+    and the user's basic information."""
     if triplet.get("env") == "tau2":
         return WM_PROMPT_TAU2.format(state=triplet["state"], action=triplet["action"])
     history = "\n".join(f"- Observation: {o}\n  Action: {a or '(none)'}" for o, a in triplet["history"]) or "(none)"

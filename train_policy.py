@@ -66,7 +66,8 @@ def parse_args(argv=None):
         "--plan-prompt-len",
         type=at_least(),
         default=None,
-        help="prompt tokens a turn is planned for in the memory plan (default: 1,536 ALFWorld, 8,192 τ²)",
+        help="prompt tokens a turn is planned for in the memory plan (default: 1,536 ALFWorld; τ²: the longest opening "
+        "prompt + 16,384, at most the model's context; a τ² episode whose prompt outgrows it ends as prompt_too_long)",
     )
     add_grpo_args(
         p
@@ -84,7 +85,13 @@ def check_args(args):
     --batch-games halved until the memory plan fits --max-memory-gb (--dry-run: print the plan and exit)."""
     check_precision(args)  # no full fine-tuning in bf16
     games = select_games(args.env, args.split, args.games, args.domain, args.tasks)
-    prompt_len = args.plan_prompt_len or (8192 if args.env == "tau2" else 1536)
+    prompt_len = args.plan_prompt_len or 1536
+    if args.env == "tau2":  # the real opening prompts + their growth; a longer prompt ends its episode
+        from support.tau2_env import prompt_budget
+
+        prompt_len = args.max_prompt_tokens = args.plan_prompt_len or prompt_budget(
+            args.model, args.domain, args.max_new_tokens
+        )
     episodes = args.games_per_step * args.group_size
 
     def work(mb, gb):  # the time plan, every episode to --max-steps (an upper bound): rollouts, then the updates
@@ -153,7 +160,7 @@ def main(args):
     settings = play_settings(args)  # the model acts alone (policy "model"), every episode of a step in flight at once
     model, tok, ref_model, optimizer, start = start_training(args, ckpt, reference=True)
     user = None
-    if args.env == "tau2":  # a fixed local user (--user-model local:MODEL), loaded once
+    if args.env == "tau2":  # the fixed user (--user-model local:MODEL), loaded once, never trained
         from support.tau2_env import load_user
 
         user = load_user(args.user_model, args.dtype)

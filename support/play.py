@@ -9,7 +9,7 @@ Each stage adds the flags with its own defaults (temperature: 1.0 to collect and
 import math
 from dataclasses import dataclass, fields
 
-from support.checks import at_least, non_negative, positive
+from support.checks import at_least, check_model, fail, non_negative, positive
 from support.lm import TINY_MODEL, load_tokenizer, thinks
 from support.memory import CPU_BATCH, helper_models, sampling_batch
 
@@ -75,11 +75,19 @@ def add_play_args(p, temperature, batch_games):
     )
     g.add_argument(
         "--user-model",
-        default="local",
-        help="τ² user simulator: 'local' (the --model itself, batched with the agent), 'local:MODEL' (one fixed "
-        "local model, HF id or folder, loaded once, at τ²'s user temperature 0), or a litellm model id, e.g. "
-        "gpt-4.1, or openai/<name> with OPENAI_API_BASE=http://host:port/v1 for a local OpenAI-compatible server "
-        "(paper: one fixed strong user, Qwen3-235B-A22B-Instruct or GPT-4.1)",
+        default=None,
+        help="τ²'s user simulator, one fixed user: 'local:MODEL' (a local model, HF id or folder, loaded once, frozen, "
+        "at τ²'s user temperature 0, thinking off) or a litellm model id, e.g. gpt-4.1, or openai/<name> with "
+        "OPENAI_API_BASE=http://host:port/v1 for an OpenAI-compatible server (paper: Qwen3-235B-A22B-Instruct or "
+        "GPT-4.1) (default: local:<--model>, the first --model of evaluate.py; `make pipeline` passes the base model)",
+    )
+    g.add_argument(
+        "--self-user",
+        action="store_true",
+        help="τ²: self-play, the played model answers as its own user (a user that changes as the policy trains)",
+    )
+    g.add_argument(
+        "--user-max-new-tokens", type=at_least(), default=256, help="τ²: tokens the user may write per message"
     )
 
 
@@ -98,8 +106,16 @@ def add_plan_args(p):
 def play_defaults(args, max_steps, tokens=True, model=None):
     """--max-steps and --max-new-tokens where not given: `max_steps` agent steps on ALFWorld, τ²'s own 200
     orchestrator steps; AGENT_TOKENS, + THINKING_TOKENS when `model` thinks under --thinking on (`tokens=False`:
-    leave --max-new-tokens as given)."""
+    leave --max-new-tokens as given); τ²'s fixed user: local: the (first) --model unless --user-model names one,
+    or "self" under --self-user."""
     args.max_steps = args.max_steps or (TAU2_MAX_STEPS if args.env == "tau2" else max_steps)
+    if args.env == "tau2":
+        if args.user_model == "local" or (args.self_user and args.user_model):
+            fail("--user-model: name one fixed user (local:MODEL or a litellm id), or pass --self-user for self-play")
+        first = args.model if isinstance(args.model, str) else args.model[0].rpartition("=")[2]
+        args.user_model = "self" if args.self_user else args.user_model or f"local:{first}"
+        if args.user_model.startswith("local:"):
+            check_model(args.user_model.removeprefix("local:"))
     if tokens and not args.max_new_tokens:
         thinks_here = args.thinking == "on" and model is not None and model_thinks(model)
         args.max_new_tokens = AGENT_TOKENS[args.env] + (THINKING_TOKENS if thinks_here else 0)
@@ -131,7 +147,9 @@ class Play:
     invalid_rate: float = 0.0  # with policy "random": probability of a command admissible earlier, not now
     thinking: str = "on"  # the agent's: "off" sets the chat template's switch (enable_thinking=False)
     model: str = TINY_MODEL  # the name the rollouts record
-    user_model: str = "local"  # τ²'s user simulator
+    user_model: str = ""  # τ²'s user simulator (play_defaults): "local:MODEL", a litellm id, or "self" (self-play)
+    user_max_new_tokens: int = 256
+    max_prompt_tokens: int = 0  # τ²: the longest agent prompt (the plan's); 0: the model's context
 
 
 def play_settings(args, **override):
@@ -144,9 +162,14 @@ def play_settings(args, **override):
 def plan_batch(args, model, episodes, prompt_len=None, embedder=0):
     """--batch-games for `episodes` episodes of `model`: on CPU --batch-games (default 8); with a memory budget
     (--max-memory-gb, or the card on CUDA) as many as the memory plan fits (memory.sampling_batch). A turn is
-    planned at prompt_len tokens (default: 1,536 ALFWorld, 8,192 τ², as train_policy.py) + --max-new-tokens.
+    planned at prompt_len tokens (default: 1,536 ALFWorld; τ²: the real opening prompts + their growth, which
+    also ends an episode whose prompt outgrows it: tau2_env.prompt_budget) + --max-new-tokens.
     --dry-run: the memory plan and the time plan (every episode to --max-steps: an upper bound), then exit."""
-    prompt_len = prompt_len or (8192 if args.env == "tau2" else 1536)
+    if args.env == "tau2" and not prompt_len:
+        from support.tau2_env import prompt_budget
+
+        prompt_len = args.max_prompt_tokens = prompt_budget(model, args.domain, args.max_new_tokens)
+    prompt_len = prompt_len or 1536
     new, steps = args.max_new_tokens, args.max_steps
 
     def work(mb, gb):
@@ -168,5 +191,5 @@ def plan_batch(args, model, episodes, prompt_len=None, embedder=0):
         args.dry_run,
         embedder=embedder,
         work=work,
-        helpers=helper_models(args.env, args.user_model, None, args.dtype, prompt_len, new),  # a fixed τ² user
+        helpers=helper_models(args.env, args.user_model, None, args.dtype, prompt_len, args.user_max_new_tokens),
     )

@@ -1,21 +1,27 @@
-"""τ²-bench through the package's own environments, user simulator, Orchestrator and evaluator: the adapter
-that lets collect.py, train_policy.py and evaluate.py play its tasks (collect.py imports it only for --env tau2).
+"""τ²-bench through the package's own environments, agent prompt, user simulator, Orchestrator and evaluator: the
+adapter that lets collect.py, train_policy.py and evaluate.py play its tasks (imported only for --env tau2).
 
-The model is the customer-service agent (domain policy and tools in its prompt, tool calls as
-<tool_call>{"name", "arguments"}</tool_call>); tau2's Orchestrator runs the conversation against the real
-domain database, tau2's user simulator plays the customer (`--user-model local`: the played model itself;
-`local:MODEL`: one fixed local model, loaded once, at τ²'s user temperature; or any litellm id) and tau2's
-evaluate_simulation scores it. A triplet's next state is the user's reply or the
-tool's answer masked to its schema.
+The model is the customer-service agent and sees what tau2's `LLMAgent` sends a chat-completions server
+(tau2/agent/llm_agent.py: its system prompt with <instructions> and <policy>, the conversation as chat messages,
+the tools as `tools=`), rendered with the model's own chat template; its tool calls are read as the template
+writes them (<tool_call>{"name", "arguments"}</tool_call>, Qwen's format) and answered as `tool` messages.
+One fixed user plays the customer in every stage (`--user-model local:MODEL`: a frozen local model; or any
+litellm id); tau2's Orchestrator runs the conversation against the real domain database with the limits of
+`Orchestrator.run`, and tau2's evaluate_simulation scores it. A triplet's next state is the user's reply or the
+tool's answer masked to its schema (`mask_json`).
 """
 
 import json
 import os
 import random
 import re
+import types
+from collections import namedtuple
 from dataclasses import dataclass, field
+from enum import Enum
 from functools import lru_cache
 from itertools import count, zip_longest
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 os.environ.setdefault(
     "LITELLM_LOCAL_MODEL_COST_MAP", "True"
@@ -23,39 +29,57 @@ os.environ.setdefault(
 from loguru import logger  # installed with tau2, which logs DEBUG lines from its first import on
 
 logger.disable("tau2")
-from tau2.agent.base import LocalAgent
-from tau2.config import DEFAULT_LLM_TEMPERATURE_USER
-from tau2.data_model.message import AssistantMessage, MultiToolMessage, ToolCall, ToolMessage, UserMessage
-from tau2.data_model.simulation import SimulationRun, TerminationReason
+from pydantic import BaseModel
+from tau2.agent.llm_agent import LLMAgent
+from tau2.config import DEFAULT_LLM_TEMPERATURE_USER, DEFAULT_MAX_ERRORS, DEFAULT_MAX_RETRIES
+from tau2.data_model.message import AssistantMessage, MultiToolMessage, ToolCall, UserMessage
+from tau2.data_model.simulation import (
+    AgentInfo,
+    Info,
+    Results,
+    RewardInfo,
+    SimulationRun,
+    TerminationReason,
+    UserInfo,
+)
+from tau2.environment.environment import EnvironmentInfo
 from tau2.evaluator.evaluator import EvaluationType, evaluate_simulation
+from tau2.metrics.agent_metrics import compute_metrics
 from tau2.orchestrator.orchestrator import Orchestrator, Role
 from tau2.registry import registry
 from tau2.user.base import UserState
 from tau2.user.user_simulator import UserSimulator
+from tau2.utils.llm_utils import to_litellm_messages
 
 from support.checks import fail
 from support.episode import Episode
-from support.lm import chat_prompt, hit_limit, load_model, sample, strip_thinking
+from support.lm import chat_prompt, hit_limit, load_config, load_model, load_tokenizer, sample, strip_thinking
 
 TAU2_DOMAINS = ("retail", "airline", "telecom", "mock")  # mock: tau2's small test domain, for CPU runs
-TAU2_MAX_ERRORS = 10  # tau2's default: the episode ends after 10 tool errors
+TAU2_MAX_ERRORS = DEFAULT_MAX_ERRORS  # tau2's default: the episode ends after 10 tool errors
+TAU2_RETRIES = DEFAULT_MAX_RETRIES  # tau2.run passes num_retries=3 to every LLM call (tau2.run.run_domain)
 USER_TEMPERATURE = DEFAULT_LLM_TEMPERATURE_USER  # tau2's runs sample their user simulator at 0.0
+PROMPT_GROWTH = 16384  # tokens a conversation may add to its opening prompt in the plan (see `prompt_budget`)
 CALL_IDS = count()  # tool-call ids, unique in a process
+Domain = namedtuple("Domain", "tasks splits system tools returns")
 
 
 @lru_cache(maxsize=None)
 def tau2_domain(domain):
-    """({task id: Task}, {split: [task ids]} or None (mock has no splits), agent context text) of a domain."""
+    """A domain's tasks ({id: Task}), splits ({split: [ids]}, None for mock), the agent's system prompt (tau2's
+    `LLMAgent.system_prompt`), its tools as JSON schemas, and every tool's return annotation (the user's too)."""
     if domain not in TAU2_DOMAINS:
         fail(f"unknown τ²-bench domain {domain!r} (choose from {', '.join(TAU2_DOMAINS)})")
-    reg = registry
-    tasks = {t.id: t for t in reg.get_tasks_loader(domain)()}
-    splits = reg.get_task_splits_loader(domain)
-    env = reg.get_env_constructor(domain)()
-    context = TAU2_CONTEXT.format(
-        policy=env.get_policy().strip(), tools="\n".join(json.dumps(t.openai_schema) for t in env.get_tools())
+    splits = registry.get_task_splits_loader(domain)
+    env = registry.get_env_constructor(domain)()
+    tools = env.get_tools() + (env.get_user_tools() if env.user_tools else [])
+    return Domain(
+        {t.id: t for t in registry.get_tasks_loader(domain)()},
+        splits() if splits else None,
+        LLMAgent(tools=env.get_tools(), domain_policy=env.get_policy()).system_prompt,
+        [t.openai_schema for t in env.get_tools()],
+        {t.name: t.returns.model_fields["returns"].annotation for t in tools},
     )
-    return tasks, (splits() if splits else None), context
 
 
 def list_tasks(domains, split, n=None, ids=None):
@@ -67,12 +91,12 @@ def list_tasks(domains, split, n=None, ids=None):
             domain, _, tid = name.partition("/")
             if domain not in domains:
                 fail(f"τ²-bench task {name!r} is not in --domain {' '.join(domains)}")
-            if tid not in tau2_domain(domain)[0]:
+            if tid not in tau2_domain(domain).tasks:
                 fail(f"unknown τ²-bench task {name!r}")
         return names[:n] if n else names
     per_domain = []
     for d in domains:
-        tasks, splits, _ = tau2_domain(d)
+        tasks, splits = tau2_domain(d)[:2]
         if splits is not None and split not in splits:
             fail(f"τ²-bench domain {d} has no split {split!r} (choose from {', '.join(splits)})")
         per_domain.append([f"{d}/{i}" for i in (splits[split] if splits else tasks)])
@@ -86,35 +110,28 @@ def user_info(task):
     return getattr(instructions, "known_info", None) or task.user_scenario.persona or ""
 
 
-TAU2_CONTEXT = """Policy:
-{policy}
-
-Tools (JSON schemas):
-{tools}"""
-
-TAU2_AGENT_PROMPT = """You are a customer service agent. Help the user by following the policy, and use the \
-tools to read and change the company's database.
-{context}
-
-Each of your messages either talks to the user or calls one tool, never both. To call a tool, write only
-<tool_call>{{"name": "<tool name>", "arguments": {{<arguments as JSON>}}}}</tool_call>
-Otherwise write your message to the user."""
-
-
-def tool_call_text(call):
-    return "<tool_call>" + json.dumps(dict(name=call["name"], arguments=call["arguments"])) + "</tool_call>"
-
-
-def message_text(m):
-    """An agent's or user's message: its tool calls, or else its text."""
-    return "".join(tool_call_text(c) for c in m.get("tool_calls") or []) or m["content"]
+# ---------------------------------------------------------------------------------------------
+# The agent's prompt and the reading of its reply (ALGO LOGIC: the policy's input and output format)
+# ---------------------------------------------------------------------------------------------
+def api_message(m):
+    """A chat message as a chat template reads it: text content ("" beside tool calls) and tool calls whose
+    arguments are the object (a server such as vLLM parses the API's JSON string before it applies the template)."""
+    out = dict(role=m["role"], content=m.get("content") or "")
+    if m.get("tool_calls"):
+        out["tool_calls"] = [
+            dict(type="function", function=dict(name=c["function"]["name"], arguments=c["function"]["arguments"]))
+            for c in m["tool_calls"]
+        ]
+        for c in out["tool_calls"]:
+            if isinstance(c["function"]["arguments"], str):  # tau2's to_litellm_messages writes json.dumps
+                c["function"]["arguments"] = json.loads(c["function"]["arguments"])
+    return out
 
 
-def say(m):
-    """One message of a rollout as a transcript line: the agent's, the user's, or a tool's answer."""
-    if m["role"] == "tool":
-        return f"Tool {m['name']}: {m['content']}"
-    return f"{'Agent' if m['role'] == 'assistant' else 'User'}: {message_text(m)}"
+def record_message(rec):
+    """A conversation record (`message_record`) as the chat message tau2's to_litellm_messages makes of it."""
+    calls = [dict(function=dict(name=c["name"], arguments=c["arguments"])) for c in rec.get("tool_calls") or []]
+    return api_message(dict(role=rec["role"], content=rec["content"], tool_calls=calls))
 
 
 def agent_view(messages):
@@ -126,74 +143,121 @@ def agent_view(messages):
     ]
 
 
-def conversation(messages):
-    return "\n".join(say(m) for m in agent_view(messages)) or "(none)"
+def agent_chat(domain, messages):
+    """The messages tau2's LLMAgent sends (`system_messages + state.messages` through to_litellm_messages), from a
+    conversation's records: what the agent's prompt renders and the world model's state writes out."""
+    return [dict(role="system", content=tau2_domain(domain).system)] + [record_message(m) for m in agent_view(messages)]
+
+
+# Qwen's tool block (tests/data/chat_templates/qwen3-8b...), for templates that have no tool format of their own
+HERMES_TOOLS = """# Tools
+
+You may call one or more functions to assist with the user query.
+
+You are provided with function signatures within <tools></tools> XML tags:
+<tools>
+{tools}
+</tools>
+
+For each function call, return a json object with function name and arguments within <tool_call></tool_call> XML \
+tags:
+<tool_call>
+{{"name": <function-name>, "arguments": <args-json-object>}}
+</tool_call>"""
+
+
+def tool_call_text(call):
+    return "<tool_call>\n" + json.dumps(dict(name=call["name"], arguments=call["arguments"])) + "\n</tool_call>"
+
+
+def as_text(messages, tools):
+    """Chat messages with their tools, tool calls and tool results written as text the way Qwen's template writes
+    them (tools in the system message, <tool_call> in the assistant's turn, <tool_response> as a user turn)."""
+    out = []
+    for m in messages:
+        if m["role"] == "tool":
+            out.append(dict(role="user", content=f"<tool_response>\n{m['content']}\n</tool_response>"))
+            continue
+        calls = [tool_call_text(c["function"]) for c in m.get("tool_calls") or []]
+        out.append(dict(role=m["role"], content="\n".join([m["content"]] * bool(m["content"]) + calls)))
+    if tools:
+        block = HERMES_TOOLS.format(tools="\n".join(json.dumps(t) for t in tools))
+        out[0]["content"] = f"{out[0]['content']}\n\n{block}"
+    return out
+
+
+def render(tok, messages, tools, thinking=True):
+    """Chat messages and tools rendered with the model's own chat template (`tools=`: Qwen's `# Tools` block); a
+    template without a tool format (the tiny SmolLM2's) gets them as Qwen's text (`as_text`)."""
+    if tools and "tools" not in (tok.chat_template or ""):
+        messages, tools = as_text(messages, tools), None
+    return chat_prompt(tok, messages, thinking=thinking, tools=tools)
 
 
 def tau2_agent_prompt(tok, ep):
-    """The chat-rendered prompt of the agent: policy and tools as the system message, the conversation so far."""
-    return chat_prompt(
-        tok,
-        f"The conversation so far:\n{conversation(ep.messages)}\n\nWrite your next message.",
-        system=TAU2_AGENT_PROMPT.format(context=tau2_domain(ep.game.split("/")[0])[2]),
-    )
+    """The agent's prompt at an episode's turn: tau2's LLMAgent messages and tools, in the model's chat template."""
+    domain = ep.game.split("/")[0]
+    return render(tok, agent_chat(domain, ep.messages), tau2_domain(domain).tools)
 
 
 def parse_reply(text, tool_names, requestor="assistant"):
-    """A model's message -> (content, tool_calls, valid). Its thinking is dropped (`strip_thinking`: a think
-    block left open leaves no message); <tool_call>{"name", "arguments"}
-    </tool_call> becomes a tool call. A call that is not JSON, names no known tool or lacks an arguments
-    object (or whose name is not a string) is an invalid tool call: the text goes to the other side as a
-    message, as a chat API returns unparsed text. An empty message is invalid too: no reply ends a run."""
+    """A model's message -> (content, tool_calls, valid), read as a server's Hermes tool parser reads Qwen's
+    format. Thinking is dropped (`strip_thinking`: a think block left open leaves no message). Each
+    <tool_call>{"name": ..., "arguments": ...}</tool_call> whose JSON is an object with a string name is a tool
+    call, sent to the environment whatever it names: an unknown tool or arguments that are no object get
+    tau2's own error there (valid: false). Text without such a call goes to the other side as a message (a
+    <tool_call> block that is no such object: the whole text, valid: false). No text at all: (None, None, False),
+    an empty reply, which the loop asks again for (`write`)."""
 
     text = strip_thinking(text or "").strip()
-    if "<tool_call>" not in text:
-        return text or "(no message)", None, bool(text)
-    calls = []
-    for block in re.findall(r"<tool_call>(.*?)(?:</tool_call>|$)", text, flags=re.S):
+    blocks = re.findall(r"<tool_call>(.*?)(?:</tool_call>|$)", text, flags=re.S)
+    if not blocks:
+        return text or None, None, bool(text)
+    calls, valid = [], True
+    for block in blocks:
         try:
             call = json.loads(block)
         except json.JSONDecodeError:
             return text, None, False
-        name = call.get("name") if isinstance(call, dict) else None
-        if not (isinstance(name, str) and name in tool_names and isinstance(call.get("arguments"), dict)):
+        if not (isinstance(call, dict) and isinstance(call.get("name"), str)):
             return text, None, False
+        args = call.get("arguments")
+        valid &= call["name"] in tool_names and isinstance(args, dict)
+        # model_construct: arguments that are no object reach the environment, as an API agent's would
         calls.append(
-            ToolCall(id=f"call_{next(CALL_IDS)}", name=call["name"], arguments=call["arguments"], requestor=requestor)
+            ToolCall.model_construct(
+                id=f"call_{next(CALL_IDS)}", name=call["name"], arguments=args, requestor=requestor
+            )
         )
-    return None, calls, True
+    return None, calls, valid
 
 
-class ModelAgent(LocalAgent):
-    """The project's model as tau2's agent: the batched loop writes the model's text into `reply` before the
-    Orchestrator asks for the next message; the agent turns it into an AssistantMessage."""
+class ModelAgent(LLMAgent):
+    """The project's model as tau2's LLMAgent (its system prompt and state): the batched loop writes the model's
+    text into `reply` before the Orchestrator asks for the next message, which `parse_reply` reads."""
 
     reply = ""
-
-    def get_init_state(self, message_history=None):
-        return None  # the loop keeps the conversation (Episode.messages)
 
     def set_seed(self, seed):
         pass  # sampling is seeded by the loop
 
     def generate_next_message(self, message, state):
+        state.messages.extend(message.tool_messages if isinstance(message, MultiToolMessage) else [message])
         content, calls, valid = parse_reply(self.reply, {t.name for t in self.tools})
-        return AssistantMessage(
+        msg = AssistantMessage(
             role="assistant", content=content, tool_calls=calls, raw_data=dict(output=self.reply, valid=valid)
-        ), state
+        )
+        state.messages.append(msg)
+        return msg, state
 
 
-def flipped_chat_message(m):
-    """A message of the user's flipped conversation as a chat message (tool results and calls as text)."""
-    if isinstance(m, ToolMessage):
-        return dict(role="user", content=f"Tool result: {m.content}")
-    calls = [dict(name=c.name, arguments=c.arguments) for c in m.tool_calls or []]
-    return dict(role=m.role, content="".join(map(tool_call_text, calls)) or m.content)
-
-
+# ---------------------------------------------------------------------------------------------
+# The user: tau2's user simulator, one fixed model in every stage
+# ---------------------------------------------------------------------------------------------
 class LocalUser(UserSimulator):
-    """tau2's user simulator answered by the project's model: tau2's own system prompt and stop signals, the
-    model's text written into `reply` by the batched loop, as for the agent."""
+    """tau2's user simulator answered by a local model: tau2's own system prompt, flipped conversation and stop
+    signals, its tools (telecom's phone) as `tools=` and their results as tool messages, thinking off; the
+    batched loop writes the model's text into `reply`."""
 
     reply = ""
 
@@ -201,16 +265,11 @@ class LocalUser(UserSimulator):
         pass  # sampling is seeded by the loop
 
     def prompt(self, tok, message, state):
-        """tau2's user-simulator system prompt and the conversation with roles flipped, as chat."""
+        """What UserSimulator._generate_next_message sends: system messages + the flipped conversation, tools."""
         incoming = message.tool_messages if isinstance(message, MultiToolMessage) else [message]
         flipped = UserState(system_messages=[], messages=state.messages + incoming).flip_roles()
-        system = self.system_prompt
-        if self.tools:
-            system += (
-                '\n\nYour tools (JSON schemas), called as <tool_call>{"name": ..., "arguments": {...}}</tool_call>:\n'
-                + "\n".join(json.dumps(t.openai_schema) for t in self.tools)
-            )
-        return chat_prompt(tok, [dict(role="system", content=system)] + [flipped_chat_message(m) for m in flipped])
+        messages = [api_message(m) for m in to_litellm_messages(state.system_messages + flipped)]
+        return render(tok, messages, [t.openai_schema for t in self.tools or []], thinking=False)
 
     def generate_next_message(self, message, state):
         state.messages.extend(message.tool_messages if isinstance(message, MultiToolMessage) else [message])
@@ -221,8 +280,8 @@ class LocalUser(UserSimulator):
 
 
 def load_user(user_model, dtype="auto"):
-    """(model, tokenizer) of a fixed local user `local:MODEL`, loaded once and never trained; None for "local"
-    (the played model is its own user) and for a litellm id."""
+    """(model, tokenizer) of a fixed local user `local:MODEL`, loaded once, frozen and never trained; None for a
+    litellm id and for self-play ("self": the played model answers as its user)."""
     if not user_model.startswith("local:"):
         return None
     model, tok = load_model(user_model.removeprefix("local:"), dtype=dtype)
@@ -230,21 +289,23 @@ def load_user(user_model, dtype="auto"):
 
 
 def tau2_user(env, task, user_model):
-    """tau2's user simulator with the task's scenario: `user_model` is any litellm model id (e.g. gpt-4.1,
-    or openai/<name> with OPENAI_API_BASE pointing at a local OpenAI-compatible server), sampled at τ²'s user
-    temperature; "local" / "local:MODEL" is the same prompt and stop signals answered by a local model
-    (LocalUser): the played model, or one fixed model."""
+    """tau2's user simulator with the task's scenario: `user_model` is a litellm model id (e.g. gpt-4.1, or
+    openai/<name> with OPENAI_API_BASE pointing at an OpenAI-compatible server), called at τ²'s user temperature
+    with τ²'s retries; "local:MODEL" or "self" is the same prompt and stop signals answered by a local model."""
     tools = env.get_user_tools() if env.user_tools else None  # telecom: the user acts on their phone
-    if not user_model.startswith("local"):
-        return UserSimulator(
-            tools=tools,
-            instructions=str(task.user_scenario),
-            llm=user_model,
-            llm_args=dict(temperature=USER_TEMPERATURE),
-        )
-    return LocalUser(tools=tools, instructions=str(task.user_scenario))
+    if user_model == "self" or user_model.startswith("local"):
+        return LocalUser(tools=tools, instructions=str(task.user_scenario))
+    return UserSimulator(
+        tools=tools,
+        instructions=str(task.user_scenario),
+        llm=user_model,
+        llm_args=dict(temperature=USER_TEMPERATURE, num_retries=TAU2_RETRIES),
+    )
 
 
+# ---------------------------------------------------------------------------------------------
+# Episodes: tau2's Orchestrator stepped by the batched loop, with the limits of Orchestrator.run
+# ---------------------------------------------------------------------------------------------
 @dataclass
 class Tau2Episode(Episode):
     orch: object = None  # tau2's Orchestrator, stepped by play_tau2
@@ -252,12 +313,12 @@ class Tau2Episode(Episode):
     reward: float = 0.0
     reward_info: dict = field(default_factory=dict)
     termination: str = ""
+    seq: tuple = None  # the agent's (prompt_ids, completion_ids) of the step about to be taken
 
 
 def start_tau2(name, split, index, seed, user_model):
-
     domain, _, tid = name.partition("/")
-    task = tau2_domain(domain)[0][tid]
+    task = tau2_domain(domain).tasks[tid]
     env = registry.get_env_constructor(domain)()
     ep = Tau2Episode(name, split, index, random.Random(f"{seed}|{name}|{index}"), task=user_info(task))
     ep.orch = Orchestrator(
@@ -287,58 +348,142 @@ def message_record(m, call_names):
     return rec
 
 
-def step_tau2(ep, max_steps, seq=None):
-    """One Orchestrator step (agent, user or environment), then the limits of Orchestrator.run, as τ² applies
-    them: the episode ends after max_steps orchestrator steps (every message; τ²'s runs: 200) or
-    TAU2_MAX_ERRORS tool errors, checked when no tool is to answer; a finished episode is scored by tau2's
-    evaluate_simulation."""
+def message_text(m):
+    """An agent's or user's message as the action a triplet records: its tool calls, or else its text."""
+    return "\n".join(tool_call_text(c) for c in m.get("tool_calls") or []) or m["content"]
 
+
+def step_tau2(ep, max_steps):
+    """One Orchestrator step (agent, user or environment), then the limits as `Orchestrator.run` checks them:
+    only when no tool is to answer, max_steps orchestrator steps (every message; τ²'s runs: 200) end the episode
+    as MAX_STEPS, even where that step's message was a stop, and TAU2_MAX_ERRORS tool errors as TOO_MANY_ERRORS."""
     o = ep.orch
     agent_turn = o.to_role == Role.AGENT
     seen = len(o.trajectory)
     o.step()
-    names = {
-        c.id: c.name for c in getattr(o.trajectory[seen - 1], "tool_calls", None) or []
-    }  # what tool answers answer
+    names = {c.id: c.name for c in getattr(o.trajectory[seen - 1], "tool_calls", None) or []}  # what answers answer
     ep.messages += [message_record(m, names) for m in o.trajectory[seen:]]
     if agent_turn:
         m = ep.messages[-1]
         ep.turns.append(dict(output=m["output"], action=message_text(m), valid=m["valid"]))
-        ep.seqs.append(seq)
-    if not o.done and o.to_role != Role.ENV and o.step_count >= max_steps:
-        o.done, o.termination_reason = True, TerminationReason.MAX_STEPS
-    if not o.done and o.to_role != Role.ENV and o.num_errors >= TAU2_MAX_ERRORS:
-        o.done, o.termination_reason = True, TerminationReason.TOO_MANY_ERRORS
+        ep.seqs.append(ep.seq)
+    if o.to_role != Role.ENV:
+        if o.step_count >= max_steps:
+            o.done, o.termination_reason = True, TerminationReason.MAX_STEPS
+        if o.num_errors >= TAU2_MAX_ERRORS:
+            o.done, o.termination_reason = True, TerminationReason.TOO_MANY_ERRORS
     if o.done:
-        domain = ep.game.split("/")[0]
-        sim = SimulationRun(
-            id=f"{ep.game}#{ep.index}",
-            task_id=o.task.id,
-            start_time="",
-            end_time="",
-            duration=0.0,
-            termination_reason=o.termination_reason,
-            messages=o.get_trajectory(),
-        )
-        info = evaluate_simulation(
-            simulation=sim, task=o.task, evaluation_type=EvaluationType.ALL, solo_mode=False, domain=domain
-        )
-        ep.reward, ep.won, ep.done = info.reward, info.reward >= 1 - 1e-6, True
-        ep.termination = o.termination_reason.value
-        ep.reward_info = dict(
-            reward=info.reward,
-            reward_breakdown={k.value: v for k, v in (info.reward_breakdown or {}).items()},
-            note=info.info.get("note") if info.info else None,
-        )
+        finish(ep)
+
+
+def finish(ep, termination=None):
+    """Score a finished episode with tau2's evaluate_simulation; `termination` names an end τ² has no reason for
+    (scored as its o.termination_reason)."""
+    o = ep.orch
+    o.done = True
+    sim = SimulationRun(
+        id=f"{ep.game}#{ep.index}",
+        task_id=o.task.id,
+        start_time="",
+        end_time="",
+        duration=0.0,
+        termination_reason=o.termination_reason,
+        messages=o.get_trajectory(),
+    )
+    info = evaluate_simulation(
+        simulation=sim,
+        task=o.task,
+        evaluation_type=EvaluationType.ALL,
+        solo_mode=False,
+        domain=ep.game.split("/")[0],
+    )
+    ep.reward, ep.won, ep.done = info.reward, info.reward >= 1 - 1e-6, True
+    ep.termination = termination or o.termination_reason.value
+    ep.reward_info = dict(
+        reward=info.reward,
+        reward_breakdown={k.value: v for k, v in (info.reward_breakdown or {}).items()},
+        note=info.info.get("note") if info.info else None,
+    )
+
+
+def prompt_limit(model, new_tokens, planned=0):
+    """The longest prompt a model may be sent: its context less the reply, and at most `planned` (the plan's)."""
+    context = getattr(model.config, "max_position_embeddings", None) or float("inf")
+    return min(context - new_tokens, planned or float("inf"))
+
+
+def prompt_budget(model, domains, new_tokens):
+    """The prompt length a τ² turn is planned for (the memory plan's prompt_len): the longest opening prompt of
+    the domains (tau2's system prompt, the tools, the greeting, in the model's chat template) + PROMPT_GROWTH
+    tokens of conversation (each tool answer is sent again every turn: a retail product up to ~1.5k tokens), at
+    most the model's context less the reply. An episode whose next prompt is longer ends as prompt_too_long."""
+    tok, config = load_tokenizer(model), load_config(model)
+    greeting = [dict(role="assistant", content="Hi! How can I help you today?")]
+    opening = max(
+        len(tok(render(tok, agent_chat(d, greeting), tau2_domain(d).tools), add_special_tokens=False)["input_ids"])
+        for d in domains
+    )
+    context = getattr(config, "max_position_embeddings", None) or float("inf")
+    return int(min(opening + PROMPT_GROWTH, context - new_tokens))
+
+
+def empty(text):
+    """Whether a reply holds neither text nor a tool call."""
+    return parse_reply(text, ())[:2] == (None, None)
+
+
+def write(eps, role, model, tok, temperature, new_tokens, limit):
+    """Sample the next message of every episode in `eps` whose `role` (AGENT or USER) speaks, in one batch. A
+    prompt over `limit` ends its episode (prompt_too_long; scored as τ²'s AGENT_ERROR / USER_ERROR, as a server's
+    context-length error ends a τ² run); an empty reply is asked again TAU2_RETRIES times, as tau2's `generate`
+    asks again (a greedy role at temperature 1: asked again greedily, it would write the same nothing), and is
+    then τ²'s AGENT_ERROR / USER_ERROR, the error of an empty message (Orchestrator.check_communication_error)."""
+    agent = role == Role.AGENT
+    speaker = (lambda ep: ep.orch.agent) if agent else (lambda ep: ep.orch.user)
+    error = TerminationReason.AGENT_ERROR if agent else TerminationReason.USER_ERROR
+    prompts = {}
+    for ep in eps:
+        p = tau2_agent_prompt(tok, ep) if agent else ep.orch.user.prompt(tok, ep.orch.message, ep.orch.user_state)
+        if len(tok(p, add_special_tokens=False)["input_ids"]) > limit:
+            ep.orch.termination_reason = error
+            finish(ep, "prompt_too_long")
+        else:
+            prompts[id(ep)] = p
+    sampled = todo = [ep for ep in eps if id(ep) in prompts]
+    for attempt in range(TAU2_RETRIES + 1 if todo else 0):
+        heat = temperature if attempt == 0 or temperature > 0 else 1.0
+        outputs = sample(model, tok, [prompts[id(ep)] for ep in todo], new_tokens, heat, stop=["</tool_call>"])
+        for ep, (prompt_ids, completion_ids, text) in zip(todo, outputs):
+            speaker(ep).reply = text
+            if agent:
+                ep.seq = (prompt_ids, completion_ids)
+        todo = [ep for ep in todo if empty(speaker(ep).reply)]
+        if not todo:
+            break
+    for ep in sampled if agent else []:
+        ep.cut += hit_limit(model, tok, ep.seq[1], new_tokens)
+    for ep in todo:  # still nothing to send
+        if agent:
+            ep.turns.append(dict(output=ep.orch.agent.reply, action="", valid=False))
+            ep.seqs.append(ep.seq)
+        ep.orch.termination_reason = error
+        finish(ep)
 
 
 def play_tau2(jobs, model, tok, settings, user=None):
-    """Play ("domain/id", split, episode index) jobs, B at a time: every Orchestrator is stepped in lockstep,
-    and every agent (and "local" user) message of a step comes from one batched `sample`; a fixed local user
-    (`user`: (model, tokenizer) of settings.user_model "local:MODEL") answers in a batch of its own, at τ²'s
-    user temperature. Yields each finished Episode."""
-    if settings.user_model.startswith("local:") and user is None:
+    """Play ("domain/id", split, episode index) jobs, B at a time: every Orchestrator is stepped in lockstep; the
+    agent messages of a step come from one batched `sample` of the model, the user messages from one of the fixed
+    user (`user`: (model, tokenizer) of settings.user_model "local:MODEL", loaded here when not given; "self":
+    the played model; a litellm id: tau2's UserSimulator, called by the Orchestrator). Yields each finished
+    Episode."""
+    if not jobs:
+        return
+    if settings.user_model == "self":
+        user = (model, tok)
+    elif settings.user_model.startswith("local:") and user is None:
         user = load_user(settings.user_model)
+    agent_limit = prompt_limit(model, settings.max_new_tokens, settings.max_prompt_tokens)
+    user_limit = user and prompt_limit(user[0], settings.user_max_new_tokens)
 
     pending, active = list(enumerate(jobs)), []
     while pending or active:
@@ -347,63 +492,86 @@ def play_tau2(jobs, model, tok, settings, user=None):
             active.append(start_tau2(*job, settings.seed, settings.user_model))
             active[-1].job = k
         agents = [ep for ep in active if ep.orch.to_role == Role.AGENT]
-        users = [ep for ep in active if ep.orch.to_role == Role.USER and settings.user_model.startswith("local")]
-        selves = [] if user else users  # "local": the played model answers as the user, in the agents' batch
-        prompts = [tau2_agent_prompt(tok, ep) for ep in agents] + [
-            ep.orch.user.prompt(tok, ep.orch.message, ep.orch.user_state) for ep in selves
-        ]
-        outputs = sample(model, tok, prompts, settings.max_new_tokens, settings.temperature, stop=["</tool_call>"])
-        if user and users:  # one fixed user for every episode
-            outputs += sample(
-                *user,
-                [ep.orch.user.prompt(user[1], ep.orch.message, ep.orch.user_state) for ep in users],
-                settings.max_new_tokens,
-                USER_TEMPERATURE,
-                stop=["</tool_call>"],
-            )
-        seqs = {}
-        for ep, (prompt_ids, completion_ids, text) in zip(agents + users, outputs):
-            if ep.orch.to_role == Role.AGENT:
-                ep.orch.agent.reply, seqs[id(ep)] = text, (prompt_ids, completion_ids)
-                ep.cut += hit_limit(model, tok, completion_ids, settings.max_new_tokens)
-            else:
-                ep.orch.user.reply = text
+        write(agents, Role.AGENT, model, tok, settings.temperature, settings.max_new_tokens, agent_limit)
+        if user:
+            users = [ep for ep in active if ep.orch.to_role == Role.USER]
+            write(users, Role.USER, *user, USER_TEMPERATURE, settings.user_max_new_tokens, user_limit)
         for ep in active:
-            step_tau2(ep, settings.max_steps, seqs.get(id(ep)))
+            if not ep.done:
+                step_tau2(ep, settings.max_steps)
         for ep in [ep for ep in active if ep.done]:
             active.remove(ep)
             yield ep
 
 
-def mask_json(text):
-    """A tool's answer with every value replaced by its type (keys and structure stay), the world model's
-    target for tool calls (paper, τ²-bench). Text that is not JSON (a bare string value) is "str"."""
+# ---------------------------------------------------------------------------------------------
+# Records: a conversation becomes a rollout line and one triplet per agent message
+# ---------------------------------------------------------------------------------------------
+def members(kind):
+    """The types an annotation allows (Annotated, Optional and Union unwrapped)."""
+    if get_origin(kind) is Annotated:
+        return members(get_args(kind)[0])
+    if get_origin(kind) in (Union, types.UnionType):
+        return [m for a in get_args(kind) for m in members(a)]
+    return [kind]
 
-    def mask(v):
-        if isinstance(v, dict):
-            return {k: mask(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return [mask(x) for x in v]
-        return "null" if v is None else type(v).__name__  # bool, int, float, str
 
+def closed(kind):
+    """Whether a dict's key type is a closed set that the data model names (Literal, Enum: airline's cabins)."""
+    return get_origin(kind) is Literal or (isinstance(kind, type) and issubclass(kind, Enum))
+
+
+def masked(value, kind):
+    """The JSON text of `value` masked to its schema, `kind` being its annotation in tau2's data models. Every
+    value becomes its type's name; a key stays only where it is schema: a field of a data model, a key of a closed
+    set (Literal / Enum), or a key of an untyped record (`Dict[str, Any]`, `Any`: telecom's tools write their
+    own fixed keys); every other key is data (a `Dict[str, ...]` of payment-method or variant ids, dates, option
+    names; the product names of a tool typed as returning text) and becomes "str". A list, and the entries of a
+    map with data keys, show each distinct masked element once: their number is data too (a tuple keeps its
+    positions)."""
+    kinds = members(kind)
+    if isinstance(value, dict):
+        models = [k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)]
+        fields = {n: f.annotation for k in models for n, f in k.model_fields.items()}
+        maps = [get_args(k) for k in kinds if get_origin(k) is dict and get_args(k)]
+        if models:  # a data model: its fields are schema
+            entries = [(k if k in fields else "str", masked(v, fields.get(k, Any))) for k, v in value.items()]
+        else:  # a map: its keys are schema if they are a closed set or the record is untyped, else data
+            key, item = maps[0] if maps else (None, Any)
+            keep = closed(key) or (maps and item is Any) or kind is Any
+            entries = [(k if keep else "str", masked(v, item)) for k, v in value.items()]
+        return "{" + ", ".join(f"{json.dumps(k)}: {v}" for k, v in dict.fromkeys(entries)) + "}"
+    if isinstance(value, list):
+        args = next((get_args(k) for k in kinds if get_origin(k) in (list, tuple) and get_args(k)), (Any,))
+        if any(get_origin(k) is tuple for k in kinds) and args[-1] is not Ellipsis:  # tuple[A, B]: every position
+            return "[" + ", ".join(masked(v, a) for v, a in zip(value, args)) + "]"
+        return "[" + ", ".join(dict.fromkeys(masked(v, args[0]) for v in value)) + "]"
+    return json.dumps("null" if value is None else type(value).__name__)  # bool, int, float, str
+
+
+def mask_json(text, domain=None, tool=None):
+    """A tool's answer masked to its schema (`masked`), the world model's target for tool calls (paper, τ²-bench),
+    the schema read from the tool's return annotation in `domain`. A bare value is its type's name: text that is not
+    JSON is str."""
     try:
         value = json.loads(text)
     except (json.JSONDecodeError, TypeError):
         return "str"
-    return json.dumps(mask(value))
+    out = masked(value, tau2_domain(domain).returns.get(tool, Any) if domain else Any)
+    return json.loads(out) if out.startswith('"') else out
 
 
 def wm_state(domain, task, messages):
-    """The world model's τ² state before an agent message: policy and tools, the user's basic information
-    (`task`) and the conversation so far."""
-    return (
-        f"{tau2_domain(domain)[2]}\n\nUser information: {task or '(none)'}\n\n"
-        f"The conversation so far:\n{conversation(messages)}"
-    )
+    """The world model's τ² state before an agent message: the agent's own messages (`agent_chat`: tau2's system
+    prompt, then the conversation) and tools, written as text the way Qwen's template writes them (`as_text`),
+    with the user's basic information (`task`) after the system prompt."""
+    system, *chat = as_text(agent_chat(domain, messages), tau2_domain(domain).tools)
+    conversation = "\n\n".join(f"[{m['role']}]\n{m['content']}" for m in chat) or "(none)"
+    return f"{system['content']}\n\nUser information: {task or '(none)'}\n\nThe conversation so far:\n{conversation}"
 
 
 def tau2_triplet_records(rollout):
-    """Agent message t gives <state: policy, tools, the user's basic information and the conversation so far,
+    """Agent message t gives <state: the agent's messages so far and the user's basic information (`wm_state`),
     action: the message or tool call, next_state: the user's reply (kind "user") or the tool's answer masked
     to its schema (kind "tool"; an error stays as it is)>."""
     msgs, out = rollout["messages"], []
@@ -414,7 +582,8 @@ def tau2_triplet_records(rollout):
         after = agent_view(msgs[i + 1 :])
         if m.get("tool_calls"):
             answers = [a for a in after[: len(m["tool_calls"])] if a["role"] == "tool"]
-            kind, nxt = "tool", "\n".join(a["content"] if a["error"] else mask_json(a["content"]) for a in answers)
+            kind = "tool"
+            nxt = "\n".join(a["content"] if a["error"] else mask_json(a["content"], domain, a["name"]) for a in answers)
         else:
             replies = [a for a in after if a["role"] == "user"][:1]
             kind, nxt = "user", replies[0]["content"] if replies else ""
@@ -461,3 +630,43 @@ def tau2_rollout_record(ep, settings):
         user_model=settings.user_model,
         seed=settings.seed,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# τ²'s metrics: average reward and pass^k (tau2/metrics/agent_metrics.py: compute_metrics)
+# ---------------------------------------------------------------------------------------------
+def tau2_metrics(domain, runs, model="", user_model="", max_steps=0):
+    """tau2's `compute_metrics` of one domain's episodes: `runs` holds one list of rollout records per run (run r is
+    trial r of every task). Returns {"avg_reward", "pass^k" for k = 1..runs}: pass^k is, per task, the chance that
+    k trials drawn from its runs all succeed (reward 1), averaged over tasks."""
+    sims = [
+        SimulationRun(
+            id=f"{r['game']}#{trial}",
+            task_id=r["game"].split("/", 1)[1],
+            start_time="",
+            end_time="",
+            duration=0.0,
+            termination_reason=TerminationReason._value2member_map_.get(
+                r["termination"], TerminationReason.AGENT_ERROR
+            ),
+            reward_info=RewardInfo(reward=r["reward"]),
+            agent_cost=0.0,
+            messages=[],
+            trial=trial,
+        )
+        for trial, rollouts in enumerate(runs)
+        for r in rollouts
+    ]
+    tasks = tau2_domain(domain).tasks
+    info = Info(
+        git_commit="",
+        num_trials=len(runs),
+        max_steps=max_steps,
+        max_errors=TAU2_MAX_ERRORS,
+        user_info=UserInfo(implementation="user_simulator", llm=user_model),
+        agent_info=AgentInfo(implementation="llm_agent", llm=model),
+        environment_info=EnvironmentInfo(domain_name=domain, policy=""),
+    )
+    results = Results(info=info, tasks=[tasks[t] for t in dict.fromkeys(s.task_id for s in sims)], simulations=sims)
+    metrics = compute_metrics(results)
+    return {"avg_reward": float(metrics.avg_reward)} | {f"pass^{k}": float(v) for k, v in metrics.pass_hat_ks.items()}

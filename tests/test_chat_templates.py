@@ -13,7 +13,7 @@ from collect import parse_action
 from conftest import ROOT
 from reward import parse_next_state, wm_prompt
 from support.lm import chat_prompt, stop_outside_thinking, strip_thinking
-from support.tau2_env import parse_reply
+from support.tau2_env import agent_chat, parse_reply, render, tau2_domain
 
 TEMPLATES = ROOT / "tests" / "data" / "chat_templates"
 TRIPLET = dict(task="put a mug in the sink.", history=[], state="You are in a room.", action="go to sink 1")
@@ -52,11 +52,7 @@ def test_an_answer_drafted_inside_unfinished_thinking_is_not_read():
     assert parse_next_state(done) == "You open the drawer 1."
     thought = "<think>\n<action>look</action>?\n</think>\n\n"
     assert parse_action(thought + "<action>open drawer 1</action>") == "open drawer 1"
-    assert parse_reply('<think>\n<tool_call>{"name": "x", "arguments": {}}</tool_call>', {"x"}) == (
-        "(no message)",
-        None,
-        False,
-    )
+    assert parse_reply('<think>\n<tool_call>{"name": "x", "arguments": {}}</tool_call>', {"x"}) == (None, None, False)
 
 
 def test_a_stop_string_ends_the_answer_but_not_the_thinking(tiny):
@@ -100,3 +96,27 @@ def test_each_role_thinks_or_not_through_the_templates_own_switch(qwen, tmp_path
     agent = lambda thinking: collect.turn_prompt(tok, ep, 2, thinking)  # the ALFWorld agent's prompt
     assert agent("on").endswith("<|im_start|>assistant\n") and agent("off").endswith(empty if qwen3 else "assistant\n")
     assert strip_thinking("<think>\nlong thought") == ""  # a turn cut inside its thinking has no action
+
+
+def test_the_tau2_agents_tools_calls_and_results_in_each_template(qwen):
+    """τ²'s agent prompt (tau2_env.render) in the template's own tool format: the tools in its system block, the
+    agent's call as its assistant turn, the tool's answer as a <tool_response>; the reply parsed as it writes it."""
+    name, tok = qwen
+    call = dict(name="get_users", arguments={})
+    records = [
+        dict(role="assistant", content="Hi! How can I help you today?"),
+        dict(role="user", content="Who are the users?"),
+        dict(role="assistant", content=None, tool_calls=[call], output="", valid=True),
+        dict(role="tool", content='[{"user_id": "user_1"}]', name="get_users", requestor="assistant", error=False),
+    ]
+    prompt = render(tok, agent_chat("mock", records), tau2_domain("mock").tools)
+    assert prompt.startswith("<|im_start|>system\n<instructions>\nYou are a customer service agent"), name
+    assert "# Tools\n\nYou may call one or more functions" in prompt and '"name": "create_task"' in prompt
+    assert (
+        '<|im_start|>assistant\n<tool_call>\n{"name": "get_users", "arguments": {}}\n</tool_call><|im_end|>' in prompt
+    )
+    answer = '<tool_response>\n[{"user_id": "user_1"}]\n</tool_response>'
+    assert prompt.endswith(f"<|im_start|>user\n{answer}<|im_end|>\n<|im_start|>assistant\n")
+    reply = '<think>\nThe user asked.\n</think>\n\n<tool_call>\n{"name": "get_users", "arguments": {}}\n</tool_call>'
+    content, calls, valid = parse_reply(reply, {"get_users"})
+    assert content is None and valid and (calls[0].name, calls[0].arguments) == ("get_users", {})

@@ -1,5 +1,6 @@
-"""τ²-bench through the project's adapter: real tau2 domains, Orchestrator and evaluator, offline."""
+"""τ²-bench through the project's adapter: real tau2 domains, agent prompt, Orchestrator and evaluator, offline."""
 
+import copy
 import json
 import subprocess
 
@@ -8,28 +9,61 @@ import pytest
 from collect import collect, parse_args, rollout_record, triplet_records
 from conftest import ROOT
 from support.episode import summary
-from support.tau2_env import list_tasks, mask_json, parse_reply, start_tau2, step_tau2, tool_call_text
+from support.tau2_env import (
+    LocalUser,
+    ModelAgent,
+    agent_chat,
+    api_message,
+    list_tasks,
+    mask_json,
+    parse_reply,
+    start_tau2,
+    step_tau2,
+    tau2_agent_prompt,
+    tau2_metrics,
+    tool_call_text,
+)
+
+TEMPLATES = ROOT / "tests" / "data" / "chat_templates"
 
 
-def replay(name, drop_last_write=False, tok=None):
-    """Drive the adapter (the model's agent and local user classes, step_tau2) with scripted replies instead
-    of sampled ones: the user makes the task's own gold tool calls (telecom: on their phone) and asks, the
-    agent makes the task's gold tool calls and tells the user what the task says it must, the user stops.
-    `drop_last_write` leaves out the agent's last call that changes the database. With `tok`, the local user's
-    chat prompt at each of its turns is kept in `ep.user_prompts`."""
+@pytest.fixture(scope="module")
+def qwen3(tiny):
+    """The tiny tokenizer with Qwen3's real chat template (as tests/test_chat_templates.py loads it)."""
+    tok = copy.deepcopy(tiny[1])
+    tok.chat_template = json.loads((TEMPLATES / "qwen3-8b.tokenizer_config.json").read_text())["chat_template"]
+    return tok
+
+
+def gold_script(orch, drop_last_write=False):
+    """(agent replies, user replies) that replay a task's gold actions, written as Qwen3 writes them (a think
+    block, then <tool_call>): the user makes the task's own gold tool calls (telecom: on their phone) and asks,
+    the agent makes the task's gold tool calls and tells the user what the task says it must; then the user
+    stops. `drop_last_write` leaves out the agent's last call that changes the database."""
     from tau2.environment.toolkit import ToolType
-    from tau2.orchestrator.orchestrator import Role
 
-    ep = start_tau2(name, "test", 0, seed=0, user_model="local")
-    task, tools = ep.orch.task, ep.orch.environment.tools
+    task, tools = orch.task, orch.environment.tools
     gold = task.evaluation_criteria.actions
     actions = [a for a in gold if a.requestor == "assistant"]
     if drop_last_write:
         del actions[[i for i, a in enumerate(actions) if tools.tool_type(a.name) == ToolType.WRITE][-1]]
-    agent = [tool_call_text(dict(name=a.name, arguments=a.arguments)) for a in actions]
+    call = lambda a: tool_call_text(dict(name=a.name, arguments=a.arguments))
+    agent = [f"<think>\nThe policy says: {a.name}.\n</think>\n\n{call(a)}" for a in actions]
     agent.append(" ".join(task.evaluation_criteria.communicate_info or []) or "Your request is done.")
-    user = [tool_call_text(dict(name=a.name, arguments=a.arguments)) for a in gold if a.requestor == "user"]
-    user.append("I need help, please.")
+    user = [call(a) for a in gold if a.requestor == "user"] + ["I need help, please."]
+    return agent, user
+
+
+STOP = "Thanks, that's all. ###STOP###"
+
+
+def replay(name, drop_last_write=False, tok=None, max_steps=200):
+    """Drive the adapter (the model's agent and local user classes, step_tau2) with `gold_script`'s replies instead
+    of sampled ones. With `tok`, the local user's chat prompt at each of its turns is kept in `ep.user_prompts`."""
+    from tau2.orchestrator.orchestrator import Role
+
+    ep = start_tau2(name, "test", 0, seed=0, user_model="local:smollm2-135m")
+    agent, user = gold_script(ep.orch, drop_last_write)
     ep.user_prompts = []
     while not ep.done:
         if ep.orch.to_role == Role.AGENT:
@@ -37,8 +71,8 @@ def replay(name, drop_last_write=False, tok=None):
         elif ep.orch.to_role == Role.USER:
             if tok:
                 ep.user_prompts.append(ep.orch.user.prompt(tok, ep.orch.message, ep.orch.user_state))
-            ep.orch.user.reply = user.pop(0) if user else "Thanks, that's all. ###STOP###"
-        step_tau2(ep, max_steps=200)
+            ep.orch.user.reply = user.pop(0) if user else STOP
+        step_tau2(ep, max_steps)
     return ep
 
 
@@ -57,86 +91,187 @@ def test_gold_replay_scores_one_and_a_replay_without_its_last_write_zero(name):
     assert broken.termination == "user_stop" and broken.reward == 0.0 and not broken.won
 
 
-def test_the_local_user_sees_tau2s_prompt_its_phone_tools_and_their_results(tiny):
-    ep = replay(TELECOM, tok=tiny[1])
+def test_the_agent_sees_tau2s_llm_agent_messages_in_qwen3s_own_template_with_its_tools(qwen3):
+    from tau2.utils.llm_utils import to_litellm_messages
+
+    ep = replay("retail/5")
+    o = ep.orch  # what tau2's LLMAgent would send: its system messages and state, as a chat-completions API gets them
+    sent = [api_message(m) for m in to_litellm_messages(o.agent_state.system_messages + o.agent_state.messages)]
+    assert agent_chat("retail", ep.messages[:-1]) == sent  # (the user's last message, its stop, reached no agent)
+    prompt = tau2_agent_prompt(qwen3, ep)
+    assert prompt.startswith("<|im_start|>system\n<instructions>\nYou are a customer service agent that helps")
+    assert "</instructions>\n<policy>\n# Retail agent policy" in prompt and prompt.count("<|im_start|>system") == 1
+    tools = prompt[prompt.index("# Tools") : prompt.index("\n</tools>")]  # the template's own tool block
+    assert tools.count('{"type": "function", "function": {"name": ') == 15 and '"name": "get_order_details"' in tools
+    assert '<|im_start|>assistant\n<tool_call>\n{"name": "find_user_id_by_name_zip", "arguments": {' in prompt
+    assert prompt.count("<|im_start|>user\n<tool_response>\n") == 5 and "<think>" not in prompt  # tool results
+    assert prompt.endswith(f"<|im_start|>user\n{STOP}<|im_end|>\n<|im_start|>assistant\n")
+    # the Qwen3-format replies (think block, then the call) ran their tools: each call has its answer
+    answers = [m for m in ep.messages if m["role"] == "tool"]
+    assert [m["name"] for m in answers] == [c["name"] for m in ep.messages for c in m.get("tool_calls", [])]
+    assert not any(m["error"] for m in answers) and ep.turns[0]["output"].startswith("<think>")
+
+
+def test_the_fixed_user_sees_tau2s_prompt_with_its_phone_tools_and_their_results_thinking_off(qwen3):
+    ep = replay(TELECOM, tok=qwen3)
     first, second, last = ep.user_prompts[0], ep.user_prompts[1], ep.user_prompts[-1]
-    assert "<scenario>" in first and "toggle_airplane_mode" in first  # tau2's user prompt, then the phone's tools
-    assert first.rstrip().endswith(
-        "Hi! How can I help you today?<|im_end|>\n<|im_start|>assistant"
-    )  # the agent, as "user"
-    assert (
-        '<tool_call>{"name": "toggle_airplane_mode"' in second and "Tool result: " in second
-    )  # its own call and the phone's answer
-    assert '"name": "refuel_data"' not in last and ep.turns[0]["action"].startswith(
-        '<tool_call>{"name": "refuel_data"'
-    )  # the agent's side
+    assert first.startswith("<|im_start|>system\n") and "<scenario>" in first  # tau2's user prompt
+    assert "# Tools" in first and '"name": "toggle_airplane_mode"' in first  # the phone's tools, as tools=
+    assert first.endswith(  # the agent's greeting as "user", and Qwen3's own switch: thinking off
+        "<|im_start|>user\nHi! How can I help you today?<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    )
+    assert '<|im_start|>assistant\n<tool_call>\n{"name": "toggle_airplane_mode"' in second  # its own call
+    assert "<|im_start|>user\n<tool_response>\n" in second  # the phone's answer, as a tool message
+    assert '"refuel_data"' not in last and ep.turns[0]["action"].startswith('<tool_call>\n{"name": "refuel_data"')
 
 
-def test_gold_replay_triplets_mask_tool_answers_to_their_schema():
+def test_the_step_limit_ends_as_orchestrator_run_ends_it():
+    """retail/5's gold replay takes 13 steps, the last the user's ###STOP###: at --max-steps 13 tau2's own
+    Orchestrator.run ends it as MAX_STEPS (reward 0), and so does step_tau2; at 14 both end by the user's stop."""
+    from tau2.evaluator.evaluator import EvaluationType, evaluate_simulation
+    from tau2.orchestrator.orchestrator import Orchestrator
+    from tau2.registry import registry
+
+    class ScriptedAgent(ModelAgent):
+        def generate_next_message(self, message, state):
+            self.reply = self.script.pop(0)
+            return super().generate_next_message(message, state)
+
+    class ScriptedUser(LocalUser):
+        def generate_next_message(self, message, state):
+            self.reply = self.script.pop(0) if self.script else STOP
+            return super().generate_next_message(message, state)
+
+    for max_steps, end in [(13, "max_steps"), (14, "user_stop")]:
+        ours = replay("retail/5", max_steps=max_steps)
+        task = ours.orch.task
+        env = registry.get_env_constructor("retail")()
+        agent = ScriptedAgent(tools=env.get_tools(), domain_policy=env.get_policy())
+        user = ScriptedUser(tools=None, instructions=str(task.user_scenario))
+        agent.script, user.script = gold_script(ours.orch)
+        sim = Orchestrator("retail", agent, user, env, task, max_steps=max_steps, max_errors=10, seed=0).run()
+        info = evaluate_simulation(sim, task, EvaluationType.ALL, solo_mode=False, domain="retail")
+        assert ours.termination == sim.termination_reason.value == end and ours.orch.step_count == 13
+        assert ours.reward == info.reward == (end == "user_stop")
+
+
+def test_an_unknown_tool_or_arguments_that_are_no_object_get_tau2s_error_and_count_towards_its_limit():
+    from tau2.orchestrator.orchestrator import Role
+
+    ep = start_tau2("retail/5", "test", 0, seed=0, user_model="local:smollm2-135m")
+    ep.orch.user.reply = "I want to return a water bottle."
+    step_tau2(ep, 200)
+    ep.orch.agent.reply = '<tool_call>\n{"name": "get_order_details", "arguments": ["#W1"]}\n</tool_call>'
+    step_tau2(ep, 200)
+    step_tau2(ep, 200)  # the environment answers the call
+    assert ep.messages[-1]["error"] and "must be a mapping, not list" in ep.messages[-1]["content"]
+    ep.orch.agent.reply = "Could you give me your email address?"  # no tool call: a message to the user
+    step_tau2(ep, 200)
+    assert ep.orch.to_role == Role.USER and ep.turns[-1]["valid"] and ep.messages[-1]["role"] == "assistant"
+    ep.orch.user.reply = "It is mei@example.com."
+    step_tau2(ep, 200)
+    while not ep.done:  # an API agent that calls a tool the domain does not have
+        ep.orch.agent.reply = '<tool_call>\n{"name": "drop_database", "arguments": {}}\n</tool_call>'
+        step_tau2(ep, 200)
+        step_tau2(ep, 200)
+        assert ep.messages[-1] == dict(
+            role="tool",
+            content="Error: Tool 'drop_database' not found.",
+            name="drop_database",
+            requestor="assistant",
+            error=True,
+        )
+    assert ep.orch.num_errors == 10 and ep.termination == "too_many_errors" and ep.reward == 0.0
+    assert [t["valid"] for t in ep.turns] == [False, True] + [False] * 9
+
+
+def test_gold_replay_triplets_state_what_the_agent_sees_and_mask_tool_answers_to_their_schema():
     ep = replay("retail/5")
     rollout = rollout_record(ep, parse_args(["--env", "tau2"]))
     triplets = triplet_records(rollout, 2)
     tools = [t for t in triplets if t["kind"] == "tool"]
     assert len(tools) == len(ep.turns) - 1 == 5  # five gold tool calls, then the message to the user
     assert [t["kind"] for t in triplets][-1] == "user" and triplets[-1]["next_state"].endswith("###STOP###")
+    first, last = triplets[0]["state"], triplets[-1]["state"]
+    assert first.startswith("<instructions>\nYou are a customer service agent") and "\n# Tools\n" in first
+    assert first.endswith("[assistant]\nHi! How can I help you today?\n\n[user]\nI need help, please.")
+    assert "[user]\n<tool_response>\n" in last and "User information: " in last
     for t in tools:
-        assert (
-            t["action"].startswith("<tool_call>")
-            and "The conversation so far" in t["state"]
-            and "Policy:" in t["state"]
-        )
-    # a real answer (get_order_details): every leaf is a type name, every key stays
-    real = next(m["content"] for m in rollout["messages"] if m.get("name") == "get_order_details")
-    masked = json.loads(next(t["next_state"] for t in tools if "get_order_details" in t["action"]))
+        assert t["action"].startswith("<tool_call>\n{") and t["action"].endswith("}\n</tool_call>")
+    masked = {t["action"].split('"')[3]: t["next_state"] for t in tools}
+    assert masked["get_product_details"] == (
+        '{"name": "str", "product_id": "str", "variants": {"str": {"item_id": "str", "options": {"str": "str"}, '
+        '"available": "bool", "price": "float"}}}'
+    )  # the variant ids and option names are data: one entry for the product's many variants
 
-    def leaves(v):
-        return (
-            [x for y in v.values() for x in leaves(y)]
-            if isinstance(v, dict)
-            else [x for y in v for x in leaves(y)]
-            if isinstance(v, list)
-            else [v]
-        )
 
-    def keys(v):
-        return (
-            {k for k, y in v.items() for k in [k, *keys(y)]}
-            if isinstance(v, dict)
-            else {k for y in v for k in keys(y)}
-            if isinstance(v, list)
-            else set()
-        )
+def answer(domain, tool, **arguments):
+    """A real answer of a domain's tool, from tau2's environment."""
+    from tau2.data_model.message import ToolCall
+    from tau2.registry import registry
 
-    assert keys(masked) == keys(json.loads(real)) and set(leaves(masked)) <= {"str", "int", "float", "bool", "null"}
-    assert (
-        mask_json(json.dumps({"price": 342.81, "items": [{"ok": True}], "note": None}))
-        == '{"price": "float", "items": [{"ok": "bool"}], "note": "null"}'
+    return registry.get_env_constructor(domain)().get_response(ToolCall(name=tool, arguments=arguments)).content
+
+
+def test_the_schema_mask_masks_data_keys_of_real_retail_and_airline_answers():
+    real = answer("retail", "get_user_details", user_id="noah_brown_6181")
+    assert '"paypal_5727330": {' in real and '"credit_card_7815826": {' in real
+    assert mask_json(real, "retail", "get_user_details") == (
+        '{"user_id": "str", "name": {"first_name": "str", "last_name": "str"}, "address": {"address1": "str", '
+        '"address2": "str", "city": "str", "country": "str", "state": "str", "zip": "str"}, "email": "str", '
+        '"payment_methods": {"str": {"source": "str", "id": "str"}, "str": {"source": "str", "id": "str", '
+        '"brand": "str", "last_four": "str"}}, "orders": ["str"]}'
+    )  # the payment methods' ids are data keys; each kind of entry once; the orders' number is data too
+    real = answer("airline", "get_user_details", user_id="mia_li_3668")
+    out = mask_json(real, "airline", "get_user_details")
+    assert real.count('"certificate_') == 4 and "certificate" not in out and "4856383" not in out
+    assert '"payment_methods": {"str": {"source": "str", "id": "str", "brand": "str", "last_four": "str"}, ' in out
+    assert '"str": {"source": "str", "id": "str", "amount": "float"}}' in out and out.endswith(
+        '"reservations": ["str"]}'
     )
-    assert mask_json("yusuf_rossi_9620") == "str"  # a plain value is masked too
+    flights = mask_json(
+        answer("airline", "search_direct_flight", origin="JFK", destination="SEA", date="2024-05-20"),
+        "airline",
+        "search_direct_flight",
+    )
+    assert flights.startswith('[{"flight_number": "str", ') and flights.count("flight_number") == 1  # a list: once
+    assert '"prices": {"basic_economy": "int", "economy": "int", "business": "int"}' in flights  # Literal keys: schema
+    products = answer("retail", "list_all_product_types")  # typed as text: its keys (product names) are data
+    assert (
+        '"T-Shirt": "9523456873"' in products
+        and mask_json(products, "retail", "list_all_product_types") == '{"str": "str"}'
+    )
+    assert mask_json(answer("retail", "calculate", expression="2 * 3.5"), "retail", "calculate") == "float"
+    assert mask_json("yusuf_rossi_9620") == "str"  # a bare value: its type
 
 
-def test_parse_reply_tool_calls_messages_and_invalid_calls():
+def test_parse_reply_reads_qwens_tool_calls_and_sends_every_named_call_to_the_environment():
     names = {"get_order_details"}
     content, calls, valid = parse_reply(
-        '<think>look it up</think><tool_call>{"name": "get_order_details", '
-        '"arguments": {"order_id": "#W1"}}</tool_call>',
+        '<think>look it up</think>\n\n<tool_call>\n{"name": "get_order_details", '
+        '"arguments": {"order_id": "#W1"}}\n</tool_call>',
         names,
     )
     assert (
-        content is None and valid and calls[0].name == "get_order_details" and calls[0].arguments == {"order_id": "#W1"}
+        content is None and valid and (calls[0].name, calls[0].arguments) == ("get_order_details", {"order_id": "#W1"})
     )
     assert parse_reply("Sure, what is your zip code?", names) == ("Sure, what is your zip code?", None, True)
-    for bad in [
-        '<tool_call>{"name": "get_order_details", "arguments": {"order_id": </tool_call>',  # not JSON
+    for call in [
         '<tool_call>{"name": "drop_database", "arguments": {}}</tool_call>',  # unknown tool
         '<tool_call>{"name": "get_order_details"}</tool_call>',  # no arguments
+        '<tool_call>{"name": "get_order_details", "arguments": ["#W1"]}</tool_call>',  # arguments no object
+    ]:  # a call all the same: the environment answers with tau2's error
+        content, calls, valid = parse_reply(call, names)
+        assert content is None and len(calls) == 1 and not valid
+    for bad in [
+        '<tool_call>{"name": "get_order_details", "arguments": {"order_id": </tool_call>',  # not JSON
         '<tool_call>{"name": ["get_order_details"], "arguments": {}}</tool_call>',  # a name that is not a string
         '<tool_call>["get_order_details", {}]</tool_call>',  # not an object
-        '<tool_call>{"name": "get_order_details", "arguments": {"order_id": "#W1"}',
-    ]:  # cut off
+        '<tool_call>{"name": "get_order_details", "arguments": {"order_id": "#W1"}',  # cut off
+    ]:  # no tool call: the text goes to the user
         content, calls, valid = parse_reply(bad, names)
-        assert calls is None and not valid and content == bad  # sent to the user as text, recorded invalid
-    assert parse_reply("<think>never closed", names) == ("(no message)", None, False)
+        assert calls is None and not valid and content == bad
+    assert parse_reply("<think>never closed", names) == (None, None, False)  # empty: asked again (`write`)
 
 
 def test_unknown_domain_split_and_task_are_one_line_errors():
@@ -209,10 +344,12 @@ def mock_run(tiny, tmp_path_factory):
             "5",
             "--max-new-tokens",
             "24",
+            "--user-max-new-tokens",
+            "24",
             "--out",
             str(out),
         ]
-    )
+    )  # the user: a frozen copy of --model (local:smollm2-135m), loaded once
     return args, collect(args, *tiny), out
 
 
@@ -229,7 +366,9 @@ def test_tiny_model_episodes_run_to_their_step_limit_and_write_schema_valid_reco
             "assistant",
             "user",
         ]  # tau2's greeting, then the user simulator
-        assert r["user_model"] == "local" and all({"output", "action", "valid"} == set(t) for t in r["turns"])
+        assert r["user_model"] == "local:smollm2-135m" and all(
+            {"output", "action", "valid"} == set(t) for t in r["turns"]
+        )
     stats = summary(rows)  # every episode ended by the step limit; the turns the token limit cut, counted
     assert stats["step_limit_rate"] == 1.0 and stats["cut_turn_rate"] == sum(r["cut_turns"] for r in rows) / 4
     triplets = [json.loads(line) for line in open(out / "triplets.jsonl")]
@@ -237,7 +376,7 @@ def test_tiny_model_episodes_run_to_their_step_limit_and_write_schema_valid_reco
     assert len(triplets) == 4 and len({t["id"] for t in triplets}) == 4
     for t in triplets:
         assert set(t) == TRIPLET and t["env"] == "tau2" and t["kind"] in ("user", "tool") and t["next_state"]
-        assert t["state"].startswith("Policy:") and "create_task" in t["state"]  # the mock domain's policy and tools
+        assert t["state"].startswith("<instructions>") and '"name": "create_task"' in t["state"]  # mock's tools
     assert (out / "metrics.png").exists()
     again = collect(
         parse_args(
@@ -317,6 +456,8 @@ def test_policy_rl_and_evaluation_on_tau2(tiny, tmp_path):
             "2",
             "--max-new-tokens",
             "16",
+            "--user-max-new-tokens",
+            "16",
             "--lora-rank",
             "4",
             "--out",
@@ -325,17 +466,10 @@ def test_policy_rl_and_evaluation_on_tau2(tiny, tmp_path):
     )
     rows = train_policy.main(args)
     rollouts = [json.loads(line) for line in open(tmp_path / "policy" / "rollouts.jsonl")]
-    assert (
-        len(rollouts) == 2
-        and {r["game"] for r in rollouts} == {"mock/create_task_1"}
-        and all(r["step"] == 1 for r in rollouts)
-    )
-    assert (
-        rows[0]["groups"] == 1
-        and rows[0]["success"] == 0.0
-        and rows[0]["no_signal_groups"] == 1
-        and not rows[0]["updated"]
-    )
+    assert len(rollouts) == 2 and {r["game"] for r in rollouts} == {"mock/create_task_1"}
+    assert all(r["step"] == 1 and r["user_model"] == "local:smollm2-135m" for r in rollouts)  # the fixed user
+    assert rows[0]["groups"] == 1 and rows[0]["success"] == 0.0 and rows[0]["no_signal_groups"] == 1
+    assert not rows[0]["updated"]
     ev = evaluate.parse_args(
         [
             "--env",
@@ -350,25 +484,71 @@ def test_policy_rl_and_evaluation_on_tau2(tiny, tmp_path):
             "4",
             "--max-new-tokens",
             "16",
-            "--user-model",
-            "local:smollm2-135m",
+            "--user-max-new-tokens",
+            "16",
             "--out",
             str(tmp_path / "eval"),
         ]
-    )
+    )  # the user: a frozen copy of the first --model
     evaluate.check_args(ev)
-    results = evaluate.evaluate(ev, *tiny, "base", tmp_path / "eval", user=tiny)  # the base model: a fixed user
+    results = evaluate.evaluate(ev, *tiny, "base", tmp_path / "eval", user=tiny)
     assert list(results["splits"]) == ["mock"] and results["splits"]["mock"]["games"] == 1
+    mock = results["splits"]["mock"]
+    assert (
+        mock["tau2"] == {"avg_reward": 0.0, "pass^1": 0.0} and sum(sum(v) for v in mock["terminations"].values()) == 1
+    )
     played = [json.loads(line) for line in open(tmp_path / "eval" / "run0" / "mock" / "rollouts.jsonl")]
     assert {r["user_model"] for r in played} == {"local:smollm2-135m"}
     md = evaluate.table([results, dict(results, name="again")]).splitlines()
     assert md[:4] == ["| Method | Mock |", "|---|---|", "| base | 0.0 ± 0.0 |", "| again | 0.0 ± 0.0 |"]
     assert md[5] == "User simulator: local:smollm2-135m (temperature 0), the same for every row"
     assert md[7:10] == [
-        "| Method | Split | Invalid tool calls (%) | Mean steps |",
+        "| Method | Domain | Avg reward | pass^1 |",
         "|---|---|---|---|",
-        "| base | mock | 0.0 ± 0.0 | 2.0 |",
+        "| base | mock | 0.000 | 0.000 |",
     ]
+    assert md[12:14] == ["| Method | Split | Invalid tool calls (%) | Mean steps |", "|---|---|---|---|"]
+    assert md[-1].startswith("Agent sampling temperature 0.4 (evaluate.py --temperature; its default 0.4 is the")
+
+
+def test_an_episode_whose_next_prompt_outgrows_the_plan_ends_as_prompt_too_long(tiny):
+    from collect import play, play_settings
+    from support.tau2_env import tau2_rollout_record
+
+    args = parse_args(["--env", "tau2", "--domain", "mock", "--max-new-tokens", "8", "--user-max-new-tokens", "8"])
+    settings = play_settings(args, max_prompt_tokens=200)  # mock's opening prompt alone is longer
+    (ep,) = play([("mock/create_task_1", "train", 0)], *tiny, settings, user=tiny)
+    rec = tau2_rollout_record(ep, settings)
+    assert rec["termination"] == "prompt_too_long" and rec["reward"] == 0.0 and rec["steps"] == 0
+    assert [m["role"] for m in rec["messages"]] == ["assistant", "user"]  # the greeting, the user's first message
+    assert rec["reward_info"]["note"] == "Simulation terminated prematurely. Termination reason: agent_error"
+
+
+def test_tau2s_own_metrics_and_both_averages_are_reported():
+    import evaluate
+
+    wins = {"create_task_1": [1, 1, 0], "update_task_1": [1, 1, 1]}  # two tasks, three runs (trials)
+    runs = [
+        [dict(game=f"mock/{t}", reward=float(w[r]), termination="user_stop") for t, w in wins.items()] for r in range(3)
+    ]
+    # pass^k = C(successes, k) / C(trials, k), averaged over tasks: (2/3 + 1) / 2, (1/3 + 1) / 2, (0 + 1) / 2
+    assert tau2_metrics("mock", runs) == pytest.approx(
+        {"avg_reward": 5 / 6, "pass^1": 5 / 6, "pass^2": 2 / 3, "pass^3": 1 / 2}
+    )
+    column = lambda success, games: dict(
+        games=games, success=success, invalid_rate=[0.0], mean_steps=[9], per_task_type={}, tau2={"avg_reward": 0.5}
+    )
+    results = dict(
+        name="m",
+        env="tau2",
+        temperature=0.4,
+        user_model="gpt-4.1",
+        user_temperature=0.0,
+        splits=dict(retail=column([0.5], 40), airline=column([0.2], 20)),
+    )
+    md = evaluate.table([results]).splitlines()
+    assert md[0] == "| Method | Retail | Airline | AVG (mean of domains) | AVG (over tasks) |"
+    assert md[2] == "| m | 50.0 ± 0.0 | 20.0 ± 0.0 | 35.0 ± 0.0 | 40.0 ± 0.0 |"  # (20 + 4) / 60 tasks over tasks
 
 
 def test_the_step_limit_is_tau2s_own():
@@ -385,39 +565,35 @@ def test_the_step_limit_is_tau2s_own():
     assert collect.parse_args([]).max_steps == 30 and train_policy.parse_args([]).max_steps == 15  # ALFWorld
 
 
-def test_evaluation_refuses_a_user_played_by_each_rows_own_model_unless_asked(tmp_path):
+def test_one_fixed_user_by_default_and_self_play_only_when_asked_for(tmp_path):
+    import evaluate
+    import train_policy
     from conftest import run_script
 
+    assert parse_args(["--env", "tau2"]).user_model == "local:smollm2-135m"  # a frozen copy of --model
+    assert train_policy.parse_args(["--env", "tau2", "--model", "Qwen/Qwen3-8B"]).user_model == "local:Qwen/Qwen3-8B"
+    first = evaluate.parse_args(["--env", "tau2", "--model", "Base=Qwen/Qwen3-8B", "RWML=runs/x/checkpoint/model"])
+    assert first.user_model == "local:Qwen/Qwen3-8B"  # one user for every row: the first model's frozen copy
+    assert parse_args(["--env", "tau2", "--user-model", "gpt-4.1"]).user_model == "gpt-4.1"
+    assert parse_args(["--env", "tau2", "--self-user"]).user_model == "self"
     base = ["--env", "tau2", "--domain", "mock", "--games", "1", "--out", tmp_path / "eval"]
-    r = run_script("evaluate.py", *base)
-    assert r.returncode == 1 and r.stderr.startswith("error: τ² evaluation needs one fixed user for every row")
-    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "eval").exists()
-    import evaluate
-
-    evaluate.check_args(evaluate.parse_args([*map(str, base), "--allow-self-user"]))  # asked for: allowed
+    for flags in (["--user-model", "local"], ["--self-user", "--user-model", "gpt-4.1"]):
+        r = run_script("evaluate.py", *base, *flags)
+        assert r.returncode == 1 and r.stderr.startswith("error: --user-model: name one fixed user (local:MODEL")
+        assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "eval").exists()
 
 
-def test_make_pipeline_env_tau2_runs_every_stage_on_tau2():
+def test_make_pipeline_env_tau2_plays_every_stage_against_one_fixed_user():
     """The Makefile's τ² plumbing (the stages themselves run above and in the ALFWorld pipeline test)."""
-    r = subprocess.run(
-        [
-            "make",
-            "-n",
-            "pipeline",
-            "PYTHON=python",
-            "ENV=tau2",
-            "BUDGET=paper",
-            "MODEL=Qwen/Qwen3-8B",
-            "USER_MODEL=gpt-4.1",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    steps = [line for line in r.stdout.splitlines() if line.startswith("python ") and ".py" in line]
-    env = "--env tau2 --domain retail telecom airline --user-model gpt-4.1"
-    assert [s.split()[1] for s in steps] == [
+
+    def steps(*variables):
+        make = ["make", "-n", "pipeline", "PYTHON=python", "ENV=tau2", "BUDGET=paper", "MODEL=Qwen/Qwen3-8B"]
+        r = subprocess.run([*make, *variables], cwd=ROOT, capture_output=True, text=True, check=True)
+        return [line for line in r.stdout.splitlines() if line.startswith("python ") and ".py" in line]
+
+    played = lambda run: [s for s in run if s.split()[1] in ("collect.py", "train_policy.py") or "--env tau2" in s]
+    default, api = steps(), steps("USER_MODEL=gpt-4.1")
+    assert [s.split()[1] for s in default] == [
         "collect.py",
         "train_wm.py",
         "train_wm.py",
@@ -428,6 +604,9 @@ def test_make_pipeline_env_tau2_runs_every_stage_on_tau2():
         "evaluate.py",
         "evaluate.py",
     ]  # no ALFWorld calibration
-    assert all(env in s for s in steps if s.split()[1] in ("collect.py", "train_policy.py")) and env in steps[-1]
-    assert "--mode rwml" in steps[2] and "--group-size 16" in steps[2]  # the paper's RWML group on τ²
-    assert "runs/pipeline_tau2/eval" in steps[-1]
+    env = "--env tau2 --domain retail telecom airline --user-model "
+    assert len(played(default)) == 5 and all(env + "local:Qwen/Qwen3-8B " in s for s in played(default))
+    assert all(env + "gpt-4.1 " in s for s in played(api)) and played(api)[-1] == api[-1]  # and the evaluation
+    assert "--mode rwml" in default[2] and "--group-size 16" in default[2]  # the paper's RWML group on τ²
+    assert all("--group-size 16" in s for s in default if "train_policy.py" in s)  # and Policy RL's
+    assert "runs/pipeline_tau2/eval" in default[-1]
