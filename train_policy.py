@@ -121,7 +121,7 @@ def check_args(args):
         args.max_memory_gb,
         args.dry_run,
         work=work,
-        helpers=helper_models(args.env, args.user_model, None, args.dtype, prompt_len, args.max_new_tokens),
+        helpers=helper_models(args.env, args.user_model, None, args.dtype, prompt_len, args.user_max_new_tokens),
     )
     check_checkpoint_disk(args.out, args.model, args.dtype, args.lora_rank)  # what its checkpoints will take
     return games
