@@ -194,10 +194,11 @@ def render(tok, messages, tools, thinking=True):
     return chat_prompt(tok, messages, thinking=thinking, tools=tools)
 
 
-def tau2_agent_prompt(tok, ep):
-    """The agent's prompt at an episode's turn: tau2's LLMAgent messages and tools, in the model's chat template."""
+def tau2_agent_prompt(tok, ep, thinking=True):
+    """The agent's prompt at an episode's turn: tau2's LLMAgent messages and tools, in the model's chat template
+    (`thinking=False`: the template's switch, --thinking off)."""
     domain = ep.game.split("/")[0]
-    return render(tok, agent_chat(domain, ep.messages), tau2_domain(domain).tools)
+    return render(tok, agent_chat(domain, ep.messages), tau2_domain(domain).tools, thinking)
 
 
 def parse_reply(text, tool_names, requestor="assistant"):
@@ -432,7 +433,7 @@ def empty(text):
     return parse_reply(text, ())[:2] == (None, None)
 
 
-def write(eps, role, model, tok, temperature, new_tokens, limit):
+def write(eps, role, model, tok, temperature, new_tokens, limit, thinking=True):
     """Sample the next message of every episode in `eps` whose `role` (AGENT or USER) speaks, in one batch. A
     prompt over `limit` ends its episode (prompt_too_long; scored as τ²'s AGENT_ERROR / USER_ERROR, as a server's
     context-length error ends a τ² run); an empty reply is asked again TAU2_RETRIES times, as tau2's `generate`
@@ -443,7 +444,11 @@ def write(eps, role, model, tok, temperature, new_tokens, limit):
     error = TerminationReason.AGENT_ERROR if agent else TerminationReason.USER_ERROR
     prompts = {}
     for ep in eps:
-        p = tau2_agent_prompt(tok, ep) if agent else ep.orch.user.prompt(tok, ep.orch.message, ep.orch.user_state)
+        p = (
+            tau2_agent_prompt(tok, ep, thinking)
+            if agent
+            else ep.orch.user.prompt(tok, ep.orch.message, ep.orch.user_state)
+        )
         if len(tok(p, add_special_tokens=False)["input_ids"]) > limit:
             ep.orch.termination_reason = error
             finish(ep, "prompt_too_long")
@@ -492,7 +497,8 @@ def play_tau2(jobs, model, tok, settings, user=None):
             active.append(start_tau2(*job, settings.seed, settings.user_model))
             active[-1].job = k
         agents = [ep for ep in active if ep.orch.to_role == Role.AGENT]
-        write(agents, Role.AGENT, model, tok, settings.temperature, settings.max_new_tokens, agent_limit)
+        thinking = settings.thinking == "on"
+        write(agents, Role.AGENT, model, tok, settings.temperature, settings.max_new_tokens, agent_limit, thinking)
         if user:
             users = [ep for ep in active if ep.orch.to_role == Role.USER]
             write(users, Role.USER, *user, USER_TEMPERATURE, settings.user_max_new_tokens, user_limit)

@@ -95,6 +95,8 @@ def test_each_role_thinks_or_not_through_the_templates_own_switch(qwen, tmp_path
     ep = SimpleNamespace(task="put a mug in the sink.", turns=[], observation="You are in a room.", admissible=["look"])
     agent = lambda thinking: collect.turn_prompt(tok, ep, 2, thinking)  # the ALFWorld agent's prompt
     assert agent("on").endswith("<|im_start|>assistant\n") and agent("off").endswith(empty if qwen3 else "assistant\n")
+    tau2 = lambda on: render(tok, agent_chat("mock", []), tau2_domain("mock").tools, on)  # τ²'s agent, its tools
+    assert tau2(True).endswith("<|im_start|>assistant\n") and tau2(False).endswith(empty if qwen3 else "assistant\n")
     assert strip_thinking("<think>\nlong thought") == ""  # a turn cut inside its thinking has no action
 
 
