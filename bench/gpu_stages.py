@@ -6,12 +6,12 @@
 
 A model of the Qwen2 architecture (Qwen2.5-7B-Instruct's family) at toy width, random weights, saved into a
 folder with a tokenizer (--tokenizer; default the tiny model's, SmolLM2's ChatML template), so every stage loads
-it with --model FOLDER as it would a checkpoint: nothing is downloaded (a lent GPU machine has no network).
+it with --model FOLDER as it would a checkpoint: nothing is downloaded (it runs on a machine without network).
 Then, each stage a subprocess of this python, flags small (2 games, 1-2 updates, 16 new tokens), the layout of
 `make experiment` (support/report.py) so that the report can be written:
 
-Rewards are scored by a random tiny embedder built here too (--embedder: the default all-minilm-l6-v2's
-package is 88 MB, over what may travel to a lent machine).
+Rewards are scored by a random tiny embedder built here too (--embedder all-minilm-l6-v2: the real default,
+whose package is 88 MB, where it is installed).
 
   collect, heldout      collect.py: ALFWorld train games played by the model; held-out games by a random policy
   warmup                train_wm.py --mode sft: WM SFT (LoRA, bf16, gradient checkpointing)
