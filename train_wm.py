@@ -641,6 +641,7 @@ def main(args):
         cut_warning(sum(r["train/truncated"] for r in updates) / max(1, len(updates)), "RWML samples")
         if updates
         else None,
+        cut_warning(last.get("heldout/truncated", 0), "held-out predictions"),
         "no update had a learning signal: every group's G rewards were equal (format "
         f"{sum(r['train/format'] for r in updates) / len(updates):.0%}: a model that writes no <next_state> needs "
         "the format warm-up, docs/stages.md)"
