@@ -124,7 +124,10 @@ def parse_args(argv=None):
         help="sim-to-real gap (the method), or the paper's LLM-as-a-judge ablation (score/10, or 1[score >= 5])",
     )
     p.add_argument(
-        "--judge-model", type=check_model, default=TINY_MODEL, help="HF id or folder of the judge for --reward judge*"
+        "--judge-model",
+        type=check_model,
+        default=TINY_MODEL,
+        help="HF id or folder of the judge for --reward judge* (thinking off: the template's switch; it writes a score)",
     )
     p.add_argument(
         "--tau",
@@ -150,8 +153,8 @@ def parse_args(argv=None):
         "--max-new-tokens",
         type=at_least(),
         default=None,
-        help=f"tokens per prediction (think + next_state; default: from the data, the longest next state in tokens "
-        f"+ {THINK_TOKENS} to think: τ²'s masked tool answers run to ~1.5k tokens)",
+        help=f"tokens per prediction: the world model thinks, then predicts (Sec. 3.2; thinking on); default: from "
+        f"the data, the longest next state in tokens + {THINK_TOKENS} to think (τ²'s masked tool answers run to ~1.5k)",
     )
     p.add_argument(
         "--gen-batch",
