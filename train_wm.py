@@ -127,7 +127,7 @@ def parse_args(argv=None):
         "--judge-model",
         type=check_model,
         default=TINY_MODEL,
-        help="HF id or folder of the judge for --reward judge* (thinking off: the template's switch; it writes a score)",
+        help="HF id or folder of the judge for --reward judge* (thinking off, by the template's switch: it scores)",
     )
     p.add_argument(
         "--tau",
