@@ -513,7 +513,10 @@ def main(args):
     rank, world = init_distributed()  # (0, 1) unless started by torchrun
     set_seed(args.seed + rank)  # ranks sample differently; DDP starts them all from rank 0's weights
     triplets, train, heldout = check_args(args, world)  # every cross-check before the model loads
-    if args.mode != "split":  # (split loads no model)
+    if args.mode == "split" and args.dry_run:
+        print(f"--dry-run: split writes {len(heldout)} + {len(train)} triplets and loads no model")
+        raise SystemExit(0)
+    if args.mode != "split":
         plan_memory(args, triplets, train, heldout)  # --dry-run: the memory and time plans, then exit
     # --out is this run's once the data checked out and the plan fits (a dry run or a data error leaves it as it was)
     out = claim_out(args.out, f"train_wm --mode {args.mode}", args.resume) if rank == 0 else Path(args.out)
