@@ -3,8 +3,8 @@ of a ```bash block of README.md and docs/*.md is found here (a new one is checke
 - `make ...` runs as `make -n ...`: the target exists and its variables expand;
 - a stage script (`python X.py ...`, `torchrun ... X.py ...`) runs in this process with its flags as written,
   plus --dry-run: its checks and its memory and time plans, no weights loaded, nothing written. It runs in a
-  folder where what it reads stands in: a model path or hub id is the tiny model, a JSONL file real ALFWorld
-  triplets (--heldout / --wm: of other games). Flags that do their work without a plan (--report, --calibrate,
+  folder where what it reads stands in: a model path or hub id is the tiny model (an embedder's: the offline
+  MiniLM), a JSONL file real ALFWorld triplets (--heldout / --wm: of other games). Flags that do their work without a plan (--report, --calibrate,
   --score) are parsed only;
 - a line elided with `...`, or a command of another program (NOT_RUN), is marked not run: a skip with the reason.
 """
@@ -18,6 +18,7 @@ import subprocess
 import pytest
 
 from conftest import ROOT, run_script
+from reward import embedder_path
 from support.lm import resolve_model
 from support.runs import read_jsonl
 
@@ -80,6 +81,9 @@ def stand_ins(argv, folder, triplets):
         elif flag in MODEL_FLAGS:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.symlink_to(tiny, target_is_directory=True)
+        elif flag == "--embedder":  # the paper's Qwen3-Embedding-8B: the offline MiniLM stands in
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.symlink_to(embedder_path(), target_is_directory=True)
 
 
 @pytest.mark.parametrize("where, argv", COMMANDS, ids=[where for where, _ in COMMANDS])
