@@ -499,8 +499,7 @@ def run_filter(args, triplets, model, tok, embed):
     write_jsonl(out / "metrics.jsonl", [stats])
     print(
         f"filter model {args.model}: easy fraction {stats['easy_fraction']:.3f}, kept {len(kept)} of {len(scored)}"
-        f"{mix} -> {out}/triplets.filtered.jsonl\nnext: --triplets {out}/triplets.filtered.jsonl --heldout "
-        f"{out}/heldout.jsonl for --mode rwml and --mode sft"
+        f"{mix} -> {out}/triplets.filtered.jsonl"
     )
     print(
         f"next: python train_wm.py --mode rwml --triplets {out}/triplets.filtered.jsonl --heldout {out}/heldout.jsonl"
