@@ -139,7 +139,7 @@ def lora(path):
 # general benchmarks (the paper's names are not in its offline text: these are the project's choice), run by
 # EleutherAI's lm-evaluation-harness, which needs the network to fetch them
 LM_EVAL = (
-    "lm_eval --model hf --model_args pretrained={path},dtype=bfloat16 --tasks mmlu,gsm8k,arc_challenge,hellaswag "
+    "lm-eval run --model hf --model_args pretrained={path},dtype=bfloat16 --tasks mmlu,gsm8k,arc_challenge,hellaswag "
     "--batch_size auto --output_path {out}"
 )
 
@@ -508,7 +508,7 @@ def main(args):
             (Path(args.out) / "forgetting.md").write_text(forgetting_table(res) + "\n")
             print(forgetting_table(res))
             return print(
-                "General benchmarks (with network access; lm-evaluation-harness: pip install lm-eval):",
+                "General benchmarks (with network access; lm-evaluation-harness: pip install \"lm_eval[hf]\"):",
                 *lm_eval_commands(res, args.out),
                 sep="\n",
             )
