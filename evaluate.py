@@ -508,7 +508,7 @@ def main(args):
             (Path(args.out) / "forgetting.md").write_text(forgetting_table(res) + "\n")
             print(forgetting_table(res))
             return print(
-                "General benchmarks (with network access; lm-evaluation-harness: pip install \"lm_eval[hf]\"):",
+                "General benchmarks (with network access; lm-evaluation-harness, pip install lm_eval[hf]):",
                 *lm_eval_commands(res, args.out),
                 sep="\n",
             )

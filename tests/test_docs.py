@@ -4,8 +4,8 @@ of a ```bash block of README.md and docs/*.md is found here (a new one is checke
 - a stage script (`python X.py ...`, `torchrun ... X.py ...`) runs in this process with its flags as written,
   plus --dry-run: its checks and its memory and time plans, no weights loaded, nothing written. It runs in a
   folder where what it reads stands in: a model path or hub id is the tiny model (an embedder's: the offline
-  MiniLM), a JSONL file real ALFWorld triplets (--heldout / --wm: of other games). Flags that do their work without a plan (--report, --calibrate,
-  --score) are parsed only;
+  MiniLM), a JSONL file real ALFWorld triplets (--heldout / --wm: of other games). Flags that do their work
+  without a plan (--report, --calibrate, --score) are parsed only;
 - a line elided with `...`, or a command of another program (NOT_RUN), is marked not run: a skip with the reason.
 """
 

@@ -201,4 +201,6 @@ def test_the_filter_chain_scores_with_pi_prime_trained_on_its_own_share_of_games
     evaluate.main(evaluate.parse_args([str(a) for a in argv]))
     table, printed = (tmp_path / "f" / "forgetting.md").read_text(), capsys.readouterr().out
     assert "| pi (LoRA r 4) | " in table and "merged update" in table and "not comparable" in table
-    assert f"lm-eval run --model hf --model_args pretrained={model}," in printed and "pretrained=smollm2-135m," in printed
+    assert (
+        f"lm-eval run --model hf --model_args pretrained={model}," in printed and "pretrained=smollm2-135m," in printed
+    )
