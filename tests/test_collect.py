@@ -150,6 +150,13 @@ def test_collect_with_the_tiny_model_writes_schema_valid_records(tiny, tmp_path)
     assert len(metrics) == 2 and (tmp_path / "metrics.png").exists()
 
 
+def interruptible():
+    """In the child before it runs: SIGINT at its default and unblocked (a disposition of SIG_IGN or a blocked
+    mask is inherited across exec, and Python installs its KeyboardInterrupt handler only over the default)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def collect_argv(out, *extra):
     flags = "--policy random --split valid_seen --games 2 --episodes 2 --max-steps 4 --batch-games 2"
     return ["collect.py", *flags.split(), "--out", str(out), *extra]
@@ -191,7 +198,12 @@ def test_ctrl_c_is_one_line_with_the_resume_command_and_leaves_whole_lines(tmp_p
     out = tmp_path / "cut"
     argv = collect_argv(out, "--games", "4")  # the later --games wins: 8 episodes, time to interrupt
     proc = subprocess.Popen(
-        [sys.executable, *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, *argv],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=interruptible,  # as a terminal starts it: the test runner's own SIGINT settings not inherited
     )
     while not (out / "rollouts.jsonl").exists() or not (out / "rollouts.jsonl").read_text():
         assert proc.poll() is None, "finished before it could be interrupted"

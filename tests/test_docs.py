@@ -73,9 +73,11 @@ def stand_ins(argv, folder, triplets):
         path = folder / value
         if "/" not in value or (ROOT / value).exists() or path.exists() or flag == "--out":
             continue
-        if value.endswith(".jsonl"):
-            other = flag in HELD_OUT_FLAGS
-            rows = [dict(t, id="other/" + t["id"], game="other/" + t["game"]) if other else t for t in triplets]
+        if value.endswith(".jsonl"):  # 8 copies under other game names: enough for the docs' --val-size 64
+            head = "other/" if flag in HELD_OUT_FLAGS else ""
+            rows = [
+                dict(t, id=f"{head}{k}/{t['id']}", game=f"{head}{k}/{t['game']}") for k in range(8) for t in triplets
+            ]
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("".join(json.dumps(t) + "\n" for t in rows))
         elif flag in MODEL_FLAGS:

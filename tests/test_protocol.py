@@ -91,7 +91,8 @@ def test_the_protocol_chains_the_papers_stages_in_order_with_their_inputs(env):
 
 
 def test_a_paper_run_without_a_model_is_one_line():
-    r = subprocess.run(["make", "-n", "pipeline", "BUDGET=paper"], cwd=ROOT, capture_output=True, text=True)
+    argv = ["make", "--no-print-directory", "-n", "pipeline", "BUDGET=paper"]  # (under `make test`: make[1])
+    r = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
     assert r.returncode != 0 and r.stdout == "" and len(r.stderr.strip().splitlines()) == 1
     assert "MODEL=Qwen/Qwen2.5-7B-Instruct" in r.stderr and "MODEL=Qwen/Qwen3-8B" in r.stderr
 

@@ -595,18 +595,16 @@ def test_make_pipeline_env_tau2_plays_every_stage_against_one_fixed_user():
     default, api = steps(), steps("USER_MODEL=gpt-4.1")
     assert [s.split()[1] for s in default] == [
         "collect.py",
-        "train_wm.py",
-        "train_wm.py",
-        "train_wm.py",
-        "train_policy.py",
-        "train_policy.py",
-        "train_policy.py",
-        "evaluate.py",
-        "evaluate.py",
+        *["train_wm.py"] * 5,  # split, pi', filter, RWML, WM SFT
+        "evaluate.py",  # --wm
+        *["train_policy.py"] * 3,
+        "evaluate.py",  # Table 2
+        "evaluate.py",  # --forgetting
     ]  # no ALFWorld calibration
     env = "--env tau2 --domain retail telecom airline --user-model "
     assert len(played(default)) == 5 and all(env + "local:Qwen/Qwen3-8B " in s for s in played(default))
-    assert all(env + "gpt-4.1 " in s for s in played(api)) and played(api)[-1] == api[-1]  # and the evaluation
-    assert "--mode rwml" in default[2] and "--group-size 16" in default[2]  # the paper's RWML group on τ²
+    assert all(env + "gpt-4.1 " in s for s in played(api)) and played(api)[-1] == api[-2]  # and the evaluation
+    rwml = next(s for s in default if "--mode rwml" in s)
+    assert "--group-size 16" in rwml  # the paper's RWML group on τ²
     assert all("--group-size 16" in s for s in default if "train_policy.py" in s)  # and Policy RL's
-    assert "runs/pipeline_tau2/eval" in default[-1]
+    assert "runs/pipeline_tau2/eval" in default[-2]

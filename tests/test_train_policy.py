@@ -173,7 +173,7 @@ def test_the_pipeline_runs_end_to_end_and_prints_table_1(tmp_path):
         HELDOUT="--first-game 5 --games 2 --max-steps 2",
         WARMUP_GAMES="--first-game 7 --games 1 --max-steps 3",
         WARMUP="--batch-size 2 --max-steps 1",
-        PI_GAMES="--first-game 6 --games 1 --max-steps 2",
+        PI_GAMES="--first-game 1 --games 1 --max-steps 2",
         PI="--batch-size 2 --max-steps 1",
         FILTER="--filter-k 2 --max-new-tokens 8",
         ARM="--batch-size 1 --lr 1e-5 --max-steps 1 --eval-every 1",
