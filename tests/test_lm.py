@@ -137,9 +137,10 @@ def test_static_cache_decoding_is_the_eager_path_token_for_token(tiny, wm_prompt
     generate = model.generate
     monkeypatch.setattr(model, "generate", lambda **kw: caches.append(kw[cache_arg(model)]) or generate(**kw))
     seen, sdpa = [], torch.nn.functional.scaled_dot_product_attention  # (query heads, rows, key heads, tokens)
-    spy = lambda q, k, v, *a, **kw: (
-        seen.append((q.shape[1], q.shape[2], k.shape[1], k.shape[2])) or sdpa(q, k, v, *a, **kw)
-    )
+    # the record runs outside dynamo's graph: appended to inside the traced step, it took the compiled pass from
+    # 18 s to 72 s on 2 cores
+    record = torch.compiler.disable(lambda q, k: seen.append((q.shape[1], q.shape[2], k.shape[1], k.shape[2])))
+    spy = lambda q, k, v, *a, **kw: record(q, k) or sdpa(q, k, v, *a, **kw)
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
     eager = sample(model, tok, prompts, 8, temperature=0, compiled=False)
     assert prefills[-1] is not None and caches[-1] is not None and not isinstance(caches[-1], StaticCache)
@@ -149,7 +150,7 @@ def test_static_cache_decoding_is_the_eager_path_token_for_token(tiny, wm_prompt
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     for share in (True, False):
-        seen.clear()  # dynamo traces the step (and calls the spy) once per shape
+        seen.clear()
         static = sample(model, tok, prompts, 8, temperature=0, compiled=True, share=share)
         assert [s[:2] for s in static] == [e[:2] for e in eager], share
         assert isinstance(caches[-1], StaticCache)
