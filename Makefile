@@ -35,7 +35,8 @@ install:
 # On a GPU, the paper's protocol (every stage once, then Table 1 of six models):
 #   make pipeline MODEL=Qwen/Qwen2.5-7B-Instruct BUDGET=paper   the paper's settings (README: on a GPU)
 #   make pipeline ENV=tau2 [BUDGET=paper]   the same on τ²-bench: Table 2 (Retail / Telecom / Airline / AVG);
-#                                            the tiny budget plays tau2's small `mock` domain
+#                                            the tiny budget plays tau2's small `mock` domain (1 h 21 min on
+#                                            2 cores at 9ed54eb, partly shared: docs/results.md)
 # Each budget variable can be overridden on the command line, e.g. `make pipeline SEEDS="0 1 2 3 4"`.
 ifeq ($(BUDGET)$(MODEL),paper)
 $(error BUDGET=paper is the paper's protocol on the paper's model: add MODEL=Qwen/Qwen2.5-7B-Instruct (ALFWorld) or MODEL=Qwen/Qwen3-8B (ENV=tau2))
