@@ -43,7 +43,7 @@ def failure(r):
 
 MODES = ["token-mean", "seq-mean", "fsdp"]
 # full fine-tuning sharded over the 2 ranks, a triplet each (uneven ranks: the modes' updates); then Policy RL
-RWML = "train_wm.py --mode rwml --batch-size 2 --group-size 2 --max-new-tokens 8 --eval-every 1 --lr 1e-5"
+RWML = "train_wm.py --mode rwml --batch-size 2 --group-size 2 --max-new-tokens 4 --eval-every 1 --lr 1e-5"
 RWML += " --micro-batch 2 --save-every 1 --fsdp --no-start-eval --val-size 2"
 POLICY = "train_policy.py --games 2 --games-per-step 2 --group-size 2 --updates 1 --max-steps 2 --max-new-tokens 8"
 POLICY += " --lora-rank 4"

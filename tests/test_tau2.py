@@ -424,10 +424,9 @@ def test_rwml_trains_on_tau2_triplets(mock_run, tmp_path):
             "4",
             "--micro-batch",
             "1",
-            "--grad-checkpointing",
             "--no-start-eval",
         ]
-    )  # τ²'s states are ~2k tokens: one sequence a pass, checkpointed, keeps the update near 1 GB
+    )  # τ²'s states are ~2k tokens: one sequence a pass
     rows = train_wm.main(args)
     assert args.tau == 0.4  # the paper's tau_d for τ²-bench
     assert [r["step"] for r in rows] == [1] and 0 <= rows[0]["train/reward"] <= 1 and "heldout/reward" in rows[0]
