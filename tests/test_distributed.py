@@ -42,9 +42,10 @@ def failure(r):
 
 
 MODES = ["token-mean", "seq-mean", "fsdp"]
-# full fine-tuning sharded over the 2 ranks, a triplet each (uneven ranks: the modes' updates); then Policy RL
+# full fine-tuning sharded over the 2 ranks, a triplet each (uneven ranks: the modes' updates), keeping AdamW's state
+# in the final checkpoint (a finished run drops it) so that the resume restores it shard by shard; then Policy RL
 RWML = "train_wm.py --mode rwml --batch-size 2 --group-size 2 --max-new-tokens 4 --eval-every 1 --lr 1e-5"
-RWML += " --micro-batch 2 --save-every 1 --fsdp --no-start-eval --val-size 2"
+RWML += " --micro-batch 2 --save-every 1 --fsdp --no-start-eval --val-size 2 --keep-optimizer"
 POLICY = "train_policy.py --games 2 --games-per-step 2 --group-size 2 --updates 1 --max-steps 2 --max-new-tokens 8"
 POLICY += " --lora-rank 4"
 
@@ -87,7 +88,11 @@ def test_torchrun_trains_the_world_model_with_fsdp_and_the_policy_with_ddp(ranks
     rows = read_jsonl(out / "rwml" / "metrics.jsonl")
     assert [row["step"] for row in rows] == [1, 2]  # rank 0 writes, once per step; the sharded optimizer came back
     assert all("train/reward" in row and "heldout/reward" in row for row in rows)
-    assert torch.load(out / "rwml" / "checkpoint" / "trainer.pt", weights_only=False)["step"] == 2
+    saved = torch.load(out / "rwml" / "checkpoint" / "trainer.pt", weights_only=False)
+    assert saved["step"] == 2 and "saved without its AdamW state" not in r.stdout
+    # AdamW's step count: 2 where rank 0 sent each rank its shards of step 1's state, 1 where the resume started afresh
+    adam = saved["optimizer"]["state"]
+    assert len(adam) == 272 and {float(s["step"]) for s in adam.values()} == {2.0}
     rollouts = read_jsonl(out / "policy" / "rollouts.jsonl")
     assert len(rollouts) == 4 and len({(x["game"], x["episode"]) for x in rollouts}) == 4  # 2 games x G 2, from 2 ranks
     assert read_jsonl(out / "policy" / "metrics.jsonl")[0]["groups"] == 2
