@@ -103,8 +103,9 @@ def test_a_group_where_every_episode_fails_gives_nothing_to_train(group):
 def test_one_update_makes_the_won_turns_likelier_and_the_lost_ones_less_likely(tiny, group):
     model = copy.deepcopy(tiny[0])
     seqs, adv, _ = train_policy.turn_batch(group[:2], 2)  # the won episode and one lost: A = +-1/sqrt(2)
-    keep = [0, len(group[0].turns) - 1, *range(len(group[0].turns), len(seqs))]  # its first and last turns, both lost
-    seqs, adv, n_won = [seqs[i] for i in keep], [adv[i] for i in keep], 2
+    # the winning turn and the lost episode's first (that every turn gets its episode's A: the test above)
+    keep = [len(group[0].turns) - 1, len(group[0].turns)]
+    seqs, adv, n_won = [seqs[i] for i in keep], [adv[i] for i in keep], 1
     params = add_lora(model, 8)
     args = train_policy.parse_args(["--micro-batch", "4", "--beta", "0"])
 
