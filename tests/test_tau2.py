@@ -415,7 +415,7 @@ def test_rwml_trains_on_tau2_triplets(mock_run, tmp_path):
             "--group-size",
             "2",
             "--max-new-tokens",
-            "16",
+            "8",
             "--max-steps",
             "1",
             "--val-size",
@@ -424,9 +424,11 @@ def test_rwml_trains_on_tau2_triplets(mock_run, tmp_path):
             "4",
             "--micro-batch",
             "1",
+            "--beta",
+            "0",
             "--no-start-eval",
         ]
-    )  # τ²'s states are ~2k tokens: one sequence a pass
+    )  # τ²'s states are ~2k tokens: one sequence a pass; no reference pass (the KL term: tests/test_grpo.py)
     rows = train_wm.main(args)
     assert args.tau == 0.4  # the paper's tau_d for τ²-bench
     assert [r["step"] for r in rows] == [1] and 0 <= rows[0]["train/reward"] <= 1 and "heldout/reward" in rows[0]
