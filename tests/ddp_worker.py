@@ -45,8 +45,9 @@ def case(mode):
         for i in range(6)
     ]
     adv = [1.0, -1.0, 0.5, -0.5, 1.5, -1.5]
+    epochs = 1 if mode == "fsdp" else 2  # DDP: a second optimiser step, on the ratio to the first step's weights
     args = types.SimpleNamespace(
-        micro_batch=2, ppo_epochs=2, clip_eps=0.2, beta=0.01, max_grad_norm=1e9, token_mean=mode != "seq-mean"
+        micro_batch=2, ppo_epochs=epochs, clip_eps=0.2, beta=0.01, max_grad_norm=1e9, token_mean=mode != "seq-mean"
     )
     return model, ref, seqs, adv, args
 
