@@ -24,19 +24,19 @@ from support.runs import read_jsonl
 
 def test_evaluate_writes_results_and_a_table_1_shaped_markdown(tiny, tmp_path):
     args = parse_args(
-        ["--games", "1", "--runs", "2", "--max-steps", "2", "--max-new-tokens", "16", "--out", str(tmp_path)]
+        ["--games", "1", "--runs", "2", "--max-steps", "1", "--max-new-tokens", "8", "--out", str(tmp_path)]
     )
     results = evaluate(args, *tiny, "smollm2-135m", tmp_path)
     assert json.loads((tmp_path / "results.json").read_text()) == results
     for split in ("valid_seen", "valid_unseen"):
         r = results["splits"][split]
         assert r["games"] == 1 and len(r["success"]) == len(r["invalid_rate"]) == 2
-        assert all(0 <= x <= 1 for x in r["success"] + r["invalid_rate"]) and r["mean_steps"] == [2.0, 2.0]
+        assert all(0 <= x <= 1 for x in r["success"] + r["invalid_rate"]) and r["mean_steps"] == [1.0, 1.0]
         assert (tmp_path / "run1" / split / "rollouts.jsonl").exists()
     md = table([results, dict(results, name="again")]).splitlines()
     assert md[0] == "| Method | ID (valid_seen) | OOD (valid_unseen) | AVG |"
     assert md[2].startswith("| smollm2-135m | ") and md[2].count("±") == 3 and md[3].startswith("| again | ")
-    assert md[7].startswith("| smollm2-135m | valid_seen | 100.0 ± 0.0 | 2.0 | ")  # the tiny model: all actions invalid
+    assert md[7].startswith("| smollm2-135m | valid_seen | 100.0 ± 0.0 | 1.0 | ")  # the tiny model: all actions invalid
     assert (tmp_path / "metrics.png").exists()
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
 
