@@ -35,8 +35,8 @@ def forward_widths(model, run):
 
 def test_greedy_shared_prefill_is_the_plain_path_token_for_token(tiny, wm_prompts):
     model, tok = tiny
-    plain, plain_passes = forward_widths(model, lambda: sample(model, tok, wm_prompts, 24, temperature=0, share=False))
-    shared, shared_passes = forward_widths(model, lambda: sample(model, tok, wm_prompts, 24, temperature=0))
+    plain, plain_passes = forward_widths(model, lambda: sample(model, tok, wm_prompts, 12, temperature=0, share=False))
+    shared, shared_passes = forward_widths(model, lambda: sample(model, tok, wm_prompts, 12, temperature=0))
     assert [s[:2] for s in shared] == [p[:2] for p in plain]  # prompt ids and completion ids, row by row
     width = plain_passes[0][1]
     assert plain_passes[0] == (6, width)  # the plain path prefills all 6 rows
@@ -50,9 +50,9 @@ def test_sampling_draws_the_same_tokens_from_one_seed(tiny, wm_prompts):
     gives the same samples unless float rounding in the logits flips a draw (not on these prompts in fp32)."""
     model, tok = tiny
     set_seed(0)
-    plain = sample(model, tok, wm_prompts, 16, temperature=1.0, share=False)
+    plain = sample(model, tok, wm_prompts, 8, temperature=1.0, share=False)
     set_seed(0)
-    shared = sample(model, tok, wm_prompts, 16, temperature=1.0)
+    shared = sample(model, tok, wm_prompts, 8, temperature=1.0)
     assert [s[1] for s in shared] == [p[1] for p in plain]
     assert len({tuple(s[1]) for s in shared[0::2]}) > 1  # rows of one prompt still differ from each other
 
@@ -79,8 +79,8 @@ def test_the_checkpoints_generation_config_changes_no_sample(tiny, wm_prompts):
 
     def decode():
         set_seed(0)
-        sampled = sample(model, tok, wm_prompts[:2], 12, temperature=1.0, n=2)  # the shared prefill too
-        greedy = sample(model, tok, wm_prompts[:2], 16, temperature=0, share=False)
+        sampled = sample(model, tok, wm_prompts[:2], 8, temperature=1.0, n=2)  # the shared prefill too
+        greedy = sample(model, tok, wm_prompts[:2], 8, temperature=0, share=False)
         return [s[1] for s in sampled + greedy]
 
     plain = decode()
