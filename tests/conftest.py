@@ -19,16 +19,24 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2` (make test): one core
 
     torch.set_num_threads(1)
 
-# the end-to-end tests that take minutes, the longest first: under `pytest -n 2` they start first, so the two
-# workers end together
+# the tests that take 20 s or more (and their module fixtures'), the longest first: under `pytest -n 2` they start
+# first and the short ones fill in after them, so the two workers end together
 SLOW_FIRST = (
     "test_torchrun_trains_the_world_model_with_fsdp_and_the_policy_with_ddp",
     "test_the_pipeline_runs_end_to_end_and_prints_table_1",
     "test_gpu_stages_runs_on_cpu_and_a_resumed_rwml_run_equals_the_uninterrupted_one",
     "test_rwml_trains_on_tau2_triplets",
     "test_two_ranks_make_the_update_of_the_whole_batch",
+    "test_the_student_copy_fails_exactly_the_graders_and_grade_tells_each_exercise",
     "test_one_update_makes_the_won_turns_likelier_and_the_lost_ones_less_likely",
+    "test_grpo_on_a_verifiable_reward_raises_the_mean_reward",
+    "test_plan_matches_measured_peak_of_an_update",
     "test_rwml_runs_checkpoints_and_resumes_without_duplicate_steps",
+    "test_static_cache_decoding_is_the_eager_path_token_for_token",
+    "test_sft_lowers_the_loss_on_its_batch",
+    "test_expert_plan_wins_every_task_type",
+    "test_the_filter_chain_scores_with_pi_prime_trained_on_its_own_share_of_games",
+    "test_train_policy_skips_steps_without_signal_checkpoints_and_resumes",
     "test_kill_and_resume_gives_the_same_episodes_once",
 )
 SHARED = ("mock_run", "group", "ranks")  # expensive module fixtures: their tests run on one worker, in a row
