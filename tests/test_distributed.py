@@ -46,7 +46,7 @@ MODES = ["token-mean", "seq-mean", "fsdp"]
 # in the final checkpoint (a finished run drops it) so that the resume restores it shard by shard; then Policy RL
 RWML = "train_wm.py --mode rwml --batch-size 2 --group-size 2 --max-new-tokens 4 --eval-every 1 --lr 1e-5"
 RWML += " --micro-batch 2 --save-every 1 --fsdp --no-start-eval --val-size 2 --keep-optimizer"
-POLICY = "train_policy.py --games 2 --games-per-step 2 --group-size 2 --updates 1 --max-steps 2 --max-new-tokens 8"
+POLICY = "train_policy.py --games 2 --games-per-step 2 --group-size 2 --updates 1 --max-steps 1 --max-new-tokens 8"
 POLICY += " --lora-rank 4"
 
 
