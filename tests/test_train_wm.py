@@ -71,7 +71,8 @@ def test_sft_lowers_the_loss_on_its_batch(tiny, triplets):
 
 
 def test_rwml_runs_checkpoints_and_resumes_without_duplicate_steps(triplets, tmp_path):
-    rows = train_wm.main(wm_args(triplets, tmp_path, "--max-steps", "1", "--save-every", "1", "--val-size", "2"))
+    budget = ["--val-size", "2", "--max-new-tokens", "4"]  # 3 evaluations and 2 updates: each writes 4 tokens
+    rows = train_wm.main(wm_args(triplets, tmp_path, "--max-steps", "1", "--save-every", "1", *budget))
     assert [r["step"] for r in rows] == [0, 1]
     for k in (
         "train/reward",
@@ -89,7 +90,7 @@ def test_rwml_runs_checkpoints_and_resumes_without_duplicate_steps(triplets, tmp
     assert (tmp_path / "metrics.png").exists() and (tmp_path / "checkpoint" / "model" / "config.json").exists()
     held, every = read_jsonl(tmp_path / "heldout.jsonl"), read_jsonl(triplets)
     assert {t["game"] for t in held} == {every[-1]["game"]} and held == [t for t in every if t in held]  # 1 of 2 games
-    rows = train_wm.main(wm_args(triplets, tmp_path, "--max-steps", "2", "--resume", "--val-size", "2"))
+    rows = train_wm.main(wm_args(triplets, tmp_path, "--max-steps", "2", "--resume", *budget))
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert torch.load(tmp_path / "checkpoint" / "trainer.pt", weights_only=False)["step"] == 2
 
