@@ -108,20 +108,22 @@ def args_for(**kw):
 
 
 def test_grpo_on_a_verifiable_reward_raises_the_mean_reward(tiny):
-    """Reward 1 when the tiny model's answer to 'Say the word apple.' contains it (about 1 in 5 at first)."""
+    """Reward 1 when the tiny model's answer to 'Say the word apple.' contains it (about half of 32 at first), 4
+    updates of one group of G = 8: seeds 0-3 measured 0.41-0.50 -> 0.88-0.94 (a rise of 0.3: ~3 standard deviations
+    of the difference of two means of 32)."""
     set_seed(0)
     model, tok = copy.deepcopy(tiny[0]), tiny[1]
     opt = torch.optim.AdamW(add_lora(model, rank=8), lr=5e-4)
-    prompts = [chat_prompt(tok, "Say the word apple.")] * 16  # two groups of G = 8
+    prompts = [chat_prompt(tok, "Say the word apple.")] * 8
     score = lambda: [float("apple" in t.lower()) for _, _, t in samples]
-    samples = sample(model, tok, prompts * 2, max_new_tokens=6)
+    samples = sample(model, tok, prompts * 4, max_new_tokens=6)
     before = sum(score()) / 32
     for _ in range(4):
         samples = sample(model, tok, prompts, max_new_tokens=6)
         adv, _ = group_advantages(score(), group_size=8)
         grpo_update(model, opt, [(p, c) for p, c, _ in samples], adv, args_for(beta=0.01))
-    samples = sample(model, tok, prompts * 2, max_new_tokens=6)
-    assert sum(score()) / 32 > before + 0.4
+    samples = sample(model, tok, prompts * 4, max_new_tokens=6)
+    assert sum(score()) / 32 > before + 0.3
 
 
 def save_as_if_on_cuda(obj, path):
