@@ -14,7 +14,8 @@ from the admissible commands instead, and `--epsilon e` lets the model act but t
 admissible command with probability e: a tiny model writes almost no admissible action, so on CPU
 these behaviours give the world model transitions worth learning from. `--invalid-rate q` makes the random
 policy send, with probability q, a command admissible earlier in the episode but not now: a stand-in for an
-imperfect agent's invalid actions (the paper's self-play data: 59% invalid). No expert data is used.
+imperfect agent's invalid actions, whose triplets `--invalid-triplets keep` keeps (the paper drops them, B.1:
+the CPU experiment keeps them so that the world model has "Nothing happens." to learn). No expert data is used.
 
 Below: the flags (those of how episodes are played, shared with train_policy.py and evaluate.py, are in
 support/play.py), the agent's prompt, the batched episode loop, the records. This file holds ALFWorld's loop;
@@ -29,6 +30,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from reward import format_history
 from support.alfworld_env import SPLITS, game_id, list_games, make_env, split_intro, task_type
 from support.checks import at_least, check_disk, check_model, claim_out, fail, fraction, parser
 from support.episode import Episode, summary
@@ -47,6 +49,14 @@ def parse_args(argv=None):
     p.add_argument("--policy", default="model", choices=["model", "random"], help="the model, or random admissible")
     p.add_argument("--epsilon", type=fraction(), default=0.0, help="model policy: P(a random admissible command)")
     p.add_argument("--invalid-rate", type=fraction(), default=0.0, help="random policy: P(a command no longer valid)")
+    p.add_argument(
+        "--invalid-triplets",
+        choices=["drop", "keep"],
+        default="drop",
+        help="the triplets of invalid ALFWorld actions (not admissible, or no <action> read): dropped after "
+        "collection as the paper's post-processing (B.1: 'removing some samples that contain invalid actions'; "
+        "which ones it does not say: all, as the public reproduction), or kept (the rollouts keep every turn)",
+    )
     p.add_argument("--model", type=check_model, default=TINY_MODEL, help="HF id or folder (default: SmolLM2-135M)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 on CUDA, else fp32")
     p.add_argument("--seed", type=int, default=0, help="random seed")
@@ -78,13 +88,6 @@ Now it's your turn to take an action. You should first reason step-by-step about
 reasoning process MUST be enclosed within <think> </think> tags.
 Once you've finished your reasoning, you should choose an admissible action for the current step and present \
 it within <action> </action> tags."""
-
-
-def format_history(history):
-    """[(observation, action), ...] as numbered lines; the same text in the agent's and the world model's prompt."""
-    if not history:
-        return "(none)"
-    return "\n".join(f"[Observation: {o!r}, Action: {a!r}]" for o, a in history)
 
 
 def agent_prompt(task, history, observation, admissible, step, h):
@@ -310,6 +313,7 @@ def record_episodes(
     desc="collect",
     plot=True,
     user=None,
+    invalid_triplets="keep",
 ):
     """Play `episodes` episodes of each game, append them to `out` (and plot its metrics.jsonl), and return all
     rollout records (old and new). Without `model` the model settings.model is loaded (only if an episode is
@@ -329,7 +333,10 @@ def record_episodes(
     bar = tqdm(total=len(games) * episodes, initial=len(rollouts), desc=desc, unit="ep")
     for ep in play(jobs, model, tok, settings, user):
         rec = rollout_record(ep, settings)
-        append_jsonl(f_trip, triplet_records(rec, settings.history))  # triplets first: a kill here drops them on resume
+        triplets = triplet_records(rec, settings.history)
+        if invalid_triplets == "drop":  # paper B.1's post-processing: no triplet of an invalid ALFWorld action
+            triplets = [t for t in triplets if t.get("valid", True)]
+        append_jsonl(f_trip, triplets)  # triplets first: a kill here drops them on resume
         append_jsonl(f_roll, [rec])
         rollouts.append(rec)
         steps += rec["steps"]
@@ -366,7 +373,17 @@ def collect(args, model=None, tok=None, desc="collect"):
         raise SystemExit(0)
     claim_out(args.out, "collect", args.resume)  # the games check out: --out is this run's
     return record_episodes(
-        games, args.split, args.episodes, play_settings(args), args.out, args.resume, model, tok, args.dtype, desc
+        games,
+        args.split,
+        args.episodes,
+        play_settings(args),
+        args.out,
+        args.resume,
+        model,
+        tok,
+        args.dtype,
+        desc,
+        invalid_triplets=args.invalid_triplets,
     )
 
 

@@ -63,21 +63,39 @@ GENERAL_PROMPTS = Path(__file__).resolve().parent / "data" / "general_prompts.js
 # ---------------------------------------------------------------------------------------------
 # Forgetting (the paper's claim: RWML moves the weights less than WM SFT): a trained model against its start
 # ---------------------------------------------------------------------------------------------
+# the paper's module groups (Figure A1b): attention's four projections, the MLP's gate and up together, down
+MODULES = dict(q_proj="self_attn.q_proj", k_proj="self_attn.k_proj", v_proj="self_attn.v_proj")
+MODULES |= dict(o_proj="self_attn.o_proj", gate_proj="mlp.gate_up", up_proj="mlp.gate_up", down_proj="mlp.down_proj")
+
+
 @torch.no_grad()
-def weights_changed(model, start, eta=1e-3):
-    """The share of the model's weights whose relative change from the start exceeds eta (paper: 1e-3), in fp32
-    on the weights' device; tied weights count once (named_parameters), a LoRA run is measured on its merged
-    checkpoint (its merged weights are fp32: grpo.merged_state_dict)."""
+def weight_changes(model, start, eta=1e-3):
+    """The share of weights changed from the start (paper Sec. 4.2, App. E, after Zhu et al. 2025): over the whole
+    model, per decoder layer (Figure 3, A1a) and per module group (Figure A1b); in fp32 on the weights' device. Tied
+    weights count once (named_parameters); a LoRA run is measured on its merged checkpoint (fp32 merged weights:
+    grpo.merged_state_dict). -> dict(all=share, layers={index: share}, modules={group: share})"""
     before = dict(start.named_parameters())
-    changed = total = 0
+    counts = {}  # "all", "layer 3", "self_attn.q_proj", ... -> [changed, counted]
     for name, w in model.named_parameters():
-        w0 = before[name]
-        # ---- EXERCISE 10: the share of weights changed (paper, forgetting analysis) ----
-        # Eq. forgetting: fraction of weights with |w - w0| > eta * |w0|
-        changed += ((w.float() - w0.float()).abs() > eta * w0.float().abs()).sum().item()
-        total += w0.numel()
+        w, w0 = w.detach().float(), before[name].detach().float()
+        # ---- EXERCISE 10: the share of weights changed (paper, Sec. 4.2) ----
+        # Eq. weight change: a weight changed when |w_hat - w| > eta * max(|w|, |w_hat|), over the weights that are
+        # finite and non-zero both before (w0) and after (w)
+        counted = w.isfinite() & w0.isfinite() & (w != 0) & (w0 != 0)
+        moved = counted & ((w - w0).abs() > eta * torch.maximum(w.abs(), w0.abs()))
+        changed, total = moved.sum().item(), counted.sum().item()
         # ---- END EXERCISE 10 ----
-    return changed / total
+        layer = re.search(r"layers\.(\d+)\.", name)
+        for key in ("all", layer and f"layer {layer[1]}", MODULES.get(name.split(".")[-2])):
+            if key:
+                c = counts.setdefault(key, [0, 0])
+                c[0], c[1] = c[0] + changed, c[1] + total
+    share = {k: c / max(t, 1) for k, (c, t) in counts.items()}
+    return dict(
+        all=share.pop("all"),
+        layers={int(k.split()[1]): v for k, v in share.items() if k.startswith("layer ")},
+        modules={k: v for k, v in share.items() if not k.startswith("layer ")},
+    )
 
 
 @torch.no_grad()
@@ -117,8 +135,10 @@ def forgetting(args):
         model, _ = load_model(path, dtype="fp32")
         if shapes(model) != shapes(start):
             fail(f"{path} is not the architecture of --forgetting {args.forgetting}: its weights cannot be compared")
+        changes = weight_changes(model, start, args.eta)
         results.append(
-            dict(name=name, path=path, weights_changed=weights_changed(model, start, args.eta), lora_rank=lora(path))
+            dict(name=name, path=path, weights_changed=changes["all"], lora_rank=lora(path))
+            | dict(layers=changes["layers"], modules=changes["modules"])
             | general_drift(model, start, tok, rows)
         )
         del model
@@ -136,11 +156,14 @@ def lora(path):
     )
 
 
-# general benchmarks (the paper's names are not in its offline text: these are the project's choice), run by
-# EleutherAI's lm-evaluation-harness, which needs the network to fetch them
-LM_EVAL = (
-    "lm-eval run --model hf --model_args pretrained={path},dtype=bfloat16 --tasks mmlu,gsm8k,arc_challenge,hellaswag "
-    "--batch_size auto --output_path {out}"
+# the paper's general benchmarks (Table 3): MMLU-Redux, IFEval, MATH-500, GSM8k, GPQA-Diamond and LiveCodeBench
+# (problems of 2025-01-01 to 2025-04-30), sampled at temperature 1.0 with up to 16k tokens, by EvalScope, which needs
+# the network to fetch them
+EVALSCOPE = (
+    "evalscope eval --model {path} --datasets mmlu_redux ifeval math_500 gsm8k gpqa_diamond live_code_bench "
+    '--dataset-args \'{{"live_code_bench": {{"extra_params": {{"start_date": "2025-01-01", '
+    '"end_date": "2025-04-30"}}}}}}\' --generation-config \'{{"temperature": 1.0, "max_tokens": 16384}}\' '
+    "--work-dir {out}"
 )
 
 
@@ -160,15 +183,50 @@ def forgetting_table(res):
         "(every weight of an adapted matrix moves by a low-rank product): not comparable with the paper's figure, "
         "which is of full fine-tuning.",
     ]
+    groups = list(dict.fromkeys(MODULES.values()))
+    modules = [
+        "",
+        "Weights changed per module group (paper Figure A1b; per layer: forgetting.png, forgetting.json):",
+        "",
+        "| Model | " + " | ".join(groups) + " |",
+        "|---|" + "---|" * len(groups),
+        *(
+            f"| {m['name']} | " + " | ".join(f"{100 * m['modules'][g]:.2f}%" for g in groups) + " |"
+            for m in res["models"]
+        ),
+    ]
     return "\n".join(
-        [head, "|---|---|---|---|", *rows, *(notes if any(m.get("lora_rank") for m in res["models"]) else [])]
+        [head, "|---|---|---|---|", *rows, *(notes if any(m.get("lora_rank") for m in res["models"]) else []), *modules]
     )
 
 
-def lm_eval_commands(res, out):
-    """The lm-evaluation-harness commands that score the start and every model on general benchmarks."""
+def plot_weight_changes(res, png):
+    """The paper's Figure 3 / A1 for these models: the share of weights changed per layer, and per module group."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_layer, by_module) = plt.subplots(1, 2, figsize=(12, 4))
+    groups = list(dict.fromkeys(MODULES.values()))
+    width = 0.8 / len(res["models"])
+    for i, m in enumerate(res["models"]):
+        layers = sorted(m["layers"], key=int)
+        by_layer.plot([int(k) for k in layers], [100 * m["layers"][k] for k in layers], marker=".", label=m["name"])
+        by_module.bar([j + i * width for j in range(len(groups))], [100 * m["modules"][g] for g in groups], width)
+    by_layer.set(xlabel="layer index", ylabel=f"weights changed (%, η = {res['eta']:g})", title="per layer")
+    by_module.set_xticks([j + width * (len(res["models"]) - 1) / 2 for j in range(len(groups))], groups, fontsize=7)
+    by_module.set(title="per module group")
+    by_layer.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def benchmark_commands(res, out):
+    """The EvalScope commands that score the start and every model on the paper's general benchmarks (Table 3)."""
     models = [("start", res["start"])] + [(m["name"], m["path"]) for m in res["models"]]
-    return [LM_EVAL.format(path=path, out=Path(out) / "lm_eval" / slug(name)) for name, path in models]
+    return [EVALSCOPE.format(path=path, out=Path(out) / "evalscope" / slug(name)) for name, path in models]
 
 
 def parse_args(argv=None):
@@ -506,10 +564,11 @@ def main(args):
             res = forgetting(args)
             (Path(args.out) / "forgetting.json").write_text(json.dumps(res, indent=1))
             (Path(args.out) / "forgetting.md").write_text(forgetting_table(res) + "\n")
+            plot_weight_changes(res, Path(args.out) / "forgetting.png")
             print(forgetting_table(res))
             return print(
-                "General benchmarks (with network access; lm-evaluation-harness, pip install lm_eval[hf]):",
-                *lm_eval_commands(res, args.out),
+                "The paper's general benchmarks (Table 3; with network access, pip install evalscope):",
+                *benchmark_commands(res, args.out),
                 sep="\n",
             )
         embed = Embeddings(args.embedder, dtype=args.embed_dtype) if args.wm else None

@@ -32,14 +32,14 @@ from support.runs import aside, find_checkpoint, remove_checkpoint, set_seed, sw
 # ---------------------------------------------------------------------------------------------
 # The GRPO flags, shared by train_wm.py and train_policy.py
 # ---------------------------------------------------------------------------------------------
-def add_grpo_args(p):
+def add_grpo_args(p, lr=1e-6, lr_help="paper: 1e-6"):
     """The flags `start_training` and `grpo_update` read, for train_wm.py and train_policy.py."""
     g = p.add_argument_group("GRPO update and fine-tuning")
     g.add_argument(
         "--lr",
         type=positive(),
-        default=1e-6,
-        help="AdamW learning rate (paper: 1e-6 full fine-tuning; LoRA wants ~1e-4)",
+        default=lr,
+        help=f"AdamW learning rate ({lr_help}, full fine-tuning; LoRA wants ~1e-4, BUDGET=paper: 1e-5)",
     )
     g.add_argument(
         "--clip-eps",

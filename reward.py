@@ -38,16 +38,28 @@ def default_tau(embedder, triplets=()):
     return TAU.get(embedder, 0.2)
 
 
-WM_PROMPT = """You are a world model of the ALFRED Embodied Environment, a text-based household simulator.
-Predict what the environment will answer to the agent's next action.
-The agent's task: {task}
-Recent history:
+# The world model's prompts (paper Tables A4 and A5): the agent's own framing (collect.AGENT_PROMPT: the task, the
+# last H observations and actions in the agent's history format), then the current observation, the potential
+# action, and the instruction: RWML's reasons first (A4), WM SFT's presents the next observation directly (A5).
+WM_OPENING = """You are an expert agent operating in the ALFRED Embodied Environment.
+Your task is to: {task}
+Below are the most recent {h} observations and the corresponding actions you took:
 {history}
-Current observation: {state}
+Your current observation is: {state}
 Potential action: {action}
 
-First reason step by step about the consequences of this action inside <think> </think> tags.
-Then write the environment's next observation inside <next_state> </next_state> tags."""
+"""
+WM_INSTRUCTION = """Now, your task is to predict the immediate next observation after taking the potential action \
+above.
+You should first briefly reason step-by-step about the previous steps and current situation — summarize key \
+information you've learned about the environment that is relevant to the task. This reflection and reasoning \
+process must be enclosed within <think> </think> tags.
+Once you've finished your reasoning, you should describe the next observation (use the past and current \
+observations as examples!) and present them within <next_state> </next_state> tags."""
+WM_SFT_INSTRUCTION = """Now, your task is to predict the immediate next observation after executing the potential \
+action above.
+Directly present your final prediction of the next observation (use the past and current observations as \
+examples!) within <next_state> </next_state> tags. DO NOT generate anything else."""
 
 
 WM_PROMPT_TAU2 = """You are a world model of a customer-service environment: an agent helps a user by talking \
@@ -59,20 +71,37 @@ key that is data (an id, a date, a name) by "str", and a list or such a map show
 
 The agent's next message: {action}
 
-First reason step by step about the consequences of this message inside <think> </think> tags.
+"""
+WM_INSTRUCTION_TAU2 = """First reason step by step about the consequences of this message inside <think> </think> \
+tags.
 Then write the next message the agent receives inside <next_state> </next_state> tags."""
+WM_SFT_INSTRUCTION_TAU2 = """DO NOT perform any thinking. Directly present the next message the agent receives \
+inside <next_state> </next_state> tags."""
 
 
-def wm_prompt(triplet):
-    """The world model's input (paper, Sec. 3.2): task, last H turns, current observation, potential action;
-    on τ²-bench the state holds what the agent sees (τ²'s system prompt with the policy, the tools, the conversation)
-    and the user's basic information."""
+def format_history(history):
+    """[(observation, action), ...] as the agent's prompt writes them (collect.agent_prompt), and the world model's."""
+    if not history:
+        return "(none)"
+    return "\n".join(f"[Observation: {o!r}, Action: {a!r}]" for o, a in history)
+
+
+def wm_prompt(triplet, think=True):
+    """The world model's input: RWML's prompt (think=True: reason, then predict; paper Table A4) or WM SFT's
+    (think=False: predict directly; Table A5), both in the agent's framing: the task, the last H turns, the current
+    observation, the potential action. On τ²-bench the state holds what the agent sees (τ²'s system prompt with the
+    policy, the tools, the conversation) and the user's basic information."""
     if triplet.get("env") == "tau2":
-        return WM_PROMPT_TAU2.format(state=triplet["state"], action=triplet["action"])
-    history = "\n".join(f"- Observation: {o}\n  Action: {a or '(none)'}" for o, a in triplet["history"]) or "(none)"
-    return WM_PROMPT.format(
-        task=triplet["task"], history=history, state=triplet["state"], action=triplet["action"] or "(none)"
-    )
+        tail = WM_INSTRUCTION_TAU2 if think else WM_SFT_INSTRUCTION_TAU2
+        return WM_PROMPT_TAU2.format(state=triplet["state"], action=triplet["action"]) + tail
+    history = triplet["history"]
+    return WM_OPENING.format(
+        task=triplet["task"],
+        h=len(history),
+        history=format_history(history),
+        state=triplet["state"],
+        action=triplet["action"] or "(none)",
+    ) + (WM_INSTRUCTION if think else WM_SFT_INSTRUCTION)
 
 
 def parse_next_state(text):
@@ -213,28 +242,80 @@ def rouge_reward(prediction, reference):
     # ---- END EXERCISE 2 ----
 
 
-JUDGE_PROMPT = """You compare a predicted next state of an environment with the real one.
-Real next state: {real}
-Predicted next state: {pred}
-How well does the prediction match the real next state in meaning? Answer with one number from 0 to 10 inside \
-<score></score> tags."""
+# The LLM-as-a-judge ablation (paper Table 4, Appendix D, Table A8's prompt): the judge reads the state, the action,
+# the prediction and the real next observation and answers JSON with an analysis and a score, 0.0 or 1.0
+# ("w/ bin(LLM-as-a-judge)", Table A8) or any value in [0, 1] ("w/ LLM-as-a-judge", partial credit).
+JUDGE_PROMPT = """You are a helpful judge AI agent.
+# Current state
+{current_state}
+# Action proposed by an AI agent
+{action_text}
+# Predicted next observation
+After executing the above action, another AI agent predicted the next observation as follows:
+{predicted_next_state}
+# Actual next observation
+The actual next observation from the environment is as follows:
+{actual_next_state}
+# Evaluate the predicted next observation
+Now, your task is to evaluate how well the predicted next observation matches the actual next observation. \
+Specifically, you need to judge whether the prediction demonstrates a genuine understanding of the environment \
+dynamics relevant to the task, using the actual next observation as reference.
+{rule}
+# Your output format
+Your task is to output a JSON object in the following format:
+<json>
+{{
+"analysis": "which important task-related content is present/missing in the predicted next observation.",
+"score": {score}
+}}
+</json>"""
+JUDGE_RULES = dict(  # (the scoring rule, the score's format): Table A8's binary one, and its real-valued variant
+    binary=(
+        "- If all important task-related information in the actual next observation is present in the predicted "
+        "next observation, assign a score of 1.0.\n- Otherwise, assign a score of 0.0.",
+        "0.0 or 1.0",
+    ),
+    real=(
+        "- Assign a score between 0.0 and 1.0: the share of the important task-related information in the actual "
+        "next observation that is present in the predicted next observation.",
+        "a number between 0.0 and 1.0",
+    ),
+)
+JUDGE_REPLY = '<json>\n{\n"analysis": "'  # the judge's reply is started with this (prefilled): the format's opening
 
 
-JUDGE_REPLY = "<score>"  # the judge's reply is started with this (prefilled), so that a small judge writes a number
+def judge_state(triplet):
+    """The judge's "current state": τ²'s state as the world model sees it; ALFWorld's task, last turns, observation."""
+    if triplet.get("env") == "tau2":
+        return triplet["state"]
+    return f"Task: {triplet['task']}\n{format_history(triplet['history'])}\nCurrent observation: {triplet['state']}"
 
 
-def judge(outputs, next_states, ask, binarise_at=None):
+def judge(outputs, triplets, ask, binary=False):
     """LLM-as-a-judge reward (the paper's ablation): `ask(prompts) -> texts` is any local model's sampler, whose
-    texts continue a reply that starts with JUDGE_REPLY (or hold the whole <score>N</score> verdict).
-    The score 0-10 becomes a reward in [0, 1], or 0/1 at `binarise_at`; an unreadable verdict is 0."""
+    texts continue a reply that starts with JUDGE_REPLY (or hold the whole JSON). The last "score" of a verdict,
+    clipped to [0, 1], is the reward; binary: 1 where it is at least 0.5 (the judge is asked for 0.0 or 1.0). An
+    output without <next_state> tags is not judged and an unreadable verdict is 0."""
+    rule, score = JUDGE_RULES["binary" if binary else "real"]
     predicted = [parse_next_state(o) for o in outputs]
     todo = [i for i, p in enumerate(predicted) if p is not None]
-    verdicts = ask([JUDGE_PROMPT.format(real=next_states[i], pred=predicted[i]) for i in todo]) if todo else []
+    prompts = [
+        JUDGE_PROMPT.format(
+            current_state=judge_state(triplets[i]),
+            action_text=triplets[i]["action"],
+            predicted_next_state=predicted[i],
+            actual_next_state=triplets[i]["next_state"],
+            rule=rule,
+            score=score,
+        )
+        for i in todo
+    ]
+    verdicts = ask(prompts) if todo else []
     rewards = [0.0] * len(outputs)
     for i, v in zip(todo, verdicts):
-        m = re.search(r"<score>\s*(\d+(?:\.\d+)?)", JUDGE_REPLY + v)
-        score = min(float(m.group(1)), 10.0) / 10 if m else 0.0
-        rewards[i] = float(score >= binarise_at) if binarise_at is not None else score
+        found = re.findall(r'"score"\s*:\s*"?(-?\d+(?:\.\d+)?)', JUDGE_REPLY + v)
+        value = min(max(float(found[-1]), 0.0), 1.0) if found else 0.0
+        rewards[i] = float(value >= 0.5) if binary else value
     return rewards
 
 

@@ -35,6 +35,8 @@ from support.memory import check_checkpoint_disk, fit_memory, helper_models, pea
 from support.play import add_play_args, play_defaults, play_settings
 from support.runs import append_jsonl, open_step_log, plot_metrics, read_jsonl, run_stage, set_seed
 
+UPDATES = dict(alfworld=300, tau2=200)  # GRPO steps of the paper's Policy RL runs (B.2, C.2), the same for every start
+
 
 def parse_args(argv=None):
     p = parser(__doc__)
@@ -58,7 +60,12 @@ def parse_args(argv=None):
         default=8,
         help="G: episodes per game from the same start (paper: 8)",
     )
-    p.add_argument("--updates", type=at_least(), default=100, help="GRPO updates")
+    p.add_argument(
+        "--updates",
+        type=at_least(),
+        default=None,
+        help="GRPO updates (default: the paper's, 300 ALFWorld B.2, 200 τ² C.2)",
+    )
     # --max-steps default: as the paper, 15 on ALFWorld; τ²'s own 200; --batch-games: all G x games-per-step at once
     add_play_args(p, temperature=1.0, batch_games=None)
     p.add_argument("--save-every", type=at_least(), default=10, help="updates between checkpoints")
@@ -76,6 +83,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/policy", help="output folder")
     args = p.parse_args(argv)
     play_defaults(args, max_steps=15, model=args.model)
+    args.updates = args.updates or UPDATES[args.env]
     args.batch_games = args.batch_games or args.games_per_step * args.group_size
     return args
 

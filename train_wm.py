@@ -14,8 +14,9 @@ Modes (the easy-triplet filter of Sec. 3.2 is the first three commands: split, a
   split   --val-frac (10%) of the games -> heldout.jsonl, the rest -> train.jsonl. pi' trains on heldout.jsonl,
           which is also the held-out world-model set: pi' is never evaluated, no evaluated model trains on it
   sft     the WM SFT baseline (and pi'): cross-entropy on an empty thought, then "<next_state>{s}</next_state>"
-  filter  the easy-triplet filter: --model (pi') makes K predictions per triplet; a triplet whose mean reward
-          reaches tau_easy is easy and kept with probability 0.1; writes triplets.filtered.jsonl
+  filter  the easy-triplet filter: --model (pi') makes K predictions per triplet, scored at the filter's own tau_d;
+          a triplet whose mean reward exceeds tau_easy is easy and kept with probability 0.1 (paper B.1, Table A2:
+          tau_d 0.1 ALFWorld / 0.15 τ², tau_easy 0.0, p 0.1); writes triplets.filtered.jsonl
   rwml    GRPO with the sim-to-real gap reward: r = 1[1 - cos(E(s_hat), E(s)) < tau_d]   (the method)
 
 Writes, in --out: heldout.jsonl (the held-out triplets: --heldout, else --val-frac of the games of --triplets),
@@ -93,6 +94,11 @@ from support.runs import (
 )
 from support.schema import TRIPLET
 
+# the easy-triplet filter's own tau_d (paper B.1, C.1, Table A2): "set such that too-easy samples correspond to
+# ~30% of the original dataset"; the training tau_d is this + 0.15, rounded to the nearest 0.2 (0.2, 0.4)
+FILTER_TAU = dict(alfworld=0.1, tau2=0.15)
+LR_RWML, LR_SFT = 1e-6, 2e-6  # full fine-tuning (paper B.1, C.1): WM SFT learns at twice RWML's rate
+EASY_TARGET = 0.3  # the easy share the paper's filter tau_d was chosen for (Table A2)
 # the think block's share of the default token budget: Qwen3-8B thinks on its own, the prompt asks every model to
 THINK_TOKENS = 512
 
@@ -107,6 +113,13 @@ def parse_args(argv=None):
         "easy-triplet filter (writes triplets.filtered.jsonl); split: pi''s share of the games (see Modes above)",
     )
     p.add_argument("--triplets", required=True, help="triplets.jsonl from collect.py (or filtered by --mode filter)")
+    p.add_argument(
+        "--prompt",
+        choices=["rwml", "sft"],
+        default=None,
+        help="the world model's prompt: rwml reasons, then predicts (paper Table A4); sft predicts directly (Table A5, "
+        "WM SFT's; pi' is trained with it, so the filter predicts with it). Default: rwml for --mode rwml, else sft",
+    )
     p.add_argument("--model", type=check_model, default=TINY_MODEL, help="HF id or local folder to start from")
     p.add_argument(
         "--embedder", default=DEFAULT_EMBEDDER, help="sentence-transformers id (paper: Qwen/Qwen3-Embedding-8B)"
@@ -121,7 +134,14 @@ def parse_args(argv=None):
         "--reward",
         default="embedding",
         choices=["embedding", "judge", "judge-binary"],
-        help="sim-to-real gap (the method), or the paper's LLM-as-a-judge ablation (score/10, or 1[score >= 5])",
+        help="sim-to-real gap (the method), or the paper's LLM-as-a-judge ablation (Table 4, prompt Table A8): a score "
+        "in [0, 1] (judge), or 0.0 / 1.0 (judge-binary)",
+    )
+    p.add_argument(
+        "--judge-max-new-tokens",
+        type=at_least(),
+        default=256,
+        help="the judge's reply budget: its analysis, then the score (Table A8's JSON); an unfinished verdict is 0",
     )
     p.add_argument(
         "--judge-model",
@@ -194,21 +214,30 @@ def parse_args(argv=None):
         "--filter-k", type=at_least(), default=10, help="K: predictions per triplet in --mode filter (paper: 10)"
     )
     p.add_argument(
+        "--filter-tau",
+        type=distance_threshold(),
+        default=None,
+        help="the filter's own tau_d, below the training one (paper Table A2: 0.1 ALFWorld, 0.15 τ², set so that "
+        "~30%% of the triplets are easy; default: those)",
+    )
+    p.add_argument(
         "--tau-easy",
         type=non_negative(),
-        default=0.8,
-        help="a triplet is easy when its mean reward over K reaches this (above 1: none is). The project's "
-        "choice: the paper does not give tau_easy",
+        default=0.0,
+        help="a triplet is easy when its mean reward over K exceeds this (paper Table A2: 0.0, i.e. at least one "
+        "of the K predictions is within --filter-tau; 1 or more: none is)",
     )
     p.add_argument(
         "--keep-easy", type=fraction(), default=0.1, help="probability of keeping an easy triplet (paper: 0.1)"
     )
-    add_grpo_args(
-        p
-    )  # --lr, --clip-eps, --beta, --ppo-epochs, --micro-batch, --lora-rank, --dtype, --grad-checkpointing, ...
+    # --lr, --clip-eps, --beta, --ppo-epochs, --micro-batch, --lora-rank, --dtype, --grad-checkpointing, ...
+    add_grpo_args(p, lr=None, lr_help=f"default: {LR_RWML:g} for rwml, {LR_SFT:g} for sft (paper B.1, C.1)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", default="runs/wm", help="output folder")
     args = p.parse_args(argv)
+    args.prompt = args.prompt or ("rwml" if args.mode == "rwml" else "sft")
+    if args.lr is None:  # paper B.1, C.1: RWML 1e-6, WM SFT twice that (full fine-tuning)
+        args.lr = LR_SFT if args.mode == "sft" else LR_RWML
     if args.mode == "rwml" and args.group_size < 2:  # checked where it is used: sft and the filter sample no group
         p.error(f"--group-size must be ≥ 2 (GRPO normalises within a group), got {args.group_size}")
     return args
@@ -251,6 +280,8 @@ def check_args(args, world):
     if args.mode != "filter":
         check_precision(args)  # no full fine-tuning in bf16
     args.tau = args.tau if args.tau is not None else default_tau(args.embedder, triplets)
+    if args.filter_tau is None:  # paper Table A2: the filter's tau_d, by environment
+        args.filter_tau = FILTER_TAU[triplets[0].get("env", "alfworld")]
     if args.max_new_tokens is None:  # from the data: every real next state fits, with room to think
         args.max_new_tokens = wm_budget(load_tokenizer(args.model), train + heldout)
         print(f"--max-new-tokens {args.max_new_tokens}: the longest next state + {THINK_TOKENS} to think")
@@ -263,7 +294,9 @@ def plan_memory(args, triplets, train=(), heldout=()):
     64 on CPU; with a budget, a whole RWML step's G x batch predictions (the filter, SFT's held-out scoring: up to
     memory.CARD_BATCH) halved until it fits. Needs the prompts' lengths, so the tokenizer, not the weights."""
     tok = load_tokenizer(args.model)
-    prompt_len = max(len(tok(chat_prompt(tok, wm_prompt(t)), add_special_tokens=False)["input_ids"]) for t in triplets)
+    prompt_len = max(
+        len(tok(chat_prompt(tok, wm_prompt(t, think(args))), add_special_tokens=False)["input_ids"]) for t in triplets
+    )
     embedder = embedder_bytes(args.embedder, args.embed_dtype)
     new, rwml, held = args.max_new_tokens, args.mode == "rwml", len(heldout[: args.val_size])
 
@@ -322,7 +355,13 @@ def plan_memory(args, triplets, train=(), heldout=()):
         embedder=embedder,
         work=work,
         group=args.group_size if rwml else 1,  # a triplet's G predictions share one prefill
-        helpers=helper_models(judge_model=judge_model, dtype=args.dtype, prompt_len=prompt_len, new_tokens=new),
+        helpers=helper_models(
+            judge_model=judge_model,
+            dtype=args.dtype,
+            prompt_len=prompt_len,
+            new_tokens=new,
+            judge_tokens=args.judge_max_new_tokens,
+        ),
     )
     args.score_batch = score_batch(args.gen_batch)
     check_checkpoint_disk(args.out, args.model, args.dtype, args.lora_rank)  # what its checkpoints will take
@@ -354,13 +393,18 @@ def wm_budget(tok, triplets):
     return max(len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]) + THINK_TOKENS
 
 
-def predict_and_score(model, tok, triplets, embed, tau, max_new_tokens, batch_size):
+def think(args):
+    """Whether the world model reasons before it predicts: RWML's prompt (Table A4), not WM SFT's (Table A5)."""
+    return args.prompt == "rwml"
+
+
+def predict_and_score(model, tok, triplets, embed, tau, max_new_tokens, batch_size, reason=True):
     """The model's greedy next-state predictions for `triplets` and their sim-to-real scores: (outputs, records);
     each record says whether its prediction was cut by the token budget (`truncated`)."""
     samples = sample(
         model,
         tok,
-        [chat_prompt(tok, wm_prompt(t)) for t in triplets],
+        [chat_prompt(tok, wm_prompt(t, reason)) for t in triplets],
         max_new_tokens,
         temperature=0,
         batch_size=batch_size,
@@ -390,7 +434,9 @@ def wm_heldout(model, tok, heldout, embed, tau, args):
     rank, world = rank_world()
     mine = heldout[rank::world]
     with full_weights(model):
-        outputs, scores = predict_and_score(model, tok, mine, embed, tau, args.max_new_tokens, args.score_batch)
+        outputs, scores = predict_and_score(
+            model, tok, mine, embed, tau, args.max_new_tokens, args.score_batch, think(args)
+        )
     in_rank_order = [t for r in range(world) for t in heldout[r::world]]  # the order `gather` returns
     outputs, scores = gather(outputs), gather(scores)
     predicted, real = [parse_next_state(o) for o in outputs], [t["next_state"] for t in in_rank_order]
@@ -445,7 +491,7 @@ def run_filter(args, triplets, model, tok, embed):
     with open(scored_path, "a", encoding="utf-8") as f:
         for i in tqdm(range(0, len(todo), per_call), desc="filter", unit="batch"):
             chunk = todo[i : i + per_call]
-            prompts = [chat_prompt(tok, wm_prompt(t)) for t in chunk]  # K predictions each, one prefill each
+            prompts = [chat_prompt(tok, wm_prompt(t, think(args))) for t in chunk]  # K predictions, one prefill each
             outputs = generate(
                 model, tok, prompts, args.max_new_tokens, args.temperature, batch_size=args.gen_batch, n=args.filter_k
             )
@@ -453,7 +499,7 @@ def run_filter(args, triplets, model, tok, embed):
                 outputs,
                 [t["next_state"] for t in chunk for _ in range(args.filter_k)],
                 embed,
-                args.tau,
+                args.filter_tau,
                 [t.get("kind") for t in chunk for _ in range(args.filter_k)],
             )
             rows = [
@@ -468,8 +514,9 @@ def run_filter(args, triplets, model, tok, embed):
             scored += rows
     rng = random.Random(args.seed)
     # ---- EXERCISE 7: the easy-triplet filter (paper Sec. 3.2) ----
-    # Eq. easy triplet: mean reward of its K predictions >= tau_easy; easy ones are kept with probability keep_easy
-    easy = [s["filter_reward"] >= args.tau_easy for s in scored]
+    # Eq. 1, easy triplet: mean reward of its K predictions (at the filter's tau_d) > tau_easy (paper: 0.0, so one
+    # prediction within tau_d of K makes a triplet easy); easy ones are kept with probability keep_easy (p = 0.1)
+    easy = [s["filter_reward"] > args.tau_easy for s in scored]
     kept = [s for s, e in zip(scored, easy) if not e or rng.random() < args.keep_easy]
     # ---- END EXERCISE 7 ----
     write_jsonl(out / "triplets.filtered.jsonl", kept)
@@ -477,6 +524,8 @@ def run_filter(args, triplets, model, tok, embed):
     stats = dict(
         step=0,
         model=str(args.model),  # the model that scored: pi' in the paper's protocol
+        filter_tau=args.filter_tau,
+        tau_easy=args.tau_easy,
         triplets=len(scored),
         easy_fraction=share(easy, bool),
         kept=len(kept),
@@ -487,8 +536,8 @@ def run_filter(args, triplets, model, tok, embed):
         invalid = [s for s in scored if not s["valid"]]
         stats.update(
             invalid_fraction=share(scored, lambda s: not s["valid"]),
-            easy_invalid=share(invalid, lambda s: s["filter_reward"] >= args.tau_easy),
-            easy_valid=share([s for s in scored if s["valid"]], lambda s: s["filter_reward"] >= args.tau_easy),
+            easy_invalid=share(invalid, lambda s: s["filter_reward"] > args.tau_easy),
+            easy_valid=share([s for s in scored if s["valid"]], lambda s: s["filter_reward"] > args.tau_easy),
             kept_invalid_fraction=share(kept, lambda s: not s["valid"]),
         )
         mix = (
@@ -498,8 +547,9 @@ def run_filter(args, triplets, model, tok, embed):
         )
     write_jsonl(out / "metrics.jsonl", [stats])
     print(
-        f"filter model {args.model}: easy fraction {stats['easy_fraction']:.3f}, kept {len(kept)} of {len(scored)}"
-        f"{mix} -> {out}/triplets.filtered.jsonl"
+        f"filter model {args.model} (tau_d {args.filter_tau}, easy: mean reward > {args.tau_easy}): easy fraction "
+        f"{stats['easy_fraction']:.3f} (the paper set tau_d for ~{EASY_TARGET:.0%}), kept {len(kept)} of "
+        f"{len(scored)}{mix} -> {out}/triplets.filtered.jsonl"
     )
     print(
         f"next: python train_wm.py --mode rwml --triplets {out}/triplets.filtered.jsonl --heldout {out}/heldout.jsonl"
@@ -540,8 +590,13 @@ def main(args):
     embed = Embeddings(args.embedder, dtype=args.embed_dtype)
     if args.reward != "embedding":  # the judge's verdicts replace the sim-to-real reward in RWML's update
         jm, jt = load_model(args.judge_model, dtype=args.dtype)  # a frozen judge, never the model being trained
-        ask = lambda prompts: generate(  # the judge's reply is prefilled with JUDGE_REPLY: it writes the score
-            jm, jt, [chat_prompt(jt, p, thinking=False) + JUDGE_REPLY for p in prompts], 8, 0, batch_size=args.gen_batch
+        ask = lambda prompts: generate(  # the judge's reply is prefilled with JUDGE_REPLY: Table A8's JSON opening
+            jm,
+            jt,
+            [chat_prompt(jt, p, thinking=False) + JUDGE_REPLY for p in prompts],
+            args.judge_max_new_tokens,
+            0,
+            batch_size=args.gen_batch,
         )
     if rank == 0:
         write_jsonl(out / "heldout.jsonl", heldout)
@@ -569,7 +624,7 @@ def main(args):
         if args.mode == "rwml":
             # ---- ALGO LOGIC: RWML = GRPO with the sim-to-real gap reward ----
             G = args.group_size
-            prompts = [chat_prompt(tok, wm_prompt(t)) for t in batch]  # G predictions each (prefilled once)
+            prompts = [chat_prompt(tok, wm_prompt(t, think(args))) for t in batch]  # G predictions (one prefill)
             with full_weights(model):  # (the whole model on every rank under --fsdp)
                 samples = sample(
                     model, tok, prompts, args.max_new_tokens, args.temperature, batch_size=args.gen_batch, n=G
@@ -586,9 +641,9 @@ def main(args):
                 if args.reward == "embedding"
                 else judge(
                     [text for _, _, text in samples],
-                    [t["next_state"] for t in batch for _ in range(G)],
+                    [t for t in batch for _ in range(G)],
                     ask,
-                    binarise_at=0.5 if args.reward == "judge-binary" else None,
+                    binary=args.reward == "judge-binary",
                 )
             )
             adv, no_signal = group_advantages(rewards, G)
@@ -607,7 +662,10 @@ def main(args):
         else:
             # ---- WM SFT baseline: next-state token prediction ----
             seqs = [
-                (tok(chat_prompt(tok, wm_prompt(t)), add_special_tokens=False)["input_ids"], sft_target(tok, t))
+                (
+                    tok(chat_prompt(tok, wm_prompt(t, think(args))), add_special_tokens=False)["input_ids"],
+                    sft_target(tok, t),
+                )
                 for t in batch
             ]
             stats = sft_update(model, optimizer, seqs, args)

@@ -106,9 +106,10 @@ EXERCISES = {
         ],
     ),
     10: (
-        "Count the weights whose change from the start model is larger than `eta` times their start value (in "
-        "absolute value) into `changed`, and all weights into `total`, one parameter tensor at a time.",
-        ["tests/test_evaluate.py::test_weights_changed_counts_exactly_the_weights_moved_beyond_eta"],
+        "Of one parameter tensor: `counted`, the weights finite and non-zero before and after; `moved`, those of "
+        "them whose change exceeds `eta` times the larger of their two absolute values; `changed` and `total`, "
+        "the numbers of each.",
+        ["tests/test_evaluate.py::test_weight_changes_count_exactly_the_weights_moved_beyond_eta_of_the_larger_value"],
     ),
 }
 

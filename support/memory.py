@@ -380,16 +380,18 @@ def scoring_batch(model, dtype, rows, group, prompt_len, completion_len):
     return b
 
 
-def helper_models(env=None, user_model="local", judge_model=None, dtype="auto", prompt_len=0, new_tokens=0):
+def helper_models(
+    env=None, user_model="local", judge_model=None, dtype="auto", prompt_len=0, new_tokens=0, judge_tokens=0
+):
     """fit_memory's `helpers` of a run: a fixed local τ² user (--env tau2 --user-model local:MODEL: its weights, and
     its own sampling of the users' turns at `prompt_len` + `new_tokens`) and an LLM judge (train_wm.py --reward
     judge*: its weights, and its scoring of gen_batch predictions: a prompt that holds the prediction, `prompt_len`
-    + `new_tokens` at most, and 8 new tokens)."""
+    + `new_tokens` at most, and `judge_tokens` new tokens, its analysis and score)."""
     helpers = {}
     if env == "tau2" and user_model.startswith("local:"):
         helpers["τ² user"] = (user_model.removeprefix("local:"), dtype, prompt_len, new_tokens)
     if judge_model:
-        helpers["judge"] = (judge_model, dtype, prompt_len + new_tokens, 8)
+        helpers["judge"] = (judge_model, dtype, prompt_len + new_tokens, judge_tokens)
     return helpers
 
 

@@ -118,6 +118,8 @@ def test_collect_with_the_tiny_model_writes_schema_valid_records(tiny, tmp_path)
             "3",
             "--epsilon",
             "0.5",
+            "--invalid-triplets",
+            "keep",  # every turn a triplet (the tiny model's own actions are invalid): the replay below checks all
             "--max-new-tokens",
             "24",
             "--seed",
@@ -258,6 +260,19 @@ def test_an_invalid_command_was_admissible_earlier_in_the_episode_but_is_not_now
     assert ep.turns[-1]["valid"] is False and ep.observation == "Nothing happens."
     assert [random_command(ep, 0.0)[1] for _ in range(20)] == ["random"] * 20  # rate 0: never
     ep.env.close()
+
+
+def test_invalid_actions_triplets_are_dropped_by_default_and_kept_on_request(tmp_path):
+    """Paper B.1: invalid actions' samples are removed after collection; the rollouts keep every turn."""
+    flags = "--policy random --invalid-rate 0.5 --split train --games 1 --episodes 1 --max-steps 6"
+    ids = {}
+    for keep in ("drop", "keep"):
+        collect(parse_args([*flags.split(), "--invalid-triplets", keep, "--out", str(tmp_path / keep)]))
+        ids[keep] = [t["id"] for t in read_jsonl(tmp_path / keep / "triplets.jsonl")]
+    (rollout,) = read_jsonl(tmp_path / "drop" / "rollouts.jsonl")
+    valid = [t["valid"] for t in rollout["turns"]]
+    assert len(ids["keep"]) == len(valid) == 6 and 0 < sum(valid) < 6  # the seed plays both kinds
+    assert ids["drop"] == [i for i, v in zip(ids["keep"], valid) if v]
 
 
 def test_first_game_starts_later_in_the_splits_order():

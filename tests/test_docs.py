@@ -25,7 +25,7 @@ from support.runs import read_jsonl
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 NOT_RUN = {  # program -> why its commands are not run
     "pip": "it installs packages",
-    "lm-eval": "lm-evaluation-harness, another project's tool (installed by the line above it)",
+    "evalscope": "EvalScope, another project's tool (installed by the line above it)",
 }
 PARSE_ONLY = ("--report", "--calibrate", "--score")  # evaluate.py's modes that plan nothing: they read and write
 MODEL_FLAGS = ("--model", "--forgetting", "--judge-model", "--user-model")

@@ -16,7 +16,7 @@ from evaluate import (
     parse_args,
     slug,
     table,
-    weights_changed,
+    weight_changes,
 )
 from reward import Embeddings
 from support.runs import read_jsonl
@@ -97,20 +97,32 @@ def test_score_a_predictions_file(tmp_path, capsys):
     )
 
 
-def test_weights_changed_counts_exactly_the_weights_moved_beyond_eta(tiny):
+def test_weight_changes_count_exactly_the_weights_moved_beyond_eta_of_the_larger_value(tiny):
+    """The paper's rule (Sec. 4.2): |w_hat - w| > eta * max(|w|, |w_hat|), over weights finite and non-zero before and
+    after; the share per layer and per module group as well as over the model."""
     model = tiny[0]
     moved = copy.deepcopy(model)
-    n = sum(p.numel() for p in model.parameters())  # tied embeddings count once
+    n = sum((p != 0).sum().item() for p in model.parameters())  # tied embeddings count once; zeros do not count
     with torch.no_grad():
         params = dict(moved.named_parameters())
         up = params["model.layers.0.mlp.up_proj.weight"].view(-1)
-        assert (up[:12] != 0).all()
+        assert (up[:20] != 0).all()
         up[:7] *= 1.01  # 7 weights moved by 1% of their value: counted at eta 1e-3
         up[7:12] *= 1 + 1e-4  # 5 moved by 0.01%: not counted
-        params["model.norm.weight"][:3] += 1.0  # 3 more, in another tensor
-    assert weights_changed(model, model) == 0.0
-    assert weights_changed(moved, model, eta=1e-3) == 10 / n
-    assert weights_changed(moved, model, eta=1e-5) == 15 / n  # a smaller eta counts the 0.01% moves too
+        up[12:16] *= 1.0010005  # 4 grown by 0.10005% of the start, 0.09995% of the larger value: not counted
+        up[16:18] = 0.0  # 2 set to zero: no longer counted at all
+        params["model.norm.weight"][:3] += 1.0  # 3 more, in another tensor, outside every layer
+    assert weight_changes(model, model)["all"] == 0.0
+    changes = weight_changes(moved, model, eta=1e-3)
+    assert changes["all"] == 10 / (n - 2)
+    assert weight_changes(moved, model, eta=1e-5)["all"] == 19 / (n - 2)  # a smaller eta counts the small moves too
+    layer0 = sum((p != 0).sum().item() for k, p in model.named_parameters() if k.startswith("model.layers.0."))
+    assert changes["layers"][0] == 7 / (layer0 - 2) and changes["layers"][1] == 0.0 and len(changes["layers"]) == 30
+    gate_up = sum(
+        (p != 0).sum().item() for k, p in model.named_parameters() if k.endswith(("gate_proj.weight", "up_proj.weight"))
+    )
+    assert changes["modules"]["mlp.gate_up"] == 7 / (gate_up - 2) and changes["modules"]["self_attn.q_proj"] == 0.0
+    assert set(changes["modules"]) == {f"self_attn.{m}_proj" for m in "qkvo"} | {"mlp.gate_up", "mlp.down_proj"}
 
 
 def test_general_drift_is_zero_for_the_start_model_and_grows_when_weights_move(tiny):
@@ -145,8 +157,8 @@ def test_forgetting_counts_changes_below_bf16_resolution_whatever_the_dtype(tiny
     prompts.write_text("".join(json.dumps(r) + "\n" for r in read_jsonl(GENERAL_PROMPTS)[:2]))
     argv = ["--forgetting", tmp_path / "start", "--model", f"moved={tmp_path / 'moved'}", "--dtype", "bf16"]
     res = forgetting(parse_args([*map(str, argv), "--prompts", str(prompts), "--out", str(tmp_path / "out")]))
-    n = sum(p.numel() for p in start.parameters())
-    assert res["models"][0]["weights_changed"] == up.numel() / n
+    n = sum((p != 0).sum().item() for p in start.parameters())
+    assert res["models"][0]["weights_changed"] == (up != 0).sum().item() / n
     assert res["models"][0]["perplexity"] != res["models"][0]["start_perplexity"]  # in bf16: the same weights
 
 

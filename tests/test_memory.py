@@ -228,8 +228,8 @@ def test_the_plan_holds_every_model_that_loads_and_ddps_buckets(tiny, capsys):
     assert more["peak"] >= base["peak"] + more["judge"] + more["ddp_buckets"]
     assert helper_models("alfworld", "local:smollm2-135m") == {}  # no τ² user on ALFWorld
     assert helper_models("tau2", "local", None) == {} and "τ² user" in helper_models("tau2", "local:smollm2-135m")
-    user = helper_models("tau2", "local:smollm2-135m", "smollm2-135m", "fp32", 1536, 256)
-    assert set(user) == {"τ² user", "judge"} and user["judge"][2:] == (1792, 8)
+    user = helper_models("tau2", "local:smollm2-135m", "smollm2-135m", "fp32", 1536, 256, judge_tokens=128)
+    assert set(user) == {"τ² user", "judge"} and user["judge"][2:] == (1792, 128)
     with pytest.raises(SystemExit) as e:
         fit_memory("smollm2-135m", "fp32", 0, False, False, 1, 1, 512, 64, max_memory_gb=0.8, training=False,
                    helpers=user)  # fmt: skip

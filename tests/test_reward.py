@@ -119,22 +119,34 @@ def test_wm_prompt_holds_task_history_state_and_action():
 
 
 def test_llm_judge_reward_with_the_tiny_model_as_judge(tiny):
+    """Table A8's prompt (state, action, prediction, real observation; JSON with analysis and score), answered by a
+    real model; the verdict's last score is the reward: real-valued in [0, 1], or 0/1 for the binary variant."""
     from support.lm import chat_prompt, generate
 
     model, tok = tiny
-    ask = lambda prompts: generate(model, tok, [chat_prompt(tok, p) + JUDGE_REPLY for p in prompts], 8, temperature=0)
+    seen = []
+    ask = lambda prompts: (
+        seen.extend(prompts)
+        or generate(model, tok, [chat_prompt(tok, p) + JUDGE_REPLY for p in prompts], 24, temperature=0)
+    )
     outputs = [f"<next_state>{REAL}</next_state>", "no tags"]
-    real = judge(outputs, [REAL, REAL], ask)
-    binary = judge(outputs, [REAL, REAL], ask, binarise_at=0.5)
-    assert 0 < real[0] <= 1 and real[1] == 0.0 and binary[0] in (0.0, 1.0) and binary[1] == 0.0  # prefilled: a number
-    unfilled = lambda prompts: generate(model, tok, [chat_prompt(tok, p) for p in prompts], 16, temperature=0)
-    assert judge(outputs[:1], [REAL], unfilled) == [0.0]  # without the prefill the tiny judge writes no score
-    # a verdict is read from the prefilled reply's continuation or from whole tags; anything else is 0
-    assert judge(
-        ["<next_state>x</next_state>"] * 4,
-        ["y"] * 4,
-        lambda ps: [" 8</score>", "<score>7</score>", "I'd say 9", "<score>12</score>"],
-    ) == [0.8, 0.7, 0.0, 1.0]
+    triplet = dict(task="put a mug in the desk", history=[], state="You are in the middle of a room.", action="look")
+    triplet["next_state"] = REAL
+    real, binary = judge(outputs, [triplet] * 2, ask), judge(outputs, [triplet] * 2, ask, binary=True)
+    assert 0 <= real[0] <= 1 and binary[0] in (0.0, 1.0) and real[1] == binary[1] == 0.0
+    assert len(seen) == 2  # one verdict per tagged prediction: the untagged one is 0 without asking
+    for part in ("# Current state", "put a mug in the desk", "look", f"follows:\n{REAL}", '"score": 0.0 or 1.0'):
+        assert part in seen[1]
+    assert '"score": a number between 0.0 and 1.0' in seen[0] and "0.0 or 1.0" not in seen[0]
+    # a verdict continues the prefilled JSON (or holds it whole); its last score, clipped to [0, 1], is the reward
+    verdicts = [
+        'x", "score": 0.4}\n</json>',
+        '<json>{"analysis": "y", "score": 1.0}</json>',
+        "no score",
+        '", "score": 7',
+    ]
+    graded = lambda binary: judge(["<next_state>x</next_state>"] * 4, [triplet] * 4, lambda ps: verdicts, binary)
+    assert graded(False) == [0.4, 1.0, 0.0, 1.0] and graded(True) == [0.0, 1.0, 0.0, 1.0]
 
 
 def test_exact_is_the_real_next_state_up_to_whitespace(embed):

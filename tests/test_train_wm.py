@@ -2,6 +2,7 @@
 
 import copy
 import json
+import random
 import subprocess
 import sys
 
@@ -97,13 +98,27 @@ def test_rwml_runs_checkpoints_and_resumes_without_duplicate_steps(triplets, tmp
 
 def test_filter_keeps_hard_triplets_and_a_tenth_of_easy_ones(triplets, tmp_path):
     every = read_jsonl(triplets)  # 2 games of 5 triplets: the filter holds one game out before it scores
-    few = tmp_path / "few.jsonl"  # nothing is easy: all kept (of the 3 triplets of the training game)
+    few = tmp_path / "few.jsonl"  # the base tiny model writes no <next_state>: every reward 0, nothing easy, all kept
     few.write_text("".join(json.dumps(t) + "\n" for t in every if int(t["id"].rsplit("#", 1)[1]) < 3))
-    stats = train_wm.main(wm_args(few, tmp_path / "none", "--mode", "filter", "--filter-k", "2", "--tau-easy", "1.5"))
-    assert stats == dict(stats, triplets=3, easy_fraction=0.0, kept=3)
-    stats = train_wm.main(wm_args(triplets, tmp_path / "all", "--mode", "filter", "--filter-k", "2", "--tau-easy", "0"))
-    assert stats["triplets"] == 5 and stats["easy_fraction"] == 1.0 and stats["kept"] < 5 / 2  # ~10% kept
-    kept = read_jsonl(tmp_path / "all" / "triplets.filtered.jsonl", TRIPLET, required=("filter_reward",))
+    stats = train_wm.main(wm_args(few, tmp_path / "none", "--mode", "filter", "--filter-k", "2"))
+    assert stats == dict(stats, triplets=3, easy_fraction=0.0, kept=3, filter_tau=0.1, tau_easy=0.0)  # Table A2
+    # the rule on pi''s scores written by hand (a resumed run scores nothing again): the mean reward of the K
+    # predictions; easy when it exceeds tau_easy (0.0: one prediction of K within tau_d), kept with p keep_easy,
+    # one draw of the run's random.Random(seed) per easy triplet, in order
+    train = [t for t in every if t["game"] == every[0]["game"]]
+    mean_rewards = [0.0, 0.5, 1.0, 0.0, 0.5]
+    for name, tau_easy, keep_easy in [("all", 0.0, 0.8), ("half", 0.5, 0.1)]:
+        (tmp_path / name).mkdir()
+        scored = [dict(t, filter_reward=r) for t, r in zip(train, mean_rewards)]
+        (tmp_path / name / "scored.jsonl").write_text("".join(json.dumps(t) + "\n" for t in scored))
+        argv = ["--mode", "filter", "--filter-k", "2", "--tau-easy", str(tau_easy), "--keep-easy", str(keep_easy)]
+        stats = train_wm.main(wm_args(triplets, tmp_path / name, *argv, "--resume"))
+        easy = [r > tau_easy for r in mean_rewards]
+        draws = iter(random.Random(0).random() for _ in range(len(train)))
+        expect = [t["id"] for t, e in zip(train, easy) if not e or next(draws) < keep_easy]
+        kept = read_jsonl(tmp_path / name / "triplets.filtered.jsonl", TRIPLET, required=("filter_reward",))
+        assert [t["id"] for t in kept] == expect and stats["easy_fraction"] == sum(easy) / 5
+    assert stats["easy_fraction"] == 1 / 5 and len(kept) == 4  # 0.5 is not above 0.5; the 1.0 not drawn (p 0.1)
     held = read_jsonl(tmp_path / "all" / "heldout.jsonl")
     assert len(kept) == stats["kept"] and len(held) == 5 and not {t["game"] for t in held} & {t["game"] for t in kept}
 
@@ -183,7 +198,7 @@ def test_the_filter_chain_scores_with_pi_prime_trained_on_its_own_share_of_games
             "--heldout",
             split / "heldout.jsonl",
         ],
-        *["--filter-k", 2, "--max-new-tokens", 8, "--tau-easy", 1.5, "--out", filt],  # nothing easy: all kept
+        *["--filter-k", 2, "--max-new-tokens", 8, "--out", filt],  # no tags yet: nothing easy, all kept
     )
     assert read_jsonl(filt / "metrics.jsonl")[0]["model"] == str(model) == stats["model"]
     share = {t["game"] for t in read_jsonl(split / "heldout.jsonl")}
@@ -193,7 +208,7 @@ def test_the_filter_chain_scores_with_pi_prime_trained_on_its_own_share_of_games
     assert kept and not share & {t["game"] for t in kept} and {t["id"] for t in kept} <= {t["id"] for t in train}
     assert len(kept) == 5 and stats["easy_fraction"] == 0  # the kept mix: the share of invalid actions
     assert stats["invalid_fraction"] == stats["kept_invalid_fraction"] == sum(not t["valid"] for t in train) / 5
-    # forgetting of a LoRA run says its weights changed are the merged update's, and prints the lm_eval commands
+    # forgetting of a LoRA run says its weights changed are the merged update's, and prints the EvalScope commands
     import evaluate
 
     prompts = tmp_path / "prompts.jsonl"
@@ -202,6 +217,5 @@ def test_the_filter_chain_scores_with_pi_prime_trained_on_its_own_share_of_games
     evaluate.main(evaluate.parse_args([str(a) for a in argv]))
     table, printed = (tmp_path / "f" / "forgetting.md").read_text(), capsys.readouterr().out
     assert "| pi (LoRA r 4) | " in table and "merged update" in table and "not comparable" in table
-    assert (
-        f"lm-eval run --model hf --model_args pretrained={model}," in printed and "pretrained=smollm2-135m," in printed
-    )
+    assert f"evalscope eval --model {model} --datasets mmlu_redux ifeval math_500 gsm8k gpqa_diamond" in printed
+    assert "evalscope eval --model smollm2-135m " in printed and '"start_date": "2025-01-01"' in printed
