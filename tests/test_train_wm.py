@@ -114,8 +114,8 @@ def test_filter_keeps_hard_triplets_and_a_tenth_of_easy_ones(triplets, tmp_path)
         argv = ["--mode", "filter", "--filter-k", "2", "--tau-easy", str(tau_easy), "--keep-easy", str(keep_easy)]
         stats = train_wm.main(wm_args(triplets, tmp_path / name, *argv, "--resume"))
         easy = [r > tau_easy for r in mean_rewards]
-        draws = iter(random.Random(0).random() for _ in range(len(train)))
-        expect = [t["id"] for t, e in zip(train, easy) if not e or next(draws) < keep_easy]
+        rng = random.Random(0)  # the run's --seed 0
+        expect = [t["id"] for t, e in zip(train, easy) if not e or rng.random() < keep_easy]
         kept = read_jsonl(tmp_path / name / "triplets.filtered.jsonl", TRIPLET, required=("filter_reward",))
         assert [t["id"] for t in kept] == expect and stats["easy_fraction"] == sum(easy) / 5
     assert stats["easy_fraction"] == 1 / 5 and len(kept) == 4  # 0.5 is not above 0.5; the 1.0 not drawn (p 0.1)
