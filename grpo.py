@@ -232,6 +232,25 @@ def grpo_update(model, optimizer, seqs, adv, args, ref_model=None):
     return dict(zip(stats, all_sum(list(stats.values()))), grad_norm=grad_norm, skipped=skipped)
 
 
+def sft_update(model, optimizer, seqs, args):
+    """One supervised step, WM SFT's (train_wm.py) and RFT's (train_policy.py --method rft): mean cross-entropy
+    over all target tokens of the batch (under torchrun: of all ranks' batches)."""
+    device = next(model.parameters()).device
+    net, world = ddp(model), rank_world()[1]
+    tokens = all_sum([sum(len(c) for _, c in seqs)])[0]
+    model.train()
+    total = 0.0
+    for idx in micro_batches(model, len(seqs), args.micro_batch, lambda: zero_pass(net, seqs, device)):
+        ids, attn, P = collate([seqs[i] for i in idx], device)
+        logp, _ = completion_logprobs(net, ids, attn, P)
+        loss = -(logp * attn[:, P:]).sum() / tokens  # Eq. SFT: -1/|y| sum_t log pi(y_t | y_<t, prompt)
+        (loss * world).backward()  # x world: DDP averages the ranks' gradients
+        total += loss.item()
+    grad_norm, skipped = optimizer_step(model, optimizer, total, args.max_grad_norm)  # no step on NaN / Inf
+    model.eval()
+    return dict(loss=all_sum([total])[0], grad_norm=grad_norm, skipped=int(skipped))
+
+
 @torch.no_grad()
 def reference_logprobs(model, ref_model, ids, attn, P):
     """log pi_ref of the completion tokens: the base weights (adapters off) under LoRA, else the frozen copy."""

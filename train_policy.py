@@ -14,10 +14,18 @@ covers the tokens the agent wrote in each turn, given the prompt it saw at that 
 whose episodes all failed (or all won) have advantage 0 and would add only the KL term: they are left out,
 so a step where every group is like that changes no weight.
 
-Writes, in --out: rollouts.jsonl (every training episode, with its update `step`), metrics.jsonl
-(+ metrics.png), checkpoint/ (checkpoint/model is a plain HF folder for evaluate.py --model).
+--method rft is Table 1's other baseline that learns from task success, rejection-sampling fine-tuning (RFT,
+paper Sec. 3.1): the start model plays N episodes of every training game (temperature 1.0), then SFT on every
+turn of the episodes it won (the tokens it wrote, given the prompt it saw), for --rft-epochs.
+
+    python train_policy.py --method rft --model Qwen/Qwen2.5-7B-Instruct --out runs/rft
+
+Writes, in --out: rollouts.jsonl (every training episode, with its update `step`; RFT: its sampling, step 0),
+metrics.jsonl (+ metrics.png), checkpoint/ (checkpoint/model is a plain HF folder for evaluate.py --model);
+RFT also won_turns.jsonl (the token ids it trains on) and rft.json (its sampling's success).
 """
 
+import json
 import math
 import random
 import time
@@ -25,17 +33,37 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from collect import play, rollout_record, select_games
-from grpo import add_grpo_args, check_precision, group_advantages, grpo_update, save_checkpoint, start_training
-from support.checks import SkipCounter, at_least, check_model, claim_out, parser
-from support.distributed import all_sum, full_weights, gather, init_distributed
+from collect import episode_key, play, rollout_record, select_games
+from grpo import (
+    add_grpo_args,
+    check_precision,
+    group_advantages,
+    grpo_update,
+    save_checkpoint,
+    sft_update,
+    start_training,
+)
+from support.alfworld_env import game_id
+from support.checks import SkipCounter, at_least, check_model, claim_out, parser, positive
+from support.distributed import all_sum, full_weights, gather, init_distributed, rank_world
 from support.episode import summary
 from support.lm import TINY_MODEL, cut_warning
 from support.memory import check_checkpoint_disk, fit_memory, helper_models, peak_memory
 from support.play import add_play_args, play_defaults, play_settings
-from support.runs import append_jsonl, open_step_log, plot_metrics, read_jsonl, run_stage, set_seed
+from support.runs import (
+    append_jsonl,
+    open_step_log,
+    plot_metrics,
+    read_jsonl,
+    resume_jsonl,
+    run_stage,
+    set_seed,
+)
+from support.schema import ROLLOUT
 
 UPDATES = dict(alfworld=300, tau2=200)  # GRPO steps of the paper's Policy RL runs (B.2, C.2), the same for every start
+RFT_EPISODES = dict(alfworld=3, tau2=6)  # RFT's N: the paper's N of interaction learning (B.1, C.1); RFT's own unstated
+LR_GRPO, LR_RFT = 1e-6, 2e-6  # full fine-tuning; RFT's rate is not stated: WM SFT's, the paper's SFT rate (B.1, C.1)
 
 
 def parse_args(argv=None):
@@ -53,6 +81,25 @@ def parse_args(argv=None):
         default=None,
         help="train on N games (τ²: tasks) of the split (default: all; ALFWorld 200)",
     )
+    p.add_argument(
+        "--method",
+        choices=["grpo", "rft"],
+        default="grpo",
+        help="grpo: Policy RL; rft: Table 1's RFT baseline, SFT on the episodes the start model won (Sec. 3.1)",
+    )
+    p.add_argument(
+        "--rft-episodes",
+        type=at_least(),
+        default=None,
+        help="RFT: N episodes of every training game (default: interaction learning's N, ALFWorld 3 B.1, τ² 6 C.1; "
+        "RFT's own is not stated)",
+    )
+    p.add_argument(
+        "--rft-epochs", type=positive(), default=2.0, help="RFT: SFT epochs over the won turns (not stated; WM SFT's 2)"
+    )
+    p.add_argument(
+        "--rft-batch", type=at_least(), default=32, help="RFT: agent turns per SFT update (not stated; WM SFT's 32)"
+    )
     p.add_argument("--games-per-step", type=at_least(), default=16, help="games per update, each played G times")
     p.add_argument(
         "--group-size",
@@ -66,7 +113,8 @@ def parse_args(argv=None):
         default=None,
         help="GRPO updates (default: the paper's, 300 ALFWorld B.2, 200 τ² C.2)",
     )
-    # --max-steps default: as the paper, 15 on ALFWorld; τ²'s own 200; --batch-games: all G x games-per-step at once
+    # --max-steps default: as the paper, 15 on ALFWorld (RFT: 30, as B.1 collects); τ²'s own 200; --batch-games: all
+    # G x games-per-step at once
     add_play_args(p, temperature=1.0, batch_games=None)
     p.add_argument("--save-every", type=at_least(), default=10, help="updates between checkpoints")
     p.add_argument(
@@ -76,14 +124,15 @@ def parse_args(argv=None):
         help="prompt tokens a turn is planned for in the memory plan (default: 1,536 ALFWorld; τ²: the longest opening "
         "prompt + 16,384, at most the model's context; a τ² episode whose prompt outgrows it ends as prompt_too_long)",
     )
-    add_grpo_args(
-        p
-    )  # --lr, --clip-eps, --beta, --ppo-epochs, --micro-batch, --lora-rank, --dtype, --grad-checkpointing, ...
+    # --lr, --clip-eps, --beta, --ppo-epochs, --micro-batch, --lora-rank, --dtype, --grad-checkpointing, ...
+    add_grpo_args(p, lr=None, lr_help=f"default: {LR_GRPO:g}, RFT {LR_RFT:g} (RFT's not stated: the paper's SFT rate)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", default="runs/policy", help="output folder")
     args = p.parse_args(argv)
-    play_defaults(args, max_steps=15, model=args.model)
+    play_defaults(args, max_steps=30 if args.method == "rft" else 15, model=args.model)  # RFT samples as B.1 collects
     args.updates = args.updates or UPDATES[args.env]
+    args.rft_episodes = args.rft_episodes or RFT_EPISODES[args.env]
+    args.lr = args.lr or (LR_RFT if args.method == "rft" else LR_GRPO)
     args.batch_games = args.batch_games or args.games_per_step * args.group_size
     return args
 
@@ -100,11 +149,14 @@ def check_args(args):
         prompt_len = args.max_prompt_tokens = args.plan_prompt_len or prompt_budget(
             args.model, args.domain, args.max_new_tokens
         )
-    episodes = args.games_per_step * args.group_size
+    if args.method == "rft":  # one round: N episodes of every game, then SFT on (at most) all their turns
+        rounds, episodes, passes = 1, len(games) * args.rft_episodes, args.rft_epochs
+    else:
+        rounds, episodes, passes = args.updates, args.games_per_step * args.group_size, args.ppo_epochs
 
     def work(mb, gb):  # the time plan, every episode to --max-steps (an upper bound): rollouts, then the updates
-        turns = args.updates * episodes * args.max_steps
-        calls = args.updates * math.ceil(episodes / gb) * args.max_steps
+        turns = rounds * episodes * args.max_steps
+        calls = rounds * math.ceil(episodes / gb) * args.max_steps
         return {
             "rollouts": dict(
                 prefill=turns * prompt_len,
@@ -112,14 +164,14 @@ def check_args(args):
                 rows=min(episodes, gb),
                 context=prompt_len + args.max_new_tokens // 2,
             ),
-            "updates": dict(train=turns * (prompt_len + args.max_new_tokens) * args.ppo_epochs),
+            "updates": dict(train=turns * (prompt_len + args.max_new_tokens) * passes),
         }
 
     args.micro_batch, args.batch_games = fit_memory(
         args.model,
         args.dtype,
         args.lora_rank,
-        args.beta > 0,
+        args.beta > 0 and args.method == "grpo",  # RFT has no reference model
         args.grad_checkpointing,
         args.micro_batch,
         args.batch_games,
@@ -159,6 +211,98 @@ def turn_batch(episodes, G):
     return [s for s, _ in turns], [a for _, a in turns], no_signal
 
 
+def won_turns(episodes):
+    """RFT's data: every turn the model wrote in the episodes that were won, as (prompt_ids, completion_ids)."""
+    return [seq for ep in episodes if ep.won for seq in ep.seqs if seq is not None]
+
+
+def rft_sample(args, games, model, tok, settings, user, out):
+    """RFT's rejection sampling: N episodes of every game with the start model, a block of --batch-games at a time
+    (under torchrun: split over the ranks); every episode into rollouts.jsonl, the won ones' turns into
+    won_turns.jsonl (the turns first: a kill between the two replays the episode). --resume plays only the episodes
+    missing from rollouts.jsonl. Returns all rollout records and all won turns (every rank holds them all)."""
+    rank, world = rank_world()
+    rollouts = resume_jsonl(out / "rollouts.jsonl", args.resume, schema=ROLLOUT)  # rank 0 rewrites, before any append
+    done = {episode_key(r["game"], r["episode"]) for r in rollouts}
+    keep = lambda t: t["episode"] in done  # turns of an episode whose rollout line was not written: played again
+    turns = [(t["prompt_ids"], t["completion_ids"]) for t in resume_jsonl(out / "won_turns.jsonl", args.resume, keep)]
+    name = (lambda g: g) if args.env == "tau2" else game_id
+    jobs = [(g, args.split, e) for g in games for e in range(args.rft_episodes) if episode_key(name(g), e) not in done]
+    block = args.batch_games * world
+    f_rollouts = open(out / "rollouts.jsonl", "a", encoding="utf-8") if rank == 0 else None
+    f_turns = open(out / "won_turns.jsonl", "a", encoding="utf-8") if rank == 0 else None
+    bar = tqdm(total=len(games) * args.rft_episodes, initial=len(rollouts), desc="rft sampling", unit="ep")
+    for i in range(0, len(jobs), block):
+        with full_weights(model):  # (the whole model on every rank under --fsdp)
+            episodes = list(play(jobs[i : i + block][rank::world], model, tok, settings, user))
+        records = [rollout_record(ep, settings) for ep in episodes]
+        won = gather(  # the won turns, and their episode's key so that --resume keeps whole episodes
+            dict(episode=episode_key(r["game"], r["episode"]), prompt_ids=list(p), completion_ids=list(c))
+            for ep, r in zip(episodes, records)
+            for p, c in won_turns([ep])
+        )
+        records = gather(dict(r, step=0) for r in records)
+        if rank == 0:
+            append_jsonl(f_turns, won)
+            append_jsonl(f_rollouts, records)
+        rollouts += records
+        turns += [(t["prompt_ids"], t["completion_ids"]) for t in won]
+        bar.update(len(records))
+        bar.set_postfix(success=f"{summary(rollouts)['success']:.2f}", won_turns=len(turns))
+    bar.close()
+    for f in (f_rollouts, f_turns):
+        if f:
+            f.close()
+    return rollouts, turns
+
+
+def rft(args, games, model, tok, optimizer, start, out, settings, user):
+    """Rejection-sampling fine-tuning (paper Sec. 3.1, Table 1's RFT row): sample, keep the won episodes, SFT on
+    them for --rft-epochs in batches of --rft-batch turns; checkpoints every --save-every updates. A resumed run
+    past its sampling (a checkpoint exists) reads the turns back instead of playing again."""
+    rank, world = rank_world()
+    ckpt = out / "checkpoint"
+    args.resume = args.resume or start > 0  # a checkpoint exists: its sampling is complete on disk
+    rollouts, turns = rft_sample(args, games, model, tok, settings, user, out)
+    stats = dict(episodes=len(rollouts), won_episodes=sum(r["won"] for r in rollouts), won_turns=len(turns))
+    if rank == 0:
+        (out / "rft.json").write_text(json.dumps(dict(stats, **summary(rollouts)), indent=1) + "\n")
+    steps_per_epoch = math.ceil(len(turns) / args.rft_batch)
+    total = math.ceil(args.rft_epochs * steps_per_epoch)
+    f_metrics = open_step_log(out / "metrics.jsonl", args.resume, start)
+    skips = SkipCounter()  # updates skipped for a non-finite loss or gradient norm
+    for step in tqdm(range(start, total), initial=start, total=total, desc="rft sft", unit="update", disable=rank > 0):
+        t0 = time.time()
+        epoch, i = divmod(step, steps_per_epoch)  # epoch e visits the won turns in an order fixed by (seed, e)
+        order = random.Random(args.seed * 1000 + epoch).sample(turns, len(turns))
+        # ---- ALGO LOGIC: RFT = SFT on the agent's own turns of the episodes it won ----
+        update = sft_update(model, optimizer, order[i * args.rft_batch : (i + 1) * args.rft_batch][rank::world], args)
+        skipped = update.pop("skipped")
+        row = dict(
+            step=step + 1,
+            **{f"train/{k}": v for k, v in update.items()},
+            skipped_updates=skips.update(skipped),
+            seconds=time.time() - t0,
+            **peak_memory(),
+        )
+        append_jsonl(f_metrics, [row])
+        skips.check(step + 1)
+        if (step + 1) % args.save_every == 0:
+            save_checkpoint(ckpt, model, tok, optimizer, step + 1, args)
+    f_metrics.close()
+    save_checkpoint(ckpt, model, tok, optimizer, max(start, total), args, final=True)  # no win: the start model
+    if rank > 0:
+        return None
+    if total:
+        plot_metrics(out / "metrics.jsonl")
+    print(
+        f"RFT: {stats['won_episodes']} of {stats['episodes']} episodes won, {stats['won_turns']} turns, "
+        f"{total} SFT updates; model: {ckpt}/model"
+        + ("" if total else "\nno episode was won: nothing to train on, the start model is saved as RFT's model")
+    )
+    return stats
+
+
 def main(args):
     rank, world = init_distributed()  # (0, 1) unless started by torchrun
     set_seed(args.seed + rank)  # ranks play differently; DDP starts them all from rank 0's weights
@@ -166,12 +310,14 @@ def main(args):
     out = claim_out(args.out, "train_policy", args.resume) if rank == 0 else Path(args.out)  # once they check out
     ckpt = out / "checkpoint"
     settings = play_settings(args)  # the model acts alone (policy "model"), every episode of a step in flight at once
-    model, tok, ref_model, optimizer, start = start_training(args, ckpt, reference=True)
+    model, tok, ref_model, optimizer, start = start_training(args, ckpt, reference=args.method == "grpo")
     user = None
     if args.env == "tau2":  # the fixed user (--user-model local:MODEL), loaded once, never trained
         from support.tau2_env import load_user
 
         user = load_user(args.user_model, args.dtype)
+    if args.method == "rft":
+        return rft(args, games, model, tok, optimizer, start, out, settings, user)
     f_metrics = open_step_log(out / "metrics.jsonl", args.resume, start)
     f_rollouts = open_step_log(out / "rollouts.jsonl", args.resume, start)
     G, per_step = args.group_size, min(args.games_per_step, len(games))

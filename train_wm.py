@@ -35,14 +35,11 @@ from tqdm import tqdm
 from grpo import (
     add_grpo_args,
     check_precision,
-    collate,
-    completion_logprobs,
     group_advantages,
     grpo_update,
-    optimizer_step,
     save_checkpoint,
+    sft_update,
     start_training,
-    zero_pass,
 )
 from reward import (
     DEFAULT_EMBEDDER,
@@ -69,7 +66,7 @@ from support.checks import (
     positive,
     ranged,
 )
-from support.distributed import all_sum, ddp, full_weights, gather, init_distributed, micro_batches, rank_world
+from support.distributed import full_weights, gather, init_distributed, rank_world
 from support.lm import TINY_MODEL, chat_prompt, cut_warning, generate, hit_limit, load_model, load_tokenizer, sample
 from support.memory import (
     CARD_BATCH,
@@ -458,25 +455,6 @@ def sft_target(tok, triplet):
     text = f"<think>\n\n</think>\n\n<next_state>{triplet['next_state']}</next_state>"
     return tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     # ---- END EXERCISE 8 ----
-
-
-def sft_update(model, optimizer, seqs, args):
-    """One step of next-state token prediction: mean cross-entropy over all target tokens of the batch
-    (under torchrun: of all ranks' batches)."""
-    device = next(model.parameters()).device
-    net, world = ddp(model), rank_world()[1]
-    tokens = all_sum([sum(len(c) for _, c in seqs)])[0]
-    model.train()
-    total = 0.0
-    for idx in micro_batches(model, len(seqs), args.micro_batch, lambda: zero_pass(net, seqs, device)):
-        ids, attn, P = collate([seqs[i] for i in idx], device)
-        logp, _ = completion_logprobs(net, ids, attn, P)
-        loss = -(logp * attn[:, P:]).sum() / tokens  # Eq. WM SFT: -1/|s| sum_t log pi(s_t | s_<t, state, action)
-        (loss * world).backward()  # x world: DDP averages the ranks' gradients
-        total += loss.item()
-    grad_norm, skipped = optimizer_step(model, optimizer, total, args.max_grad_norm)  # no step on NaN / Inf
-    model.eval()
-    return dict(loss=all_sum([total])[0], grad_norm=grad_norm, skipped=int(skipped))
 
 
 def run_filter(args, triplets, model, tok, embed):

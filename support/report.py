@@ -22,9 +22,9 @@ from support.schema import METRICS, TRIPLET
 ARMS = {  # folder prefix -> the arm's name (in the order of the tables)
     "rwml": "RWML",
     "wm_sft": "WM SFT (continued)",
-    "rwml_no_filter": "RWML, no easy-triplet filter",
-    "rwml_judge": "RWML, LLM judge (score / 10)",
-    "rwml_judge_binary": "RWML, LLM judge (score ≥ 5)",
+    "rwml_no_filter": "RWML, no easy-triplet subsampling",
+    "rwml_judge": "RWML, LLM judge (a score in [0, 1])",
+    "rwml_judge_binary": "RWML, LLM judge (0.0 / 1.0)",
 }
 SCORES = ("reward", "similarity", "format", "exact", "valid/reward", "invalid/reward")
 

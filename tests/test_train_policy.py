@@ -151,6 +151,43 @@ def test_train_policy_skips_steps_without_signal_checkpoints_and_resumes(tmp_pat
     assert torch.load(tmp_path / "checkpoint" / "trainer.pt", weights_only=False)["step"] == 2
 
 
+def test_rft_trains_on_every_model_turn_of_the_won_episodes_only(tiny, group):
+    won, lost = group[0], group[1:]
+    random_turn = copy.copy(won)
+    random_turn.seqs = won.seqs[:-1] + [None]  # a turn the random policy played: no tokens of the model's
+    assert train_policy.won_turns(group) == won.seqs and train_policy.won_turns(lost) == []
+    assert train_policy.won_turns([random_turn]) == won.seqs[:-1]
+    # one RFT step on the won episode's last two turns makes them likelier (cross-entropy on the agent's tokens)
+    model, seqs = copy.deepcopy(tiny[0]), won.seqs[-2:]
+    params = add_lora(model, 8)
+    args = train_policy.parse_args(["--method", "rft", "--micro-batch", "4"])
+    assert args.lr == train_policy.LR_RFT and args.max_steps == 30 and args.rft_episodes == 3  # B.1's sampling
+
+    def mean_logp():
+        with torch.no_grad():
+            return sum(completion_logprobs(model, *collate([s], model.device))[0].mean().item() for s in seqs)
+
+    before = mean_logp()
+    train_policy.sft_update(model, torch.optim.AdamW(params, lr=1e-3), seqs, args)
+    assert mean_logp() > before
+
+
+def test_rft_samples_once_and_resumes_without_replaying_an_episode(tmp_path):
+    common = ["--method", "rft", "--games", "1", "--max-steps", "2", "--max-new-tokens", "8", "--lora-rank", "4"]
+    stats = train_policy.main(train_policy.parse_args(common + ["--rft-episodes", "1", "--out", str(tmp_path)]))
+    # the tiny model wins nothing: no turn to train on, the start model is saved as RFT's
+    assert stats == dict(episodes=1, won_episodes=0, won_turns=0)
+    assert (tmp_path / "checkpoint" / "model" / "model.safetensors").exists()
+    first = read_jsonl(tmp_path / "rollouts.jsonl")
+    # more episodes a game, resumed: only the missing one is played, the first is kept as it was
+    stats = train_policy.main(
+        train_policy.parse_args(common + ["--rft-episodes", "2", "--out", str(tmp_path), "--resume"])
+    )
+    rollouts = read_jsonl(tmp_path / "rollouts.jsonl")
+    assert stats["episodes"] == 2 and [r["episode"] for r in rollouts] == [0, 1] and rollouts[0] == first[0]
+    assert json.loads((tmp_path / "rft.json").read_text())["episodes"] == 2
+
+
 def make_commands(*args):
     """The stage commands `make args` runs, in order, each as its argv (run with a PYTHON that prints them)."""
     show = f"{sys.executable} -c 'import json, sys; print(json.dumps(sys.argv[1:]))'"
@@ -178,10 +215,12 @@ def test_the_pipeline_runs_end_to_end_and_prints_table_1(tmp_path):
         PI_GAMES="--first-game 1 --games 1 --max-steps 2",
         PI="--batch-size 2 --max-steps 1",
         FILTER="--filter-k 2 --max-new-tokens 8",
-        ARM="--batch-size 1 --lr 1e-5 --max-steps 1 --eval-every 1",
-        RWML="--group-size 2",
+        ARM="--batch-size 1 --max-steps 1 --eval-every 1",
+        RWML="--group-size 2 --lr 1e-5",
+        SFT="--lr 2e-5",
         WM_FLAGS=f"--max-new-tokens 8 --micro-batch 4 --val-size 3 --heldout {tmp_path}/heldout/triplets.jsonl",
         POLICY="--lora-rank 4 --games 1 --games-per-step 1 --group-size 2 --updates 1 --max-steps 1 --max-new-tokens 8",
+        RFT="--lora-rank 4 --games 1 --rft-episodes 1 --max-steps 1 --max-new-tokens 8",
         EVAL="--games 1 --runs 1 --max-steps 1 --max-new-tokens 8 --splits valid_seen",  # both splits: test_evaluate
         FORGETTING=f"--prompts {prompts}",
     )
@@ -189,12 +228,12 @@ def test_the_pipeline_runs_end_to_end_and_prints_table_1(tmp_path):
         r = run_script(*argv)
         assert r.returncode == 0, " ".join(argv) + "\n" + r.stderr[-2000:]
     start = str(tmp_path / "warmup" / "checkpoint" / "model")
-    arms = {f"{a}_s0": tmp_path / "arms" / f"{a}_s0" for a in ("rwml", "wm_sft", "rwml_no_filter")}
-    arms.pop("rwml_no_filter_s0")  # the third arm: in forgetting and the report, below
+    arms = {f"{a}_s0": tmp_path / "arms" / f"{a}_s0" for a in ("rwml", "wm_sft")}
     saved = {name: torch.load(f / "checkpoint" / "trainer.pt", weights_only=False) for name, f in arms.items()}
     assert {x["args"]["model"] for x in saved.values()} == {start}  # one warm-up checkpoint for every arm
     assert {x["args"]["triplets"] for x in saved.values()} == {str(tmp_path / "filter" / "triplets.filtered.jsonl")}
-    assert {(x["step"], x["args"]["batch_size"], x["args"]["lr"]) for x in saved.values()} == {(1, 1, 1e-5)}
+    assert {(x["step"], x["args"]["batch_size"]) for x in saved.values()} == {(1, 1)}
+    assert saved["wm_sft_s0"]["args"]["lr"] == 2 * saved["rwml_s0"]["args"]["lr"]  # the paper's ratio (B.1)
     assert {x["args"]["seed"] for x in saved.values()} == {0}
     finals = {
         name: [row for row in read_jsonl(f / "metrics.jsonl") if "heldout/reward" in row] for name, f in arms.items()
@@ -206,7 +245,7 @@ def test_the_pipeline_runs_end_to_end_and_prints_table_1(tmp_path):
         assert f"| {name} | 1 | 1 | {final['heldout/reward']:.3f} | {final['heldout/similarity']:.3f} | " in report
     forgetting = json.loads((tmp_path / "forgetting" / "forgetting.json").read_text())
     names = sorted(m["name"] for m in forgetting["models"])
-    assert forgetting["start"] == start and names == sorted([*arms, "rwml_no_filter_s0"])
+    assert forgetting["start"] == start and names == sorted(arms)
     filt = read_jsonl(tmp_path / "filter" / "metrics.jsonl")[0]  # the filter's model is pi', trained on its own games
     assert (
         filt["model"] == str(tmp_path / "pi_prime" / "checkpoint" / "model") and f"scored by {filt['model']}" in report
@@ -217,35 +256,42 @@ def test_the_pipeline_runs_end_to_end_and_prints_table_1(tmp_path):
     assert "| format warm-up | 1 | 3 |" in report and "| held-out, scored | 2 | 3 |" in report  # games, triplets
     rows = (tmp_path / "eval" / "table.md").read_text().splitlines()
     assert rows[0] == "| Method | ID (valid_seen) |"
-    assert [row.split(" | ")[0] for row in rows[2:8]] == [
+    assert [row.split(" | ")[0] for row in rows[2:9]] == [  # the paper's Table 1, in its order
         "| Base",
+        "| RFT",
+        "| Policy RL",
         "| WM SFT",
         "| RWML",
-        "| Policy RL",
         "| WM SFT + Policy RL",
         "| RWML + Policy RL",
     ]
+    assert json.loads((tmp_path / "rft" / "rft.json").read_text())["episodes"] == 1
     assert rows[0] in report and "report.md" in r.stdout and (tmp_path / "report.png").exists()
     for stage in ("collect", "heldout", "warmup", "pi_prime", "arms/rwml_s0", "arms/wm_sft_s0", "policy_rl"):
         assert (tmp_path / stage / "metrics.png").exists(), stage
 
 
 def test_the_experiment_trains_both_arms_once_per_seed_from_the_warm_up_checkpoint():
-    """The Makefile's seed loop, every command printed instead of run: each seed trains RWML and WM SFT from the
-    warm-up checkpoint on the filtered triplets with the same flags, and forgetting compares every arm."""
-    commands = make_commands("pipeline", "OUT=out", "SEEDS=0 1 2")
+    """The Makefile's seed loops, every command printed instead of run: each seed trains RWML and WM SFT (twice
+    RWML's rate) from the warm-up checkpoint on the filtered triplets with the same flags; `make ablations` trains
+    Table 4's three arms with the same flags; forgetting compares every arm."""
+    commands = [c for target in ("pipeline", "ablations") for c in make_commands(target, "OUT=out", "SEEDS=0 1 2")]
     arms = [argv for argv in commands if argv[0] == "train_wm.py" and "out/arms/" in " ".join(argv)]
     flag = lambda argv, name: argv[argv.index(name) + 1]
-    assert [(flag(a, "--mode"), flag(a, "--seed"), flag(a, "--out")) for a in arms] == [
-        (mode, s, f"out/arms/{arm}_s{s}")
-        for s in "012"
-        for mode, arm in (("rwml", "rwml"), ("sft", "wm_sft"), ("rwml", "rwml_no_filter"))
+    table4 = ("rwml_no_filter", "rwml_judge", "rwml_judge_binary")
+    assert [(flag(a, "--seed"), flag(a, "--out").rpartition("/")[2]) for a in arms] == [
+        (s, f"{arm}_s{s}") for arms_ in (("rwml", "wm_sft"), table4) for s in "012" for arm in arms_
     ]
-    own = {"--mode", "--seed", "--out", "--group-size", "--triplets"}  # what differs (G: RWML's samples)
+    assert [flag(a, "--mode") for a in arms[:2]] == ["rwml", "sft"] and float(flag(arms[1], "--lr")) == 2 * float(
+        flag(arms[0], "--lr")
+    )
+    own = {"--mode", "--seed", "--out", "--group-size", "--triplets", "--lr", "--reward", "--judge-max-new-tokens"}
     shared = [[x for i, x in enumerate(a) if x not in own and (i == 0 or a[i - 1] not in own)] for a in arms]
     assert all(s == shared[0] for s in shared) and flag(shared[0], "--model") == "out/warmup/checkpoint/model"
-    assert [flag(a, "--triplets") for a in arms[:3]] == ["out/filter/triplets.filtered.jsonl"] * 2 + [
-        "out/collect/triplets.jsonl"  # the no-filter arm: what the filter prevents
+    assert [flag(a, "--triplets") for a in arms[:2] + arms[6:9]] == ["out/filter/triplets.filtered.jsonl"] * 2 + [
+        "out/collect/triplets.jsonl",  # Table 4's "w/o subsample": all the training triplets
+        "out/filter/triplets.filtered.jsonl",
+        "out/filter/triplets.filtered.jsonl",
     ]
     pi, filt = (next(a for a in commands if flag(a, "--out") == f"out/{s}") for s in ("pi_prime", "filter"))
     assert (flag(pi, "--model"), flag(pi, "--triplets")) == (
@@ -253,14 +299,13 @@ def test_the_experiment_trains_both_arms_once_per_seed_from_the_warm_up_checkpoi
         "out/pi_data/triplets.jsonl",
     )
     assert flag(filt, "--model") == "out/pi_prime/checkpoint/model"
-    forgetting = next(argv for argv in commands if argv[:2] == ["evaluate.py", "--forgetting"])
-    assert flag(forgetting, "--forgetting") == "out/warmup/checkpoint/model"
-    names = forgetting[forgetting.index("--model") + 1 :]
-    assert sorted(names) == sorted(
-        f"{arm}_s{s}=out/arms/{arm}_s{s}/checkpoint/model"
-        for arm in ("rwml", "wm_sft", "rwml_no_filter")
-        for s in "012"
-    )
+    forgetting = [argv for argv in commands if argv[:2] == ["evaluate.py", "--forgetting"]]
+    assert {flag(f, "--forgetting") for f in forgetting} == {"out/warmup/checkpoint/model"}
+    names = [f[f.index("--model") + 1 :] for f in forgetting]
+    assert [sorted(n) for n in names] == [
+        sorted(f"{arm}_s{s}=out/arms/{arm}_s{s}/checkpoint/model" for arm in arms_ for s in "012")
+        for arms_ in (("rwml", "wm_sft"), table4)
+    ]
 
 
 def test_the_experiment_runs_in_fp32_on_any_device():
@@ -269,5 +314,6 @@ def test_the_experiment_runs_in_fp32_on_any_device():
     commands = make_commands("pipeline", "OUT=out") + make_commands("ablations", "OUT=out")
     models = [a for a in commands if a[0] in ("train_wm.py", "train_policy.py", "evaluate.py") and "--model" in a]
     fp32 = lambda a: "--dtype" in a and a[a.index("--dtype") + 1] == "fp32"
-    # pipeline: warm-up, pi', filter, 3 arms x 3 seeds, forgetting, 3 Policy RL, Table 1; ablations: 2 x 3, forgetting
-    assert len(models) == 17 + 7 and all(fp32(a) or "--forgetting" in a for a in models)
+    # pipeline: warm-up, pi', filter, 2 arms x 4 seeds, forgetting, RFT, 3 Policy RL, Table 1; ablations: 3 x 4,
+    # forgetting
+    assert len(models) == 17 + 13 and all(fp32(a) or "--forgetting" in a for a in models)

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import grpo
 import train_wm
 from conftest import ROOT
 from reward import wm_prompt
@@ -67,7 +68,7 @@ def test_sft_lowers_the_loss_on_its_batch(tiny, triplets):
         (tok(chat_prompt(tok, wm_prompt(t)), add_special_tokens=False)["input_ids"], train_wm.sft_target(tok, t))
         for t in read_jsonl(triplets)[:2]
     ]
-    losses = [train_wm.sft_update(model, opt, seqs, args)["loss"] for _ in range(3)]
+    losses = [grpo.sft_update(model, opt, seqs, args)["loss"] for _ in range(3)]
     assert losses[2] < losses[1] < losses[0]
 
 
