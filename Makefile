@@ -41,9 +41,10 @@ install:
 #   make ablations      the paper's Table 4 on the same data, warm-up, filter, seeds and budget: RWML without the
 #                       easy-triplet subsampling (all training triplets), and RWML with the LLM judge's reward of
 #                       Table A8 (a score in [0, 1], and 0.0 / 1.0); the tiny judge writes in JUDGE_TOKENS
-# On a GPU, the paper's protocol (every stage once, then Table 1 of six models):
+# On a GPU, the paper's protocol (every stage once, then Table 1 of seven models):
 #   make pipeline MODEL=Qwen/Qwen2.5-7B-Instruct BUDGET=paper   the paper's settings (README: on a GPU)
-#   make pipeline ENV=tau2 [BUDGET=paper]   the same on τ²-bench: Table 2 (Retail / Telecom / Airline / AVG);
+#   make pipeline ENV=tau2 [BUDGET=paper]   the same on τ²-bench: Table 1's τ² columns (Retail / Telecom / Airline /
+#                                            AVG; OFFICIAL=1: Table A3's setting, GPT-4.1 as the user, 100 steps);
 #                                            the tiny budget plays tau2's small `mock` domain (1 h 21 min on
 #                                            2 cores at 9ed54eb, partly shared: docs/results.md)
 # Each budget variable can be overridden on the command line, e.g. `make pipeline SEEDS="0 1 2 3 4"`.
@@ -53,12 +54,24 @@ endif
 MODEL ?= smollm2-135m
 ifeq ($(ENV),tau2)
 DOMAINS ?= $(if $(filter paper,$(BUDGET)),retail telecom airline,mock)
-# one fixed user in every stage (collection, Policy RL, evaluation): a frozen copy of the base model, loaded once,
-# never trained; or a litellm id (paper: gpt-4.1, Qwen3-235B-A22B-Instruct)
+ifeq ($(BUDGET),paper)
+# the paper's users, litellm ids (C.1, C.2): Qwen3-235B-A22B-Instruct in Policy RL and Table 1, and GPT-4.1 beside it
+# in collection, 3 episodes each; GPT-4.1 needs OPENAI_API_KEY, the Qwen model an OpenAI-compatible server (e.g.
+# vLLM) at HOSTED_VLLM_API_BASE=http://host:port/v1
+USER_MODEL ?= hosted_vllm/Qwen/Qwen3-235B-A22B-Instruct-2507
+COLLECT_USERS ?= gpt-4.1 $(USER_MODEL)
+else
+# offline: one fixed user in every stage (collection, Policy RL, evaluation), a frozen copy of the base model,
+# loaded once, never trained (the paper's users are two larger models: BUDGET=paper)
 USER_MODEL ?= local:$(MODEL)
+COLLECT_USERS ?= $(USER_MODEL)
+endif
 USER_TOKENS ?= $(if $(filter paper,$(BUDGET)),256,48)# the user's reply budget (the tiny budget: as the agent's)
 ENV_FLAGS = --env tau2 --domain $(DOMAINS) --user-model $(USER_MODEL) --user-max-new-tokens $(USER_TOKENS)
-EVAL_ENV_FLAGS = $(ENV_FLAGS)
+COLLECT_ENV_FLAGS = --env tau2 --domain $(DOMAINS) --user-model $(COLLECT_USERS) --user-max-new-tokens $(USER_TOKENS)
+# Table 1: the user of Policy RL, at most 30 steps (C.2); OFFICIAL=1: Table A3, τ²'s official GPT-4.1 user, 100 steps
+EVAL_ENV_FLAGS = $(if $(OFFICIAL),--env tau2 --domain $(DOMAINS) --user-model gpt-4.1 --user-max-new-tokens \
+	$(USER_TOKENS) --max-steps 100,$(ENV_FLAGS))
 endif
 ifeq ($(BUDGET),paper)
 # the paper's settings (the scripts' defaults: the filter's tau_d 0.1 / 0.15 and tau_easy 0.0 of Table A2, WM SFT's
@@ -69,16 +82,16 @@ TUNE ?= --lora-rank 64 --micro-batch 2 --grad-checkpointing
 LR ?= 1e-5
 SFT_LR ?= 2e-5
 EMBED ?= --embedder Qwen/Qwen3-Embedding-8B
-COLLECT ?= --episodes 3
+COLLECT ?= --episodes $(if $(ENV_FLAGS),6,3)# N: 3 a task (B.1); τ²: 6, 3 with each user (C.1)
 PI ?= --val-size 64# pi' (WM SFT on the 10% share, as the arms' WM SFT): scored on 64 of the triplets it filters
 FILTER ?=
 WM ?= $(TUNE)
 RWML ?= --lr $(LR) $(if $(ENV_FLAGS),--group-size 16)
 SFT ?= --lr $(SFT_LR)
-POLICY ?= $(TUNE) --lr $(LR) $(if $(ENV_FLAGS),--group-size 16)
-RFT ?= $(TUNE) --lr $(SFT_LR)# N = 3 (τ²: 6) episodes of every training game, SFT on the won ones (Sec. 3.1)
+POLICY ?= $(TUNE) --lr $(LR) $(if $(ENV_FLAGS),--max-steps 30)# G 8, 300 / 200 updates (B.2, C.2): the defaults
+RFT ?= $(TUNE) --lr $(SFT_LR) $(if $(ENV_FLAGS),--max-steps 30)# N = 3 (τ²: 6) episodes a game, SFT on the won ones
 WM_EVAL ?=
-EVAL ?= --runs 3
+EVAL ?= --runs 3 $(if $(ENV_FLAGS),$(if $(OFFICIAL),,--max-steps 30))# Table 1: 3 runs, at most 30 steps
 else ifeq ($(ENV),tau2)
 # the world model's τ² state holds the policy and the tools (~2k tokens on mock): fewer, smaller updates
 EMBED ?=
@@ -177,8 +190,8 @@ ablations: install
 # the paper's protocol: interaction learning on `train` -> the easy-triplet filter (Sec. 3.2: 10% of collect's
 # games train an auxiliary model pi' by WM SFT; pi' scores the other 90%, K predictions each; easy triplets are kept
 # with probability 0.1) -> RWML, and the WM SFT baseline, from the base model on the kept triplets -> held-out
-# world-model scores -> Policy RL from the base model, from WM SFT and from RWML -> Table 1 of all six models
-# (ALFWorld: valid_seen ID / valid_unseen OOD; τ²: Table 2) -> forgetting of the five trained models against the
+# world-model scores -> RFT, and Policy RL from the base model, from WM SFT and from RWML -> Table 1 of all seven models
+# (ALFWorld: valid_seen ID / valid_unseen OOD; τ²: its τ² columns) -> forgetting of the six trained models against the
 # base model (Sec. 4), in $(OUT)/forgetting/forgetting.md beside $(OUT)/eval/table.md.
 # The held-out world-model triplets are pi''s share ($(OUT)/split/heldout.jsonl): no evaluated model trains on it,
 # and no game is on both sides. pi' is never evaluated; its own held-out scores are on triplets it then filters.
@@ -188,7 +201,7 @@ TRAINED = "RFT=$(OUT)/rft/$(CKPT)" "Policy RL=$(OUT)/policy_rl/$(CKPT)" "WM SFT=
 	"RWML=$(OUT)/rwml/$(CKPT)" "WM SFT + Policy RL=$(OUT)/wm_sft_policy_rl/$(CKPT)" \
 	"RWML + Policy RL=$(OUT)/rwml_policy_rl/$(CKPT)"
 protocol:
-	$(PYTHON) collect.py --model $(MODEL) $(ENV_FLAGS) --split train $(COLLECT) --out $(OUT)/collect
+	$(PYTHON) collect.py --model $(MODEL) $(if $(ENV_FLAGS),$(COLLECT_ENV_FLAGS)) --split train $(COLLECT) --out $(OUT)/collect
 	$(if $(ENV_FLAGS),,$(PYTHON) evaluate.py --calibrate $(OUT)/collect/triplets.jsonl $(EMBED))
 	$(PYTHON) train_wm.py --mode split --triplets $(OUT)/collect/triplets.jsonl --out $(SPLIT)
 	$(PYTHON) train_wm.py --mode sft --model $(MODEL) --triplets $(HELDOUT_WM) --heldout $(SPLIT)/train.jsonl \

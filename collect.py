@@ -65,7 +65,7 @@ def parse_args(argv=None):
     add_play_args(p, temperature=1.0, batch_games=None)  # --env --max-steps --history ... --user-model (support/play)
     add_plan_args(p)  # --max-memory-gb --dry-run
     args = p.parse_args(argv)
-    args = play_defaults(args, max_steps=30, model=args.model if args.policy == "model" else None)
+    args = play_defaults(args, max_steps=30, model=args.model if args.policy == "model" else None, several_users=True)
     if args.env == "tau2" and args.policy == "random":
         p.error("--policy random needs ALFWorld's admissible commands; τ²-bench has none")
     if args.invalid_rate and args.policy != "random":
@@ -314,15 +314,16 @@ def record_episodes(
     plot=True,
     user=None,
     invalid_triplets="keep",
+    which=lambda e: True,
 ):
-    """Play `episodes` episodes of each game, append them to `out` (and plot its metrics.jsonl), and return all
-    rollout records (old and new). Without `model` the model settings.model is loaded (only if an episode is
-    left to play by it)."""
+    """Play `episodes` episodes of each game (those `which` of their index accepts), append them to `out` (and
+    plot its metrics.jsonl), and return all rollout records (old and new). Without `model` the model
+    settings.model is loaded (only if an episode is left to play by it)."""
     set_seed(settings.seed)
     (f_roll, f_trip, f_metrics), done, rollouts = open_outputs(out, resume)
     name = (lambda g: g) if settings.env == "tau2" else game_id
     # a game's episodes side by side: they start from the same prompt, which lm.sample prefills once
-    jobs = [(g, split, e) for g in games for e in range(episodes) if episode_key(name(g), e) not in done]
+    jobs = [(g, split, e) for g in games for e in range(episodes) if which(e) and episode_key(name(g), e) not in done]
     per_turn = (64_000 if settings.env == "tau2" else 2_000) + 4 * settings.max_new_tokens  # τ² states: policy, tools
     check_disk(
         out, len(jobs) * settings.max_steps * per_turn, f"{len(jobs)} episodes of up to {settings.max_steps} turns"
@@ -372,19 +373,23 @@ def collect(args, model=None, tok=None, desc="collect"):
         print(f"--dry-run: {len(games) * args.episodes} episodes of the random policy: no model to plan for")
         raise SystemExit(0)
     claim_out(args.out, "collect", args.resume)  # the games check out: --out is this run's
-    return record_episodes(
-        games,
-        args.split,
-        args.episodes,
-        play_settings(args),
-        args.out,
-        args.resume,
-        model,
-        tok,
-        args.dtype,
-        desc,
-        invalid_triplets=args.invalid_triplets,
-    )
+    users = getattr(args, "users", None) or [args.user_model]  # τ²: several users share a task's episodes (C.1)
+    for k, user in enumerate(users):  # episode e of a task is played with user e mod U, into the same files
+        rollouts = record_episodes(
+            games,
+            args.split,
+            args.episodes,
+            play_settings(args, user_model=user),
+            args.out,
+            args.resume or k > 0,
+            model,
+            tok,
+            args.dtype,
+            desc,
+            invalid_triplets=args.invalid_triplets,
+            which=lambda e, k=k: e % len(users) == k,
+        )
+    return rollouts
 
 
 def main(args):

@@ -406,7 +406,7 @@ def table(results):
             games = [r["games"] for r in splits]
             row.append(pct([sum(g * x for g, x in zip(games, v)) / sum(games) for v in per_run]))
         lines.append("| " + " | ".join(row) + " |")
-    if tau2:  # Table 2's rows compare only against one user; τ²'s own metrics (tau2.metrics.agent_metrics)
+    if tau2:  # Table 1's τ² rows compare only against one user; τ²'s own metrics (tau2.metrics.agent_metrics)
         users = sorted({(r["user_model"], r["user_temperature"]) for r in results}, key=str)
         lines += [
             "",

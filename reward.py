@@ -62,21 +62,25 @@ Directly present your final prediction of the next observation (use the past and
 examples!) within <next_state> </next_state> tags. DO NOT generate anything else."""
 
 
-WM_PROMPT_TAU2 = """You are a world model of a customer-service environment: an agent helps a user by talking \
-to them and by calling tools on the company's database.
-Predict what the agent receives after its next message: the user's reply to a message, or the tool's answer \
-to a tool call, written as JSON in which every value is replaced by its type (str, int, float, bool, null), every \
-key that is data (an id, a date, a name) by "str", and a list or such a map shows each distinct element once.
-{state}
+# τ²-bench (Tables A6 and A7): the state is the agent's own view (τ²'s system prompt with the policy and the tools,
+# the user's basic information, the conversation; support/tau2_env.wm_state), then the potential response and the
+# task; a JSON tool answer is predicted as its OpenAPI schema (C.1), as the target is written (tau2_env.mask_json).
+WM_PROMPT_TAU2 = """{state}
 
-The agent's next message: {action}
+Potential assistant response: {action}
 
+# Your Task
+Now, your task is to predict the immediate next user/tool response if the above 'potential assistant response' is \
+used based on the available information above.
 """
-WM_INSTRUCTION_TAU2 = """First reason step by step about the consequences of this message inside <think> </think> \
-tags.
-Then write the next message the agent receives inside <next_state> </next_state> tags."""
-WM_SFT_INSTRUCTION_TAU2 = """DO NOT perform any thinking. Directly present the next message the agent receives \
-inside <next_state> </next_state> tags."""
+WM_FORMAT_TAU2 = """Note that a user response should be written as plain text. A tool response may be a short status \
+message (e.g., no data found, error, transaction success, etc.,) or a JSON object; if it is JSON, only predict the \
+JSON schema in OpenAPI format rather than actual values (e.g., {"type": "object", "properties": {"customer_id": \
+{"type": "string"}, "full_name": {"type": "string"}},...})."""
+WM_INSTRUCTION_TAU2 = """Once you've finished your thinking, format your final prediction of the next user/tool \
+response and task completion status within <next_state> </next_state> tags. """
+WM_SFT_INSTRUCTION_TAU2 = """DO NOT perform any thinking. Directly present your final prediction of the next \
+user/tool response within <next_state> </next_state> tags. """
 
 
 def format_history(history):
@@ -89,11 +93,11 @@ def format_history(history):
 def wm_prompt(triplet, think=True):
     """The world model's input: RWML's prompt (think=True: reason, then predict; paper Table A4) or WM SFT's
     (think=False: predict directly; Table A5), both in the agent's framing: the task, the last H turns, the current
-    observation, the potential action. On τ²-bench the state holds what the agent sees (τ²'s system prompt with the
-    policy, the tools, the conversation) and the user's basic information."""
+    observation, the potential action. On τ²-bench (Tables A6, A7) the state holds what the agent sees (τ²'s system
+    prompt with the policy, the tools, the conversation) and the user's basic information."""
     if triplet.get("env") == "tau2":
         tail = WM_INSTRUCTION_TAU2 if think else WM_SFT_INSTRUCTION_TAU2
-        return WM_PROMPT_TAU2.format(state=triplet["state"], action=triplet["action"]) + tail
+        return WM_PROMPT_TAU2.format(state=triplet["state"], action=triplet["action"]) + tail + WM_FORMAT_TAU2
     history = triplet["history"]
     return WM_OPENING.format(
         task=triplet["task"],

@@ -385,7 +385,7 @@ def main(args):
             "admissible action wins no game; docs/stages.md)"
         )
         print(*[w for w in (cut, silent if not any(r["updated"] for r in rows) else None) if w], sep="\n")
-    print(f"next: python evaluate.py --model NAME={ckpt}/model --out ...  (Table 1; τ²: Table 2, with --env tau2)")
+    print(f"next: python evaluate.py --model NAME={ckpt}/model --out ...  (Table 1; τ²: with --env tau2)")
     return rows
 
 

@@ -8,6 +8,7 @@ Each stage adds the flags with its own defaults (temperature: 1.0 to collect and
 
 import math
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 from support.checks import at_least, check_model, fail, non_negative, positive
 from support.lm import TINY_MODEL, load_tokenizer, thinks
@@ -75,11 +76,14 @@ def add_play_args(p, temperature, batch_games):
     )
     g.add_argument(
         "--user-model",
+        nargs="+",
         default=None,
         help="τ²'s user simulator, one fixed user: 'local:MODEL' (a local model, HF id or folder, loaded once, frozen, "
         "at τ²'s user temperature 0, thinking off) or a litellm model id, e.g. gpt-4.1, or openai/<name> with "
-        "OPENAI_API_BASE=http://host:port/v1 for an OpenAI-compatible server (paper: Qwen3-235B-A22B-Instruct or "
-        "GPT-4.1) (default: local:<--model>, the first --model of evaluate.py; `make pipeline` passes the base model)",
+        "OPENAI_API_BASE=http://host:port/v1 for an OpenAI-compatible server (paper: Qwen3-235B-A22B-Instruct, and "
+        "GPT-4.1 beside it to collect, C.1); collect.py takes several and plays episode e of a task with the "
+        "(e mod U)-th (default: local: the base model, the one --model's checkpoints started from, never a trained "
+        "checkpoint; `make pipeline` passes it)",
     )
     g.add_argument(
         "--self-user",
@@ -103,19 +107,43 @@ def add_plan_args(p):
     p.add_argument("--dry-run", action="store_true", help="print the memory and time plans and exit")
 
 
-def play_defaults(args, max_steps, tokens=True, model=None):
+def base_model(model):
+    """The model a chain of runs started from: a checkpoint's trainer.pt beside checkpoint/model names its run's
+    --model, followed back to a model no run of this project wrote (τ²'s default user: never a trained checkpoint)."""
+    import torch
+
+    seen = {model}
+    while (Path(model).parent / "trainer.pt").is_file():
+        state = torch.load(Path(model).parent / "trainer.pt", map_location="cpu", weights_only=False, mmap=True)
+        model = state["args"]["model"]
+        if model in seen:
+            break
+        seen.add(model)
+    return model
+
+
+def play_defaults(args, max_steps, tokens=True, model=None, several_users=False):
     """--max-steps and --max-new-tokens where not given: `max_steps` agent steps on ALFWorld, τ²'s own 200
     orchestrator steps; AGENT_TOKENS, + THINKING_TOKENS when `model` thinks under --thinking on (`tokens=False`:
-    leave --max-new-tokens as given); τ²'s fixed user: local: the (first) --model unless --user-model names one,
-    or "self" under --self-user."""
+    leave --max-new-tokens as given); τ²'s fixed user: local: the model the (first) --model started from (`base_model`)
+    unless --user-model names one, or "self" under --self-user. `several_users`: the stage takes several
+    --user-model (collect.py), kept in args.users; args.user_model is then the local one (for the memory plan)."""
     args.max_steps = args.max_steps or (TAU2_MAX_STEPS if args.env == "tau2" else max_steps)
     if args.env == "tau2":
-        if args.user_model == "local" or (args.self_user and args.user_model):
+        given = args.user_model or []
+        if "local" in given or (args.self_user and given):
             fail("--user-model: name one fixed user (local:MODEL or a litellm id), or pass --self-user for self-play")
         first = args.model if isinstance(args.model, str) else args.model[0].rpartition("=")[2]
-        args.user_model = "self" if args.self_user else args.user_model or f"local:{first}"
-        if args.user_model.startswith("local:"):
-            check_model(args.user_model.removeprefix("local:"))
+        if len(given) > 1 and not several_users:
+            fail(f"--user-model: {len(given)} users; this stage plays against one fixed user (collect.py: several)")
+        default = f"local:{base_model(first)}"
+        if not given and not args.self_user and default != f"local:{first}":
+            print(f"τ² user: {default} (the model --model's checkpoints started from; --user-model names another)")
+        args.users = ["self"] if args.self_user else given or [default]
+        args.user_model = next((u for u in args.users if u.startswith("local:")), args.users[0])
+        for u in args.users:
+            if u.startswith("local:"):
+                check_model(u.removeprefix("local:"))
     if tokens and not args.max_new_tokens:
         thinks_here = args.thinking == "on" and model is not None and model_thinks(model)
         args.max_new_tokens = AGENT_TOKENS[args.env] + (THINKING_TOKENS if thinks_here else 0)

@@ -105,7 +105,10 @@ def list_tasks(domains, split, n=None, ids=None):
 
 
 def user_info(task):
-    """The user's basic information that the world model sees (who they are, not what they want)."""
+    """The user's basic information that the world model sees (paper C.1: "available to the user simulator", never
+    the user's intent): τ²'s task data keeps it in user_scenario.instructions.known_info ("You are Yusuf Rossi in zip
+    code 19122."), beside what the user does not know (unknown_info), why they call (reason_for_call) and what to do
+    (task_instructions), which stay out; a task without known_info gives the user's persona, if any."""
     instructions = task.user_scenario.instructions
     return getattr(instructions, "known_info", None) or task.user_scenario.persona or ""
 
@@ -203,12 +206,15 @@ def tau2_agent_prompt(tok, ep, thinking=True):
 
 def parse_reply(text, tool_names, requestor="assistant"):
     """A model's message -> (content, tool_calls, valid), read as a server's Hermes tool parser reads Qwen's
-    format. Thinking is dropped (`strip_thinking`: a think block left open leaves no message). Each
-    <tool_call>{"name": ..., "arguments": ...}</tool_call> whose JSON is an object with a string name is a tool
-    call, sent to the environment whatever it names: an unknown tool or arguments that are no object get
-    tau2's own error there (valid: false). Text without such a call goes to the other side as a message (a
-    <tool_call> block that is no such object: the whole text, valid: false). No text at all: (None, None, False),
-    an empty reply, which the loop asks again for (`write`)."""
+    format (vLLM's Hermes2ProToolParser.extract_tool_calls). Thinking is dropped (`strip_thinking`: a think block
+    left open leaves no message). Each <tool_call>{"name": ..., "arguments": ...}</tool_call> whose JSON is an
+    object with a string name is a tool call, sent to the environment whatever it names: an unknown tool or
+    arguments that are no object get tau2's own error there (valid: false); every call of the reply is made, in
+    order. The text before the first call is the message's content, kept beside its calls as τ² keeps it
+    (tau2/utils/llm_utils.generate: AssistantMessage(content=..., tool_calls=...)), where τ²'s communicate check
+    reads it; None when there is none. Text without such a call goes to the other side as a message (a <tool_call>
+    block that is no such object: the whole text, valid: false). No text at all: (None, None, False), an empty
+    reply, which the loop asks again for (`write`)."""
 
     text = strip_thinking(text or "").strip()
     blocks = re.findall(r"<tool_call>(.*?)(?:</tool_call>|$)", text, flags=re.S)
@@ -230,7 +236,7 @@ def parse_reply(text, tool_names, requestor="assistant"):
                 id=f"call_{next(CALL_IDS)}", name=call["name"], arguments=args, requestor=requestor
             )
         )
-    return None, calls, valid
+    return text[: text.find("<tool_call>")].strip() or None, calls, valid
 
 
 class ModelAgent(LLMAgent):
@@ -350,8 +356,10 @@ def message_record(m, call_names):
 
 
 def message_text(m):
-    """An agent's or user's message as the action a triplet records: its tool calls, or else its text."""
-    return "\n".join(tool_call_text(c) for c in m.get("tool_calls") or []) or m["content"]
+    """An agent's or user's message as the action a triplet records: its text, then its tool calls, as Qwen's
+    template writes them."""
+    calls = [tool_call_text(c) for c in m.get("tool_calls") or []]
+    return "\n".join([m["content"]] * bool(m["content"]) + calls)
 
 
 def step_tau2(ep, max_steps):
@@ -457,7 +465,8 @@ def write(eps, role, model, tok, temperature, new_tokens, limit, thinking=True):
     sampled = todo = [ep for ep in eps if id(ep) in prompts]
     for attempt in range(TAU2_RETRIES + 1 if todo else 0):
         heat = temperature if attempt == 0 or temperature > 0 else 1.0
-        outputs = sample(model, tok, [prompts[id(ep)] for ep in todo], new_tokens, heat, stop=["</tool_call>"])
+        # no stop string: a turn ends at the model's end of turn, after as many tool calls as it makes
+        outputs = sample(model, tok, [prompts[id(ep)] for ep in todo], new_tokens, heat)
         for ep, (prompt_ids, completion_ids, text) in zip(todo, outputs):
             speaker(ep).reply = text
             if agent:
@@ -527,53 +536,67 @@ def closed(kind):
     return get_origin(kind) is Literal or (isinstance(kind, type) and issubclass(kind, Enum))
 
 
-def masked(value, kind):
-    """The JSON text of `value` masked to its schema, `kind` being its annotation in tau2's data models. Every
-    value becomes its type's name; a key stays only where it is schema: a field of a data model, a key of a closed
-    set (Literal / Enum), or a key of an untyped record (`Dict[str, Any]`, `Any`: telecom's tools write their
-    own fixed keys); every other key is data (a `Dict[str, ...]` of payment-method or variant ids, dates, option
-    names; the product names of a tool typed as returning text) and becomes "str". A list, and the entries of a
-    map with data keys, show each distinct masked element once: their number is data too (a tuple keeps its
-    positions)."""
+JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string", type(None): "null"}
+
+
+def one_of(schemas):
+    """One schema for several values: their distinct schemas, once each (`anyOf` where they differ)."""
+    distinct = list({json.dumps(x): x for x in schemas}.values())
+    return distinct[0] if len(distinct) == 1 else dict(anyOf=distinct)
+
+
+def openapi_schema(value, kind):
+    """The OpenAPI schema of `value` (paper C.1: a tool answer's values masked by its schema), `kind` being its
+    annotation in tau2's data models. A field of a data model, a key of a closed set (Literal / Enum: airline's
+    cabins) or of an untyped record (`Dict[str, Any]`, `Any`: telecom's tools write their own fixed keys) is a
+    property; any other key is data (a `Dict[str, ...]` of payment-method or variant ids, dates, option names; the
+    product names of a tool typed as returning text), and its map is `additionalProperties`. A list's and a data
+    map's entries give one `items` / `additionalProperties` schema (their number is data too), a tuple one per
+    position (`prefixItems`); a value is its type: string, integer, number, boolean, null."""
     kinds = members(kind)
     if isinstance(value, dict):
         models = [k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)]
         fields = {n: f.annotation for k in models for n, f in k.model_fields.items()}
         maps = [get_args(k) for k in kinds if get_origin(k) is dict and get_args(k)]
-        if models:  # a data model: its fields are schema
-            entries = [(k if k in fields else "str", masked(v, fields.get(k, Any))) for k, v in value.items()]
-        else:  # a map: its keys are schema if they are a closed set or the record is untyped, else data
-            key, item = maps[0] if maps else (None, Any)
-            keep = closed(key) or (maps and item is Any) or kind is Any
-            entries = [(k if keep else "str", masked(v, item)) for k, v in value.items()]
-        return "{" + ", ".join(f"{json.dumps(k)}: {v}" for k, v in dict.fromkeys(entries)) + "}"
+        key, item = maps[0] if maps else (None, Any)
+        if models:  # a data model: its fields are properties
+            props = {k: openapi_schema(v, fields[k]) for k, v in value.items() if k in fields}
+            extra = [openapi_schema(v, Any) for k, v in value.items() if k not in fields]
+        elif closed(key) or (maps and item is Any) or kind is Any:  # a map whose keys are schema
+            props, extra = {k: openapi_schema(v, item) for k, v in value.items()}, []
+        else:  # a map whose keys are data
+            props, extra = {}, [openapi_schema(v, item) for v in value.values()]
+        out = dict(type="object", properties=props) if props else dict(type="object")
+        return dict(out, additionalProperties=one_of(extra)) if extra else out
     if isinstance(value, list):
         args = next((get_args(k) for k in kinds if get_origin(k) in (list, tuple) and get_args(k)), (Any,))
         if any(get_origin(k) is tuple for k in kinds) and args[-1] is not Ellipsis:  # tuple[A, B]: every position
-            return "[" + ", ".join(masked(v, a) for v, a in zip(value, args)) + "]"
-        return "[" + ", ".join(dict.fromkeys(masked(v, args[0]) for v in value)) + "]"
-    return json.dumps("null" if value is None else type(value).__name__)  # bool, int, float, str
+            return dict(type="array", prefixItems=[openapi_schema(v, a) for v, a in zip(value, args)])
+        return dict(type="array", **(dict(items=one_of([openapi_schema(v, args[0]) for v in value])) if value else {}))
+    return dict(type=JSON_TYPES.get(type(value), "string"))
 
 
 def mask_json(text, domain=None, tool=None):
-    """A tool's answer masked to its schema (`masked`), the world model's target for tool calls (paper, τ²-bench),
-    the schema read from the tool's return annotation in `domain`. A bare value is its type's name: text that is not
-    JSON is str."""
+    """A tool's answer as the world model predicts it (paper C.1, Table A6): JSON becomes its OpenAPI schema
+    (`openapi_schema`, read against the tool's return annotation in `domain`), written as JSON; a short status
+    message that is no JSON ("Transfer successful") stays as it is."""
     try:
         value = json.loads(text)
     except (json.JSONDecodeError, TypeError):
-        return "str"
-    out = masked(value, tau2_domain(domain).returns.get(tool, Any) if domain else Any)
-    return json.loads(out) if out.startswith('"') else out
+        return text
+    return json.dumps(openapi_schema(value, tau2_domain(domain).returns.get(tool, Any) if domain else Any))
 
 
 def wm_state(domain, task, messages):
-    """The world model's τ² state before an agent message: the agent's own messages (`agent_chat`: tau2's system
-    prompt, then the conversation) and tools, written as text the way Qwen's template writes them (`as_text`),
-    with the user's basic information (`task`) after the system prompt."""
+    """The world model's τ² state before an agent message (paper Table A6): the agent's own messages (`agent_chat`:
+    tau2's system prompt, then the conversation) and tools, written as text the way Qwen's template writes them
+    (`as_text`), with the user's basic information (`user_info`) between the system prompt and the history."""
     system, *chat = as_text(agent_chat(domain, messages), tau2_domain(domain).tools)
     conversation = "\n\n".join(f"[{m['role']}]\n{m['content']}" for m in chat) or "(none)"
-    return f"{system['content']}\n\nUser information: {task or '(none)'}\n\nThe conversation so far:\n{conversation}"
+    return (
+        f"{system['content']}\n\n# User Information\nThe following information about the user is available:\n"
+        f"{task or '(none)'}\n\n# History\n{conversation}"
+    )
 
 
 def tau2_triplet_records(rollout):
@@ -626,6 +649,9 @@ def tau2_rollout_record(ep, settings):
         steps=len(ep.turns),
         invalid=sum(not t["valid"] for t in ep.turns),
         cut_turns=ep.cut,
+        # the agent's replies that wrote text beside their tool calls, and those with several calls (τ² keeps both)
+        calls_with_text=sum(bool(m.get("tool_calls")) and bool(m["content"]) for m in ep.messages if "output" in m),
+        multi_call_turns=sum(len(m.get("tool_calls") or []) > 1 for m in ep.messages if "output" in m),
         termination=ep.termination,
         reward_info=ep.reward_info,
         turns=ep.turns,

@@ -24,7 +24,7 @@ flag = lambda argv, name: argv[argv.index(name) + 1] if name in argv else None
 @pytest.mark.parametrize("env", ["alfworld", "tau2"])
 def test_the_protocol_chains_the_papers_stages_in_order_with_their_inputs(env):
     """collect -> split by game -> WM SFT of pi' on the 10% share -> filter with pi' -> RWML and WM SFT from the
-    base model on the kept triplets -> held-out scores -> Policy RL x3 -> Table 1 -> forgetting (paper Sec. 3-4)."""
+    base model on the kept triplets -> held-out scores -> RFT, Policy RL x3 -> Table 1 -> forgetting (Sec. 3-4)."""
     commands, model = protocol(env), PAPER[env]
     head = lambda argv: " ".join(
         argv[:3]
@@ -43,11 +43,12 @@ def test_the_protocol_chains_the_papers_stages_in_order_with_their_inputs(env):
         "train_wm.py --mode rwml",
         "train_wm.py --mode sft",  # the WM SFT baseline
         "evaluate.py --wm",
-        *["train_policy.py"] * 3,
+        *["train_policy.py"] * 4,  # RFT, then Policy RL from three starts
         "evaluate.py",
         "evaluate.py --forgetting",
     ]
-    collect, split, pi, filt, rwml, sft, wm_eval, *policies = [a for a in commands if "--calibrate" not in a][:10]
+    collect, split, pi, filt, rwml, sft, wm_eval, rft, *policies = [a for a in commands if "--calibrate" not in a][:11]
+    assert (flag(rft, "--method"), flag(rft, "--model"), flag(rft, "--out")) == ("rft", model, "out/rft")
     eval_, forgetting = commands[-2:]
     assert flag(collect, "--model") == model and flag(collect, "--out") == "out/collect"
     assert flag(split, "--triplets") == "out/collect/triplets.jsonl" and flag(split, "--out") == "out/split"
@@ -78,10 +79,11 @@ def test_the_protocol_chains_the_papers_stages_in_order_with_their_inputs(env):
     ]
     starts = [flag(p, "--model") for p in policies]
     assert starts == [model, "out/wm_sft/checkpoint/model", "out/rwml/checkpoint/model"]
-    trained = [
+    trained = [  # Table 1's rows, in its order
+        "RFT=out/rft/checkpoint/model",
+        "Policy RL=out/policy_rl/checkpoint/model",
         "WM SFT=out/wm_sft/checkpoint/model",
         "RWML=out/rwml/checkpoint/model",
-        "Policy RL=out/policy_rl/checkpoint/model",
         "WM SFT + Policy RL=out/wm_sft_policy_rl/checkpoint/model",
         "RWML + Policy RL=out/rwml_policy_rl/checkpoint/model",
     ]
@@ -124,7 +126,7 @@ def test_the_settings_table_agrees_with_make_n_pipeline_budget_paper():
     for setting, stage, pairs in rows:
         env = "tau2" if "ENV=tau2" in stage else "alfworld"
         words = stage.split("(")[0].split()
-        modes = ("--wm", "--calibrate", "--forgetting", "--mode")
+        modes = ("--wm", "--calibrate", "--forgetting", "--mode", "--method")
         lines = [a for a in commands[env] if a[: len(words)] == words and (len(words) > 1 or a[1] not in modes)]
         if not pairs or stage == "every stage":
             continue

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import re
 import subprocess
 
 import pytest
@@ -57,13 +58,15 @@ def gold_script(orch, drop_last_write=False):
 STOP = "Thanks, that's all. ###STOP###"
 
 
-def replay(name, drop_last_write=False, tok=None, max_steps=200):
+def replay(name, drop_last_write=False, tok=None, max_steps=200, edit=None):
     """Drive the adapter (the model's agent and local user classes, step_tau2) with `gold_script`'s replies instead
-    of sampled ones. With `tok`, the local user's chat prompt at each of its turns is kept in `ep.user_prompts`."""
+    of sampled ones (`edit`: a function that rewrites the agent's). With `tok`, the local user's chat prompt at each
+    of its turns is kept in `ep.user_prompts`."""
     from tau2.orchestrator.orchestrator import Role
 
     ep = start_tau2(name, "test", 0, seed=0, user_model="local:smollm2-135m")
     agent, user = gold_script(ep.orch, drop_last_write)
+    agent = edit(agent) if edit else agent
     ep.user_prompts = []
     while not ep.done:
         if ep.orch.to_role == Role.AGENT:
@@ -195,14 +198,66 @@ def test_gold_replay_triplets_state_what_the_agent_sees_and_mask_tool_answers_to
     first, last = triplets[0]["state"], triplets[-1]["state"]
     assert first.startswith("<instructions>\nYou are a customer service agent") and "\n# Tools\n" in first
     assert first.endswith("[assistant]\nHi! How can I help you today?\n\n[user]\nI need help, please.")
-    assert "[user]\n<tool_response>\n" in last and "User information: " in last
+    assert "[user]\n<tool_response>\n" in last and "\n\n# User Information\nThe following information about" in last
+    assert "\n\n# History\n[assistant]\nHi! How can I help you today?" in first  # Table A6's order
     for t in tools:
         assert t["action"].startswith("<tool_call>\n{") and t["action"].endswith("}\n</tool_call>")
     masked = {t["action"].split('"')[3]: t["next_state"] for t in tools}
-    assert masked["get_product_details"] == (
-        '{"name": "str", "product_id": "str", "variants": {"str": {"item_id": "str", "options": {"str": "str"}, '
-        '"available": "bool", "price": "float"}}}'
-    )  # the variant ids and option names are data: one entry for the product's many variants
+    variants = json.loads(masked["get_product_details"])["properties"]["variants"]  # keyed by variant ids: data
+    assert set(variants) == {"type", "additionalProperties"} and set(
+        variants["additionalProperties"]["properties"]
+    ) == {"item_id", "options", "available", "price"}
+
+
+def openapi_problems(schema, path="$"):
+    """What makes `schema` no OpenAPI schema of the kinds mask_json writes (empty: none): every node a type of
+    object / array / string / integer / number / boolean / null, or anyOf; only the keys its type allows."""
+    if not isinstance(schema, dict):
+        return [f"{path}: {schema!r} is no schema"]
+    if "anyOf" in schema:
+        if set(schema) != {"anyOf"} or len(schema["anyOf"]) < 2:
+            return [f"{path}: anyOf of {len(schema['anyOf'])}, or beside {sorted(schema)}"]
+        return [p for i, x in enumerate(schema["anyOf"]) for p in openapi_problems(x, f"{path}.anyOf[{i}]")]
+    kind = schema.get("type")
+    allowed = dict(object={"properties", "additionalProperties"}, array={"items", "prefixItems"})
+    if kind not in ("object", "array", "string", "integer", "number", "boolean", "null"):
+        return [f"{path}: type {kind!r}"]
+    if set(schema) - {"type"} - allowed.get(kind, set()):
+        return [f"{path}: keys {sorted(schema)} for a {kind}"]
+    children = [(f"{path}.{k}", v) for k, v in schema.get("properties", {}).items()]
+    children += [(f"{path}.*", schema[k]) for k in ("additionalProperties", "items") if k in schema]
+    children += [(f"{path}[{i}]", v) for i, v in enumerate(schema.get("prefixItems", []))]
+    return [p for where, child in children for p in openapi_problems(child, where)]
+
+
+def property_names(schema):
+    if not isinstance(schema, dict):
+        return []
+    own = list(schema.get("properties", {}))
+    nested = [*schema.get("properties", {}).values(), *schema.get("anyOf", []), *schema.get("prefixItems", [])]
+    nested += [schema[k] for k in ("additionalProperties", "items") if k in schema]
+    return own + [n for child in nested for n in property_names(child)]
+
+
+@pytest.mark.parametrize("name", ["retail/5", "airline/8", TELECOM])
+def test_every_tool_answer_of_a_domain_is_written_as_a_valid_openapi_schema_without_its_data(name):
+    ep = replay(name)
+    domain = name.split("/")[0]
+    answers = [m for m in ep.messages if m["role"] == "tool" and not m["error"]]
+    assert answers
+    for m in answers:
+        out = mask_json(m["content"], domain, m["name"])
+        try:
+            json.loads(m["content"])
+        except json.JSONDecodeError:  # a status message ("Transfer successful") is predicted as it is (C.1)
+            assert out == m["content"]
+            continue
+        schema = json.loads(out)
+        assert openapi_problems(schema) == [], (m["name"], out)
+        # no value of the answer is left, and no key that is data (ids, dates: a run of digits) names a property
+        assert all(not re.search(r"\d{4}", k) for k in property_names(schema)), (m["name"], out)
+        values = re.findall(r'(?<=: )"([^"]{3,})"', m["content"])
+        assert not [v for v in values if f'"{v}"' in out and v not in property_names(schema)], (m["name"], out)
 
 
 def answer(domain, tool, **arguments):
@@ -213,36 +268,35 @@ def answer(domain, tool, **arguments):
     return registry.get_env_constructor(domain)().get_response(ToolCall(name=tool, arguments=arguments)).content
 
 
-def test_the_schema_mask_masks_data_keys_of_real_retail_and_airline_answers():
+def test_the_schema_mask_makes_maps_with_data_keys_additional_properties():
     real = answer("retail", "get_user_details", user_id="noah_brown_6181")
     assert '"paypal_5727330": {' in real and '"credit_card_7815826": {' in real
-    assert mask_json(real, "retail", "get_user_details") == (
-        '{"user_id": "str", "name": {"first_name": "str", "last_name": "str"}, "address": {"address1": "str", '
-        '"address2": "str", "city": "str", "country": "str", "state": "str", "zip": "str"}, "email": "str", '
-        '"payment_methods": {"str": {"source": "str", "id": "str"}, "str": {"source": "str", "id": "str", '
-        '"brand": "str", "last_four": "str"}}, "orders": ["str"]}'
-    )  # the payment methods' ids are data keys; each kind of entry once; the orders' number is data too
-    real = answer("airline", "get_user_details", user_id="mia_li_3668")
-    out = mask_json(real, "airline", "get_user_details")
-    assert real.count('"certificate_') == 4 and "certificate" not in out and "4856383" not in out
-    assert '"payment_methods": {"str": {"source": "str", "id": "str", "brand": "str", "last_four": "str"}, ' in out
-    assert '"str": {"source": "str", "id": "str", "amount": "float"}}' in out and out.endswith(
-        '"reservations": ["str"]}'
+    schema = json.loads(mask_json(real, "retail", "get_user_details"))
+    payments = schema["properties"]["payment_methods"]  # keyed by the methods' ids: data, each kind of entry once
+    assert set(payments) == {"type", "additionalProperties"} and len(payments["additionalProperties"]["anyOf"]) == 2
+    assert schema["properties"]["orders"] == dict(type="array", items=dict(type="string"))  # their number is data too
+    assert schema["properties"]["name"] == dict(
+        type="object", properties=dict(first_name=dict(type="string"), last_name=dict(type="string"))
     )
-    flights = mask_json(
-        answer("airline", "search_direct_flight", origin="JFK", destination="SEA", date="2024-05-20"),
-        "airline",
-        "search_direct_flight",
+    out = mask_json(answer("airline", "get_user_details", user_id="mia_li_3668"), "airline", "get_user_details")
+    assert "certificate" not in out and "4856383" not in out
+    flights = json.loads(
+        mask_json(
+            answer("airline", "search_direct_flight", origin="JFK", destination="SEA", date="2024-05-20"),
+            "airline",
+            "search_direct_flight",
+        )
     )
-    assert flights.startswith('[{"flight_number": "str", ') and flights.count("flight_number") == 1  # a list: once
-    assert '"prices": {"basic_economy": "int", "economy": "int", "business": "int"}' in flights  # Literal keys: schema
+    assert flights["type"] == "array" and flights["items"]["properties"]["prices"]["properties"] == {
+        cabin: dict(type="integer") for cabin in ("basic_economy", "economy", "business")
+    }  # Literal keys are schema: properties
+    assert flights["items"]["properties"]["date"] == dict(type="null")
     products = answer("retail", "list_all_product_types")  # typed as text: its keys (product names) are data
-    assert (
-        '"T-Shirt": "9523456873"' in products
-        and mask_json(products, "retail", "list_all_product_types") == '{"str": "str"}'
-    )
-    assert mask_json(answer("retail", "calculate", expression="2 * 3.5"), "retail", "calculate") == "float"
-    assert mask_json("yusuf_rossi_9620") == "str"  # a bare value: its type
+    assert '"T-Shirt": "9523456873"' in products and json.loads(
+        mask_json(products, "retail", "list_all_product_types")
+    ) == dict(type="object", additionalProperties=dict(type="string"))
+    assert mask_json(answer("retail", "calculate", expression="2 * 3.5"), "retail", "calculate") == '{"type": "number"}'
+    assert mask_json("Transfer successful") == "Transfer successful"  # a status message: as it is
 
 
 def test_parse_reply_reads_qwens_tool_calls_and_sends_every_named_call_to_the_environment():
@@ -272,6 +326,51 @@ def test_parse_reply_reads_qwens_tool_calls_and_sends_every_named_call_to_the_en
         content, calls, valid = parse_reply(bad, names)
         assert calls is None and not valid and content == bad
     assert parse_reply("<think>never closed", names) == (None, None, False)  # empty: asked again (`write`)
+    # text beside calls is the message's content, as vLLM's Hermes parser and τ² keep it; every call is made
+    content, calls, valid = parse_reply(
+        'I will look up both orders.\n<tool_call>\n{"name": "get_order_details", "arguments": {"order_id": "#W1"}}\n'
+        '</tool_call>\n<tool_call>\n{"name": "get_order_details", "arguments": {"order_id": "#W2"}}\n</tool_call>',
+        names,
+    )
+    assert content == "I will look up both orders." and valid
+    assert [c.arguments["order_id"] for c in calls] == ["#W1", "#W2"]
+
+
+def test_text_beside_a_tool_call_is_kept_and_scored_as_tau2_scores_it():
+    """retail/32 checks that the agent tells the user 746342064230: told beside the last gold call, it is the
+    message's content, which τ²'s communicate check reads (reward 1); the same reply without it scores 0."""
+
+    def beside(info):
+        def edit(agent):
+            last = agent[-2].replace("</think>\n\n", f"</think>\n\n{info}\n")
+            return [*agent[:-2], last, "Your request is done."]
+
+        return edit
+
+    told, untold = (
+        replay("retail/32", edit=beside("Your refund code is 746342064230.")),
+        replay("retail/32", edit=beside("")),
+    )
+    assert told.messages[-4]["content"] == "Your refund code is 746342064230." and told.messages[-4]["tool_calls"]
+    assert told.reward == 1.0 and told.reward_info["reward_breakdown"]["COMMUNICATE"] == 1.0
+    assert untold.reward == 0.0 and untold.reward_info["reward_breakdown"]["COMMUNICATE"] == 0.0
+    assert sum(r["calls_with_text"] for r in map(record, (told, untold))) == 1
+
+
+def test_every_tool_call_of_a_reply_runs_in_order():
+    def merge(agent):  # the two first gold calls in one reply
+        return [agent[0] + "\n" + agent[1].split("\n\n", 1)[1], *agent[2:]]
+
+    ep = replay("retail/32", edit=merge)
+    first = next(i for i, m in enumerate(ep.messages) if m.get("tool_calls"))
+    assert [c["name"] for c in ep.messages[first]["tool_calls"]] == ["find_user_id_by_name_zip", "get_user_details"]
+    assert [m["role"] for m in ep.messages[first + 1 : first + 3]] == ["tool", "tool"]
+    assert ep.messages[first + 2]["name"] == "get_user_details" and not ep.messages[first + 2]["error"]
+    assert ep.reward == 1.0 and record(ep)["multi_call_turns"] == 1
+
+
+def record(ep):
+    return rollout_record(ep, parse_args(["--env", "tau2"]))
 
 
 def test_unknown_domain_split_and_task_are_one_line_errors():
@@ -312,6 +411,8 @@ ROLLOUT = {
     "steps",
     "invalid",
     "cut_turns",
+    "calls_with_text",
+    "multi_call_turns",
     "termination",
     "reward_info",
     "turns",
@@ -568,20 +669,31 @@ def test_the_step_limit_is_tau2s_own():
 
 
 def test_one_fixed_user_by_default_and_self_play_only_when_asked_for(tmp_path):
+    import torch
+
     import evaluate
     import train_policy
     from conftest import run_script
+    from support import play
 
     assert parse_args(["--env", "tau2"]).user_model == "local:smollm2-135m"  # a frozen copy of --model
     assert train_policy.parse_args(["--env", "tau2", "--model", "Qwen/Qwen3-8B"]).user_model == "local:Qwen/Qwen3-8B"
     first = evaluate.parse_args(["--env", "tau2", "--model", "Base=Qwen/Qwen3-8B", "RWML=runs/x/checkpoint/model"])
     assert first.user_model == "local:Qwen/Qwen3-8B"  # one user for every row: the first model's frozen copy
+    # a trained checkpoint is never its own user: the default follows its runs back to the model they started from
+    for run, start in (("rwml", "smollm2-135m"), ("rwml_policy_rl", str(tmp_path / "rwml" / "checkpoint" / "model"))):
+        (tmp_path / run / "checkpoint").mkdir(parents=True)
+        torch.save(dict(step=1, args=dict(model=start)), tmp_path / run / "checkpoint" / "trainer.pt")
+    assert play.base_model(str(tmp_path / "rwml_policy_rl" / "checkpoint" / "model")) == "smollm2-135m"
+    assert play.base_model("Qwen/Qwen3-8B") == "Qwen/Qwen3-8B"
+    users = parse_args(["--env", "tau2", "--user-model", "gpt-4.1", "local:smollm2-135m"])  # collect.py's
+    assert users.users == ["gpt-4.1", "local:smollm2-135m"] and users.user_model == "local:smollm2-135m"
     assert parse_args(["--env", "tau2", "--user-model", "gpt-4.1"]).user_model == "gpt-4.1"
     assert parse_args(["--env", "tau2", "--self-user"]).user_model == "self"
     base = ["--env", "tau2", "--domain", "mock", "--games", "1", "--out", tmp_path / "eval"]
-    for flags in (["--user-model", "local"], ["--self-user", "--user-model", "gpt-4.1"]):
+    for flags in (["--user-model", "local"], ["--self-user", "--user-model", "gpt-4.1"], ["--user-model", "a", "b"]):
         r = run_script("evaluate.py", *base, *flags)
-        assert r.returncode == 1 and r.stderr.startswith("error: --user-model: name one fixed user (local:MODEL")
+        assert r.returncode == 1 and r.stderr.startswith("error: --user-model: "), r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "eval").exists()
 
 
@@ -594,19 +706,29 @@ def test_make_pipeline_env_tau2_plays_every_stage_against_one_fixed_user():
         return [line for line in r.stdout.splitlines() if line.startswith("python ") and ".py" in line]
 
     played = lambda run: [s for s in run if s.split()[1] in ("collect.py", "train_policy.py") or "--env tau2" in s]
-    default, api = steps(), steps("USER_MODEL=gpt-4.1")
+    default, api, official = steps(), steps("USER_MODEL=gpt-4.1"), steps("OFFICIAL=1")
     assert [s.split()[1] for s in default] == [
         "collect.py",
         *["train_wm.py"] * 5,  # split, pi', filter, RWML, WM SFT
         "evaluate.py",  # --wm
-        *["train_policy.py"] * 3,
-        "evaluate.py",  # Table 2
+        *["train_policy.py"] * 4,  # RFT, Policy RL from the base model, from WM SFT, from RWML
+        "evaluate.py",  # Table 1's τ² columns
         "evaluate.py",  # --forgetting
     ]  # no ALFWorld calibration
     env = "--env tau2 --domain retail telecom airline --user-model "
-    assert len(played(default)) == 5 and all(env + "local:Qwen/Qwen3-8B " in s for s in played(default))
+    qwen = "hosted_vllm/Qwen/Qwen3-235B-A22B-Instruct-2507"
+    assert default[0].startswith(f"python collect.py --model Qwen/Qwen3-8B {env}gpt-4.1 {qwen} ")  # C.1: two users
+    assert "--episodes 6" in default[0]  # 3 with each
+    assert len(played(default)) == 6 and all(env + qwen + " " in s for s in played(default)[1:])
     assert all(env + "gpt-4.1 " in s for s in played(api)) and played(api)[-1] == api[-2]  # and the evaluation
     rwml = next(s for s in default if "--mode rwml" in s)
-    assert "--group-size 16" in rwml  # the paper's RWML group on τ²
-    assert all("--group-size 16" in s for s in default if "train_policy.py" in s)  # and Policy RL's
-    assert "runs/pipeline_tau2/eval" in default[-2]
+    assert "--group-size 16" in rwml  # the paper's RWML group on τ² (C.1)
+    policy = [s for s in default if "train_policy.py" in s]
+    assert all("--group-size" not in s and "--max-steps 30" in s for s in policy)  # G 8, 200 updates (defaults), C.2
+    assert "runs/pipeline_tau2/eval" in default[-2] and "--runs 3 --max-steps 30" in default[-2]  # Table 1
+    assert f"{env}gpt-4.1 " in official[-2] and "--max-steps 100" in official[-2]  # Table A3: τ²'s official setting
+    assert "--max-steps 30" not in official[-2]
+    make = ["make", "-n", "pipeline", "PYTHON=python", "ENV=tau2"]
+    r = subprocess.run(make, cwd=ROOT, capture_output=True, text=True, check=True)
+    offline = [line for line in r.stdout.splitlines() if line.startswith("python ") and "--env tau2" in line]
+    assert offline and all("--user-model local:smollm2-135m " in s for s in offline)  # one frozen local user
