@@ -222,10 +222,12 @@ def rft_sample(args, games, model, tok, settings, user, out):
     won_turns.jsonl (the turns first: a kill between the two replays the episode). --resume plays only the episodes
     missing from rollouts.jsonl. Returns all rollout records and all won turns (every rank holds them all)."""
     rank, world = rank_world()
-    rollouts = resume_jsonl(out / "rollouts.jsonl", args.resume, schema=ROLLOUT)  # rank 0 rewrites, before any append
+    # rank 0 reads (and rewrites) what a killed run left; gather hands every rank its lists
+    rollouts = gather(resume_jsonl(out / "rollouts.jsonl", args.resume, schema=ROLLOUT) if rank == 0 else [])
     done = {episode_key(r["game"], r["episode"]) for r in rollouts}
     keep = lambda t: t["episode"] in done  # turns of an episode whose rollout line was not written: played again
-    turns = [(t["prompt_ids"], t["completion_ids"]) for t in resume_jsonl(out / "won_turns.jsonl", args.resume, keep)]
+    kept = gather(resume_jsonl(out / "won_turns.jsonl", args.resume, keep) if rank == 0 else [])
+    turns = [(t["prompt_ids"], t["completion_ids"]) for t in kept]
     name = (lambda g: g) if args.env == "tau2" else game_id
     jobs = [(g, args.split, e) for g in games for e in range(args.rft_episodes) if episode_key(name(g), e) not in done]
     block = args.batch_games * world
@@ -258,11 +260,10 @@ def rft_sample(args, games, model, tok, settings, user, out):
 
 def rft(args, games, model, tok, optimizer, start, out, settings, user):
     """Rejection-sampling fine-tuning (paper Sec. 3.1, Table 1's RFT row): sample, keep the won episodes, SFT on
-    them for --rft-epochs in batches of --rft-batch turns; checkpoints every --save-every updates. A resumed run
-    past its sampling (a checkpoint exists) reads the turns back instead of playing again."""
+    them for --rft-epochs in batches of --rft-batch turns; checkpoints every --save-every updates. --resume plays
+    only the episodes missing from rollouts.jsonl (none once the SFT has started) and continues the SFT."""
     rank, world = rank_world()
     ckpt = out / "checkpoint"
-    args.resume = args.resume or start > 0  # a checkpoint exists: its sampling is complete on disk
     rollouts, turns = rft_sample(args, games, model, tok, settings, user, out)
     stats = dict(episodes=len(rollouts), won_episodes=sum(r["won"] for r in rollouts), won_turns=len(turns))
     if rank == 0:
