@@ -233,7 +233,8 @@ def rft_sample(args, games, model, tok, settings, user, out):
     block = args.batch_games * world
     f_rollouts = open(out / "rollouts.jsonl", "a", encoding="utf-8") if rank == 0 else None
     f_turns = open(out / "won_turns.jsonl", "a", encoding="utf-8") if rank == 0 else None
-    bar = tqdm(total=len(games) * args.rft_episodes, initial=len(rollouts), desc="rft sampling", unit="ep")
+    total = len(games) * args.rft_episodes
+    bar = tqdm(total=total, initial=len(rollouts), desc="rft sampling", unit="ep", disable=rank > 0)
     for i in range(0, len(jobs), block):
         with full_weights(model):  # (the whole model on every rank under --fsdp)
             episodes = list(play(jobs[i : i + block][rank::world], model, tok, settings, user))
