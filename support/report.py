@@ -2,8 +2,10 @@
 world-model scores over seeds, its forgetting, and one figure, from the JSONL the stages wrote in RUN:
 
   collect/ heldout/ warmup_data/ pi_data/   triplets (training, held-out, format warm-up, pi'), disjoint games
-  warmup/                          the format warm-up (WM SFT); its last held-out scores are every arm's step 0
-  pi_prime/                        pi', the filter's model: WM SFT from the warm-up checkpoint on pi_data
+  warmup/                          the format warm-up (WM SFT in RWML's prompt); its last held-out scores are the
+                                   RWML arms' step 0
+  pi_prime/                        pi', the filter's model: WM SFT from the warm-up checkpoint on pi_data; its step 0
+                                   scores the warm-up checkpoint in WM SFT's prompt: the WM SFT arms' step 0
   filter/                          the easy-triplet filter (pi' scores the training triplets) the arms train on
   arms/<arm>_s<seed>/              train_wm.py runs from the warm-up checkpoint: same updates, same triplets
   forgetting*/forgetting.json      evaluate.py --forgetting of the arms against the warm-up checkpoint
@@ -82,8 +84,8 @@ def arm_runs(run):
 
 
 def curve(rows, start, key="heldout/reward"):
-    """(updates, values) of a held-out score, the start checkpoint's value at update 0."""
-    pts = [(0, start[key])] + [(r["step"], r[key]) for r in rows if key in r and r["step"] > 0]
+    """(updates, values) of a held-out score, the start checkpoint's value at update 0 (where it was scored)."""
+    pts = [(0, start[key])] * (start is not None) + [(r["step"], r[key]) for r in rows if key in r and r["step"] > 0]
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
@@ -106,8 +108,13 @@ def data_lines(run, scored):
 
 def write_report(run):
     runs, warm = arm_runs(run), read_jsonl(run / "warmup" / "metrics.jsonl", METRICS)
-    start = {k.removeprefix("heldout/"): v for k, v in [r for r in warm if "heldout/reward" in r][-1].items()}
-    start0 = {f"heldout/{k}": v for k, v in start.items()}
+    # Every arm starts from the warm-up checkpoint, but each arm prompts it its own way (Tables A4, A5): the RWML
+    # arms' step 0 is the warm-up's last held-out score (RWML's prompt), WM SFT's is pi''s step 0 (WM SFT's prompt).
+    pi = run / "pi_prime" / "metrics.jsonl"
+    pi = [r for r in read_jsonl(pi, METRICS) if r["step"] == 0 and "heldout/reward" in r] if pi.exists() else []
+    starts = {"rwml": [r for r in warm if "heldout/reward" in r][-1], "wm_sft": pi[0] if pi else None}
+    start_of = lambda arm: starts["wm_sft" if arm.startswith("wm_sft") else "rwml"]
+    start = {k.removeprefix("heldout/"): v for k, v in starts["rwml"].items()}
     final = {
         a: [[r for r in rows if "heldout/reward" in r][-1] for rows in seeds.values()] for a, seeds in runs.items()
     }
@@ -143,12 +150,18 @@ def write_report(run):
         "| Arm | Seeds | Updates | Reward | Similarity | Format | Exact | Reward, valid actions | Reward, invalid "
         "| Distinct predictions | Most common's share |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
-        "| warm-up checkpoint (start of every arm) | – | 0 | "
-        + " | ".join(f"{start[k]:.3f}" if k in start else "–" for k in SCORES)
-        + " | "
-        + " | ".join(cell([start[k]], digits=d) if k in start else "–" for k, d in (("distinct", 0), ("top_share", 2)))
-        + " |",
     ]
+    for key, what in (("rwml", "RWML's prompt: RWML's step 0"), ("wm_sft", "WM SFT's prompt: WM SFT's step 0")):
+        if starts[key] is None:
+            continue
+        s0 = {k.removeprefix("heldout/"): v for k, v in starts[key].items()}
+        md.append(
+            f"| warm-up checkpoint ({what}) | – | 0 | "
+            + " | ".join(f"{s0[k]:.3f}" if k in s0 else "–" for k in SCORES)
+            + " | "
+            + " | ".join(cell([s0[k]], digits=d) if k in s0 else "–" for k, d in (("distinct", 0), ("top_share", 2)))
+            + " |"
+        )
     for a, rows in final.items():
         md.append(
             f"| {ARMS.get(a, a)} | {len(rows)} | {updates[a]} | "
@@ -204,7 +217,7 @@ def write_report(run):
             )
         md += ["", "![judge](judge.png)"]
     (run / "report.md").write_text("\n".join(md) + "\n")
-    plot_report(run, runs, start0, final, forget, judges)
+    plot_report(run, runs, start_of, final, forget, judges)
     print("\n".join(md))
     print(f"-> {run}/report.md, {run}/report.png")
 
@@ -220,7 +233,7 @@ def band(ax, runs_of_arm, start, key, label):
     ax.fill_between(xs, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)], alpha=0.2, color=line.get_color())
 
 
-def plot_report(run, runs, start, final, forget, judges):
+def plot_report(run, runs, start_of, final, forget, judges):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -228,10 +241,15 @@ def plot_report(run, runs, start, final, forget, judges):
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
     for a, seeds in runs.items():
-        band(axes[0], seeds, start, "heldout/reward", ARMS.get(a, a))
+        band(axes[0], seeds, start_of(a), "heldout/reward", ARMS.get(a, a))
     axes[0].set(title="held-out reward (τ_d) over updates, ± std over seeds", xlabel="update", ylabel="reward")
     axes[0].legend(fontsize=7)
-    keys, width = ("reward", "valid/reward", "invalid/reward", "similarity", "exact"), 0.8 / max(1, len(final))
+    keys = [
+        k
+        for k in ("reward", "valid/reward", "invalid/reward", "similarity", "exact")
+        if any(f"heldout/{k}" in r for rows in final.values() for r in rows)
+    ]  # no invalid actions collected: no such bar
+    width = 0.8 / max(1, len(final))
     for j, (a, rows) in enumerate(final.items()):
         stats = [mean_std([r.get(f"heldout/{k}", 0.0) for r in rows]) for k in keys]
         axes[1].bar(
@@ -278,7 +296,7 @@ def plot_report(run, runs, start, final, forget, judges):
                 xs = curves[0][0]
                 m = [statistics.mean(c[1][i] for c in curves) for i in range(len(xs))]
                 ax.plot(xs, m, marker=".", label=label)
-            band(ax, seeds, start, "heldout/reward", "held-out sim-to-real reward")
+            band(ax, seeds, start_of(a), "heldout/reward", "held-out sim-to-real reward")
             ax.set(title=ARMS.get(a, a), xlabel="update", ylabel="reward (mean over seeds)")
             ax.legend(fontsize=7)
         fig.tight_layout()

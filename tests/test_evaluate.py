@@ -178,6 +178,7 @@ def test_the_report_gives_each_arm_its_mean_and_spread_over_seeds(tmp_path):
 
     held = lambda step, x: {"step": step, "heldout/reward": x, "heldout/similarity": x, "heldout/triplets": 4}
     metrics("warmup", {"step": 1, "train/loss": 1.0}, held(1, 0.1))
+    metrics("pi_prime", held(0, 0.3), {"step": 1, "train/loss": 1.0}, held(1, 0.4))  # step 0: WM SFT's start
     spread = lambda distinct, top: {"heldout/distinct": distinct, "heldout/top_share": top}
     metrics("arms/rwml_s0", {"step": 1, "train/reward": 0.0}, held(2, 0.2), held(4, 0.5) | spread(4, 0.25))
     metrics("arms/rwml_s1", held(4, 0.7) | spread(2, 0.75))
@@ -201,7 +202,11 @@ def test_the_report_gives_each_arm_its_mean_and_spread_over_seeds(tmp_path):
     # the last held-out scores of each seed: RWML 0.5 and 0.7 -> 0.600 ± 0.141 (sample std); WM SFT one seed
     assert "| RWML | 2 | 4 | 0.600 ± 0.141 | 0.600 ± 0.141 | – | – | – | – | 3 ± 1 | 0.50 ± 0.35 |" in report
     assert "| WM SFT (continued) | 1 | 4 | 0.250 | 0.250 | – | – | – | – | – | – |" in report
-    assert "| warm-up checkpoint (start of every arm) | – | 0 | 0.100 | 0.100 | – | – | – | – | – | – |" in report
+    starts = [line for line in report if line.startswith("| warm-up checkpoint")]  # each arm's prompt, its start
+    assert starts == [
+        "| warm-up checkpoint (RWML's prompt: RWML's step 0) | – | 0 | 0.100 | 0.100 | – | – | – | – | – | – |",
+        "| warm-up checkpoint (WM SFT's prompt: WM SFT's step 0) | – | 0 | 0.300 | 0.300 | – | – | – | – | – | – |",
+    ]
     collapsed = "- RWML, seed 1: collapsed: 75% of the 4 held-out predictions are 'Nothing happens.' (2 distinct)"
     assert [line for line in report if line.startswith("- ")] == [collapsed]
     assert "| RWML | 15.00 ± 7.07 | 0.0020 ± 0.0014 | 3.20 ± 0.14 |" in report  # weights changed in %, KL, perplexity

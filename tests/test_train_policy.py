@@ -252,6 +252,11 @@ def test_the_pipeline_runs_end_to_end_and_prints_table_1(tmp_path):
     )
     pi = read_jsonl(tmp_path / "pi_prime" / "metrics.jsonl")
     assert pi[-1]["heldout/triplets"] == 3 and "| π′ (the filter's model) | 1 | 2 |" in report
+    # pi''s step 0 is the warm-up checkpoint in WM SFT's prompt: the WM SFT arm's start in the report
+    assert pi[0]["step"] == 0 and "heldout/reward" in pi[0]
+    assert (
+        f"| warm-up checkpoint (WM SFT's prompt: WM SFT's step 0) | – | 0 | {pi[0]['heldout/reward']:.3f} |" in report
+    )
     assert all(0 <= m["weights_changed"] <= 1 and m["kl"] >= 0 for m in forgetting["models"])
     assert "| format warm-up | 1 | 3 |" in report and "| held-out, scored | 2 | 3 |" in report  # games, triplets
     rows = (tmp_path / "eval" / "table.md").read_text().splitlines()
