@@ -399,6 +399,11 @@ def main(args):
         f"{len(rollouts)} episodes, success {s['success']:.3f}, invalid-action rate {s['invalid_rate']:.3f}, "
         f"mean steps {s['mean_steps']:.1f} -> {args.out}/rollouts.jsonl, triplets.jsonl"
     )
+    if "call_turns" in s:  # τ²: how the agent wrote its tool calls (text beside them is kept, as τ² keeps it)
+        print(
+            f"replies with tool calls {s['call_turns']}: with text beside the calls {s['calls_with_text']}, "
+            f"with several calls {s['multi_call_turns']}"
+        )
     if cut_warning(s["cut_turn_rate"], "agent turns"):
         print(cut_warning(s["cut_turn_rate"], "agent turns"))
     print(f"next: python train_wm.py --mode split --triplets {args.out}/triplets.jsonl --out ...  (the filter's share)")

@@ -28,10 +28,13 @@ class Episode:
 
 def summary(rollouts):
     """Success rate, invalid-action rate (per turn) and mean episode length of rollout records; the shares of
-    turns cut by the token limit and of episodes ended by the step limit (ALFWorld: every one not won)."""
+    turns cut by the token limit and of episodes ended by the step limit (ALFWorld: every one not won); τ²: the
+    agent's replies with tool calls, and how many of them wrote text beside their calls or made several."""
     n = max(1, len(rollouts))
     turns = max(1, sum(r["steps"] for r in rollouts))
-    return dict(
+    tau2 = rollouts and all("call_turns" in r for r in rollouts)
+    calls = {k: sum(r[k] for r in rollouts) for k in ("call_turns", "calls_with_text", "multi_call_turns") if tau2}
+    return calls | dict(
         success=sum(r["won"] for r in rollouts) / n,
         invalid_rate=sum(r["invalid"] for r in rollouts) / turns,
         mean_steps=sum(r["steps"] for r in rollouts) / n,

@@ -649,7 +649,9 @@ def tau2_rollout_record(ep, settings):
         steps=len(ep.turns),
         invalid=sum(not t["valid"] for t in ep.turns),
         cut_turns=ep.cut,
-        # the agent's replies that wrote text beside their tool calls, and those with several calls (τ² keeps both)
+        # the agent's replies with tool calls; of them, those with text beside their calls and those with several
+        # calls (τ² keeps both)
+        call_turns=sum(bool(m.get("tool_calls")) for m in ep.messages if "output" in m),
         calls_with_text=sum(bool(m.get("tool_calls")) and bool(m["content"]) for m in ep.messages if "output" in m),
         multi_call_turns=sum(len(m.get("tool_calls") or []) > 1 for m in ep.messages if "output" in m),
         termination=ep.termination,

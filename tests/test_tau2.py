@@ -354,7 +354,9 @@ def test_text_beside_a_tool_call_is_kept_and_scored_as_tau2_scores_it():
     assert told.messages[-4]["content"] == "Your refund code is 746342064230." and told.messages[-4]["tool_calls"]
     assert told.reward == 1.0 and told.reward_info["reward_breakdown"]["COMMUNICATE"] == 1.0
     assert untold.reward == 0.0 and untold.reward_info["reward_breakdown"]["COMMUNICATE"] == 0.0
-    assert sum(r["calls_with_text"] for r in map(record, (told, untold))) == 1
+    stats = summary([record(told), record(untold)])  # what collect prints: of the replies with calls, 1 with text
+    calls = [m for ep in (told, untold) for m in ep.messages if m.get("tool_calls")]
+    assert stats["call_turns"] == len(calls) > 2 and stats["calls_with_text"] == 1 and stats["multi_call_turns"] == 0
 
 
 def test_every_tool_call_of_a_reply_runs_in_order():
@@ -411,6 +413,7 @@ ROLLOUT = {
     "steps",
     "invalid",
     "cut_turns",
+    "call_turns",
     "calls_with_text",
     "multi_call_turns",
     "termination",
@@ -472,6 +475,8 @@ def test_tiny_model_episodes_run_to_their_step_limit_and_write_schema_valid_reco
         )
     stats = summary(rows)  # every episode ended by the step limit; the turns the token limit cut, counted
     assert stats["step_limit_rate"] == 1.0 and stats["cut_turn_rate"] == sum(r["cut_turns"] for r in rows) / 2
+    replies = [m for r in rows for m in r["messages"] if "output" in m]  # the agent's, as it wrote them
+    assert stats["call_turns"] == sum(bool(m.get("tool_calls")) for m in replies) <= len(replies)
     triplets = [json.loads(line) for line in open(out / "triplets.jsonl")]
     # 3 orchestrator steps (τ²'s count, after the greeting): user, agent, user or tool (an episode of several agent
     # turns, each state holding the turns before it: the gold-replay tests above)
