@@ -149,9 +149,12 @@ def completion_logits(model, ids, attn, P):
     return out.logits[:, :-1].float()  # the logits at column t predict the token at t + 1
 
 
-def completion_logprobs(model, ids, attn, P, with_entropy=False):
-    """log pi(token) of every completion token, [B, C]."""
+def completion_logprobs(model, ids, attn, P, with_entropy=False, temperature=1.0):
+    """log pi(token) of every completion token, [B, C]; at a sampling temperature T > 0, of the distribution that
+    sampled them, softmax(logits / T) (T = 0, greedy, has none: the model's own, T = 1)."""
     logits = completion_logits(model, ids, attn, P)
+    if temperature not in (0, 1):
+        logits = logits.div_(temperature)  # in place: no second [B, C, vocab] table (the memory plan counts one)
     # log softmax of the taken token alone: no [B, C, vocab] table of log-probabilities is kept for backward
     logp = logits.gather(-1, ids[:, P:, None]).squeeze(-1) - logits.logsumexp(-1)
     entropy = None
@@ -181,7 +184,9 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, clip_eps, beta, norm):
 def grpo_update(model, optimizer, seqs, adv, args, ref_model=None):
     """One GRPO update on sampled sequences [(prompt_ids, completion_ids)] with their advantages.
 
-    args: micro_batch, ppo_epochs (mu), clip_eps, beta, max_grad_norm, token_mean.
+    args: micro_batch, ppo_epochs (mu), clip_eps, beta, max_grad_norm, token_mean, and temperature (the
+    sampling temperature, 1 if absent): the ratio's pi_old must be the distribution the sequences were sampled
+    from, so every log-prob here (policy, old policy, reference) is taken at that temperature, as TRL and verl do.
     Loss averaging: token_mean=True divides every token's loss by the number of completion tokens in
     the whole batch (each token weighs the same, long completions are not diluted; DAPO); False takes
     each sequence's mean, then the mean over sequences (the GRPO paper's formula).
@@ -200,7 +205,7 @@ def grpo_update(model, optimizer, seqs, adv, args, ref_model=None):
     # / world because DDP averages the ranks' gradients
     norm = torch.full_like(lengths, tokens / world) if args.token_mean else lengths * n_seqs / world
     # ---- END EXERCISE 6 ----
-    old, ref = {}, {}
+    old, ref, T = {}, {}, getattr(args, "temperature", 1.0)
     stats = dict(loss=0.0, kl=0.0, clipfrac=0.0, entropy=0.0)
     skipped = 0
     model.train()
@@ -212,8 +217,8 @@ def grpo_update(model, optimizer, seqs, adv, args, ref_model=None):
             ids, attn, P = collate([seqs[i] for i in idx], device)
             mask = attn[:, P:].float()
             if args.beta > 0 and k not in ref:  # first: its transients are gone before the policy's activations
-                ref[k] = reference_logprobs(model, ref_model, ids, attn, P)
-            logp, entropy = completion_logprobs(net, ids, attn, P, with_entropy=epoch == 0)
+                ref[k] = reference_logprobs(model, ref_model, ids, attn, P, T)
+            logp, entropy = completion_logprobs(net, ids, attn, P, with_entropy=epoch == 0, temperature=T)
             if k not in old:  # the sampling policy = the weights before this update's first step
                 old[k] = logp.detach()
                 stats["entropy"] += (entropy.detach() * mask).sum().item() / tokens
@@ -252,12 +257,12 @@ def sft_update(model, optimizer, seqs, args):
 
 
 @torch.no_grad()
-def reference_logprobs(model, ref_model, ids, attn, P):
+def reference_logprobs(model, ref_model, ids, attn, P, temperature=1.0):
     """log pi_ref of the completion tokens: the base weights (adapters off) under LoRA, else the frozen copy."""
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         with adapters_off(model):
-            return completion_logprobs(model, ids, attn, P)[0]
-    return completion_logprobs(ref_model, ids, attn, P)[0]
+            return completion_logprobs(model, ids, attn, P, temperature=temperature)[0]
+    return completion_logprobs(ref_model, ids, attn, P, temperature=temperature)[0]
 
 
 def clip_gradients(model, max_norm):

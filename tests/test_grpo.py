@@ -102,6 +102,24 @@ def test_collate_puts_completions_at_one_column_and_logprobs_match_a_plain_forwa
     assert logp[1].tolist() == pytest.approx(want, abs=1e-4)
 
 
+def test_log_probs_and_the_update_are_those_of_the_sampling_temperature(tiny):
+    """Sequences sampled at T are scored under softmax(logits / T): the ratio's pi_old is the distribution that
+    drew them. At T = 0.5 the tokens' log-probs are a plain forward's at T, and the update's entropy is lower."""
+    model, tok = copy.deepcopy(tiny[0]), tiny[1]
+    seqs = [(tok(chat_prompt(tok, "Name a fruit."))["input_ids"], tok(" apple pie")["input_ids"])]
+    ids, attn, P = collate(seqs, "cpu")
+    with torch.no_grad():
+        logp, _ = completion_logprobs(model, ids, attn, P, temperature=0.5)
+        plain = (model(ids).logits[0, P - 1 : -1].float() / 0.5).log_softmax(-1)
+    assert logp[0].tolist() == pytest.approx(plain.gather(-1, ids[0, P:, None]).squeeze(-1).tolist(), abs=1e-4)
+    entropy = {}
+    for T in (0.5, 1.0):
+        adapted = copy.deepcopy(model)
+        opt = torch.optim.AdamW(add_lora(adapted, rank=4), lr=0.0)
+        entropy[T] = grpo_update(adapted, opt, seqs, [0.0], args_for(temperature=T))["entropy"]
+    assert 0 < entropy[0.5] < entropy[1.0]
+
+
 def args_for(**kw):
     base = dict(micro_batch=16, ppo_epochs=1, clip_eps=0.2, beta=0.0, max_grad_norm=1.0, token_mean=True)
     return argparse.Namespace(**{**base, **kw})
