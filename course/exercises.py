@@ -82,6 +82,7 @@ EXERCISES = {
             "tests/test_grpo.py::test_loss_normalisation_token_mean_and_sequence_mean",
             "tests/test_grpo.py::test_grpo_on_a_verifiable_reward_raises_the_mean_reward",
             "tests/test_grpo.py::test_checkpoint_resume_restores_step_optimizer_and_adapters",
+            "tests/test_grpo.py::test_log_probs_and_the_update_are_those_of_the_sampling_temperature",
         ],
     ),
     7: (
