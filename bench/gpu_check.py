@@ -1,8 +1,8 @@
 """The GPU check: on one CUDA device, the memory plan (memory.memory_plan) next to measured peaks and the
 sampling speed of each decoding path, for the paper's models and the tiny one, built from their configs with
 random weights (nothing is downloaded: it runs on a machine without network or model weights). One table;
-expected ~9 minutes on one H100/H200 for all of it (not yet run in this form: the eager rows took 108-132 s,
-inductor compiles each dense model once, ~1-2 min, and Qwen3-30B-A3B adds ~2 min); `--models` runs a part.
+not yet run in this form on a GPU (an estimate of its length, docs/scaling.md: ~11 minutes on one H100/H200);
+`--models` runs a part, so that a job with a 10-minute limit runs it in two.
 
     python bench/gpu_check.py                        # on a GPU; --models smollm2-135m for a quick look
     python bench/gpu_check.py --device cpu --tiny    # the same code on CPU, tiny configs (tests/test_bench.py)
