@@ -53,13 +53,17 @@ def active_params(config):
 def check_lora_targets(config, lora_rank, name="the model"):
     """One line and stop when --lora-rank would leave a mixture-of-experts model's experts untrained: transformers 5
     stores them as fused 3-D parameters (Qwen3-MoE: `mlp.experts.gate_up_proj`, `mlp.experts.down_proj`), which
-    the hand-written LoRA (nn.Linear projections, grpo.add_lora) does not adapt."""
+    the hand-written LoRA (nn.Linear projections, grpo.add_lora) does not adapt. The line says what the route
+    that does train them, full fine-tuning under FSDP, holds."""
     n, per_rank, experts = param_counts(config)
     if lora_rank and experts:
         fail(
             f"--lora-rank {lora_rank} on {name}, a mixture-of-experts model: LoRA would train only its attention "
             f"projections ({lora_rank * per_rank / 1e6:.1f}M adapter parameters), none of its {experts / 1e9:.1f}B "
-            "parameters of fused experts; fine-tune all weights instead (--lora-rank 0 --dtype fp32, --fsdp)"
+            "parameters of fused experts, and no LoRA of fused experts is written. What trains them is full "
+            f"fine-tuning (--lora-rank 0 --dtype fp32 --fsdp): {16 * n / 1e9:.0f} GB of fp32 weights, gradients and "
+            f"AdamW state sharded over the GPUs, and each GPU gathers the whole fp32 weights ({4 * n / 1e9:.0f} GB) "
+            "to sample; --dry-run with those flags plans it per GPU"
         )
 
 

@@ -295,7 +295,7 @@ def test_the_time_plan_counts_active_parameters_and_fp32_as_tf32(tiny):
 def test_lora_on_a_mixture_of_experts_model_stops_in_one_line(tmp_path):
     """transformers 5 fuses a Qwen3-MoE layer's experts into 3-D parameters: the hand-written LoRA (nn.Linear)
     would train attention only. The plan refuses before any weight loads, add_lora on a built model too."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from grpo import add_lora
     from support.memory import fit_memory
@@ -309,3 +309,14 @@ def test_lora_on_a_mixture_of_experts_model_stops_in_one_line(tmp_path):
     with pytest.raises(SystemExit, match="attention projections"):
         add_lora(model, 8)
     assert fit_memory(str(tmp_path), "fp32", 0, True, False, 1, 4, 64, 16) == (1, 4)  # full fine-tuning plans
+    # the paper's scaling model (Figure 4): the line says what full fine-tuning, the route that trains it, holds
+    from bench.memory_plan import PAPER_MODELS
+    from support.memory import check_lora_targets, param_counts
+
+    kind, fields = PAPER_MODELS["Qwen/Qwen3-30B-A3B"]
+    q30 = AutoConfig.for_model(kind, **fields)
+    with pytest.raises(SystemExit) as e:
+        check_lora_targets(q30, 64, "Qwen/Qwen3-30B-A3B")
+    n = param_counts(q30)[0]  # fp32: weights + gradients + 2 AdamW moments, 16 bytes a weight; gathered to sample: 4
+    assert f"{16 * n / 1e9:.0f} GB of fp32 weights, gradients and AdamW state sharded" in str(e.value)
+    assert "each GPU gathers the whole fp32 weights (122 GB) to sample" in str(e.value)
