@@ -88,8 +88,11 @@ FILTER ?=
 WM ?= $(TUNE)
 RWML ?= --lr $(LR) $(if $(ENV_FLAGS),--group-size 16)
 SFT ?= --lr $(SFT_LR)
-POLICY ?= $(TUNE) --lr $(LR) $(if $(ENV_FLAGS),--max-steps 30)# G 8, 300 / 200 updates (B.2, C.2): the defaults
-RFT ?= $(TUNE) --lr $(SFT_LR) $(if $(ENV_FLAGS),--max-steps 30)# N = 3 (τ²: 6) episodes a game, SFT on the won ones
+# Policy RL and RFT on ALFWorld train without gradient checkpointing: their peak is the sampling phase, so it would
+# cost training compute and save no memory (the plan, docs/scaling.md); τ²'s longer turns keep it
+PLAY_TUNE = $(if $(ENV_FLAGS),$(TUNE),$(filter-out --grad-checkpointing,$(TUNE)))
+POLICY ?= $(PLAY_TUNE) --lr $(LR) $(if $(ENV_FLAGS),--max-steps 30)# G 8, 300 / 200 updates (B.2, C.2): the defaults
+RFT ?= $(PLAY_TUNE) --lr $(SFT_LR) $(if $(ENV_FLAGS),--max-steps 30)# N = 3 (τ²: 6) episodes a game, SFT on the won ones
 WM_EVAL ?=
 EVAL ?= --runs 3 $(if $(ENV_FLAGS),$(if $(OFFICIAL),,--max-steps 30))# Table 1: 3 runs, at most 30 steps
 else ifeq ($(ENV),tau2)
