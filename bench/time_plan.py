@@ -8,8 +8,9 @@ every triplet is kept or scored as the flags say. Two figures are assumptions, p
 world-model prompt (384 tokens: ALFWorld's measured with SmolLM2's tokenizer are ~230, bench/README.md) and the
 share of triplets the filter keeps (half). Each stage's sampling batch is what the memory plan fits on the card
 (memory.memory_plan, as the scripts' own --dry-run does: a group of G or K copies of a prompt is prefilled once,
-RWML's held-out scoring runs its distinct prompts G times fewer at once), LoRA r 64 with gradient checkpointing,
-bf16, eager decoding (lm.sample's default).
+RWML's held-out scoring runs its distinct prompts G times fewer at once), LoRA r 64 with gradient checkpointing
+(Policy RL without, as BUDGET=paper runs it), bf16, eager decoding (lm.sample's default). RFT is not counted: its
+sampling is a collection's, its training as long as the episodes it wins.
 """
 
 import argparse
@@ -28,13 +29,13 @@ from support.memory import CARD_BATCH, CARD_SHARE, distinct_prompts, memory_plan
 EMBEDDER = 7.57e9 * 2  # Qwen3-Embedding-8B's parameters in bf16 (--embed-dtype auto on CUDA)
 
 
-def fitted(config, budget, prompt_len, new, start, training, embedder=0, group=1):
+def fitted(config, budget, prompt_len, new, start, training, embedder=0, group=1, checkpointing=True):
     """The sampling batch the plan fits in `budget` bytes, halved from `start` (memory.fit_memory's rule); `group`:
-    copies of each prompt in a batch, prefilled once."""
+    copies of each prompt in a batch, prefilled once; `checkpointing`: the stage's --grad-checkpointing."""
     b = start
     while b > 1:
         plan = memory_plan(
-            config, torch.bfloat16, 64, False, True, 2, prompt_len + new, new, b, prompt_len,
+            config, torch.bfloat16, 64, False, checkpointing, 2, prompt_len + new, new, b, prompt_len,
             distinct=distinct_prompts(b, group), training=training, embedder=embedder,
         )  # fmt: skip
         if plan["peak"] <= budget:
@@ -70,7 +71,7 @@ def main():
     train, held = kept - kept // 10, kept // 10  # 10% held out
     updates = 2 * math.ceil(train / 32)  # 2 epochs of 32 triplets
     evals = updates // 10 + 1  # held-out scoring every 10 updates and at the start
-    G, rl_episodes, rl_steps, rl_updates = 8, 16 * 8, 15, 100
+    G, rl_episodes, rl_steps, rl_updates = 8, 16 * 8, 15, 300  # 300 updates (B.2)
     eval_episodes = (140 + 134) * 3 * 6  # two splits x 3 runs x 6 models, <= 30 steps
     b_agent = fitted(config, budget, agent, new, CARD_BATCH, False)
     b_wm = fitted(config, budget, wm, new, CARD_BATCH, False, EMBEDDER, group=10)  # the filter's K 10 a triplet
@@ -78,7 +79,7 @@ def main():
     b_score = scoring_batch(config, "bf16", b_rwml, G, wm, new)  # train_wm.py's score_batch
     b_sft = fitted(config, budget, wm, new, CARD_BATCH, True, EMBEDDER)  # WM SFT's held-out scoring
     b_score_eval = fitted(config, budget, wm, new, CARD_BATCH, False, EMBEDDER)  # evaluate.py --wm
-    b_rl = fitted(config, budget, agent, new, rl_episodes, True)
+    b_rl = fitted(config, budget, agent, new, rl_episodes, True, checkpointing=False)  # BUDGET=paper: none here
     stages = {
         "collect": {"episodes": sampled(episodes, episodes, b_agent, agent, new, steps)},
         "filter (K 10)": {"filter": sampled(triplets, triplets * 10, b_wm, wm, new)},
