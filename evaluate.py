@@ -1,4 +1,4 @@
-"""Evaluation (RWML paper, Sec. 4, Tables 1 and 2): task success of a policy on ALFWorld's valid_seen (ID)
+"""Evaluation (RWML paper, Sec. 3.2, Tables 1 and 2): task success of a policy on ALFWorld's valid_seen (ID)
 and valid_unseen (OOD) splits, or on τ²-bench's test tasks per domain, mean ± std over runs, with the
 invalid-action (τ²: invalid tool-call) rate.
 
@@ -54,7 +54,8 @@ from support.memory import CPU_BATCH
 from support.play import add_plan_args, add_play_args, plan_batch, play_defaults, play_settings
 from support.runs import plot_metrics, read_jsonl, run_stage, write_jsonl
 from support.schema import PREDICTION, PROMPT, TRIPLET
-from train_wm import heldout_scores, predict_and_score, wm_budget
+from support.triplets import wm_budget
+from train_wm import heldout_scores, predict_and_score
 
 SPLIT_NAMES = {"valid_seen": "ID", "valid_unseen": "OOD"}
 GENERAL_PROMPTS = Path(__file__).resolve().parent / "data" / "general_prompts.jsonl"
@@ -73,7 +74,7 @@ def weight_changes(model, start, eta=1e-3):
     """The share of weights changed from the start (paper Sec. 4.2, App. E, after Zhu et al. 2025): over the whole
     model, per decoder layer (Figure 3, A1a) and per module group (Figure A1b); in fp32 on the weights' device. Tied
     weights count once (named_parameters); a LoRA run is measured on its merged checkpoint (fp32 merged weights:
-    grpo.merged_state_dict). -> dict(all=share, layers={index: share}, modules={group: share})"""
+    lora.merged_state_dict). -> dict(all=share, layers={index: share}, modules={group: share})"""
     before = dict(start.named_parameters())
     counts = {}  # "all", "layer 3", "self_attn.q_proj", ... -> [changed, counted]
     for name, w in model.named_parameters():

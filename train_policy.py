@@ -1,4 +1,4 @@
-"""Policy learning (RWML paper, Sec. 3.3): GRPO on the terminal task-success reward of ALFWorld or
+"""Policy learning (RWML paper, Sec. 3.1): GRPO on the terminal task-success reward of ALFWorld or
 τ²-bench, from the base model, a WM SFT checkpoint or an RWML checkpoint.
 
     python train_policy.py --model runs/rwml/checkpoint/model --out runs/rwml_policy_rl
@@ -34,15 +34,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from collect import episode_key, play, rollout_record, select_games
-from grpo import (
-    add_grpo_args,
-    check_precision,
-    group_advantages,
-    grpo_update,
-    save_checkpoint,
-    sft_update,
-    start_training,
-)
+from grpo import group_advantages, grpo_update, sft_update
 from support.alfworld_env import game_id
 from support.checks import SkipCounter, at_least, check_model, claim_out, parser, positive
 from support.distributed import all_sum, full_weights, gather, init_distributed, rank_world
@@ -60,6 +52,7 @@ from support.runs import (
     set_seed,
 )
 from support.schema import ROLLOUT
+from support.training import add_grpo_args, check_precision, save_checkpoint, start_training
 
 UPDATES = dict(alfworld=300, tau2=200)  # GRPO steps of the paper's Policy RL runs (B.2, C.2), the same for every start
 RFT_EPISODES = dict(alfworld=3, tau2=6)  # RFT's N: the paper's N of interaction learning (B.1, C.1); RFT's own unstated
@@ -203,9 +196,13 @@ def game_schedule(games, per_step, seed, steps):
 def turn_batch(episodes, G):
     """Episodes in groups of G (one game each, in order) -> the agent turns to train on, their advantages,
     and the number of groups without signal."""
-    adv, no_signal = group_advantages([float(ep.won) for ep in episodes], G)  # reward: 1 if won else 0
-    # ---- EXERCISE 9: the multi-turn advantage assignment (paper Sec. 3.3) ----
-    # Eq. multi-turn GRPO (gamma = 1, terminal reward): A_{i,t} = A_i for every turn t of episode i
+    # ---- EXERCISE 9: the policy's turn batch (paper Sec. 3.1, B.2) ----
+    # Eq. multi-turn GRPO: reward r_i = 1 if episode i was won, else 0 (terminal, gamma = 1); A_i normalised within
+    # its game's group of G (Exercise 3's function); then A_{i,t} = A_i for every agent turn t of episode i, in
+    # order. Left out: turns without tokens (ep.seqs holds None), and the turns of an episode whose A_i is 0. (A
+    # departure from the written objective, which averages over every turn: a zero-advantage turn would add only
+    # the KL term; dropping it saves its forward and backward. RWML keeps its zero-advantage groups: rwml_step.)
+    adv, no_signal = group_advantages([float(ep.won) for ep in episodes], G)
     turns = [(seq, a) for ep, a in zip(episodes, adv.tolist()) for seq in ep.seqs if seq is not None and a != 0]
     # ---- END EXERCISE 9 ----
     return [s for s, _ in turns], [a for _, a in turns], no_signal

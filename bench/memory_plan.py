@@ -21,8 +21,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from grpo import add_lora, grpo_update  # noqa: E402
+from grpo import grpo_update  # noqa: E402
 from support.lm import checkpoint_activations, load_model, sample  # noqa: E402
+from support.lora import add_lora  # noqa: E402
 from support.memory import memory_plan  # noqa: E402
 from support.runs import set_seed  # noqa: E402
 
@@ -224,7 +225,7 @@ def paper_table(seq_len, completion_len, micro_batch, gen_batch):
     rows, head = [], list(memory_plan(AutoConfig.for_model("qwen2", **PAPER_MODELS[DENSE[0]][1])))
     for name, (kind, fields) in PAPER_MODELS.items():
         config = AutoConfig.for_model(kind, **fields)
-        for label, dtype, rank, ckpt, shards in [  # full fine-tuning in bf16 is refused (grpo.check_precision)
+        for label, dtype, rank, ckpt, shards in [  # full fine-tuning in bf16 is refused (training.check_precision)
             ("LoRA r 64, bf16", torch.bfloat16, 64, False, 1),
             ("LoRA r 64, bf16, checkpointing", torch.bfloat16, 64, True, 1),
             ("full, fp32 (paper: lr 1e-6), checkpointing", torch.float32, 0, True, 1),

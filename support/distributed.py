@@ -79,11 +79,12 @@ def ddp(model):
     return _DDP[id(model)]
 
 
-def micro_batches(model, n_items, size, zero_pass):
+def micro_batches(model, n_items, size, reference=None):
     """This rank's n_items as index lists of `size` for gradient accumulation; the caller's loop body runs for
     each inside the right gradient-sync context. Under DDP every rank runs as many micro-batches as the rank
-    with the most: for each one it lacks it calls `zero_pass()` (a forward and backward that adds nothing), so
-    the syncs line up, and gradients are averaged over the ranks after the last micro-batch only."""
+    with the most: for each one it lacks it makes a zero pass (`zero_pass`: a forward and backward that adds
+    nothing; with a sharded `reference`, that model's forward first, as the caller's loop runs it), so the syncs
+    line up, and gradients are averaged over the ranks after the last micro-batch only."""
     net = ddp(model)
     chunks = [list(range(i, min(i + size, n_items))) for i in range(0, n_items, size)]
     total = max(gather([len(chunks)]))
@@ -93,7 +94,25 @@ def micro_batches(model, n_items, size, zero_pass):
             if idx:
                 yield idx
             else:
-                zero_pass()
+                zero_pass(net, reference)
+
+
+def zero_pass(net, reference=None):
+    """A forward and backward pass that adds nothing to the gradients, for the syncs of a rank with no data;
+    with a sharded reference model, its pass first: collectives must come in the same order on every rank."""
+    ids = torch.zeros((1, 2), dtype=torch.long, device=next(net.parameters()).device)
+    if reference is not None and is_sharded(reference):
+        with torch.no_grad():
+            reference(input_ids=ids, use_cache=False)
+    (net(input_ids=ids, use_cache=False).logits.float().sum() * 0).backward()
+
+
+def rank_mean(*values):
+    """Each value summed over the ranks, divided by their number (alone: the values themselves). The divisor of a
+    loss: DDP averages the ranks' gradients, so each rank's loss divided by the rank-mean of the batch's token
+    (or sequence) count makes that average the gradient of the whole batch's mean loss; and the statistics each
+    rank computed with it, back to the whole batch's."""
+    return [v / rank_world()[1] for v in all_sum(list(values))]
 
 
 def shard(model):

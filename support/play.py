@@ -97,7 +97,7 @@ def add_play_args(p, temperature, batch_games):
 
 def add_plan_args(p):
     """--max-memory-gb and --dry-run of the stages that only sample (collect.py, evaluate.py): the training scripts
-    have theirs in grpo.add_grpo_args."""
+    have theirs in training.add_grpo_args."""
     p.add_argument(
         "--max-memory-gb",
         type=positive(),

@@ -17,8 +17,9 @@ Writes RUN/report.md and RUN/report.png (and RUN/judge.png when the judge arms r
 import json
 import statistics
 from collections import Counter
+from pathlib import Path
 
-from support.runs import read_jsonl
+from support.runs import plot_metrics, read_jsonl, write_jsonl
 from support.schema import METRICS, TRIPLET
 
 ARMS = {  # folder prefix -> the arm's name (in the order of the tables)
@@ -302,3 +303,84 @@ def plot_report(run, runs, start_of, final, forget, judges):
         fig.tight_layout()
         fig.savefig(run / "judge.png", dpi=100)
         plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# What train_wm.py writes and prints when a run ends
+# ---------------------------------------------------------------------------------------------
+EASY_TARGET = 0.3  # the easy share the paper's filter tau_d was chosen for (Table A2)
+
+
+def filter_summary(args, scored, easy, kept):
+    """The easy-triplet filter's metrics.jsonl (one row) and lines: the easy share beside the paper's ~30%, and
+    on ALFWorld which actions the filter found easy. Returns the row."""
+    share = lambda xs, test: sum(map(test, xs)) / max(1, len(xs))
+    stats = dict(
+        step=0,
+        model=str(args.model),  # the model that scored: pi' in the paper's protocol
+        filter_tau=args.filter_tau,
+        tau_easy=args.tau_easy,
+        triplets=len(scored),
+        easy_fraction=share(easy, bool),
+        kept=len(kept),
+        mean_filter_reward=sum(s["filter_reward"] for s in scored) / max(1, len(scored)),
+    )
+    mix = ""
+    if all("valid" in s for s in scored):  # ALFWorld: which actions the filter found easy, and the kept mix
+        invalid = [s for s in scored if not s["valid"]]
+        stats.update(
+            invalid_fraction=share(scored, lambda s: not s["valid"]),
+            easy_invalid=share(invalid, lambda s: s["filter_reward"] > args.tau_easy),
+            easy_valid=share([s for s in scored if s["valid"]], lambda s: s["filter_reward"] > args.tau_easy),
+            kept_invalid_fraction=share(kept, lambda s: not s["valid"]),
+        )
+        mix = (
+            f"; easy: {stats['easy_invalid']:.0%} of the invalid actions' triplets, {stats['easy_valid']:.0%} of the "
+            f"valid; invalid actions {stats['invalid_fraction']:.0%} of all -> {stats['kept_invalid_fraction']:.0%} "
+            "of the kept"
+        )
+    out = Path(args.out)
+    write_jsonl(out / "metrics.jsonl", [stats])
+    print(
+        f"filter model {args.model} (tau_d {args.filter_tau}, easy: mean reward > {args.tau_easy}): easy fraction "
+        f"{stats['easy_fraction']:.3f} (the paper set tau_d for ~{EASY_TARGET:.0%}), kept {len(kept)} of "
+        f"{len(scored)}{mix} -> {out}/triplets.filtered.jsonl"
+    )
+    print(
+        f"next: python train_wm.py --mode rwml --triplets {out}/triplets.filtered.jsonl --heldout {out}/heldout.jsonl"
+        " --model ... --out ...  (the same for --mode sft: the held-out games, set aside before the filter)"
+    )
+    return stats
+
+
+def wm_summary(out):
+    """A train_wm run's curves (metrics.png), its held-out scores at the first and last evaluation, and its
+    warnings (collapsed or cut predictions, no learning signal). Returns the metrics' rows."""
+    from support.lm import cut_warning
+
+    plot_metrics(out / "metrics.jsonl")
+    rows = read_jsonl(out / "metrics.jsonl")
+    evals = [r for r in rows if "heldout/reward" in r]
+    first, last = evals[0], evals[-1]
+    print(
+        f"held-out reward {first['heldout/reward']:.3f} (step {first['step']}) -> {last['heldout/reward']:.3f} "
+        f"(step {last['step']}), similarity {first['heldout/similarity']:.3f} -> {last['heldout/similarity']:.3f}; "
+        f"{last['heldout/distinct']:.0f} distinct predictions of {last['heldout/triplets']:.0f}"
+    )
+    updates = [r for r in rows if "train/groups" in r]
+    warnings = [
+        spread_warning(read_jsonl(out / "heldout_predictions.jsonl")),
+        cut_warning(sum(r["train/truncated"] for r in updates) / max(1, len(updates)), "RWML samples")
+        if updates
+        else None,
+        cut_warning(last.get("heldout/truncated", 0), "held-out predictions"),
+        "no update had a learning signal: every group's G rewards were equal (format "
+        f"{sum(r['train/format'] for r in updates) / len(updates):.0%}: a model that writes no <next_state> needs "
+        "the format warm-up, docs/stages.md)"
+        if updates and all(r["train/no_signal_groups"] == r["train/groups"] for r in updates)
+        else None,
+    ]
+    print(*[w for w in warnings if w], sep="\n")
+    ckpt = out / "checkpoint"
+    print(f"next: python train_policy.py --model {ckpt}/model --out ...  (or evaluate.py --model NAME={ckpt}/model)")
+    return rows

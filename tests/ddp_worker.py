@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from grpo import add_lora, grpo_update  # noqa: E402
+from grpo import grpo_update  # noqa: E402
 from support.distributed import ddp, init_distributed, shard  # noqa: E402
 from support.lm import load_model  # noqa: E402
+from support.lora import add_lora  # noqa: E402
 
 SPLIT = 4  # rank 0: sequences [0, 4), rank 1: [4, 6)
 CHECKED = ("model.layers.0.self_attn.q_proj.weight", "model.layers.29.mlp.down_proj.weight", "model.norm.weight")

@@ -13,10 +13,12 @@ import pytest
 import torch
 
 from conftest import run_script
-from grpo import add_lora, grpo_update, save_checkpoint
+from grpo import grpo_update
 from support.checks import MAX_SKIPPED_IN_A_ROW, SkipCounter, claim_out, json_line
 from support.lm import chat_prompt, sample
+from support.lora import add_lora
 from support.runs import read_jsonl
+from support.training import save_checkpoint
 
 TRIPLET = dict(
     id="g#0#0",

@@ -3,32 +3,22 @@
 import argparse
 import contextlib
 import copy
-import math
 import os
 import sys
 
 import pytest
 import torch
 
-from grpo import (
-    LoRALinear,
-    adapters_off,
-    add_lora,
-    collate,
-    completion_logprobs,
-    group_advantages,
-    grpo_loss,
-    grpo_update,
-    load_checkpoint,
-    merged_state_dict,
-    save_checkpoint,
-    start_training,
-)
+from grpo import collate, completion_logprobs, group_advantages, grpo_loss, grpo_update
 from support.lm import chat_prompt, load_model, sample
+from support.lora import LoRALinear, adapters_off, add_lora, merged_state_dict
 from support.runs import complete, find_checkpoint, run_stage, set_seed
+from support.training import load_checkpoint, save_checkpoint, start_training
 
 
 def test_group_advantages_by_hand():
+    """Each reward minus its group's mean, over the group's unbiased std + eps; a group of equal rewards gets 0
+    and is counted as without signal."""
     adv, no_signal = group_advantages([1, 0, 0, 1, 1, 1, 1, 1], group_size=4)
     # group 1: mean 0.5, unbiased std sqrt(4 * 0.25 / 3) = 0.57735; group 2: all equal -> 0, no signal
     a = 0.5 / (3**-0.5 + 1e-4)
@@ -38,6 +28,8 @@ def test_group_advantages_by_hand():
 
 @pytest.mark.parametrize("a", [1.0, -1.0])
 def test_clipped_objective_gradient_sign_and_clipping(a):
+    """Descending the loss raises the log-probs of tokens with a positive advantage and lowers those with a
+    negative one; beyond the clip range in the advantage's direction the gradient is 0."""
     logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
     mask = torch.ones(1, 2)
     loss, _ = grpo_loss(logp, logp.detach(), None, torch.tensor([a]), mask, 0.2, 0.0, torch.tensor([2.0]))
@@ -53,10 +45,25 @@ def test_clipped_objective_gradient_sign_and_clipping(a):
 
 
 def test_k3_kl_by_hand():
+    """The KL term per token is never negative, 0 where pi and pi_ref agree, 0.3679 (by hand) at log pi = -1,
+    log pi_ref = -2, and its mean under pi is the exact KL(pi || pi_ref) of two categorical distributions."""
     logp, ref = torch.tensor([[-1.0, -0.5]]), torch.tensor([[-2.0, -0.5]])
     loss, s = grpo_loss(logp, logp, ref, torch.tensor([0.0]), torch.ones(1, 2), 0.2, 1.0, torch.tensor([1.0]))
-    k3 = math.exp(-1) - (-1) - 1  # e^(ref - logp) - (ref - logp) - 1 at ref - logp = -1; 0 where they agree
-    assert s["kl"] == pytest.approx(k3, rel=1e-6) and loss.item() == pytest.approx(k3, rel=1e-6)  # A = 0: beta KL
+    assert s["kl"] == pytest.approx(0.36787944, rel=1e-6) and loss.item() == pytest.approx(s["kl"])  # A = 0: beta KL
+    pi, pi_ref = torch.tensor([0.5, 0.3, 0.15, 0.05]), torch.tensor([0.1, 0.2, 0.3, 0.4])
+    every = torch.log(pi)[None], torch.log(pi_ref)[None]  # each token of the vocabulary once, weighed by pi below
+    _, s = grpo_loss(every[0], every[0], every[1], torch.tensor([0.0]), pi[None], 0.2, 1.0, torch.tensor([1.0]))
+    exact = torch.distributions.kl_divergence(
+        torch.distributions.Categorical(pi), torch.distributions.Categorical(pi_ref)
+    )
+    assert s["kl"] == pytest.approx(exact.item(), rel=1e-5)
+    for a, b in zip(every[0][0], every[1][0]):  # each token alone: never below 0
+        assert (
+            grpo_loss(
+                a[None, None], a[None, None], b[None, None], torch.zeros(1), torch.ones(1, 1), 0.2, 1.0, torch.ones(1)
+            )[1]["kl"]
+            >= 0
+        )
 
 
 def test_loss_normalisation_token_mean_and_sequence_mean(tiny):
@@ -72,6 +79,8 @@ def test_loss_normalisation_token_mean_and_sequence_mean(tiny):
 
 
 def test_kl_zero_and_ratio_one_when_policy_old_and_reference_coincide(tiny):
+    """Where the policy, the sampling policy and the reference are one model, the KL term is 0 and no ratio is
+    clipped."""
     model, tok = copy.deepcopy(tiny[0]), tiny[1]
     add_lora(model, rank=4)  # B = 0: the adapted model is the reference
     seqs = [
@@ -161,6 +170,8 @@ def save_as_if_on_cuda(obj, path):
 
 
 def test_checkpoint_resume_restores_step_optimizer_and_adapters(tiny, tmp_path):
+    """A checkpoint and --resume give back the step, the optimizer state and the adapters: the resumed update is
+    the uninterrupted one."""
     model, tok = copy.deepcopy(tiny[0]), tiny[1]
     params = add_lora(model, rank=4)
     opt = torch.optim.AdamW(params, lr=1e-3)

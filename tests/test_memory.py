@@ -9,8 +9,9 @@ import torch
 
 from bench.memory_plan import PeakMemory, measure_sampling, measure_update
 from conftest import run_script as run
-from grpo import add_lora, collate, completion_logprobs
+from grpo import collate, completion_logprobs
 from support.lm import chat_prompt, checkpoint_activations
+from support.lora import add_lora
 from support.memory import RATES, count_params, memory_budget, memory_plan, time_plan
 
 
@@ -297,7 +298,7 @@ def test_lora_on_a_mixture_of_experts_model_stops_in_one_line(tmp_path):
     would train attention only. The plan refuses before any weight loads, add_lora on a built model too."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from grpo import add_lora
+    from support.lora import add_lora
     from support.memory import fit_memory
 
     config = tiny_moe()

@@ -11,9 +11,10 @@ import torch
 import train_policy
 from collect import act, parse_action, play, start, turn_prompt
 from conftest import ROOT, run_script
-from grpo import add_lora, collate, completion_logprobs
+from grpo import collate, completion_logprobs
 from support.alfworld_env import list_games, make_env, task_type
 from support.lm import load_model
+from support.lora import add_lora
 from support.play import play_settings
 from support.runs import read_jsonl
 
@@ -84,6 +85,7 @@ def test_no_game_is_played_twice_in_a_step_and_every_game_as_often_as_any_other(
 
 
 def test_every_turn_gets_its_episodes_advantage(group):
+    """Every agent turn of an episode gets its episode's group-normalised advantage (won 1, lost 0), in order."""
     seqs, adv, no_signal = train_policy.turn_batch(group, G)
     won, lost = group[0], group[1:]
     n_won, n_lost = len(won.turns), sum(len(ep.turns) for ep in lost)
@@ -96,6 +98,7 @@ def test_every_turn_gets_its_episodes_advantage(group):
 
 
 def test_a_group_where_every_episode_fails_gives_nothing_to_train(group):
+    """A group whose episodes all failed has no signal: no turn to train on, and it is counted."""
     seqs, adv, no_signal = train_policy.turn_batch(group[1:3], 2)
     assert (seqs, adv, no_signal) == ([], [], 1)
 

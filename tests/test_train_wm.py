@@ -13,6 +13,7 @@ import grpo
 import train_wm
 from conftest import ROOT
 from reward import wm_prompt
+from support import triplets as wm_data
 from support.lm import chat_prompt
 from support.runs import read_jsonl
 from support.schema import TRIPLET
@@ -43,10 +44,21 @@ def wm_args(triplets, out, *extra):
 
 
 def test_sft_target_is_an_empty_thought_then_the_real_next_state(tiny):
-    tok = tiny[1]
+    """WM SFT's target is the answer Qwen3's own chat template writes for a turn without reasoning (the empty
+    thought its thinking-off prompt pre-fills), then the real next state in its tags, then the end token."""
+    tok = copy.deepcopy(tiny[1])
+    config = ROOT / "tests" / "data" / "chat_templates" / "qwen3-8b.tokenizer_config.json"
+    tok.chat_template = json.loads(config.read_text())["chat_template"]
+    turn = [dict(role="user", content="hi")]
+    on, off = (
+        tok.apply_chat_template(turn, tokenize=False, add_generation_prompt=True, enable_thinking=t)
+        for t in (True, False)
+    )
+    empty_thought = off[len(on) :]  # what thinking off adds to the prompt: the template's answer without reasoning
     ids = train_wm.sft_target(tok, dict(next_state="You arrive at sink 1."))
-    assert ids[-1] == tok.eos_token_id
-    assert tok.decode(ids[:-1]) == "<think>\n\n</think>\n\n<next_state>You arrive at sink 1.</next_state>"
+    assert ids[-1] == tok.eos_token_id and "<think>" in empty_thought
+    assert tok.decode(ids[:-1]) == empty_thought + "<next_state>You arrive at sink 1.</next_state>"
+    assert tok(tok.decode(ids[:-1]), add_special_tokens=False)["input_ids"] == ids[:-1]  # no special token before
 
 
 def test_the_token_budget_fits_the_longest_next_state_and_cut_predictions_are_counted(tiny, triplets):
@@ -55,12 +67,13 @@ def test_the_token_budget_fits_the_longest_next_state_and_cut_predictions_are_co
     model, tok = tiny
     every = read_jsonl(triplets)
     tagged = [tok(f"<next_state>{t['next_state']}</next_state>", add_special_tokens=False)["input_ids"] for t in every]
-    assert train_wm.wm_budget(tok, every) == max(map(len, tagged)) + train_wm.THINK_TOKENS
+    assert wm_data.wm_budget(tok, every) == max(map(len, tagged)) + wm_data.THINK_TOKENS
     _, recs = train_wm.predict_and_score(model, tok, every[:2], Embeddings(), 0.2, 3, 2)
     assert [r["truncated"] for r in recs] == [True, True] and mean_scores(recs)["truncated"] == 1.0
 
 
 def test_sft_lowers_the_loss_on_its_batch(tiny, triplets):
+    """Three WM SFT steps on the same batch lower its cross-entropy each time."""
     model, tok = copy.deepcopy(tiny[0]), tiny[1]
     args = wm_args(triplets, "/unused")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -98,6 +111,9 @@ def test_rwml_runs_checkpoints_and_resumes_without_duplicate_steps(triplets, tmp
 
 
 def test_filter_keeps_hard_triplets_and_a_tenth_of_easy_ones(triplets, tmp_path):
+    """The filter's rule: a triplet is easy when the mean reward of pi''s K predictions exceeds tau_easy; every
+    hard triplet is kept, an easy one with probability keep_easy (one draw of random.Random(seed) per easy
+    triplet, in order)."""
     every = read_jsonl(triplets)  # 2 games of 5 triplets: the filter holds one game out before it scores
     few = tmp_path / "few.jsonl"  # the base tiny model writes no <next_state>: every reward 0, nothing easy, all kept
     few.write_text("".join(json.dumps(t) + "\n" for t in every if int(t["id"].rsplit("#", 1)[1]) < 3))
@@ -134,11 +150,11 @@ def test_the_heldout_split_is_by_game_so_no_game_is_on_both_sides():
         for t in range(4)
     ]
     for seed in range(5):
-        train, held = train_wm.heldout_split(triplets, 0.1, seed)
+        train, held = wm_data.heldout_split(triplets, 0.1, seed)
         games = lambda ts: {t["id"].split("#")[0] for t in ts}
         assert len(games(held)) == 3 and not games(train) & games(held) and len(train) + len(held) == len(triplets)
         assert not {t["next_state"] for t in train} & {t["next_state"] for t in held}
-    assert train_wm.game_of(dict(id="retail/5#0#2", game="retail/5")) == train_wm.game_of(dict(id="retail/5#1#0"))
+    assert wm_data.game_of(dict(id="retail/5#0#2", game="retail/5")) == wm_data.game_of(dict(id="retail/5#1#0"))
 
 
 def test_a_malformed_triplets_file_is_a_one_line_error(tmp_path):
@@ -174,7 +190,7 @@ def test_heldout_scores_split_valid_and_invalid_actions():
 
 
 def test_the_filter_chain_scores_with_pi_prime_trained_on_its_own_share_of_games(triplets, tmp_path, capsys):
-    """Sec. 3.2 as `make pipeline BUDGET=paper` runs it: split by game -> pi' = WM SFT on the share -> the filter
+    """Sec. 2.2 as `make pipeline BUDGET=paper` runs it: split by game -> pi' = WM SFT on the share -> the filter
     scores the other games with pi' (and records that it did); no game of the share reaches the filtered file."""
     run = lambda *argv: train_wm.main(train_wm.parse_args([str(a) for a in argv]))
     split, pi, filt = tmp_path / "split", tmp_path / "pi_prime", tmp_path / "filter"
