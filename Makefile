@@ -30,7 +30,7 @@ install:
 # `make pipeline` on a CPU (the default): the CPU experiment, into $(OUT) (report.md, report.png; ~80 min on 2 cores).
 # SmolLM2-135M writes no <next_state> tag on its own, so a short WM SFT on games of their own first teaches it the
 # output format (the "format warm-up"; the paper's 7-8B models need none). From that checkpoint pi', WM SFT on games
-# of its own, scores the training triplets for the easy-triplet filter (paper Sec. 3.2, Table A2). Then both of
+# of its own, scores the training triplets for the easy-triplet filter (paper Sec. 2.2, Table A2). Then both of
 # Table 1's self-supervised arms make the same number of updates from the warm-up checkpoint, once per seed: RWML
 # (GRPO on the sim-to-real reward, Table A4's prompt) and WM SFT (Table A5's prompt, twice RWML's rate, B.1) on the
 # kept triplets. Then held-out world-model scores on triplets of other games, forgetting against the warm-up
@@ -191,12 +191,12 @@ ablations: install
 	$(PRUNE) $(foreach s,$(SEEDS),$(foreach a,$(ABLATIONS),$(OUT)/arms/$(a)_s$(s)/checkpoint))
 	$(PYTHON) evaluate.py --report $(OUT)
 
-# the paper's protocol: interaction learning on `train` -> the easy-triplet filter (Sec. 3.2: 10% of collect's
+# the paper's protocol: interaction learning on `train` -> the easy-triplet filter (Sec. 2.2: 10% of collect's
 # games train an auxiliary model pi' by WM SFT; pi' scores the other 90%, K predictions each; easy triplets are kept
 # with probability 0.1) -> RWML, and the WM SFT baseline, from the base model on the kept triplets -> held-out
 # world-model scores -> RFT, and Policy RL from the base model, from WM SFT and from RWML -> Table 1 of all seven models
 # (ALFWorld: valid_seen ID / valid_unseen OOD; τ²: its τ² columns) -> forgetting of the six trained models against the
-# base model (Sec. 4), in $(OUT)/forgetting/forgetting.md beside $(OUT)/eval/table.md.
+# base model (Sec. 3.3, 4.2), in $(OUT)/forgetting/forgetting.md beside $(OUT)/eval/table.md.
 # The held-out world-model triplets are pi''s share ($(OUT)/split/heldout.jsonl): no evaluated model trains on it,
 # and no game is on both sides. pi' is never evaluated; its own held-out scores are on triplets it then filters.
 SPLIT = $(OUT)/split
@@ -252,11 +252,14 @@ gpu-stages:
 # The course kit (course/exercises.py): a student copy with every equation of the paper cut out, and its grader.
 #   make exercises [STUDENT=../rwml-student]    the copy and its EXERCISES.md (the standard library only: the
 #                                                environment's python once installed, else python3)
-#   make grade                                   in the copy: installs first, as `make test`, then one line an
-#                                                exercise (passed / failed / not attempted) and each failed test
+#   make grade [JSON=result.json]                in the copy: installs first, as `make test`, then one line an
+#                                                exercise (passed / failed / not attempted) and each failed test;
+#                                                exit status 1 unless every exercise passed
+#   make grade SUBMISSION=../alice [JSON=...]    in the reference: a student's exercise blocks, each alone, against
+#                                                the reference's tests (a TA's grading)
 STUDENT ?= ../rwml-student
 exercises:
 	$(if $(wildcard $(PYTHON)),$(PYTHON),python3) course/exercises.py make $(STUDENT)
 
 grade: install
-	$(PYTHON) course/exercises.py grade
+	$(PYTHON) course/exercises.py grade $(SUBMISSION) $(if $(JSON),--json $(JSON))

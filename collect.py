@@ -1,4 +1,4 @@
-"""Interaction learning (RWML paper, Sec. 3.1): the agent plays real ALFWorld games or τ²-bench tasks
+"""Interaction learning (RWML paper, Sec. 2.2): the agent plays real ALFWorld games or τ²-bench tasks
 and every turn becomes a triplet <state, action, next state> for world-model learning.
 
     python collect.py --split train --games 20 --episodes 3 --out runs/collect
@@ -218,6 +218,11 @@ def alfworld_rollout_record(ep, settings):
 
 def alfworld_triplet_records(rollout, h):
     """Turn t gives <state: task + last H turns + observation_t, action_t, next_state: observation_{t+1}>."""
+    # ---- EXERCISE 11: the interaction triplets (paper Sec. 2.2, Figure 2) ----
+    # Eq. triplets: a rollout (s_0, a_0, s_1, a_1, ..., s_T) gives <s_<=t, a_t, s_t+1> for every turn t, in order:
+    # s_<=t = the task, the history [[observation, action]] of the (at most) h turns before t, and observation t;
+    # s_t+1 = the observation that followed a_t (after the last turn: the rollout's final observation). Each a dict
+    # with id "game#episode#t", env, game, task, history, state, action, next_state, valid (the turn's own)
     turns = rollout["turns"]
     next_obs = [t["observation"] for t in turns[1:]] + [rollout["final_observation"]]
     return [
@@ -234,6 +239,7 @@ def alfworld_triplet_records(rollout, h):
         )
         for i, (t, nxt) in enumerate(zip(turns, next_obs))
     ]
+    # ---- END EXERCISE 11 ----
 
 
 # ---------------------------------------------------------------------------------------------

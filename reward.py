@@ -1,4 +1,4 @@
-"""The sim-to-real gap reward of RWML (paper, Sec. 3.2): how close a predicted next state is to the
+"""The sim-to-real gap reward of RWML (paper, Sec. 2.2): how close a predicted next state is to the
 real one, in a pretrained embedding space, binarised at a threshold tau_d.
 
     from reward import Embeddings, sim_to_real
@@ -204,7 +204,7 @@ def sim_to_real(outputs, next_states, embed, tau, kinds=None):
     if ok:
         e_pred = embed([predicted[i] for i in ok], cache=False)
         e_real = embed([next_states[i] for i in ok])
-        # ---- EXERCISE 1: the sim-to-real gap reward (paper Sec. 3.2) ----
+        # ---- EXERCISE 1: the sim-to-real gap reward (paper Sec. 2.2) ----
         # ALGO LOGIC. Eq. sim-to-real gap reward: d = 1 - cos(E(s_hat), E(s)); r = 1[d < tau_d]
         cos = (e_pred * e_real).sum(-1)
         reward = ((1 - cos) < tau).float()
@@ -238,9 +238,9 @@ def rouge_reward(prediction, reference):
 
     if prediction is None:
         return 0.0
-    # ---- EXERCISE 2: the ROUGE reward of tool responses (paper Sec. 3.2) ----
-    # Eq. τ² tool-response reward: ROUGE-L F1 against the schema-masked answer, rounded to the nearest 0.2
-    # (halves up: round() takes them to even, 0.5 -> 0.4; 1e-9 absorbs float error, 0.3 * 5 = 1.4999999999999998)
+    # ---- EXERCISE 2: the ROUGE reward of tool responses (paper Sec. 2.2) ----
+    # Eq. τ² tool-response reward: ROUGE-L F1 against the schema-masked answer, rounded to the nearest multiple of
+    # 0.2, halves up (0.5 -> 0.6, 0.3 -> 0.4: mind Python's round, and float error in the halves)
     f1 = rouge_scorer.RougeScorer(["rougeL"]).score(reference, prediction)["rougeL"].fmeasure
     return math.floor(f1 * 5 + 0.5 + 1e-9) / 5
     # ---- END EXERCISE 2 ----

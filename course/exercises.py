@@ -1,38 +1,46 @@
 """The course kit: a student copy of the project with the paper's equations cut out, and its grader.
 
     python course/exercises.py make ../rwml-student   # (make exercises) the copy, with EXERCISES.md
-    python course/exercises.py grade                  # (make grade, in the copy) one line an exercise, a total,
-                                                      # and each failed test with its first failing line
+    python course/exercises.py grade [--json F]       # (make grade, in the copy) one line an exercise, a total,
+                                                      # each failed test with its first failing line and what
+                                                      # it checks; exit status 1 unless all passed
+    python course/exercises.py grade ../alice         # (make grade SUBMISSION=../alice, in the reference) a
+                                                      # TA's grading: each exercise block alone, the reference's
+                                                      # tests (see grade_submission)
     python course/exercises.py fill ../rwml-student   # put the reference blocks back (the solution key;
                                                       # --only 1 3: those exercises)
 
 An exercise is a block of the reference code between two marker comments:
 
-    # ---- EXERCISE 4: the clipped surrogate (paper Sec. 3.2) ----
+    # ---- EXERCISE 4: the clipped surrogate (paper Sec. 2.2) ----
     # Eq. GRPO clipped surrogate: ...
     ratio = ...
     # ---- END EXERCISE 4 ----
 
 The student copy keeps the markers and the block's comment lines (the equation) and replaces its code by
-`raise NotImplementedError("Exercise 4: the clipped surrogate, see paper Sec. 3.2")`. The graders are the
+`raise NotImplementedError("Exercise 4: the clipped surrogate, see paper Sec. 2.2")`. The graders are the
 project's own tests (hand-computed values and properties on real tensors, the real tiny model and
-embedder): the copy holds no answer. The copy is a git repository of its own with every file staged and no
-commit (`git diff` shows the student's work), so it can make a copy in turn, as the reference does.
+embedder, the real engine): no file of the copy holds a line of an answer. The copy is a git repository of
+its own with every file staged and no commit (`git diff` shows the student's work), so it can make a copy in
+turn, as the reference does.
 """
 
 import argparse
 import contextlib
 import io
+import json
 import linecache
+import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # the files that hold exercise blocks
-SOURCES = ("reward.py", "grpo.py", "train_wm.py", "train_policy.py", "evaluate.py")
+SOURCES = ("reward.py", "grpo.py", "train_wm.py", "train_policy.py", "evaluate.py", "collect.py")
 BLOCK = re.compile(
     r"^(?P<indent>[ \t]*)# ---- EXERCISE (?P<n>\d+): (?P<title>.+) \(paper,? (?P<sec>[^)]+)\) ----\n"
     r"(?P<body>.*?)"
@@ -69,7 +77,8 @@ EXERCISES = {
         ["tests/test_grpo.py::test_clipped_objective_gradient_sign_and_clipping"],
     ),
     5: (
-        "Compute `kl`, the k3 estimate of KL(pi || pi_ref) per token (zeros when there is no reference).",
+        "Compute `kl`, the k3 estimate of KL(pi || pi_ref) per token, from the log-probabilities `logp` of the policy "
+        "and `ref_logp` of the reference.",
         [
             "tests/test_grpo.py::test_k3_kl_by_hand",
             "tests/test_grpo.py::test_kl_zero_and_ratio_one_when_policy_old_and_reference_coincide",
@@ -99,8 +108,10 @@ EXERCISES = {
         ],
     ),
     9: (
-        "Give every agent turn of an episode the episode's advantage: `turns`, the (sequence, advantage) pairs "
-        "of all episodes in order, leaving out turns without tokens and episodes whose advantage is 0.",
+        "Build the policy's turn batch: the episodes' rewards, their group-normalised advantages `adv` and the "
+        "number of groups without signal `no_signal` (Exercise 3's function), then `turns`, the (sequence, "
+        "advantage) pairs of every agent turn in order, leaving out turns without tokens and episodes whose "
+        "advantage is 0.",
         [
             "tests/test_train_policy.py::test_every_turn_gets_its_episodes_advantage",
             "tests/test_train_policy.py::test_a_group_where_every_episode_fails_gives_nothing_to_train",
@@ -111,6 +122,12 @@ EXERCISES = {
         "them whose change exceeds `eta` times the larger of their two absolute values; `changed` and `total`, "
         "the numbers of each.",
         ["tests/test_evaluate.py::test_weight_changes_count_exactly_the_weights_moved_beyond_eta_of_the_larger_value"],
+    ),
+    11: (
+        "Turn an ALFWorld rollout (its `turns`, each with observation, action and valid, and its final observation) "
+        "into one triplet a turn: the state with the last `h` turns of history, the action, and the observation "
+        "that followed. The grader plays real games and replays every action in a fresh engine.",
+        ["tests/test_collect.py::test_collect_with_the_tiny_model_writes_schema_valid_records"],
     ),
 }
 
@@ -147,10 +164,7 @@ def make(out):
     if out.exists():
         raise SystemExit(f"error: {out} exists: give the student copy a new folder")
     blocks(ROOT)  # every exercise marked in this tree
-    git = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
-    if git.returncode:
-        raise SystemExit(f"error: {ROOT} is not a git checkout: the student copy is made of the files git tracks")
-    files = git.stdout.split()
+    files = tracked(ROOT)
     for f in files:
         (out / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / f, out / f)
@@ -184,14 +198,24 @@ def fill(student, only=None):
 def exercises_md(reference):
     lines = [
         "# Exercises: RWML and GRPO by hand\n",
-        "Each exercise is one equation of the paper, cut out of the reference implementation and marked in its file",
-        "by `# ---- EXERCISE N ----` comments: replace the `raise NotImplementedError(...)` line between them with",
-        "your code (the comments above it give the equation; the function's docstring says what goes in and out).",
-        "`make grade` runs the tests of every exercise you have started and prints one line an exercise;",
-        "`python -m pytest -q TEST` runs one test. Work in this order: the graders of later exercises run the",
-        "earlier ones (the GRPO loss needs the advantages, the update needs the loss). The end-to-end tests",
-        "(the pipeline, torchrun, the RWML and Policy RL runs) use every exercise: they pass once all of them",
-        "do. Then `make test` runs the whole suite and `make pipeline` the whole paper on the tiny model.\n",
+        "Each exercise is one equation or one step of the paper, cut out of the reference implementation and marked",
+        "in its file by `# ---- EXERCISE N ----` comments: replace the `raise NotImplementedError(...)` line between",
+        "them with your code (the comments above it give the equation; the function's docstring says what goes in",
+        "and out). Exercises 1-10 are a few lines each; 11 is a whole step (the interaction triplets).\n",
+        "**Checking your work.** `make grade` runs the tests of every exercise you have started and prints one line",
+        "an exercise (passed / failed / not attempted), under a failed one each failed test, the line where it",
+        "failed and what it checks; it exits with status 1 unless every exercise passed, and `make grade",
+        "JSON=result.json` writes the same as JSON. `python -m pytest -q TEST` runs one test. In this copy an",
+        "exercise's tests run the code of the other exercises too (Exercise 6's whole GRPO update needs 3, 4 and 5;",
+        "4 and 5 are independent of each other): the suggested order below meets that.\n",
+        "**Without a second environment.** `make grade` installs the project's environment (~2 GB) into `.venv`",
+        "first; `make grade PYTHON=/path/to/python` uses one that exists, e.g. the reference checkout's",
+        "`.venv/bin/python`. Grading every exercise takes a few minutes on two cores (the graders load the tiny",
+        "model and the embedder once; Exercise 6's and 11's run whole updates and real ALFWorld games).\n",
+        "**How it is graded.** From the reference checkout, `make grade SUBMISSION=path/to/this/copy",
+        "JSON=result.json` takes only your exercise blocks: each one alone, in a copy of the reference with every",
+        "other exercise solved, against the reference's own tests (so editing the tests here changes nothing).",
+        "Then `make test` runs the whole suite and `make pipeline` the whole paper on the tiny model.\n",
     ]
     for n, (task, graders) in EXERCISES.items():
         f, text = reference[n]
@@ -208,19 +232,25 @@ def exercises_md(reference):
 
 
 class Progress:
-    """A pytest plugin: each test's outcome, where it first failed, and a line on stderr as each test ends."""
+    """A pytest plugin: each test's outcome, where it first failed and what it checks, and a line on stderr as each
+    test ends."""
 
     def __init__(self):
-        self.total, self.done, self.outcome, self.where = 0, 0, {}, {}
+        self.total, self.done, self.outcome, self.where, self.checks = 0, 0, {}, {}, {}
 
     def pytest_collection_finish(self, session):
         self.total = len(session.items)
+        for item in session.items:  # what a test checks: its docstring's first sentence
+            doc = " ".join((getattr(item, "obj", None).__doc__ or "").split())
+            self.checks[item.nodeid] = doc.split(". ")[0].rstrip(".")
 
     def pytest_runtest_logreport(self, report):  # setup, call and teardown of a test: a failure in any fails it
         if report.failed and self.outcome.get(report.nodeid) != "FAILED":
             self.outcome[report.nodeid] = "FAILED"
             crash = getattr(report.longrepr, "reprcrash", None)
-            self.where[report.nodeid] = first_failing_line(crash) if crash else str(report.longrepr).splitlines()[-1]
+            where, comment = first_failing_line(crash) if crash else (str(report.longrepr).splitlines()[-1], "")
+            self.where[report.nodeid] = where
+            self.checks[report.nodeid] = self.checks.get(report.nodeid) or comment
         elif report.when == "call" or report.skipped:
             self.outcome.setdefault(report.nodeid, "PASSED" if report.passed else "SKIPPED")
 
@@ -230,21 +260,27 @@ class Progress:
 
 
 def first_failing_line(crash):
-    """`file:line: ...` of a failure: where it was raised, its source line when that is an assertion, and the
-    message's first line (an assertion's values, or the exception: an exercise's stub names its exercise)."""
+    """(`file:line: ...` of a failure: where it was raised, its source line when that is an assertion, and the
+    message's first line (an assertion's values, or the exception: an exercise's stub names its exercise); the
+    comment that says what the failing line checks: on it, or on the lines just above it)."""
     path = Path(crash.path)
     where = f"{path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}:{crash.lineno}"
     message = crash.message.splitlines()[0] if crash.message else ""
-    source = linecache.getline(str(path), crash.lineno).strip()
-    shown = f"{source}  ({message})" if source.startswith("assert") else message
-    return f"{where}: {shown}"[:200]
+    source = linecache.getline(str(path), crash.lineno)
+    shown = f"{source.strip()}  ({message})" if source.strip().startswith("assert") else message
+    comment = source.partition("  # ")[2].strip()
+    above = crash.lineno - 1
+    while not comment and linecache.getline(str(path), above).strip().startswith("#"):
+        comment, above = linecache.getline(str(path), above).strip().lstrip("# ") + " " + comment, above - 1
+    return f"{where}: {shown}"[:200], comment.strip()
 
 
-def grade(root=ROOT):
-    """One line an exercise (passed / failed / not attempted), under it each failed test with its first failing
-    line, and the total; a line on stderr as each test ends. Returns the number of exercises passed."""
+def grade(root=ROOT, only=None):
+    """Grades the exercises attempted in the tree `root` with its own tests (`only`: those numbers). Returns one
+    result an exercise: dict(exercise, title, status: passed / failed / not attempted, passed, tests, failures:
+    [dict(test, where, checks)]); a line on stderr as each test ends."""
     found = blocks(root)
-    todo = set(found) - set(unanswered(found))
+    todo = set(found) - set(unanswered(found)) - (set() if only is None else set(EXERCISES) - set(only))
     graders = sorted({g for n in todo for g in EXERCISES[n][1]})
     progress = Progress()
     if graders:
@@ -255,29 +291,110 @@ def grade(root=ROOT):
         print(f"grading {len(todo)} exercises: {len(graders)} tests", file=sys.stderr)
         with contextlib.chdir(root), contextlib.redirect_stdout(io.StringIO()):  # pytest's own report: not shown
             pytest.main(["-q", "--tb=short", "-p", "no:cacheprovider", "-n", "0", *graders], plugins=[progress])
-    titles = {n: BLOCK.match(found[n][1])["title"] for n in EXERCISES}
-    width = max(map(len, titles.values()))
-    passed = 0
+    results = []
     for n, (_, tests) in EXERCISES.items():
+        if only is not None and n not in only:
+            continue
         runs = {
             node: o for node, o in progress.outcome.items() if any(node == t or node.startswith(t + "[") for t in tests)
         }
         ok = n in todo and runs and all(o == "PASSED" for o in runs.values())
-        count = f"({sum(o == 'PASSED' for o in runs.values())} of {len(runs)} tests)"
-        status = "not attempted" if n not in todo else f"passed {count}" if ok else f"failed {count}"
-        print(f"Exercise {n:>2}: {titles[n]:<{width}}  {status}")
-        for node in [node for node, o in runs.items() if o != "PASSED"] if n in todo else []:
-            print(f"    {node}\n        {progress.where.get(node, 'not run (a test of its file failed to import?)')}")
-        passed += bool(ok)
-    print(f"total: {passed} of {len(EXERCISES)} exercises passed")
-    return passed
+        failures = (
+            [
+                dict(
+                    test=node,
+                    where=progress.where.get(node, "not run (a test of its file failed to import?)"),
+                    checks=progress.checks.get(node, ""),
+                )
+                for node, o in runs.items()
+                if o != "PASSED"
+            ]
+            if n in todo
+            else []
+        )
+        status = "not attempted" if n not in todo else "passed" if ok else "failed"
+        title = BLOCK.match(found[n][1])["title"]
+        results.append(
+            dict(
+                exercise=n,
+                title=title,
+                status=status,
+                passed=sum(o == "PASSED" for o in runs.values()),
+                tests=len(runs),
+                failures=failures,
+            )
+        )
+    return results
+
+
+def grade_submission(student):
+    """A TA's grading: each exercise the student's copy at `student` attempted, graded alone, against this
+    reference checkout's tests, in a temporary copy of it whose only change is the student's block of that
+    exercise (the other exercises are the reference's; the student's tests are not run). Returns `grade`'s
+    results."""
+    submitted, reference = blocks(student), blocks(ROOT)
+    files = tracked(ROOT)
+    env = dict(os.environ, ALFWORLD_DATA=os.environ.get("ALFWORLD_DATA", str(ROOT.parent / "shared" / "alfworld")))
+    results = []
+    for n in EXERCISES:
+        title = BLOCK.match(reference[n][1])["title"]
+        if n in unanswered(submitted):
+            results.append(dict(exercise=n, title=title, status="not attempted", passed=0, tests=0, failures=[]))
+            continue
+        with tempfile.TemporaryDirectory() as tree:
+            for f in files:
+                (Path(tree) / f).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(ROOT / f, Path(tree) / f)
+            f, block = reference[n]
+            (Path(tree) / f).write_text((ROOT / f).read_text().replace(block, submitted[n][1]))
+            out = Path(tree) / "result.json"
+            cmd = [sys.executable, "course/exercises.py", "grade", "--only", str(n), "--json", str(out)]
+            print(f"exercise {n}: the reference's tests on the submitted block", file=sys.stderr, flush=True)
+            subprocess.run(cmd, cwd=tree, env=env, stdout=subprocess.DEVNULL)
+            if not out.exists():
+                raise SystemExit(f"error: grading exercise {n} in a copy of {ROOT} wrote no result (see above)")
+            results += json.loads(out.read_text())["exercises"]
+    return results
+
+
+def tracked(root):
+    """The files git tracks in `root` (a reference or student checkout)."""
+    git = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True)
+    if git.returncode:
+        raise SystemExit(f"error: {root} is not a git checkout: the kit copies the files git tracks")
+    return git.stdout.split()
+
+
+def report(results, json_path=None):
+    """One line an exercise, under a failed one each failed test (where, and what it checks), the total; the same as
+    JSON in `json_path`. Returns the exit status: 0 when every exercise passed, else 1."""
+    width = max(len(r["title"]) for r in results)
+    for r in results:
+        count = f" ({r['passed']} of {r['tests']} tests)" if r["status"] != "not attempted" else ""
+        print(f"Exercise {r['exercise']:>2}: {r['title']:<{width}}  {r['status']}{count}")
+        for fail in r["failures"]:
+            print(f"    {fail['test']}\n        {fail['where']}")
+            if fail["checks"]:
+                print(f"        checks: {fail['checks']}")
+    passed = sum(r["status"] == "passed" for r in results)
+    print(f"total: {passed} of {len(results)} exercises passed")
+    if json_path:
+        total = dict(passed=passed, exercises=len(results))
+        Path(json_path).write_text(json.dumps(dict(total=total, exercises=results), indent=1) + "\n")
+    return 0 if passed == len(results) else 1
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("command", choices=["make", "grade", "fill"])
-    p.add_argument("folder", nargs="?", help="make, fill: the student copy")
-    p.add_argument("--only", type=int, nargs="+", choices=list(EXERCISES), help="fill: these exercises only")
+    p.add_argument(
+        "folder",
+        nargs="?",
+        help="make, fill: the student copy; grade: a submission (a student copy) to "
+        "grade against this checkout's tests, each exercise alone (default: grade this tree)",
+    )
+    p.add_argument("--only", type=int, nargs="+", choices=list(EXERCISES), help="fill, grade: these exercises only")
+    p.add_argument("--json", metavar="FILE", help="grade: the results as JSON too")
     p.add_argument("--seed", type=int, default=0, help="unused: nothing here is random (every script takes it)")
     a = p.parse_args()
     if a.command != "grade" and not a.folder:
@@ -287,4 +404,5 @@ if __name__ == "__main__":
     elif a.command == "fill":
         fill(a.folder, a.only)
     else:
-        grade()
+        results = grade_submission(a.folder) if a.folder else grade(only=a.only)
+        raise SystemExit(report([r for r in results if a.only is None or r["exercise"] in a.only], a.json))

@@ -106,6 +106,8 @@ def test_output_without_tags_is_an_invalid_action_not_a_crash():
 
 
 def test_collect_with_the_tiny_model_writes_schema_valid_records(tiny, tmp_path):
+    """Collected triplets hold the state with the last H turns of history and the next state the engine returns:
+    every action replayed in a fresh game gives it."""
     args = parse_args(
         [
             "--split",

@@ -1,7 +1,9 @@
-"""The course kit round trip: the student copy fails exactly its exercises' graders, `make grade` tells
-passed / failed / not attempted, and the solution key gives back the reference byte for byte (whose graders
-pass: they are this suite's own tests)."""
+"""The course kit round trip: the student copy holds no line of an answer in any file and fails exactly its
+exercises' graders; `make grade` tells passed / failed / not attempted with an exit status and JSON, each exercise
+graded alone against the reference's tests for a TA; the solution key gives back the reference byte for byte
+(whose graders pass: they are this suite's own tests)."""
 
+import json
 import re
 import subprocess
 import sys
@@ -26,11 +28,19 @@ def outcomes(folder, *tests):
     return {node: word for word, node in found}, r.stdout
 
 
-def grade(folder):
-    """`exercises.py grade` in `folder`: its stdout's lines (stderr: a line as each test ends)."""
-    r = subprocess.run([sys.executable, "course/exercises.py", "grade"], cwd=folder, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
-    return r.stdout.splitlines(), r.stderr
+def grade(folder, *args):
+    """`exercises.py grade ARGS` in `folder`: its exit status, its stdout's lines (stderr: a line as each test ends)."""
+    r = subprocess.run(
+        [sys.executable, "course/exercises.py", "grade", *args], cwd=folder, capture_output=True, text=True
+    )
+    assert r.returncode in (0, 1), r.stderr[-2000:]
+    return r.returncode, r.stdout.splitlines(), r.stderr
+
+
+def answer_lines(text):
+    """The lines of code of a reference block (not its markers, comments or a lone bracket)."""
+    code = [line.strip() for line in text.splitlines()[1:-1] if not line.strip().startswith("#")]
+    return {line for line in code if len(line) > 3}
 
 
 def test_the_student_copy_holds_no_answer_and_fill_gives_back_the_reference(tmp_path):
@@ -42,17 +52,22 @@ def test_the_student_copy_holds_no_answer_and_fill_gives_back_the_reference(tmp_
         capture_output=True,
         text=True,
     )
-    assert r.returncode == 0 and r.stdout.startswith("student copy with 10 exercises"), r.stderr
+    assert r.returncode == 0 and r.stdout.startswith("student copy with 11 exercises"), r.stderr
     staged = subprocess.run(["git", "ls-files"], cwd=student, capture_output=True, text=True).stdout.split()
     assert "EXERCISES.md" in staged and "tests/test_course.py" in staged  # a checkout of its own: it can copy on
     found, reference = blocks(student), blocks(ROOT)
-    assert sorted(found) == sorted(reference) == list(EXERCISES) == list(range(1, 11))
-    for n, (f, text) in found.items():
-        assert f'raise NotImplementedError("Exercise {n}: ' in text
-        code = [line for line in reference[n][1].splitlines()[1:-1] if not line.strip().startswith("#")]
-        assert code and not set(code) & set((student / f).read_text().splitlines()), n  # no line of the answer
+    assert sorted(found) == sorted(reference) == list(EXERCISES) == list(range(1, 12))
+    assert all(f'raise NotImplementedError("Exercise {n}: ' in text for n, (_, text) in found.items())
+    # no file of the copy holds a line of an answer: not the exercise's file, not the tests, not the kit
+    answers = {n: answer_lines(text) for n, (_, text) in reference.items()}
+    assert all(answers.values())
+    for f in staged:
+        lines = {line.strip() for line in (student / f).read_text(errors="replace").splitlines()}
+        leaks = {n: lines & code for n, code in answers.items() if lines & code}
+        assert not leaks, (f, leaks)
     assert all(f"## Exercise {n}:" in (student / "EXERCISES.md").read_text() for n in EXERCISES)
-    assert grade(student)[0][-1] == "total: 0 of 10 exercises passed"  # nothing attempted: nothing runs
+    status, lines, _ = grade(student)  # nothing attempted: nothing runs, and that is no pass
+    assert status == 1 and lines[-1] == "total: 0 of 11 exercises passed"
     # fill as a student would run it after reading --help: the copy holds no answer to give, and says so
     r = subprocess.run(
         [sys.executable, "course/exercises.py", "fill", ".", "--only", "3"], cwd=student, capture_output=True, text=True
@@ -80,21 +95,38 @@ def test_the_student_copy_fails_exactly_the_graders_and_grade_tells_each_exercis
     assert {node for node, o in result.items() if o != "PASSED"} == {node for node in result if is_grader(node)}
     assert all(any(is_grader(node) and node.startswith(g) for node in result) for g in graders)  # each one ran
     assert out.count("NotImplementedError: Exercise") >= len(graders)
-    # a right answer to exercises 2, 3 and 5, a wrong one to exercise 4 (no clipping), nothing else
-    fill(student, only=[2, 3, 5])
+    # a right answer to exercise 4 alone (5, in the same function, still a stub), a wrong one to exercise 3 (the
+    # biased standard deviation), nothing else
+    fill(student, only=[4])
     grpo = (student / "grpo.py").read_text()
-    wrong = "    ratio = torch.exp(logp - old_logp)\n    surrogate = ratio * adv[:, None]\n"
-    grpo = re.sub(r'    raise NotImplementedError\("Exercise 4: [^\n]*\n', wrong, grpo)
+    wrong = "    adv = (r - r.mean(1, keepdim=True)) / (r.std(1, correction=0, keepdim=True) + eps)\n"
+    grpo = re.sub(r'    raise NotImplementedError\("Exercise 3: [^\n]*\n', wrong, grpo)
     (student / "grpo.py").write_text(grpo)
-    lines, progress = grade(student)
+    status, lines, progress = grade(student, "--json", str(tmp_path / "mine.json"))
     rows = {int(line.split(":")[0].split()[1]): line for line in lines if line.startswith("Exercise")}
     assert sorted(rows) == list(EXERCISES) and len({line.rindex("  ") for line in rows.values()}) == 1  # aligned
-    assert rows[2].endswith("  passed (1 of 1 tests)") and rows[3].endswith("  passed (1 of 1 tests)")
-    assert rows[5].endswith("  passed (2 of 2 tests)")
-    assert rows[4].endswith("  failed (0 of 2 tests)")  # the test runs with a positive and a negative advantage
-    assert all(rows[n].endswith("  not attempted") for n in EXERCISES if n not in (2, 3, 4, 5))
-    # under the failed exercise: its test, and the assertion that failed (no gradient beyond the clipped ratio)
-    test, where = lines[lines.index(rows[4]) + 1 : lines.index(rows[4]) + 3]
-    assert test.strip().startswith(EXERCISES[4][1][0] + "[") and where.strip().startswith("tests/test_grpo.py:"), lines
-    assert "assert " in where and "logp.grad" in where and lines[-1] == "total: 3 of 10 exercises passed"
-    assert progress.count("\n") == 7 and "[6/6] " in progress  # "grading ...", then a line as each test ends
+    assert rows[4].endswith("  passed (2 of 2 tests)") and rows[3].endswith("  failed (0 of 1 tests)")
+    assert all(rows[n].endswith("  not attempted") for n in EXERCISES if n not in (3, 4))
+    assert status == 1 and lines[-1] == "total: 1 of 11 exercises passed"
+    # under the failed exercise: its test, the assertion that failed, and what the test checks (its docstring)
+    test, where, checks = lines[lines.index(rows[3]) + 1 : lines.index(rows[3]) + 4]
+    assert test.strip() == EXERCISES[3][1][0] and where.strip().startswith("tests/test_grpo.py:"), lines
+    assert "assert " in where and checks.strip().startswith("checks: Each reward minus its group's mean"), lines
+    assert progress.count("\n") == 4 and "[3/3] " in progress  # "grading ...", then a line as each test ends
+    mine = json.loads((tmp_path / "mine.json").read_text())
+    assert mine["total"] == dict(passed=1, exercises=11)
+    assert [(e["exercise"], e["status"], e["passed"], e["tests"]) for e in mine["exercises"][2:4]] == [
+        (3, "failed", 0, 1),
+        (4, "passed", 2, 2),
+    ]
+    # a TA grades the submission from the reference: its blocks alone, against the reference's tests; a test the
+    # student rewrote to pass changes nothing
+    tests = (student / "tests" / "test_grpo.py").read_text()
+    (student / "tests" / "test_grpo.py").write_text(
+        tests.replace("def test_group_advantages_by_hand():", "def test_group_advantages_by_hand():\n    return")
+    )
+    assert grade(student)[1][2].endswith("  passed (1 of 1 tests)")  # the copy's own tests: fooled
+    status, lines, _ = grade(ROOT, str(student), "--json", str(tmp_path / "ta.json"))
+    rows = {int(line.split(":")[0].split()[1]): line for line in lines if line.startswith("Exercise")}
+    assert rows[3].endswith("  failed (0 of 1 tests)") and rows[4].endswith("  passed (2 of 2 tests)")
+    assert status == 1 and json.loads((tmp_path / "ta.json").read_text())["total"] == dict(passed=1, exercises=11)

@@ -33,6 +33,8 @@ def test_parse_next_state():
 
 
 def test_identical_next_state_scores_1_unrelated_0_missing_tags_0(embed):
+    """A prediction identical to the real next state scores 1, an unrelated one 0, and one without <next_state>
+    tags 0 (no similarity)."""
     outputs = [
         f"<think>opening it</think><next_state>{REAL}</next_state>",
         "<think>?</think><next_state>The stock market closed higher on Tuesday.</next_state>",
@@ -46,6 +48,8 @@ def test_identical_next_state_scores_1_unrelated_0_missing_tags_0(embed):
 
 
 def test_threshold_is_on_the_distance(embed):
+    """The reward is 1 exactly when the distance 1 - cos is below tau_d: just above the distance it is 1, just
+    below 0."""
     close = (
         "<next_state>You open the fridge 1. The fridge 1 is open. In it, you see a apple 1 and a egg 2.</next_state>"
     )
@@ -64,12 +68,15 @@ def test_tau2s_tau_d_warns_when_the_embedder_is_not_the_one_it_was_calibrated_fo
 
 
 def test_real_next_states_are_embedded_once_and_predictions_not_kept(embed):
+    """G predictions of one triplet embed its real next state once (the cache), and no prediction is cached."""
     embed.cache.clear()
     recs = sim_to_real([f"<next_state>x{i}</next_state>" for i in range(5)], [REAL] * 5, embed, tau=0.2)
     assert list(embed.cache) == [REAL] and len(recs) == 5
 
 
 def test_rouge_is_rounded_to_fifths():
+    """The ROUGE-L F1 reward is 1 for the same text, 0 for none, and rounded to a multiple of 0.2 with halves
+    up."""
     masked = '{"order_id": "string", "status": "string", "items": [{"price": "number"}]}'
     assert rouge_reward(masked, masked) == 1.0
     assert rouge_reward(None, masked) == 0.0
@@ -150,6 +157,8 @@ def test_llm_judge_reward_with_the_tiny_model_as_judge(tiny):
 
 
 def test_exact_is_the_real_next_state_up_to_whitespace(embed):
+    """`exact` is true when the tagged prediction is the real next state up to whitespace, false otherwise or
+    without tags."""
     outputs = [
         f"<next_state>{REAL}</next_state>",
         f"<next_state> {REAL.replace(' ', '  ')}\n</next_state>",
