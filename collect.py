@@ -14,8 +14,9 @@ from the admissible commands instead, and `--epsilon e` lets the model act but t
 admissible command with probability e: a tiny model writes almost no admissible action, so on CPU
 these behaviours give the world model transitions worth learning from. `--invalid-rate q` makes the random
 policy send, with probability q, a command admissible earlier in the episode but not now: a stand-in for an
-imperfect agent's invalid actions, whose triplets `--invalid-triplets keep` keeps (the paper drops them, B.1:
-the CPU experiment keeps them so that the world model has "Nothing happens." to learn). No expert data is used.
+imperfect agent's invalid actions. Their triplets are dropped, as the paper's post-processing drops them (B.1:
+"removing some samples that contain invalid actions"; which ones it does not say: all, as the public
+reproduction); `--invalid-triplets keep` keeps them (the rollouts keep every turn). No expert data is used.
 
 Below: the flags (those of how episodes are played, shared with train_policy.py and evaluate.py, are in
 support/play.py), the agent's prompt, the batched episode loop, the records. This file holds ALFWorld's loop;
@@ -49,14 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--policy", default="model", choices=["model", "random"], help="the model, or random admissible")
     p.add_argument("--epsilon", type=fraction(), default=0.0, help="model policy: P(a random admissible command)")
     p.add_argument("--invalid-rate", type=fraction(), default=0.0, help="random policy: P(a command no longer valid)")
-    p.add_argument(
-        "--invalid-triplets",
-        choices=["drop", "keep"],
-        default="drop",
-        help="the triplets of invalid ALFWorld actions (not admissible, or no <action> read): dropped after "
-        "collection as the paper's post-processing (B.1: 'removing some samples that contain invalid actions'; "
-        "which ones it does not say: all, as the public reproduction), or kept (the rollouts keep every turn)",
-    )
+    drop = "the triplets of invalid ALFWorld actions: dropped (paper B.1), or kept"
+    p.add_argument("--invalid-triplets", choices=["drop", "keep"], default="drop", help=drop)
     p.add_argument("--model", type=check_model, default=TINY_MODEL, help="HF id or folder (default: SmolLM2-135M)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 on CUDA, else fp32")
     p.add_argument("--seed", type=int, default=0, help="random seed")
@@ -126,7 +121,7 @@ def parse_action(text):
 
 
 # ---------------------------------------------------------------------------------------------
-# The batched episode loop, shared by collect.py, evaluate.py and train_policy.py
+# ALGO LOGIC: the batched episode loop (interaction), shared by collect.py, evaluate.py and train_policy.py
 # ---------------------------------------------------------------------------------------------
 def start(game, split, index, seed, max_steps):
     # each episode has its own random stream, so a resumed run replays random choices exactly
@@ -192,7 +187,7 @@ def play_alfworld(jobs, model, tok, settings):
 
 
 # ---------------------------------------------------------------------------------------------
-# Records: an episode becomes a rollout line and one triplet per turn
+# ALGO LOGIC: an episode becomes a rollout line and one triplet per turn
 # ---------------------------------------------------------------------------------------------
 def alfworld_rollout_record(ep, settings):
     return dict(
@@ -243,7 +238,8 @@ def alfworld_triplet_records(rollout, h):
 
 
 # ---------------------------------------------------------------------------------------------
-# The environment switch: ALFWorld above, τ²-bench in support/tau2_env.py (imported only when played)
+# The environment switch: ALFWorld above, τ²-bench in support/tau2_env.py (imported only when played; TRY NOT TO
+# MODIFY)
 # ---------------------------------------------------------------------------------------------
 def select_games(env, split, n=None, domains=(), tasks=None, first=0):
     """ALFWorld game files of `split`, or τ²-bench task names "domain/id": n of them from the `first`, or the
@@ -287,7 +283,7 @@ def triplet_records(rollout, h):
 
 
 # ---------------------------------------------------------------------------------------------
-# Collection: episodes into rollouts.jsonl, triplets.jsonl and metrics.jsonl, resumable
+# Collection: episodes into rollouts.jsonl, triplets.jsonl and metrics.jsonl, resumable (TRY NOT TO MODIFY)
 # ---------------------------------------------------------------------------------------------
 def episode_key(game, episode):
     return f"{game}#{episode}"

@@ -52,17 +52,17 @@ from support.episode import summary
 from support.lm import TINY_MODEL, chat_prompt, cut_warning, load_model, load_tokenizer
 from support.memory import CPU_BATCH
 from support.play import add_plan_args, add_play_args, plan_batch, play_defaults, play_settings
+from support.report import benchmark_commands, forgetting_table, plot_weight_changes, slug, table, wm_table
 from support.runs import plot_metrics, read_jsonl, run_stage, write_jsonl
 from support.schema import PREDICTION, PROMPT, TRIPLET
 from support.triplets import wm_budget
 from train_wm import heldout_scores, predict_and_score
 
-SPLIT_NAMES = {"valid_seen": "ID", "valid_unseen": "OOD"}
 GENERAL_PROMPTS = Path(__file__).resolve().parent / "data" / "general_prompts.jsonl"
 
 
 # ---------------------------------------------------------------------------------------------
-# Forgetting (the paper's claim: RWML moves the weights less than WM SFT): a trained model against its start
+# ALGO LOGIC: forgetting (the paper's claim: RWML moves the weights less than WM SFT), a model against its start
 # ---------------------------------------------------------------------------------------------
 # the paper's module groups (Figure A1b): attention's four projections, the MLP's gate and up together, down
 MODULES = dict(q_proj="self_attn.q_proj", k_proj="self_attn.k_proj", v_proj="self_attn.v_proj")
@@ -146,203 +146,45 @@ def forgetting(args):
     return dict(start=args.forgetting, eta=args.eta, prompts=str(args.prompts), models=results)
 
 
-def lora(path):
-    """The LoRA rank a checkpoint folder (`<run>/checkpoint/model`) was trained with, None for full fine-tuning
-    or a folder that no stage of this project wrote."""
-    trainer = Path(path).parent / "trainer.pt"
-    return (
-        torch.load(trainer, map_location="cpu", weights_only=False)["args"].get("lora_rank")
-        if trainer.exists()
-        else None
-    )
-
-
-# the paper's general benchmarks (Table 3): MMLU-Redux, IFEval, MATH-500, GSM8k, GPQA-Diamond and LiveCodeBench
-# (problems of 2025-01-01 to 2025-04-30), sampled at temperature 1.0 with up to 16k tokens, by EvalScope, which needs
-# the network to fetch them
-EVALSCOPE = (
-    "evalscope eval --model {path} --datasets mmlu_redux ifeval math_500 gsm8k gpqa_diamond live_code_bench "
-    '--dataset-args \'{{"live_code_bench": {{"extra_params": {{"start_date": "2025-01-01", '
-    '"end_date": "2025-04-30"}}}}}}\' --generation-config \'{{"temperature": 1.0, "max_tokens": 16384}}\' '
-    "--work-dir {out}"
-)
-
-
-def forgetting_table(res):
-    ppl = res["models"][0]["start_perplexity"]
-    head = (
-        f"| Model | Weights changed (η = {res['eta']:g}) | KL from start (nats/token) | Perplexity (start {ppl:.2f}) |"
-    )
-    rows = [
-        f"| {m['name']}{' (LoRA r ' + str(m['lora_rank']) + ')' if m.get('lora_rank') else ''} | "
-        f"{100 * m['weights_changed']:.2f}% | {m['kl']:.4f} | {m['perplexity']:.2f} |"
-        for m in res["models"]
-    ]
-    notes = [
-        "",
-        f"Against {res['start']}. The share of weights changed of a LoRA run counts its merged update W + scale·BA "
-        "(every weight of an adapted matrix moves by a low-rank product): not comparable with the paper's figure, "
-        "which is of full fine-tuning.",
-    ]
-    groups = list(dict.fromkeys(MODULES.values()))
-    modules = [
-        "",
-        "Weights changed per module group (paper Figure A1b; per layer: forgetting.png, forgetting.json):",
-        "",
-        "| Model | " + " | ".join(groups) + " |",
-        "|---|" + "---|" * len(groups),
-        *(
-            f"| {m['name']} | " + " | ".join(f"{100 * m['modules'][g]:.2f}%" for g in groups) + " |"
-            for m in res["models"]
-        ),
-    ]
-    return "\n".join(
-        [head, "|---|---|---|---|", *rows, *(notes if any(m.get("lora_rank") for m in res["models"]) else []), *modules]
-    )
-
-
-def plot_weight_changes(res, png):
-    """The paper's Figure 3 / A1 for these models: the share of weights changed per layer, and per module group."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (by_layer, by_module) = plt.subplots(1, 2, figsize=(12, 4))
-    groups = list(dict.fromkeys(MODULES.values()))
-    width = 0.8 / len(res["models"])
-    for i, m in enumerate(res["models"]):
-        layers = sorted(m["layers"], key=int)
-        by_layer.plot([int(k) for k in layers], [100 * m["layers"][k] for k in layers], marker=".", label=m["name"])
-        by_module.bar([j + i * width for j in range(len(groups))], [100 * m["modules"][g] for g in groups], width)
-    by_layer.set(xlabel="layer index", ylabel=f"weights changed (%, η = {res['eta']:g})", title="per layer")
-    by_module.set_xticks([j + width * (len(res["models"]) - 1) / 2 for j in range(len(groups))], groups, fontsize=7)
-    by_module.set(title="per module group")
-    by_layer.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-
-
-def benchmark_commands(res, out):
-    """The EvalScope commands that score the start and every model on the paper's general benchmarks (Table 3)."""
-    models = [("start", res["start"])] + [(m["name"], m["path"]) for m in res["models"]]
-    return [EVALSCOPE.format(path=path, out=Path(out) / "evalscope" / slug(name)) for name, path in models]
-
-
 def parse_args(argv=None):
     p = parser(__doc__)
-    p.add_argument(
-        "--model", nargs="+", default=[TINY_MODEL], help="HF ids or folders to evaluate, each PATH or NAME=PATH"
-    )
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "bf16", "fp32"],
-        help="weights dtype (auto: bf16 on CUDA, fp32 on CPU; --forgetting always measures in fp32)",
-    )
-    p.add_argument(
-        "--splits",
-        nargs="+",
-        default=None,
-        help="splits to evaluate (default: ALFWorld valid_seen valid_unseen; τ² test)",
-    )
-    p.add_argument(
-        "--games",
-        type=at_least(),
-        default=None,
-        help="N games of each split (τ²: tasks of each domain) "
-        "(default: all; ALFWorld 140 / 134, τ² test retail 40, airline 20, telecom 40)",
-    )
-    p.add_argument("--runs", type=at_least(), default=3, help="independent runs, seeds seed..seed+runs-1 (paper: 3)")
+    arg = p.add_argument
+    arg("--model", nargs="+", default=[TINY_MODEL], help="HF ids or folders to evaluate, each PATH or NAME=PATH")
+    dtypes = "weights dtype (auto: bf16 on CUDA, fp32 on CPU; --forgetting always measures in fp32)"
+    arg("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help=dtypes)
+    arg("--splits", nargs="+", help="splits to evaluate (default: ALFWorld valid_seen valid_unseen; τ² test)")
+    games = "N games of each split (τ²: tasks of each domain; default: all, ALFWorld 140 / 134, τ² 40 / 20 / 40)"
+    arg("--games", type=at_least(), help=games)
+    arg("--runs", type=at_least(), default=3, help="independent runs, seeds seed..seed+runs-1 (paper: 3)")
     add_play_args(p, temperature=0.4, batch_games=None)  # paper: 30 steps; --batch-games is also --wm's batch
     add_plan_args(p)
-    p.add_argument("--seed", type=int, default=0, help="seed of the first run")
-    p.add_argument("--out", default="runs/eval", help="output folder")
-    p.add_argument("--resume", action="store_true", help="keep finished episodes of a killed evaluation")
-    wm = p.add_argument_group("world model and reward")
-    wm.add_argument(
-        "--wm", metavar="TRIPLETS", help="score --model's greedy next-state predictions on these (held-out) triplets"
-    )
-    wm.add_argument(
-        "--score", metavar="PREDICTIONS", help="score a JSONL of `output` (with <next_state> tags) and `next_state`"
-    )
-    wm.add_argument("--calibrate", metavar="TRIPLETS", help="print next-state distance quantiles that place tau_d")
-    wm.add_argument(
-        "--embedder", default=DEFAULT_EMBEDDER, help="sentence-transformers id (paper: Qwen/Qwen3-Embedding-8B)"
-    )
-    wm.add_argument(
-        "--embed-dtype",
-        default="auto",
-        choices=["auto", "fp32", "bf16"],
-        help="embedder dtype (auto: bf16 on CUDA, fp32 on CPU)",
-    )
-    wm.add_argument(
-        "--tau",
-        type=distance_threshold(),
-        default=None,
-        help="tau_d (default: the embedder's calibrated value; 0.4 for τ² triplets)",
-    )
-    wm.add_argument("--val-size", type=at_least(), default=None, help="with --wm: the first N triplets only")
-    fg = p.add_argument_group("forgetting and the CPU experiment's report")
-    fg.add_argument("--forgetting", metavar="START", help="compare every --model with this model, their start")
-    fg.add_argument("--eta", type=positive(), default=1e-3, help="relative change that counts a weight as changed")
-    fg.add_argument(
-        "--prompts", default=GENERAL_PROMPTS, help="general prompts with reference answers (JSONL: prompt, answer)"
-    )
-    fg.add_argument(
-        "--report", metavar="RUN", help="write RUN/report.md and RUN/report.png from `make pipeline`'s runs"
-    )
+    arg("--seed", type=int, default=0, help="seed of the first run")
+    arg("--out", default="runs/eval", help="output folder")
+    arg("--resume", action="store_true", help="keep finished episodes of a killed evaluation")
+    wm = p.add_argument_group("world model and reward").add_argument
+    wm("--wm", metavar="TRIPLETS", help="score --model's greedy next-state predictions on these (held-out) triplets")
+    wm("--score", metavar="PREDICTIONS", help="score a JSONL of `output` (with <next_state> tags) and `next_state`")
+    wm("--calibrate", metavar="TRIPLETS", help="print next-state distance quantiles that place tau_d")
+    wm("--embedder", default=DEFAULT_EMBEDDER, help="sentence-transformers id (paper: Qwen/Qwen3-Embedding-8B)")
+    wm("--embed-dtype", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on CUDA, fp32 on CPU")
+    wm("--tau", type=distance_threshold(), help="tau_d (default: the embedder's calibrated value; τ² triplets 0.4)")
+    wm("--val-size", type=at_least(), help="with --wm: the first N triplets only")
+    fg = p.add_argument_group("forgetting and the CPU experiment's report").add_argument
+    fg("--forgetting", metavar="START", help="compare every --model with this model, their start")
+    fg("--eta", type=positive(), default=1e-3, help="relative change that counts a weight as changed")
+    fg("--prompts", default=GENERAL_PROMPTS, help="general prompts with reference answers (JSONL: prompt, answer)")
+    fg("--report", metavar="RUN", help="write RUN/report.md and RUN/report.png from `make pipeline`'s runs")
     args = p.parse_args(argv)
     args.models = [(m.rpartition("=")[0] or m, m.rpartition("=")[2]) for m in args.model]  # [(name, path)]
-    # --wm: tokens from the triplets (train_wm.wm_budget); the agent's budget from the first model's template
+    # --wm: tokens from the triplets (triplets.wm_budget); the agent's budget from the first model's template
     play_defaults(args, max_steps=30, tokens=not (args.wm or args.forgetting), model=(args.models or [[None]])[0][-1])
     args.splits = args.splits or (["test"] if args.env == "tau2" else ["valid_seen", "valid_unseen"])
     return args
 
 
-def check_args(args):
-    """Every model path exists (a missing folder says so now, not after the first model's run), the --wm
-    triplets and the --forgetting prompts are well-formed records (support/schema.py) and --val-size fits."""
-    for path in [p for _, p in args.models] + ([args.forgetting] if args.forgetting else []):
-        check_model(path)
-    held = read_jsonl(args.wm, TRIPLET) if args.wm else []
-    if args.wm and args.val_size and args.val_size > len(held):
-        fail(f"--val-size {args.val_size}: {args.wm} holds only {len(held)} triplets")
-    if args.forgetting:
-        read_jsonl(args.prompts, PROMPT)
-    if args.env != "tau2" or args.wm or args.forgetting:
-        return
-    for split in args.splits:  # every named task is known, before the first model loads
-        column_games(args, dict(split=split, domain=args.domain))
-
-
-def plan_eval_batch(args):
-    """--batch-games sized by the memory plan of the first --model (play.plan_batch): episodes of every split and
-    run, or with --wm the held-out triplets (their longest prompt, the embedder counted)."""
-    path = args.models[0][1]
-    if not args.wm:
-        games = sum(len(column_games(args, where)) for _, where in table_columns(args))  # what `evaluate` plays
-        return plan_batch(args, path, games * args.runs * len(args.models))
-    tok = load_tokenizer(path)
-    triplets = read_jsonl(args.wm)[: args.val_size]
-    prompt_len = max(len(tok(chat_prompt(tok, wm_prompt(t)), add_special_tokens=False)["input_ids"]) for t in triplets)
-    new = args.max_new_tokens or wm_budget(tok, triplets)  # as `evaluate_wm`
-    wm = dict(vars(args), max_steps=1, max_new_tokens=new, user_model="local")  # one prediction a triplet; no user
-    return plan_batch(
-        argparse.Namespace(**wm),
-        path,
-        len(triplets) * len(args.models),
-        prompt_len,
-        embedder_bytes(args.embedder, args.embed_dtype),
-    )
-
-
-def slug(name):
-    """A row name as a folder name: "RWML + Policy RL" -> "rwml_policy_rl"."""
-    return re.sub(r"[^a-z0-9.-]+", "_", name.lower()).strip("_")
-
-
+# ---------------------------------------------------------------------------------------------
+# ALGO LOGIC: the held-out world-model scores, and Table 1's task success
+# ---------------------------------------------------------------------------------------------
 def evaluate_wm(args, model, tok, name, out, embed):
     """Held-out world-model quality: greedy predictions -> mean sim-to-real reward, similarity, format rate."""
     triplets = read_jsonl(args.wm, TRIPLET)[: args.val_size]
@@ -358,116 +200,6 @@ def evaluate_wm(args, model, tok, name, out, embed):
     res = dict(name=name, tau=tau, embedder=args.embedder, max_new_tokens=max_new, **heldout_scores(triplets, recs))
     (out / "wm_results.json").write_text(json.dumps(res, indent=1))
     return res
-
-
-def wm_table(results):
-    """Held-out reward, similarity, format and exact-match rates; the reward on valid / invalid actions."""
-    lines = [
-        "| World model | Held-out reward | Similarity | Format | Exact | Reward, valid actions | Reward, invalid |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    cell = lambda r, k: f"{r[k]:.3f}" if k in r else "–"
-    return "\n".join(
-        lines
-        + [
-            f"| {r['name']} | {r['reward']:.3f} | {r['similarity']:.3f} | {r['format']:.2f} | {r['exact']:.2f} | "
-            f"{cell(r, 'valid/reward')} | {cell(r, 'invalid/reward')} |"
-            for r in results
-        ]
-    )
-
-
-def mean_std(xs):
-    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
-
-
-def pct(xs):
-    m, s = mean_std([100 * x for x in xs])
-    return f"{m:.1f} ± {s:.1f}"
-
-
-def table(results):
-    """Markdown in the shape of the paper's Tables 1 and 2: ID / OOD / AVG success (%) on ALFWorld, or one
-    column per τ²-bench domain and AVG (the mean of the domains, and over tasks: weighted by each domain's
-    tasks), mean ± std over runs, one row per model; τ²: the user and τ²'s own metrics (average reward, pass^k);
-    then each model's invalid-action rate, episode length and (ALFWorld) success per task type; τ²: the agent's
-    sampling temperature."""
-    cols = list(results[0]["splits"])
-    tau2 = results[0].get("env") == "tau2"
-    avg = (["AVG (mean of domains)", "AVG (over tasks)"] if tau2 else ["AVG"]) if len(cols) > 1 else []
-    head = ["Method"] + [f"{SPLIT_NAMES[s]} ({s})" if s in SPLIT_NAMES else s.capitalize() for s in cols] + avg
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for res in results:
-        splits = [res["splits"][s] for s in cols]
-        row = [res["name"]] + [pct(r["success"]) for r in splits]
-        per_run = list(zip(*(r["success"] for r in splits)))  # each run: every column's success
-        if avg:
-            row.append(pct([statistics.mean(v) for v in per_run]))
-        if len(avg) > 1:
-            games = [r["games"] for r in splits]
-            row.append(pct([sum(g * x for g, x in zip(games, v)) / sum(games) for v in per_run]))
-        lines.append("| " + " | ".join(row) + " |")
-    if tau2:  # Table 1's τ² rows compare only against one user; τ²'s own metrics (tau2.metrics.agent_metrics)
-        users = sorted({(r["user_model"], r["user_temperature"]) for r in results}, key=str)
-        lines += [
-            "",
-            "User simulator: "
-            + "; ".join(
-                "each row's own model (--self-user): rows not comparable"
-                if u == "self"
-                else f"{u} (temperature {t:g}), the same for every row"
-                for u, t in users
-            ),
-        ]
-        ks = [k for k in results[0]["splits"][cols[0]]["tau2"] if k.startswith("pass^")]
-        head = ["Method", "Domain", "Avg reward"] + ks
-        lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for res in results:
-            for s in cols:
-                m = res["splits"][s]["tau2"]
-                lines.append("| " + " | ".join([res["name"], s] + [f"{m[k]:.3f}" for k in ["avg_reward", *ks]]) + " |")
-    types = [] if tau2 else sorted({t for res in results for s in cols for t in res["splits"][s]["per_task_type"]})
-    head = ["Method", "Split", "Invalid tool calls (%)" if tau2 else "Invalid actions (%)", "Mean steps"] + types
-    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for res in results:
-        for s in cols:
-            r = res["splits"][s]
-            row = [res["name"], s, pct(r["invalid_rate"]), f"{statistics.mean(r['mean_steps']):.1f}"]
-            lines.append(
-                "| "
-                + " | ".join(row + [pct(r["per_task_type"][t]) if t in r["per_task_type"] else "" for t in types])
-                + " |"
-            )
-    if tau2:
-        temps = ", ".join(f"{t:g}" for t in sorted({r["temperature"] for r in results}))
-        lines += [
-            "",
-            f"Agent sampling temperature {temps} (evaluate.py --temperature; its default 0.4 is the project's choice: "
-            "the paper does not state its evaluation temperature; τ²'s own runs sample the agent at 0.0)",
-        ]
-    return "\n".join(lines)
-
-
-def table_columns(args):
-    """[(column name, where)] of the table: each ALFWorld split, or each τ² domain (and split)."""
-    if args.env == "alfworld":
-        return [(s, dict(split=s)) for s in args.splits]
-    return [
-        (d if len(args.splits) == 1 else f"{d}/{s}", dict(split=s, domain=[d]))
-        for d in args.domain
-        for s in args.splits
-    ]
-
-
-def column_games(args, where):
-    """The games of a table column: --games of an ALFWorld split, or of one τ² domain's split; --tasks: the
-    named tasks of that domain only (each task is played in its own domain's column)."""
-    if args.env != "tau2":
-        return select_games(args.env, where["split"], args.games)
-    if not args.tasks:
-        return select_games(args.env, where["split"], args.games, where["domain"])
-    named = select_games(args.env, where["split"], None, args.domain, args.tasks)
-    return [t for t in named if t.split("/")[0] in where["domain"]][: args.games]
 
 
 def evaluate(args, model, tok, name, out, user=None):
@@ -529,6 +261,9 @@ def evaluate(args, model, tok, name, out, user=None):
     return results
 
 
+# ---------------------------------------------------------------------------------------------
+# The command line: one of the measures above for every --model, then one table (TRY NOT TO MODIFY)
+# ---------------------------------------------------------------------------------------------
 def main(args):
     if args.report:
         from support.report import write_report  # the CPU experiment's tables and figure
@@ -564,9 +299,10 @@ def main(args):
         if args.forgetting:
             res = forgetting(args)
             (Path(args.out) / "forgetting.json").write_text(json.dumps(res, indent=1))
-            (Path(args.out) / "forgetting.md").write_text(forgetting_table(res) + "\n")
-            plot_weight_changes(res, Path(args.out) / "forgetting.png")
-            print(forgetting_table(res))
+            groups = list(dict.fromkeys(MODULES.values()))  # the paper's order (Figure A1b)
+            (Path(args.out) / "forgetting.md").write_text(forgetting_table(res, groups) + "\n")
+            plot_weight_changes(res, Path(args.out) / "forgetting.png", groups)
+            print(forgetting_table(res, groups))
             return print(
                 "The paper's general benchmarks (Table 3; with network access, pip install evalscope):",
                 *benchmark_commands(res, args.out),
@@ -596,6 +332,79 @@ def main(args):
             if cut_warning(sum(cut) / len(cut), f"{r['name']}'s agent turns"):
                 print(cut_warning(sum(cut) / len(cut), f"{r['name']}'s agent turns"))
         print(f"-> {args.out}/")
+
+
+# ---------------------------------------------------------------------------------------------
+# The harness: checks before the first model loads, the memory plan, the table's columns (TRY NOT TO MODIFY)
+# ---------------------------------------------------------------------------------------------
+def check_args(args):
+    """Every model path exists (a missing folder says so now, not after the first model's run), the --wm
+    triplets and the --forgetting prompts are well-formed records (support/schema.py) and --val-size fits."""
+    for path in [p for _, p in args.models] + ([args.forgetting] if args.forgetting else []):
+        check_model(path)
+    held = read_jsonl(args.wm, TRIPLET) if args.wm else []
+    if args.wm and args.val_size and args.val_size > len(held):
+        fail(f"--val-size {args.val_size}: {args.wm} holds only {len(held)} triplets")
+    if args.forgetting:
+        read_jsonl(args.prompts, PROMPT)
+    if args.env != "tau2" or args.wm or args.forgetting:
+        return
+    for split in args.splits:  # every named task is known, before the first model loads
+        column_games(args, dict(split=split, domain=args.domain))
+
+
+def plan_eval_batch(args):
+    """--batch-games sized by the memory plan of the first --model (play.plan_batch): episodes of every split and
+    run, or with --wm the held-out triplets (their longest prompt, the embedder counted)."""
+    path = args.models[0][1]
+    if not args.wm:
+        games = sum(len(column_games(args, where)) for _, where in table_columns(args))  # what `evaluate` plays
+        return plan_batch(args, path, games * args.runs * len(args.models))
+    tok = load_tokenizer(path)
+    triplets = read_jsonl(args.wm)[: args.val_size]
+    prompt_len = max(len(tok(chat_prompt(tok, wm_prompt(t)), add_special_tokens=False)["input_ids"]) for t in triplets)
+    new = args.max_new_tokens or wm_budget(tok, triplets)  # as `evaluate_wm`
+    wm = dict(vars(args), max_steps=1, max_new_tokens=new, user_model="local")  # one prediction a triplet; no user
+    return plan_batch(
+        argparse.Namespace(**wm),
+        path,
+        len(triplets) * len(args.models),
+        prompt_len,
+        embedder_bytes(args.embedder, args.embed_dtype),
+    )
+
+
+def table_columns(args):
+    """[(column name, where)] of the table: each ALFWorld split, or each τ² domain (and split)."""
+    if args.env == "alfworld":
+        return [(s, dict(split=s)) for s in args.splits]
+    return [
+        (d if len(args.splits) == 1 else f"{d}/{s}", dict(split=s, domain=[d]))
+        for d in args.domain
+        for s in args.splits
+    ]
+
+
+def column_games(args, where):
+    """The games of a table column: --games of an ALFWorld split, or of one τ² domain's split; --tasks: the
+    named tasks of that domain only (each task is played in its own domain's column)."""
+    if args.env != "tau2":
+        return select_games(args.env, where["split"], args.games)
+    if not args.tasks:
+        return select_games(args.env, where["split"], args.games, where["domain"])
+    named = select_games(args.env, where["split"], None, args.domain, args.tasks)
+    return [t for t in named if t.split("/")[0] in where["domain"]][: args.games]
+
+
+def lora(path):
+    """The LoRA rank a checkpoint folder (`<run>/checkpoint/model`) was trained with, None for full fine-tuning
+    or a folder that no stage of this project wrote."""
+    trainer = Path(path).parent / "trainer.pt"
+    return (
+        torch.load(trainer, map_location="cpu", weights_only=False)["args"].get("lora_rank")
+        if trainer.exists()
+        else None
+    )
 
 
 if __name__ == "__main__":

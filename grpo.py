@@ -21,6 +21,9 @@ from support.lora import adapters_off, has_adapters
 from support.training import optimizer_step
 
 
+# ---------------------------------------------------------------------------------------------
+# ALGO LOGIC: GRPO's advantages, log-probabilities, loss and update; the supervised step
+# ---------------------------------------------------------------------------------------------
 def group_advantages(rewards, group_size, eps=1e-4):
     """Rewards of consecutive groups of G samples of one prompt -> advantages, and the number of groups
     whose rewards are all equal (their advantages are 0: no learning signal)."""

@@ -40,7 +40,7 @@ from support.checks import SkipCounter, at_least, check_model, claim_out, parser
 from support.distributed import all_sum, full_weights, gather, init_distributed, rank_world
 from support.episode import summary
 from support.lm import TINY_MODEL, cut_warning
-from support.memory import check_checkpoint_disk, fit_memory, helper_models, peak_memory
+from support.memory import peak_memory, plan_policy
 from support.play import add_play_args, play_defaults, play_settings
 from support.runs import (
     append_jsonl,
@@ -61,66 +61,29 @@ LR_GRPO, LR_RFT = 1e-6, 2e-6  # full fine-tuning; RFT's rate is not stated: WM S
 
 def parse_args(argv=None):
     p = parser(__doc__)
-    p.add_argument(
-        "--model",
-        type=check_model,
-        default=TINY_MODEL,
-        help="HF id or folder to start from (base, WM SFT or RWML checkpoint/model)",
-    )
-    p.add_argument("--split", default="train", help="split the policy trains on")
-    p.add_argument(
-        "--games",
-        type=at_least(),
-        default=None,
-        help="train on N games (τ²: tasks) of the split (default: all; ALFWorld 200)",
-    )
-    p.add_argument(
-        "--method",
-        choices=["grpo", "rft"],
-        default="grpo",
-        help="grpo: Policy RL; rft: Table 1's RFT baseline, SFT on the episodes the start model won (Sec. 3.1)",
-    )
-    p.add_argument(
-        "--rft-episodes",
-        type=at_least(),
-        default=None,
-        help="RFT: N episodes of every training game (default: interaction learning's N, ALFWorld 3 B.1, τ² 6 C.1; "
-        "RFT's own is not stated)",
-    )
-    p.add_argument(
-        "--rft-epochs", type=positive(), default=2.0, help="RFT: SFT epochs over the won turns (not stated; WM SFT's 2)"
-    )
-    p.add_argument(
-        "--rft-batch", type=at_least(), default=32, help="RFT: agent turns per SFT update (not stated; WM SFT's 32)"
-    )
-    p.add_argument("--games-per-step", type=at_least(), default=16, help="games per update, each played G times")
-    p.add_argument(
-        "--group-size",
-        type=at_least(2, "GRPO normalises within a group"),
-        default=8,
-        help="G: episodes per game from the same start (paper: 8)",
-    )
-    p.add_argument(
-        "--updates",
-        type=at_least(),
-        default=None,
-        help="GRPO updates (default: the paper's, 300 ALFWorld B.2, 200 τ² C.2)",
-    )
-    # --max-steps default: as the paper, 15 on ALFWorld (RFT: 30, as B.1 collects); τ²'s own 200; --batch-games: all
-    # G x games-per-step at once
+    arg = p.add_argument
+    arg("--model", type=check_model, default=TINY_MODEL, help="HF id or folder to start from (base, WM SFT, RWML)")
+    arg("--split", default="train", help="split the policy trains on")
+    arg("--games", type=at_least(), help="train on N games (τ²: tasks) of the split (default: all; ALFWorld 200)")
+    arg("--method", choices=["grpo", "rft"], default="grpo", help="grpo: Policy RL; rft: Table 1's RFT (Sec. 3.1)")
+    # RFT: N episodes a game (the paper's N of interaction learning, B.1, C.1), SFT on the won turns (WM SFT's budget)
+    arg("--rft-episodes", type=at_least(), help="RFT: N episodes of every game (default: 3 ALFWorld, 6 τ²)")
+    arg("--rft-epochs", type=positive(), default=2.0, help="RFT: SFT epochs over the won turns (not stated: 2)")
+    arg("--rft-batch", type=at_least(), default=32, help="RFT: agent turns per SFT update (not stated: 32)")
+    # Policy RL (paper B.2, C.2)
+    arg("--games-per-step", type=at_least(), default=16, help="games per update, each played G times")
+    arg("--group-size", type=at_least(2, "GRPO normalises within a group"), default=8, help="G (paper: 8)")
+    arg("--updates", type=at_least(), help="GRPO updates (default: the paper's, 300 ALFWorld B.2, 200 τ² C.2)")
+    # --max-steps default: 15 on ALFWorld (RFT: 30, as B.1 collects), τ²'s own 200 (C.2: 30, the Makefile's);
+    # --batch-games: all G x games-per-step
     add_play_args(p, temperature=1.0, batch_games=None)
-    p.add_argument("--save-every", type=at_least(), default=10, help="updates between checkpoints")
-    p.add_argument(
-        "--plan-prompt-len",
-        type=at_least(),
-        default=None,
-        help="prompt tokens a turn is planned for in the memory plan (default: 1,536 ALFWorld; τ²: the longest opening "
-        "prompt + 16,384, at most the model's context; a τ² episode whose prompt outgrows it ends as prompt_too_long)",
-    )
-    # --lr, --clip-eps, --beta, --ppo-epochs, --micro-batch, --lora-rank, --dtype, --grad-checkpointing, ...
+    arg("--save-every", type=at_least(), default=10, help="updates between checkpoints")
+    plan = "a turn's prompt tokens in the memory plan (default: 1,536 ALFWorld; τ²: the longest opening + 16,384)"
+    arg("--plan-prompt-len", type=at_least(), help=plan)
+    # --lr, --clip-eps, --beta, --ppo-epochs, --micro-batch, --lora-rank, --dtype, --resume, ... (support/training.py)
     add_grpo_args(p, lr=None, lr_help=f"default: {LR_GRPO:g}, RFT {LR_RFT:g} (RFT's not stated: the paper's SFT rate)")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--out", default="runs/policy", help="output folder")
+    arg("--seed", type=int, default=0, help="random seed")
+    arg("--out", default="runs/policy", help="output folder")
     args = p.parse_args(argv)
     play_defaults(args, max_steps=30 if args.method == "rft" else 15, model=args.model)  # RFT samples as B.1 collects
     args.updates = args.updates or UPDATES[args.env]
@@ -131,55 +94,23 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    """The training games (`--games` of the split), checked before any model loads; --micro-batch and
-    --batch-games halved until the memory plan fits --max-memory-gb (--dry-run: print the plan and exit)."""
+    """The training games (`--games` of the split), checked before any model loads, and the memory plan
+    (`memory.plan_policy`: --micro-batch and --batch-games halved until it fits; --dry-run prints it and exits)."""
     check_precision(args)  # no full fine-tuning in bf16
     games = select_games(args.env, args.split, args.games, args.domain, args.tasks)
     prompt_len = args.plan_prompt_len or 1536
     if args.env == "tau2":  # the real opening prompts + their growth; a longer prompt ends its episode
         from support.tau2_env import prompt_budget
 
-        prompt_len = args.max_prompt_tokens = args.plan_prompt_len or prompt_budget(
-            args.model, args.domain, args.max_new_tokens
-        )
-    if args.method == "rft":  # one round: N episodes of every game, then SFT on (at most) all their turns
-        rounds, episodes, passes = 1, len(games) * args.rft_episodes, args.rft_epochs
-    else:
-        rounds, episodes, passes = args.updates, args.games_per_step * args.group_size, args.ppo_epochs
-
-    def work(mb, gb):  # the time plan, every episode to --max-steps (an upper bound): rollouts, then the updates
-        turns = rounds * episodes * args.max_steps
-        calls = rounds * math.ceil(episodes / gb) * args.max_steps
-        return {
-            "rollouts": dict(
-                prefill=turns * prompt_len,
-                steps=calls * args.max_new_tokens,
-                rows=min(episodes, gb),
-                context=prompt_len + args.max_new_tokens // 2,
-            ),
-            "updates": dict(train=turns * (prompt_len + args.max_new_tokens) * passes),
-        }
-
-    args.micro_batch, args.batch_games = fit_memory(
-        args.model,
-        args.dtype,
-        args.lora_rank,
-        args.beta > 0 and args.method == "grpo",  # RFT has no reference model
-        args.grad_checkpointing,
-        args.micro_batch,
-        args.batch_games,
-        prompt_len,
-        args.max_new_tokens,
-        args.fsdp,
-        args.max_memory_gb,
-        args.dry_run,
-        work=work,
-        helpers=helper_models(args.env, args.user_model, None, args.dtype, prompt_len, args.user_max_new_tokens),
-    )
-    check_checkpoint_disk(args.out, args.model, args.dtype, args.lora_rank)  # what its checkpoints will take
+        budget = prompt_budget(args.model, args.domain, args.max_new_tokens)
+        prompt_len = args.max_prompt_tokens = args.plan_prompt_len or budget
+    plan_policy(args, len(games), prompt_len)
     return games
 
 
+# ---------------------------------------------------------------------------------------------
+# ALGO LOGIC: which games an update plays, its turn batch; RFT's data
+# ---------------------------------------------------------------------------------------------
 def game_schedule(games, per_step, seed, steps):
     """The games of each of `steps` updates, `per_step` distinct games each: epoch e visits every game once, in an
     order shuffled by (seed, e), and a step takes the next games in that stream. Where a step straddles two
@@ -213,6 +144,9 @@ def won_turns(episodes):
     return [seq for ep in episodes if ep.won for seq in ep.seqs if seq is not None]
 
 
+# ---------------------------------------------------------------------------------------------
+# RFT: rejection sampling, then SFT on the won turns
+# ---------------------------------------------------------------------------------------------
 def rft_sample(args, games, model, tok, settings, user, out):
     """RFT's rejection sampling: N episodes of every game with the start model, a block of --batch-games at a time
     (under torchrun: split over the ranks); every episode into rollouts.jsonl, the won ones' turns into
@@ -302,7 +236,11 @@ def rft(args, games, model, tok, optimizer, start, out, settings, user):
     return stats
 
 
+# ---------------------------------------------------------------------------------------------
+# Policy RL: the training loop
+# ---------------------------------------------------------------------------------------------
 def main(args):
+    # ---- setup: games, memory plan, model, reference, optimizer, the fixed user (TRY NOT TO MODIFY) ----
     rank, world = init_distributed()  # (0, 1) unless started by torchrun
     set_seed(args.seed + rank)  # ranks play differently; DDP starts them all from rank 0's weights
     games = check_args(args)  # the games, and the memory plan (--dry-run prints it and exits), before the model loads

@@ -75,7 +75,8 @@ LR_RWML, LR_SFT = 1e-6, 2e-6  # full fine-tuning (paper B.1, C.1): WM SFT learns
 def parse_args(argv=None):
     p = parser(__doc__)
     arg = p.add_argument
-    arg("--mode", default="rwml", choices=["rwml", "sft", "filter", "split"], help="see Modes above")
+    modes = "rwml: GRPO on the sim-to-real reward; sft: WM SFT (and pi'); filter: the easy triplets; split: pi''s games"
+    arg("--mode", default="rwml", choices=["rwml", "sft", "filter", "split"], help=modes)
     arg("--triplets", required=True, help="triplets.jsonl from collect.py (or filtered by --mode filter)")
     prompts = "rwml: think, then predict (Table A4); sft: predict (Table A5: WM SFT's, pi''s); default: by --mode"
     arg("--prompt", choices=["rwml", "sft"], help=prompts)

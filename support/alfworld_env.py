@@ -73,12 +73,12 @@ def make_env(game_file, max_steps, expert=False):
 def reuse_translations():
     """TextWorld makes the same things from the same texts again and again; keep them in this process:
     - a game's PDDL in fast-downward's SAS format, translated four times a reset (twice for the state it loads,
-      twice for the one it resets to; with and without the planner's optimisations), ~0.3-1 s each, and only
-      read: the last 16 games'. Train games 0-7 on 2 cores: first resets 10.8 -> 6.6 s, second 11.9 -> 1.8 s;
+      twice for the one it resets to; with and without the planner's optimisations), and only read: the last
+      16 games';
     - TextWorld's tatsu parses of the same few hundred texts (the grammar's rules and the logic's queries), made
       at each reset and again for each observation written: each caller gets its own copy, as TextWorld writes
-      into what it gets. 4 train games x 2 episodes of 8 steps (translations kept): 8.1-8.7 -> 4.7-5.2 s.
-    The same observations and admissible commands (tests/test_collect.py)."""
+      into what it gets.
+    The same observations and admissible commands (tests/test_collect.py); the time saved: docs/results.md."""
     import fast_downward
     import textworld.envs.pddl.textgen as textgen
     import textworld.logic as logic

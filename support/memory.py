@@ -567,3 +567,44 @@ def plan_wm(args, prompt_len, embedder, train, heldout):
 def has_budget(args):
     """Whether the run has a memory budget to size its batches by: --max-memory-gb, or a CUDA card."""
     return memory_budget(args.max_memory_gb) < float("inf")
+
+
+def plan_policy(args, games, prompt_len):
+    """train_policy's memory plan (and under --dry-run its time plan, then exit): --micro-batch and --batch-games
+    halved until it fits. Policy RL: --updates rounds of G x games-per-step episodes; RFT: one round of N episodes
+    of each of `games`, then SFT on (at most) all their turns; every episode planned to --max-steps."""
+    if args.method == "rft":
+        rounds, episodes, passes = 1, games * args.rft_episodes, args.rft_epochs
+    else:
+        rounds, episodes, passes = args.updates, args.games_per_step * args.group_size, args.ppo_epochs
+
+    def work(mb, gb):  # the time plan, every episode to --max-steps (an upper bound): rollouts, then the updates
+        turns = rounds * episodes * args.max_steps
+        calls = rounds * math.ceil(episodes / gb) * args.max_steps
+        return {
+            "rollouts": dict(
+                prefill=turns * prompt_len,
+                steps=calls * args.max_new_tokens,
+                rows=min(episodes, gb),
+                context=prompt_len + args.max_new_tokens // 2,
+            ),
+            "updates": dict(train=turns * (prompt_len + args.max_new_tokens) * passes),
+        }
+
+    args.micro_batch, args.batch_games = fit_memory(
+        args.model,
+        args.dtype,
+        args.lora_rank,
+        args.beta > 0 and args.method == "grpo",  # RFT has no reference model
+        args.grad_checkpointing,
+        args.micro_batch,
+        args.batch_games,
+        prompt_len,
+        args.max_new_tokens,
+        args.fsdp,
+        args.max_memory_gb,
+        args.dry_run,
+        work=work,
+        helpers=helper_models(args.env, args.user_model, None, args.dtype, prompt_len, args.user_max_new_tokens),
+    )
+    check_checkpoint_disk(args.out, args.model, args.dtype, args.lora_rank)  # what its checkpoints will take

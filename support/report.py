@@ -15,6 +15,7 @@ Writes RUN/report.md and RUN/report.png (and RUN/judge.png when the judge arms r
 """
 
 import json
+import re
 import statistics
 from collections import Counter
 from pathlib import Path
@@ -384,3 +385,171 @@ def wm_summary(out):
     ckpt = out / "checkpoint"
     print(f"next: python train_policy.py --model {ckpt}/model --out ...  (or evaluate.py --model NAME={ckpt}/model)")
     return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# What evaluate.py writes: Table 1's Markdown, the world models' table, forgetting's table and figure
+# ---------------------------------------------------------------------------------------------
+SPLIT_NAMES = {"valid_seen": "ID", "valid_unseen": "OOD"}
+
+
+def slug(name):
+    """A row name as a folder name: "RWML + Policy RL" -> "rwml_policy_rl"."""
+    return re.sub(r"[^a-z0-9.-]+", "_", name.lower()).strip("_")
+
+
+def pct(xs):
+    m, s = mean_std([100 * x for x in xs])
+    return f"{m:.1f} ± {s:.1f}"
+
+
+def table(results):
+    """Markdown in the shape of the paper's Tables 1 and 2: ID / OOD / AVG success (%) on ALFWorld, or one
+    column per τ²-bench domain and AVG (the mean of the domains, and over tasks: weighted by each domain's
+    tasks), mean ± std over runs, one row per model; τ²: the user and τ²'s own metrics (average reward, pass^k);
+    then each model's invalid-action rate, episode length and (ALFWorld) success per task type; τ²: the agent's
+    sampling temperature."""
+    cols = list(results[0]["splits"])
+    tau2 = results[0].get("env") == "tau2"
+    avg = (["AVG (mean of domains)", "AVG (over tasks)"] if tau2 else ["AVG"]) if len(cols) > 1 else []
+    head = ["Method"] + [f"{SPLIT_NAMES[s]} ({s})" if s in SPLIT_NAMES else s.capitalize() for s in cols] + avg
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for res in results:
+        splits = [res["splits"][s] for s in cols]
+        row = [res["name"]] + [pct(r["success"]) for r in splits]
+        per_run = list(zip(*(r["success"] for r in splits)))  # each run: every column's success
+        if avg:
+            row.append(pct([statistics.mean(v) for v in per_run]))
+        if len(avg) > 1:
+            games = [r["games"] for r in splits]
+            row.append(pct([sum(g * x for g, x in zip(games, v)) / sum(games) for v in per_run]))
+        lines.append("| " + " | ".join(row) + " |")
+    if tau2:  # Table 1's τ² rows compare only against one user; τ²'s own metrics (tau2.metrics.agent_metrics)
+        users = sorted({(r["user_model"], r["user_temperature"]) for r in results}, key=str)
+        lines += [
+            "",
+            "User simulator: "
+            + "; ".join(
+                "each row's own model (--self-user): rows not comparable"
+                if u == "self"
+                else f"{u} (temperature {t:g}), the same for every row"
+                for u, t in users
+            ),
+        ]
+        ks = [k for k in results[0]["splits"][cols[0]]["tau2"] if k.startswith("pass^")]
+        head = ["Method", "Domain", "Avg reward"] + ks
+        lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for res in results:
+            for s in cols:
+                m = res["splits"][s]["tau2"]
+                lines.append("| " + " | ".join([res["name"], s] + [f"{m[k]:.3f}" for k in ["avg_reward", *ks]]) + " |")
+    types = [] if tau2 else sorted({t for res in results for s in cols for t in res["splits"][s]["per_task_type"]})
+    head = ["Method", "Split", "Invalid tool calls (%)" if tau2 else "Invalid actions (%)", "Mean steps"] + types
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for res in results:
+        for s in cols:
+            r = res["splits"][s]
+            row = [res["name"], s, pct(r["invalid_rate"]), f"{statistics.mean(r['mean_steps']):.1f}"]
+            lines.append(
+                "| "
+                + " | ".join(row + [pct(r["per_task_type"][t]) if t in r["per_task_type"] else "" for t in types])
+                + " |"
+            )
+    if tau2:
+        temps = ", ".join(f"{t:g}" for t in sorted({r["temperature"] for r in results}))
+        lines += [
+            "",
+            f"Agent sampling temperature {temps} (evaluate.py --temperature; its default 0.4 is the project's choice: "
+            "the paper does not state its evaluation temperature; τ²'s own runs sample the agent at 0.0)",
+        ]
+    return "\n".join(lines)
+
+
+def wm_table(results):
+    """Held-out reward, similarity, format and exact-match rates; the reward on valid / invalid actions."""
+    lines = [
+        "| World model | Held-out reward | Similarity | Format | Exact | Reward, valid actions | Reward, invalid |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    cell = lambda r, k: f"{r[k]:.3f}" if k in r else "–"
+    return "\n".join(
+        lines
+        + [
+            f"| {r['name']} | {r['reward']:.3f} | {r['similarity']:.3f} | {r['format']:.2f} | {r['exact']:.2f} | "
+            f"{cell(r, 'valid/reward')} | {cell(r, 'invalid/reward')} |"
+            for r in results
+        ]
+    )
+
+
+def forgetting_table(res, groups):
+    """forgetting.md: weights changed, KL from the start and perplexity per model, then weights changed per module
+    group (`groups`, in the paper's order)."""
+    ppl = res["models"][0]["start_perplexity"]
+    head = (
+        f"| Model | Weights changed (η = {res['eta']:g}) | KL from start (nats/token) | Perplexity (start {ppl:.2f}) |"
+    )
+    rows = [
+        f"| {m['name']}{' (LoRA r ' + str(m['lora_rank']) + ')' if m.get('lora_rank') else ''} | "
+        f"{100 * m['weights_changed']:.2f}% | {m['kl']:.4f} | {m['perplexity']:.2f} |"
+        for m in res["models"]
+    ]
+    notes = [
+        "",
+        f"Against {res['start']}. The share of weights changed of a LoRA run counts its merged update W + scale·BA "
+        "(every weight of an adapted matrix moves by a low-rank product): not comparable with the paper's figure, "
+        "which is of full fine-tuning.",
+    ]
+    modules = [
+        "",
+        "Weights changed per module group (paper Figure A1b; per layer: forgetting.png, forgetting.json):",
+        "",
+        "| Model | " + " | ".join(groups) + " |",
+        "|---|" + "---|" * len(groups),
+        *(
+            f"| {m['name']} | " + " | ".join(f"{100 * m['modules'][g]:.2f}%" for g in groups) + " |"
+            for m in res["models"]
+        ),
+    ]
+    return "\n".join(
+        [head, "|---|---|---|---|", *rows, *(notes if any(m.get("lora_rank") for m in res["models"]) else []), *modules]
+    )
+
+
+def plot_weight_changes(res, png, groups):
+    """The paper's Figure 3 / A1 for these models: the share of weights changed per layer, and per module group."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_layer, by_module) = plt.subplots(1, 2, figsize=(12, 4))
+    width = 0.8 / len(res["models"])
+    for i, m in enumerate(res["models"]):
+        layers = sorted(m["layers"], key=int)
+        by_layer.plot([int(k) for k in layers], [100 * m["layers"][k] for k in layers], marker=".", label=m["name"])
+        by_module.bar([j + i * width for j in range(len(groups))], [100 * m["modules"][g] for g in groups], width)
+    by_layer.set(xlabel="layer index", ylabel=f"weights changed (%, η = {res['eta']:g})", title="per layer")
+    by_module.set_xticks([j + width * (len(res["models"]) - 1) / 2 for j in range(len(groups))], groups, fontsize=7)
+    by_module.set(title="per module group")
+    by_layer.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+# the paper's general benchmarks (Table 3): MMLU-Redux, IFEval, MATH-500, GSM8k, GPQA-Diamond and LiveCodeBench
+# (problems of 2025-01-01 to 2025-04-30), sampled at temperature 1.0 with up to 16k tokens, by EvalScope, which needs
+# the network to fetch them
+EVALSCOPE = (
+    "evalscope eval --model {path} --datasets mmlu_redux ifeval math_500 gsm8k gpqa_diamond live_code_bench "
+    '--dataset-args \'{{"live_code_bench": {{"extra_params": {{"start_date": "2025-01-01", '
+    '"end_date": "2025-04-30"}}}}}}\' --generation-config \'{{"temperature": 1.0, "max_tokens": 16384}}\' '
+    "--work-dir {out}"
+)
+
+
+def benchmark_commands(res, out):
+    """The EvalScope commands that score the start and every model on the paper's general benchmarks (Table 3)."""
+    models = [("start", res["start"])] + [(m["name"], m["path"]) for m in res["models"]]
+    return [EVALSCOPE.format(path=path, out=Path(out) / "evalscope" / slug(name)) for name, path in models]

@@ -14,11 +14,10 @@ from evaluate import (
     general_drift,
     main,
     parse_args,
-    slug,
-    table,
     weight_changes,
 )
 from reward import Embeddings
+from support.report import slug, table
 from support.runs import read_jsonl
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from collect import collect, parse_args, rollout_record, triplet_records
 from conftest import ROOT
+from support import report
 from support.episode import summary
 from support.tau2_env import (
     LocalUser,
@@ -607,7 +608,7 @@ def test_policy_rl_and_evaluation_on_tau2(tiny, tmp_path):
     )
     played = [json.loads(line) for line in open(tmp_path / "eval" / "run0" / "mock" / "rollouts.jsonl")]
     assert {r["user_model"] for r in played} == {"local:smollm2-135m"}
-    md = evaluate.table([results, dict(results, name="again")]).splitlines()
+    md = report.table([results, dict(results, name="again")]).splitlines()
     assert md[:4] == ["| Method | Mock |", "|---|---|", "| base | 0.0 ± 0.0 |", "| again | 0.0 ± 0.0 |"]
     assert md[5] == "User simulator: local:smollm2-135m (temperature 0), the same for every row"
     assert md[7:10] == [
@@ -633,7 +634,6 @@ def test_an_episode_whose_next_prompt_outgrows_the_plan_ends_as_prompt_too_long(
 
 
 def test_tau2s_own_metrics_and_both_averages_are_reported():
-    import evaluate
 
     wins = {"create_task_1": [1, 1, 0], "update_task_1": [1, 1, 1]}  # two tasks, three runs (trials)
     runs = [
@@ -654,7 +654,7 @@ def test_tau2s_own_metrics_and_both_averages_are_reported():
         user_temperature=0.0,
         splits=dict(retail=column([0.5], 40), airline=column([0.2], 20)),
     )
-    md = evaluate.table([results]).splitlines()
+    md = report.table([results]).splitlines()
     assert md[0] == "| Method | Retail | Airline | AVG (mean of domains) | AVG (over tasks) |"
     assert md[2] == "| m | 50.0 ± 0.0 | 20.0 ± 0.0 | 35.0 ± 0.0 | 40.0 ± 0.0 |"  # (20 + 4) / 60 tasks over tasks
 
