@@ -16,7 +16,7 @@ distributed.py (torchrun), memory.py (the memory plan).
 
 import torch
 
-from support.distributed import ddp, micro_batches, rank_mean
+from support.distributed import micro_batches, rank_mean
 from support.lora import adapters_off, has_adapters
 from support.training import optimizer_step
 
@@ -107,7 +107,7 @@ def grpo_update(model, optimizer, seqs, adv, args, ref_model=None):
     this: the batch is all ranks' sequences together, and the stats are over all of them.
     A step whose loss or gradient norm is not finite is skipped (no weight changes): `skipped` counts them.
     """
-    device, net = next(model.parameters()).device, ddp(model)  # net: the model (its DDP wrapper under torchrun)
+    device = next(model.parameters()).device
     adv = torch.as_tensor(adv, dtype=torch.float32)
     lengths = torch.tensor([max(1, len(c)) for _, c in seqs], dtype=torch.float32)
     tokens, n_seqs = rank_mean(lengths.sum().item(), len(seqs))  # the batch's, / the ranks (DDP: its docstring)
@@ -122,8 +122,8 @@ def grpo_update(model, optimizer, seqs, adv, args, ref_model=None):
     model.train()
     for epoch in range(args.ppo_epochs):
         epoch_loss = 0.0
-        first_ref = ref_model if epoch == 0 and args.beta > 0 else None  # (torchrun: idle ranks pass it too)
-        for k, idx in enumerate(micro_batches(model, len(seqs), args.micro_batch, first_ref)):
+        first_ref = ref_model if epoch == 0 and args.beta > 0 else None  # (its pass, also of a rank without data)
+        for k, (idx, net) in enumerate(micro_batches(model, len(seqs), args.micro_batch, first_ref)):
             ids, attn, P = collate([seqs[i] for i in idx], device)
             mask = attn[:, P:].float()
             if args.beta > 0 and k not in ref:  # first: its transients are gone before the policy's activations
@@ -150,11 +150,11 @@ def grpo_update(model, optimizer, seqs, adv, args, ref_model=None):
 def sft_update(model, optimizer, seqs, args):
     """One supervised step, WM SFT's (train_wm.py) and RFT's (train_policy.py --method rft): mean cross-entropy
     over all target tokens of the batch (under torchrun: of all ranks' batches)."""
-    device, net = next(model.parameters()).device, ddp(model)
+    device = next(model.parameters()).device
     tokens = rank_mean(sum(len(c) for _, c in seqs))[0]  # the batch's target tokens, / the ranks
     model.train()
     total = 0.0
-    for idx in micro_batches(model, len(seqs), args.micro_batch):
+    for idx, net in micro_batches(model, len(seqs), args.micro_batch):
         ids, attn, P = collate([seqs[i] for i in idx], device)
         logp, _ = completion_logprobs(net, ids, attn, P)
         # Eq. SFT: -1/|y| sum_t log pi(y_t | y_<t, prompt), |y| the batch's target tokens, not each sequence's: every

@@ -80,8 +80,9 @@ def ddp(model):
 
 
 def micro_batches(model, n_items, size, reference=None):
-    """This rank's n_items as index lists of `size` for gradient accumulation; the caller's loop body runs for
-    each inside the right gradient-sync context. Under DDP every rank runs as many micro-batches as the rank
+    """This rank's n_items as index lists of `size` for gradient accumulation, each with the module its gradient pass
+    goes through (the model; under torchrun its DDP wrapper): the caller's loop body runs for each inside the right
+    gradient-sync context. Under DDP every rank runs as many micro-batches as the rank
     with the most: for each one it lacks it makes a zero pass (`zero_pass`: a forward and backward that adds
     nothing; with a sharded `reference`, that model's forward first, as the caller's loop runs it), so the syncs
     line up, and gradients are averaged over the ranks after the last micro-batch only."""
@@ -92,7 +93,7 @@ def micro_batches(model, n_items, size, reference=None):
     for k, idx in enumerate(chunks):
         with net.no_sync() if net is not model and k < total - 1 else nullcontext():
             if idx:
-                yield idx
+                yield idx, net
             else:
                 zero_pass(net, reference)
 

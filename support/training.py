@@ -19,82 +19,24 @@ from support.runs import aside, find_checkpoint, remove_checkpoint, set_seed, sw
 
 def add_grpo_args(p, lr=1e-6, lr_help="paper: 1e-6"):
     """The flags `start_training` and `grpo_update` read, for train_wm.py and train_policy.py."""
-    g = p.add_argument_group("GRPO update and fine-tuning")
-    g.add_argument(
-        "--lr",
-        type=positive(),
-        default=lr,
-        help=f"AdamW learning rate ({lr_help}, full fine-tuning; LoRA wants ~1e-4, BUDGET=paper: 1e-5)",
-    )
-    g.add_argument(
-        "--clip-eps",
-        type=positive("the ratio is clipped to [1 - eps, 1 + eps]"),
-        default=0.2,
-        help="epsilon of the clipped ratio",
-    )
-    g.add_argument(
-        "--beta",
-        type=non_negative(),
-        default=0.001,
-        help="KL coefficient to the reference (starting) policy (0: no reference pass)",
-    )
-    g.add_argument("--ppo-epochs", type=at_least(), default=1, help="mu: optimisation passes over each sampled batch")
-    g.add_argument(
-        "--seq-mean",
-        dest="token_mean",
-        action="store_false",
-        help="average the loss per sequence, then over sequences (the GRPO paper's form; without it: the token "
-        "mean over all completion tokens of the batch)",
-    )
-    g.add_argument(
-        "--micro-batch", type=at_least(), default=8, help="sequences per forward/backward (gradient accumulation)"
-    )
-    g.add_argument("--max-grad-norm", type=positive(), default=1.0, help="gradient clipping")
-    g.add_argument(
-        "--lora-rank",
-        type=at_least(0, "0 is full fine-tuning"),
-        default=0,
-        help="0: full fine-tuning; r > 0: hand-written LoRA adapters",
-    )
-    g.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "bf16", "fp32"],
-        help="weights dtype (auto: bf16 on CUDA, fp32 on CPU)",
-    )
-    g.add_argument(
-        "--fsdp",
-        action="store_true",
-        help="under torchrun, full fine-tuning: shard weights, gradients and "
-        "AdamW moments over the ranks (FSDP2) instead of a whole copy per rank (DDP)",
-    )
-    g.add_argument(
-        "--grad-checkpointing",
-        action="store_true",
-        help="keep only each layer's input for backward and recompute the rest (less memory, ~1.3x compute)",
-    )
-    g.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue from --out/checkpoint (or the newest complete one beside it: checkpoint.tmp, .old)",
-    )
-    g.add_argument(
-        "--keep-optimizer",
-        action="store_true",
-        help="keep the AdamW state in the last checkpoint too (2x the weights under full fine-tuning), so that "
-        "--resume with more steps continues it; by default only the checkpoints of an unfinished run keep it",
-    )
-    g.add_argument(
-        "--max-memory-gb",
-        type=positive(),
-        default=None,
-        help="memory per device: halve --micro-batch and the sampling batch until the memory plan fits",
-    )
-    g.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="print the memory plan (weights, grads, AdamW, activations, KV cache) and the time plan, and exit",
-    )
+    arg = p.add_argument_group("GRPO update and fine-tuning").add_argument
+    arg("--lr", type=positive(), default=lr, help=f"AdamW rate ({lr_help}; LoRA wants ~1e-4, BUDGET=paper 1e-5)")
+    arg("--clip-eps", type=positive("the ratio is clipped to [1 - eps, 1 + eps]"), default=0.2, help="clip's epsilon")
+    arg("--beta", type=non_negative(), default=0.001, help="KL coefficient to the starting policy (0: no reference)")
+    arg("--ppo-epochs", type=at_least(), default=1, help="mu: optimisation passes over each sampled batch")
+    seq_mean = "the loss per sequence, then over sequences (GRPO's form; default: the token mean of the batch)"
+    arg("--seq-mean", dest="token_mean", action="store_false", help=seq_mean)
+    arg("--micro-batch", type=at_least(), default=8, help="sequences per forward/backward (gradient accumulation)")
+    arg("--max-grad-norm", type=positive(), default=1.0, help="gradient clipping")
+    rank = at_least(0, "0 is full fine-tuning")
+    arg("--lora-rank", type=rank, default=0, help="0: full fine-tuning; r > 0: hand-written LoRA adapters")
+    arg("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="weights (auto: bf16 on CUDA, fp32 on CPU)")
+    arg("--fsdp", action="store_true", help="torchrun, full fine-tuning: shard weights, grads, AdamW over ranks")
+    arg("--grad-checkpointing", action="store_true", help="recompute each layer in backward (less memory)")
+    arg("--resume", action="store_true", help="continue from --out/checkpoint (or checkpoint.tmp, .old)")
+    arg("--keep-optimizer", action="store_true", help="keep AdamW's state in the last checkpoint too (for --resume)")
+    arg("--max-memory-gb", type=positive(), help="memory per device: batches halved until the memory plan fits")
+    arg("--dry-run", action="store_true", help="print the memory and time plans, and exit")
 
 
 def clip_gradients(model, max_norm):
