@@ -17,6 +17,7 @@ distributed.py (torchrun), memory.py (the memory plan).
 import torch
 
 from support.distributed import micro_batches, rank_mean
+from support.lm import token_logprobs
 from support.lora import adapters_off, has_adapters
 from support.training import optimizer_step
 
@@ -64,8 +65,8 @@ def completion_logprobs(model, ids, attn, P, with_entropy=False, temperature=1.0
     logits = completion_logits(model, ids, attn, P)
     if temperature not in (0, 1):
         logits = logits.div_(temperature)  # in place: no second [B, C, vocab] table (the memory plan counts one)
-    # log softmax of the taken token alone: no [B, C, vocab] table of log-probabilities is kept for backward
-    logp = logits.gather(-1, ids[:, P:, None]).squeeze(-1) - logits.logsumexp(-1)
+    # log pi(token) = logit(token) - logsumexp(logits): of the taken token alone, one row at a time (support/lm.py)
+    logp = token_logprobs(logits, ids[:, P:])
     entropy = None
     if with_entropy:  # a diagnostic, outside the autograd graph, one row at a time (no [B, C, vocab] temporaries)
         with torch.no_grad():

@@ -465,3 +465,31 @@ def generate(model, tok, prompts, max_new_tokens=256, temperature=1.0, stop=None
 
 if __name__ == "__main__":  # python -m support.lm GGUF OUT: the conversion, in a process of its own
     convert_gguf(*sys.argv[1:3])
+
+
+class TokenLogProbs(torch.autograd.Function):
+    """log softmax(logits)[token] = logits[token] - logsumexp(logits), for every position of [B, C, vocab] fp32
+    logits, in one row's memory beyond the logits themselves: the forward takes each row's logsumexp in turn (no
+    [B, C, vocab] temporary), and the backward writes the gradient, (onehot(token) - softmax) x grad, into the
+    saved logits in place (no second table; the logits are not read again). Autograd's own gather - logsumexp
+    keeps ~16 bytes a logit at its peak (the exp of the forward, and in the backward the softmax, its product and
+    the gather's scattered zeros); this, 4 beside the model's own logits and their gradient (memory.memory_plan)."""
+
+    @staticmethod
+    def forward(ctx, logits, tokens):
+        lse = torch.stack([row.logsumexp(-1) for row in logits])
+        ctx.save_for_backward(logits, tokens, lse)
+        return logits.gather(-1, tokens[..., None]).squeeze(-1) - lse
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, tokens, lse = ctx.saved_tensors
+        for row, row_lse, row_grad in zip(logits, lse, grad):  # -softmax x grad, one row at a time, in place
+            row.sub_(row_lse[:, None]).exp_().mul_(-row_grad[:, None])
+        return logits.scatter_add_(-1, tokens[..., None], grad[..., None]), None
+
+
+def token_logprobs(logits, tokens):
+    """log softmax(logits)[tokens] of [B, C, vocab] fp32 logits and [B, C] token ids -> [B, C]; the logits are
+    overwritten by the backward pass (`TokenLogProbs`): read them before it."""
+    return TokenLogProbs.apply(logits, tokens)

@@ -155,7 +155,7 @@ def memory_plan(
         grads=trainable * tb // shards,
         adam=2 * trainable * tb // shards,
         activations=activations,
-        logits=micro_batch * (completion_len + 1) * V * (B + 16),  # logits, their fp32 copy, backward's temporaries
+        logits=micro_batch * (completion_len + 1) * V * (B + 4),  # logits and their fp32 copy (lm.TokenLogProbs)
         kv_cache=gen_batch * context * L * 2 * kv * B,
         prefill=(distinct or gen_batch) * prompt_len * (4 * h + 3 * I + routed) * B,  # one layer's MLP over the prompts
     )

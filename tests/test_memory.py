@@ -25,6 +25,34 @@ def test_peak_tracker_counts_live_tensors_only():
     assert m.peak == 8_000_000
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_log_probs_hold_the_planned_bytes_a_logit_and_autograds_gradients(tiny, dtype):
+    """The per-token log-probabilities of an update (grpo.completion_logprobs, lm.TokenLogProbs) hold the model's
+    logits and one fp32 table at their peak, forward and backward: the plan's B + 4 bytes a logit (B: the
+    weights' bytes), where autograd's gather - logsumexp holds ~16; and their values and gradients are those of
+    gather - logsumexp."""
+    model = copy.deepcopy(tiny[0]).to(dtype)
+    model.requires_grad_(False)
+    model.model.norm.weight.requires_grad_(True)  # the backward runs through the lm_head, as in an update
+    seqs = [(list(range(100, 110)), list(range(200, 264)))] * 2
+    ids, attn, P = collate(seqs, "cpu")
+    logits = 2 * (64 + 1) * model.config.vocab_size
+    with PeakMemory() as m:
+        logp = completion_logprobs(model, ids, attn, P)[0]
+        (logp * torch.tensor([[0.5], [-1.0]])).sum().backward()
+    planned = logits * (dtype.itemsize + 4)
+    assert 0.95 <= m.peak / planned <= 1.05, m.peak / logits
+    if dtype == torch.bfloat16:
+        return  # (bf16 matmuls are slow on CPUs without AMX: the values are compared in fp32)
+    grad = model.model.norm.weight.grad.clone()
+    model.model.norm.weight.grad = None
+    full = model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(1) - 1).clamp(min=0))
+    table = full.logits[:, P - 1 : -1].float()
+    reference = table.gather(-1, ids[:, P:, None]).squeeze(-1) - table.logsumexp(-1)
+    (reference * torch.tensor([[0.5], [-1.0]])).sum().backward()
+    assert torch.equal(logp.detach(), reference.detach()) and torch.equal(grad, model.model.norm.weight.grad)
+
+
 def test_parameter_counts_match_the_model(tiny):
     model = copy.deepcopy(tiny[0])
     n, n_lora = count_params(model.config, lora_rank=8)
