@@ -34,6 +34,7 @@ from memory_plan import PAPER_MODELS, Peak, measure_sample_call, measure_update 
 
 import support.lm as lm  # noqa: E402
 from support.lm import sample  # noqa: E402
+from support.lora import add_lora  # noqa: E402
 from support.memory import RATES, decode_bytes, device_kind  # noqa: E402
 from support.runs import set_seed  # noqa: E402
 
@@ -88,20 +89,20 @@ def word_tokenizer(vocab_size):
     return tok
 
 
-def check_sampling(model, tok, n_prompts, group, prompt_len, new_tokens, seed, compiled=False):
+def check_sampling(model, tok, n_prompts, group, prompt_len, new_tokens, seed, compiled=False, lora_rank=0):
     """(measured, planned, sampled tokens/s, seconds a decoding step) of one lm.sample call: n_prompts random
-    prompts x group rows. The step time is the call's time less that of the same call writing one token (its
-    prefill; the least of 3 such calls: a busy machine only makes a call slower), over the other new_tokens - 1
-    steps. Timed after one untimed call (the eager path's first call pays one-time costs: with --tiny on CPU the
-    first row read 112 sampled tokens/s timed on it, 1,037 after it; the compiled path's compiles it and captures
-    its CUDA graphs)."""
+    prompts x group rows (`lora_rank`: the model carries adapters of that rank). The step time is the call's time
+    less that of the same call writing one token (its prefill; the least of 3 such calls: a busy machine only makes
+    a call slower), over the other new_tokens - 1 steps. Timed after one untimed call (the eager path's first call
+    pays one-time costs: with --tiny on CPU the first row read 112 sampled tokens/s timed on it, 1,037 after it; the
+    compiled path's compiles it and captures its CUDA graphs)."""
     g = torch.Generator().manual_seed(seed)
     prompts = [
         " ".join(f"t{i}" for i in torch.randint(1, tok.vocab_size, (prompt_len,), generator=g).tolist())
         for _ in range(n_prompts)
     ]
     sample(model, tok, prompts, new_tokens if compiled else 2, temperature=1.0, n=group, compiled=compiled)
-    measured, planned, rate = measure_sample_call(model, tok, prompts, new_tokens, n=group, compiled=compiled)
+    measured, planned, rate = measure_sample_call(model, tok, prompts, new_tokens, group, compiled, lora_rank)
     prefill = []
     for _ in range(3):
         with Peak(model.device) as p:
@@ -176,13 +177,16 @@ def main():
             set_seed(a.seed)
             model = build(name, device, dtype, a.tiny)
             tok = word_tokenizer(model.config.vocab_size)
+            shared = f"sampling {n_prompts // group} prompts x G {group} (shared prefill)"
             for label, kw in (
                 (f"sampling {n_prompts} distinct prompts", dict(n_prompts=n_prompts, group=1)),
-                (
-                    f"sampling {n_prompts // group} prompts x G {group} (shared prefill)",
-                    dict(n_prompts=n_prompts // group, group=group),
-                ),
-            ):
+                (shared, dict(n_prompts=n_prompts // group, group=group)),
+                # as RWML and Policy RL sample: through the LoRA adapters (lora.LoRALinear), beside the row above
+                *([(f"{shared}, LoRA r 64", dict(n_prompts=n_prompts // group, group=group, lora_rank=64))]
+                  if path == "eager" and not moe else []),
+            ):  # fmt: skip
+                if kw.get("lora_rank"):
+                    add_lora(model, kw["lora_rank"])
                 with transformers_experts(path == "batched_mm"):
                     measured, planned, rate, step = check_sampling(
                         model,

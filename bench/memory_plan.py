@@ -23,7 +23,7 @@ from torch.utils._pytree import tree_flatten
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from grpo import grpo_update  # noqa: E402
 from support.lm import checkpoint_activations, load_model, sample  # noqa: E402
-from support.lora import add_lora  # noqa: E402
+from support.lora import LoRALinear, add_lora  # noqa: E402
 from support.memory import memory_plan  # noqa: E402
 from support.runs import set_seed  # noqa: E402
 
@@ -195,28 +195,34 @@ def measure_update(
     return p.bytes, planned["peak"], p.seconds
 
 
-def measure_sample_call(model, tok, prompts, completion_len, n=1, compiled=None):
+def measure_sample_call(model, tok, prompts, completion_len, n=1, compiled=None, lora_rank=0):
     """(measured, planned, sampled tokens/s) of one `lm.sample` call: each prompt n times, completion_len
-    tokens a row (the end-of-sequence token switched off); `compiled` as lm.sample's."""
+    tokens a row (the end-of-sequence token switched off); `compiled` as lm.sample's; `lora_rank`: the rank of the
+    adapters the model carries (add_lora), sampled with them as RWML and Policy RL do."""
     model.generation_config.eos_token_id = None  # every row writes completion_len tokens
     with Peak(model.device, model) as p:
         out = sample(model, tok, prompts, max_new_tokens=completion_len, temperature=1.0, n=n, compiled=compiled)
     P = max(len(tok(q, add_special_tokens=False)["input_ids"]) for q in prompts)
-    plan = memory_plan(
-        model.config, model.dtype, 0, False, False, 1, 1, completion_len, len(out), P, distinct=len(set(prompts))
-    )
-    return p.bytes, plan["weights"] + plan["kv_cache"] + plan["prefill"], sum(len(c) for _, c, _ in out) / p.seconds
+    rows, n = len(out), len(set(prompts))
+    plan = memory_plan(model.config, model.dtype, lora_rank, False, False, 1, 1, completion_len, rows, P, distinct=n)
+    planned = plan["weights"] + plan["adapters"] + plan["kv_cache"] + plan["prefill"]
+    return p.bytes, planned, sum(len(c) for _, c, _ in out) / p.seconds
 
 
-def measure_sampling(gen_batch=8, prompt_len=256, completion_len=32, seed=0):
+def measure_sampling(gen_batch=8, prompt_len=256, completion_len=32, seed=0, dtype="fp32", lora_rank=0):
     """(measured, planned) peak bytes of one batched `sample` call of the tiny model on CPU: gen_batch random
-    prompts of prompt_len tokens."""
+    prompts of prompt_len tokens; with `lora_rank`, through adapters (B random, as after some updates)."""
     set_seed(seed)
-    model, tok = load_model(dtype="fp32", device="cpu")
+    model, tok = load_model(dtype=dtype, device="cpu")
+    if lora_rank:
+        add_lora(model, lora_rank)
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                torch.nn.init.normal_(m.B, std=0.02, generator=torch.Generator().manual_seed(seed))
     g = torch.Generator().manual_seed(seed)
     prompts = [tok.decode(torch.randint(100, 40000, (prompt_len,), generator=g)) for _ in range(gen_batch)]
     prompts = [tok.decode(tok(p, add_special_tokens=False)["input_ids"][:prompt_len]) for p in prompts]
-    return measure_sample_call(model, tok, prompts, completion_len)[:2]
+    return measure_sample_call(model, tok, prompts, completion_len, lora_rank=lora_rank)[:2]
 
 
 def paper_table(seq_len, completion_len, micro_batch, gen_batch):
@@ -271,6 +277,10 @@ def main():
             lambda: measure_update("fp32", 8, 0.001, True, prompt_len=384),
         ),
         ("sampling: 8 prompts x 256 + 32 tokens", measure_sampling),
+        (
+            "sampling through LoRA r 8 adapters, bf16: 8 prompts x 384 + 4 tokens",
+            lambda: measure_sampling(8, 384, 4, dtype="bf16", lora_rank=8),
+        ),
     ]
     for label, run in cases:
         measured, planned = run()[:2]

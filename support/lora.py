@@ -19,8 +19,14 @@ class LoRALinear(torch.nn.Module):
 
     def forward(self, x):
         y = self.base(x)
-        if self.enabled:
-            y = y + ((x.to(self.A.dtype) @ self.A.T) @ (self.scale * self.B).T).to(y.dtype)  # scale the small B
+        if not self.enabled:
+            return y
+        if torch.is_grad_enabled():  # an update: the adapters' gradients in fp32 (scale the small B)
+            return y + ((x.to(self.A.dtype) @ self.A.T) @ (self.scale * self.B).T).to(y.dtype)
+        # sampling and scoring: B A x added into y in place, in y's dtype (a bf16 matmul accumulates in fp32), so
+        # no fp32 [tokens, in] or [tokens, out] copy exists: on the MLP they would be the prefill's largest tensors
+        A, B = self.A.to(y.dtype), (self.scale * self.B).to(y.dtype)
+        y.view(-1, y.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]) @ A.T, B.T)
         return y
 
 

@@ -106,10 +106,12 @@ def memory_plan(
     `prompt_len` tokens at once, `distinct` of them different (default: all; lm.sample prefills each
     distinct prompt once, so a group of G copies costs one prefill). Gradients live from the first backward
     to the optimizer step and are freed before sampling, so:
-        peak = weights + reference + AdamW moments + max(gradients + activations + logits, KV cache + prefill)
+        peak = weights + reference + adapters + AdamW moments
+               + max(gradients + activations + logits, KV cache + prefill)
     With FSDP over `shards` ranks, weights, gradients, moments and the reference are split, and sampling
     holds the whole weights (`full_weights`), so the peak is instead
-        reference + moments + max(weights + gradients + activations + logits, whole weights + KV cache + prefill)
+        reference + adapters + moments
+        + max(weights + gradients + activations + logits, whole weights + KV cache + prefill)
     Activations are counted op by op on a Llama/Qwen decoder layer (what autograd keeps for backward)
     and checked against measured peaks of the tiny model in tests/test_memory.py. `training=False`: a stage
     that only samples (collection, evaluation, the filter): weights + KV cache + prefill. `embedder`: the bytes
@@ -151,6 +153,7 @@ def memory_plan(
     )  # checkpointing: layer inputs + one layer
     plan = dict(
         weights=n * B // shards,
+        adapters=n_lora * 4 // shards,  # LoRA's A and B, fp32 (lora.LoRALinear)
         reference=n * B // shards if reference and not lora_rank else 0,  # LoRA: the same weights with adapters off
         grads=trainable * tb // shards,
         adam=2 * trainable * tb // shards,
@@ -175,6 +178,7 @@ def memory_plan(
     plan["peak"] = (
         sum(plan[k] for k in ("embedder", "ddp_buckets", *(helpers or {})) if k in plan)
         + plan["reference"]
+        + plan["adapters"]
         + plan["adam"]
         + max(
             plan["weights"] + plan["grads"] + plan["activations"] + plan["logits"],

@@ -331,6 +331,32 @@ def test_a_bf16_lora_checkpoint_computes_what_the_trained_model_computed(tiny, t
     assert (as_bf16 - exact).abs().max() < 2 * noise
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sampling_through_adapters_computes_what_an_update_computes(tiny, dtype):
+    """Outside an update (sampling, scoring) a LoRA projection adds B A x into its output in place, in the weights'
+    dtype (no fp32 copy of a [tokens, width] tensor; tests/test_memory.py measures it): with fp32 weights that is
+    the update's function bit for bit; with bf16 weights it is as close to the same weights computed in fp32 as
+    the update's own forward is (both inside bf16's rounding noise)."""
+    tok = tiny[1]
+    model = tiny_llama(tok, dtype)
+    add_lora(model, rank=4)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.B.normal_(0, 1e-2)
+    ids = torch.tensor([tok("You are in the middle of a room. Looking around you, you see a desk 1.")["input_ids"]])
+    with torch.no_grad():
+        sampled = model(ids).logits.float()
+        exact = copy.deepcopy(model).float()(ids).logits
+    updated = model(ids).logits.detach().float()  # grad enabled: the adapters' path of an update
+    if dtype == torch.float32:
+        assert torch.equal(sampled, updated)
+    else:
+        noise = (updated - exact).abs().max()
+        assert 0 < (sampled - exact).abs().max() < 2 * noise
+
+
 def test_a_lora_update_below_bf16_resolution_survives_the_merge_and_is_counted(tiny, tmp_path):
     """An update of 1e-6 on bf16 weights of 0.02 (a bf16 step there is 1.2e-4): the merge keeps it, in fp32, and
     reports it among the weights that a bf16 copy rounds back."""
