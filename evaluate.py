@@ -370,7 +370,7 @@ def plan_eval_batch(args):
         path,
         len(triplets) * len(args.models),
         prompt_len,
-        embedder_bytes(args.embedder, args.embed_dtype),
+        embedder_bytes(args.embedder, args.embed_dtype, [t["next_state"] for t in triplets], new),
     )
 
 

@@ -10,6 +10,7 @@ evaluate.py (`--score`, `--calibrate`), which reads the project's JSONL files.
 """
 
 import importlib.util
+import json
 import math
 import random
 import re
@@ -141,18 +142,33 @@ def embed_dtype(dtype="auto"):
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
 
 
-def embedder_bytes(name=DEFAULT_EMBEDDER, dtype="auto"):
-    """The bytes of the embedder's weights in `dtype`, from its config alone (built on the meta device): what the
-    memory plan counts next to the model."""
-    from transformers import AutoConfig, AutoModel
+def embedder_bytes(name=DEFAULT_EMBEDDER, dtype="auto", texts=(), new_tokens=0, batch_size=64):
+    """(bytes of the embedder's weights in `dtype`, bytes one batch of `Embeddings.encode` holds) from its config
+    and tokenizer alone (built on the meta device): what the memory plan counts next to the model. The batch is
+    `batch_size` texts of the longest of `texts` (the real next states) or `new_tokens` (a prediction, counted in
+    the embedder's tokens as in the model's), cut at the embedder's max_seq_length; each of its tokens holds one
+    layer's input, attention output and MLP at once: 4 h + 3 I values with a gated MLP (Qwen3-Embedding), 3 h + 2 I
+    with BERT's (MiniLM) — tests/test_reward.py measures it."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers.utils import cached_file
 
+    path = embedder_path(name)
     try:
-        config = AutoConfig.from_pretrained(embedder_path(name))
+        config = AutoConfig.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path) if texts else None
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: embedder {name!r}: {str(e).strip().splitlines()[0]}") from None
     with torch.device("meta"):
         model = AutoModel.from_config(config)
-    return sum(p.numel() for p in model.parameters()) * torch.finfo(embed_dtype(dtype)).bits // 8
+    B = torch.finfo(embed_dtype(dtype)).bits // 8
+    st = cached_file(path, "sentence_bert_config.json", _raise_exceptions_for_missing_entries=False)
+    cap = json.loads(Path(st).read_text())["max_seq_length"] if st else config.max_position_embeddings
+    lengths = tok(list(texts), truncation=True, max_length=cap)["input_ids"] if texts else []
+    longest = max([new_tokens, *map(len, lengths)])
+    h, I = config.hidden_size, config.intermediate_size
+    gated = any(n.endswith("gate_proj") for n, _ in model.named_modules())
+    per_token = (4 * h + 3 * I) if gated else (3 * h + 2 * I)
+    return sum(p.numel() for p in model.parameters()) * B, batch_size * min(cap, longest) * per_token * B
 
 
 @lru_cache(maxsize=2)

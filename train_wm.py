@@ -290,7 +290,9 @@ def main(args):
             len(tok(chat_prompt(tok, wm_prompt(t, think(args))), add_special_tokens=False)["input_ids"])
             for t in triplets
         )
-        plan_wm(args, prompt_len, embedder_bytes(args.embedder, args.embed_dtype), train, heldout)
+        states = [t["next_state"] for t in triplets]  # the embedder's longest batch: these, or a prediction
+        embedder = embedder_bytes(args.embedder, args.embed_dtype, states, args.max_new_tokens)
+        plan_wm(args, prompt_len, embedder, train, heldout)
     # --out is this run's once the data checked out and the plan fits (a dry run or a data error leaves it as it was)
     out = claim_out(args.out, f"train_wm --mode {args.mode}", args.resume) if rank == 0 else Path(args.out)
     ckpt = out / "checkpoint"

@@ -26,7 +26,9 @@ from memory_plan import DENSE, PAPER_MODELS  # noqa: E402
 
 from support.memory import CARD_BATCH, CARD_SHARE, distinct_prompts, memory_plan, scoring_batch, time_plan  # noqa: E402
 
-EMBEDDER = 7.57e9 * 2  # Qwen3-Embedding-8B's parameters in bf16 (--embed-dtype auto on CUDA)
+# Qwen3-Embedding-8B in bf16 (--embed-dtype auto on CUDA): its weights, and a batch of 64 states of 256 tokens
+# (reward.embedder_bytes: 4 h + 3 I values a token, h 4,096, I 12,288)
+EMBEDDER = (7.57e9 * 2, 64 * 256 * (4 * 4096 + 3 * 12288) * 2)
 
 
 def fitted(config, budget, prompt_len, new, start, training, embedder=0, group=1, checkpointing=True):

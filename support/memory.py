@@ -114,8 +114,9 @@ def memory_plan(
         + max(weights + gradients + activations + logits, whole weights + KV cache + prefill)
     Activations are counted op by op on a Llama/Qwen decoder layer (what autograd keeps for backward)
     and checked against measured peaks of the tiny model in tests/test_memory.py. `training=False`: a stage
-    that only samples (collection, evaluation, the filter): weights + KV cache + prefill. `embedder`: the bytes
-    of an embedder loaded next to the model for the whole run, added to the peak. `helpers`: the other models
+    that only samples (collection, evaluation, the filter): weights + KV cache + prefill. `embedder`: (the bytes
+    of an embedder loaded next to the model for the whole run, added to the peak; those of one batch it embeds,
+    a phase of its own between sampling and the update) as reward.embedder_bytes gives them. `helpers`: the other models
     the run loads and samples from, {name: (config, dtype, prompt_len, new tokens)} (the judge, a fixed τ² user):
     their weights stay for the whole run, and their sampling (gen_batch distinct prompts) is a phase of its own,
     next to the model's. `ddp`: under torchrun without FSDP, DistributedDataParallel allocates gradient buckets
@@ -167,7 +168,7 @@ def memory_plan(
     if ddp:
         plan["ddp_buckets"] = trainable * tb
     if embedder:
-        plan["embedder"] = embedder
+        plan["embedder"], plan["embedding"] = embedder
     helper_sampling = 0  # the largest sampling phase of a helper model
     for name, (hconfig, hdtype, hprompt, hnew) in (helpers or {}).items():
         part = memory_plan(hconfig, hdtype, gen_batch=gen_batch, prompt_len=hprompt, seq_len=hprompt + hnew,
@@ -184,6 +185,7 @@ def memory_plan(
             plan["weights"] + plan["grads"] + plan["activations"] + plan["logits"],
             max(plan["weights"], sampling) + plan["kv_cache"] + plan["prefill"] + plan.get("kv_repeat", 0),
             plan["weights"] + helper_sampling,
+            plan["weights"] + plan.get("embedding", 0),
         )
     )
     return plan
@@ -230,11 +232,11 @@ def fit_memory(
     forward/backward, `gen_batch` sampled at once) and return (micro_batch, gen_batch) halved, the larger phase
     first, until it fits in max_memory_gb (default: the card's memory on CUDA, no limit on CPU). A plan that cannot
     fit is a one-line error; dry_run stops after printing, and prints the time plan of `work` (`time_plan`) first.
-    `reference`: whether a frozen reference copy is held (full fine-tuning with beta > 0); `embedder`: the bytes of
-    an embedder the run loads (reward.embedder_bytes); training=False: a stage that only samples. `group`: rows
-    of each prompt in a sampling batch (RWML's G, the filter's K), whose prefill lm.sample runs once. `helpers`:
-    {name: (model, dtype, prompt_len, new tokens)} of the other models the run loads and samples (`helper_models`).
-    LoRA on a mixture-of-experts model stops here, in one line (`check_lora_targets`)."""
+    `reference`: whether a frozen reference copy is held (full fine-tuning with beta > 0); `embedder`: the bytes of an
+    embedder the run loads and of one batch it embeds (reward.embedder_bytes); training=False: a stage that only
+    samples. `group`: rows of each prompt in a sampling batch (RWML's G, the filter's K), whose prefill lm.sample runs
+    once. `helpers`: {name: (model, dtype, prompt_len, new tokens)} of the other models the run loads and samples
+    (`helper_models`). LoRA on a mixture-of-experts model stops here, in one line (`check_lora_targets`)."""
     config = load_config(model)
     if training:
         check_lora_targets(config, lora_rank, model)
@@ -498,7 +500,7 @@ def plan_wm(args, prompt_len, embedder, train, heldout):
     """train_wm's memory plan (prints it, and under --dry-run the time plan, and exits): --micro-batch and
     --gen-batch halved until it fits --max-memory-gb (default: the card's memory on CUDA). --gen-batch not given:
     64 on CPU; with a budget, a whole RWML step's G x batch predictions (the filter, SFT's held-out scoring: up to
-    CARD_BATCH) halved until it fits. `prompt_len`: the longest prompt in tokens; `embedder`: its bytes."""
+    CARD_BATCH) halved until it fits. `prompt_len`: the longest prompt in tokens; `embedder`: reward.embedder_bytes."""
     new, rwml, held = args.max_new_tokens, args.mode == "rwml", len(heldout[: args.val_size])
 
     def sampled(prompts, rows, gb, times=1):  # the time plan's figures of sampling `rows` rows of `prompts` prompts

@@ -185,6 +185,9 @@ def test_dry_run_prints_the_time_plan_and_counts_the_embedder(triplets, tmp_path
     r = run("train_wm.py", "--triplets", str(triplets), "--out", str(tmp_path), "--dry-run")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "embedder 0.09" in r.stdout  # all-MiniLM-L6-v2: 22.7M parameters in fp32
+    # one batch it embeds (reward.embedder_bytes): 64 texts cut at MiniLM's 256 tokens (predictions may run to
+    # --max-new-tokens, here the longest next state + 512) x (3 h + 2 I) fp32 values
+    assert f"  embedding {64 * 256 * (3 * 384 + 2 * 1536) * 4 / 1e9:.2f}" in r.stdout
     assert "time plan (cpu rates" in r.stdout
     assert all(f"  {phase}: prefill" in r.stdout for phase in ("RWML sampling", "updates", "held-out scoring"))
 

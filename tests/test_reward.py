@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from bench.memory_plan import PeakMemory
 from reward import (
     JUDGE_REPLY,
     Embeddings,
@@ -168,6 +169,19 @@ def test_exact_is_the_real_next_state_up_to_whitespace(embed):
     assert [r["exact"] for r in sim_to_real(outputs, [REAL] * 4, embed, tau=0.2)] == [True, True, False, False]
 
 
+@pytest.mark.parametrize("words", [100, 400])
+def test_the_plan_holds_what_a_batch_of_embeddings_holds(embed, words):
+    """One `Embeddings.encode` batch of 64 texts, measured (every live tensor it creates), against the plan's
+    (reward.embedder_bytes): 64 x the longest text's tokens x (3 h + 2 I) fp32 values for MiniLM's BERT layers,
+    the texts cut at its max_seq_length of 256 tokens (400 words are planned as 256 tokens, not 402)."""
+    texts = [" ".join(["kitchen"] * (words - 2 + i % 3)) for i in range(64)]
+    with PeakMemory() as m:
+        embed.encode(texts)
+    planned = embedder_bytes(texts=texts)[1]
+    assert 0.95 < m.peak / planned < 1.05, (m.peak, planned)
+    assert embedder_bytes(new_tokens=30)[1] == 64 * 30 * (3 * 384 + 2 * 1536) * 4  # predictions of 30 tokens alone
+
+
 def test_the_embedder_is_fp32_on_cpu_and_the_plan_counts_its_bytes(embed):
     """--embed-dtype auto: fp32 on CPU (bf16 on CUDA); the memory plan's `embedder` is its weights' bytes, from
     the config alone; evaluate.py and train_wm.py both take the flag."""
@@ -177,6 +191,6 @@ def test_the_embedder_is_fp32_on_cpu_and_the_plan_counts_its_bytes(embed):
     weights = list(embed.model.parameters())
     assert {w.dtype for w in weights} == {torch.float32}
     n = sum(w.numel() for w in weights)
-    assert embedder_bytes() == 4 * n and embedder_bytes(dtype="bf16") == 2 * n
+    assert embedder_bytes()[0] == 4 * n and embedder_bytes(dtype="bf16")[0] == 2 * n
     assert evaluate_args(["--embed-dtype", "bf16"]).embed_dtype == "bf16" and evaluate_args([]).embed_dtype == "auto"
     assert train_wm_args(["--triplets", "T"]).embed_dtype == "auto"
