@@ -112,6 +112,9 @@ def check_model(name, tiny="smollm2-135m"):
         if not path.is_dir():
             fail(f"model {name} is a file: give the folder that holds its config.json")
         return name
+    if (path.parent / "trainer.pt").exists():  # a LoRA run's checkpoint before its last save: adapters only
+        fail(f"model folder {name} does not exist: the run's LoRA adapters are saved, its merged weights only at its "
+             "last update (--resume the run to its end)")  # fmt: skip
     if name.startswith(("/", ".", "~")) or name.count("/") > 1:
         fail(f"model folder {name} does not exist")
     return name

@@ -13,7 +13,7 @@ import torch
 from support.checks import at_least, fail, finite, non_negative, positive
 from support.distributed import all_sum, ddp, is_sharded, rank_world, shard
 from support.lm import checkpoint_activations, load_model, torch_dtype
-from support.lora import add_lora, merged_state_dict
+from support.lora import add_lora, has_adapters, merged_state_dict
 from support.runs import aside, find_checkpoint, remove_checkpoint, set_seed, swap_in
 
 
@@ -110,10 +110,12 @@ def save_checkpoint(folder, model, tok, optimizer, step, args, final=False):
     """folder/model: plain HF weights (adapters merged); folder/trainer.pt: step, optimizer, adapters, RNG.
     Written aside (folder.tmp, trainer.pt last) and swapped in (runs.swap_in), so a kill at any instant keeps a
     complete checkpoint that --resume finds. The `final` save of a run drops the optimizer state (2x the weights
-    under full fine-tuning) unless args.keep_optimizer. Under torchrun rank 0 writes (every rank holds the same
-    weights and optimizer state)."""
+    under full fine-tuning) unless args.keep_optimizer. Under LoRA only the `final` save writes folder/model:
+    --resume needs the adapters alone, and the merged fp32 weights (7B: ~30 GB) would be written at every save.
+    Under torchrun rank 0 writes (every rank holds the same weights and optimizer state)."""
     rank = rank_world()[0]
     keep_optimizer = not final or getattr(args, "keep_optimizer", False)
+    with_model = final or not has_adapters(model)
     if is_sharded(model):  # every rank sends its shards; rank 0 gets the whole weights and optimizer state
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
@@ -125,9 +127,13 @@ def save_checkpoint(folder, model, tok, optimizer, step, args, final=False):
         weights = get_model_state_dict(model, options=whole)
         optimizer_state = get_optimizer_state_dict(model, optimizer, options=whole) if keep_optimizer else None
     elif rank == 0:
-        (weights, lost), optimizer_state = merged_state_dict(model), optimizer.state_dict() if keep_optimizer else None
+        weights, lost = merged_state_dict(model) if with_model else ({}, 0.0)
+        optimizer_state = optimizer.state_dict() if keep_optimizer else None
     if rank > 0:
         return
+    adapters = {
+        n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad and n.endswith((".A", ".B"))
+    }
     if not is_sharded(model) and lost > 0:
         print(
             f"checkpoint step {step}: {100 * lost:.1f}% of the LoRA-merged weights changed by less than half a bf16 "
@@ -136,17 +142,16 @@ def save_checkpoint(folder, model, tok, optimizer, step, args, final=False):
     # a sum is finite only if every term is (NaN and Inf carry through it), and is ~10x cheaper than isfinite(w).all();
     # a sum that overflows is looked at element by element
     all_finite = lambda w: torch.isfinite(w.sum()) or torch.isfinite(w).all()
-    bad = next((k for k, w in weights.items() if w.is_floating_point() and not all_finite(w)), None)
+    bad = next((k for k, w in {**weights, **adapters}.items() if w.is_floating_point() and not all_finite(w)), None)
     if bad:  # the previous checkpoint stays as it was
         fail(f"step {step}: weight {bad} is not finite: no checkpoint written (the one in {folder}, if any, is kept)")
     folder = Path(folder)
     tmp = aside(folder, "tmp")
     remove_checkpoint(tmp)
-    model.save_pretrained(tmp / "model", state_dict=weights)
-    tok.save_pretrained(tmp / "model")
-    adapters = {
-        n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad and n.endswith((".A", ".B"))
-    }
+    tmp.mkdir(parents=True)
+    if with_model:
+        model.save_pretrained(tmp / "model", state_dict=weights)
+        tok.save_pretrained(tmp / "model")
     torch.save(
         dict(
             step=step,

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from grpo import collate, completion_logprobs, group_advantages, grpo_loss, grpo_update
+from support.checks import check_model
 from support.lm import chat_prompt, load_model, sample
 from support.lora import LoRALinear, adapters_off, add_lora, merged_state_dict
 from support.runs import complete, find_checkpoint, run_stage, set_seed
@@ -177,7 +178,7 @@ def test_checkpoint_resume_restores_step_optimizer_and_adapters(tiny, tmp_path):
     opt = torch.optim.AdamW(params, lr=1e-3)
     seqs = [(tok("a b c")["input_ids"], tok(" d e")["input_ids"])]
     grpo_update(model, opt, seqs, torch.tensor([1.0]), args_for())
-    save_checkpoint(tmp_path / "ckpt", model, tok, opt, 7, argparse.Namespace(x=1))
+    save_checkpoint(tmp_path / "ckpt", model, tok, opt, 7, argparse.Namespace(keep_optimizer=True), final=True)
     state = torch.load(tmp_path / "ckpt" / "trainer.pt", weights_only=False)
     assert state["rng"]["cuda"] is None  # no CUDA here; a GPU run saves every device's generator state
     gpu_state = dict(state, rng=dict(state["rng"], cuda=[torch.zeros(16, dtype=torch.uint8)]))
@@ -229,7 +230,7 @@ def test_every_instant_of_the_checkpoint_swap_resumes_from_the_newest_complete_c
         out = capsys.readouterr().out
         assert (said in out) if said else out == "", (on_disk, out)
         assert torch.load(ckpt / "trainer.pt", weights_only=False)["step"] == step, on_disk
-        assert not (ckpt / "model" / "config.json").read_text() == "{}"  # never the half-written folder
+        assert not (ckpt / "trainer.pt.part").exists()  # never the half-written folder
         model2 = tiny_llama(tiny[1])
         assert load_checkpoint(ckpt, model2, torch.optim.AdamW(add_lora(model2, rank=4))) == step
         if said == "ckpt.tmp is the newest complete checkpoint":  # the cut swap was finished: ckpt.old deleted
@@ -257,6 +258,10 @@ def test_a_finished_run_drops_its_optimizer_state_unless_asked_to_keep_it(tiny, 
         save_checkpoint(tmp_path / "ckpt", model, tok, opt, 3, argparse.Namespace(keep_optimizer=keep), final=final)
         state = torch.load(tmp_path / "ckpt" / "trainer.pt", weights_only=False)
         assert (state["optimizer"] is not None) == kept and state["adapters"]
+        assert (tmp_path / "ckpt" / "model").exists() == final  # LoRA: merged weights at the last save only
+        if not final:  # a later stage pointed at it is told why the folder is missing
+            with pytest.raises(SystemExit, match=r"saved, its merged weights only at its last update \(--resume"):
+                check_model(str(tmp_path / "ckpt" / "model"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # nothing left aside
     capsys.readouterr()
     model2 = tiny_llama(tiny[1])
@@ -317,7 +322,7 @@ def test_a_bf16_lora_checkpoint_computes_what_the_trained_model_computed(tiny, t
         for m in model.modules():
             if isinstance(m, LoRALinear):
                 m.B.normal_(0, 1e-3)
-    save_checkpoint(tmp_path / "ckpt", model, tok, opt, 3, argparse.Namespace())
+    save_checkpoint(tmp_path / "ckpt", model, tok, opt, 3, argparse.Namespace(), final=True)
     ids = torch.tensor([tok("You are in the middle of a room. Looking around you, you see a desk 1.")["input_ids"]])
     logits = lambda m: m(ids).logits.float()
     with torch.no_grad():
@@ -375,7 +380,7 @@ def test_a_lora_update_below_bf16_resolution_survives_the_merge_and_is_counted(t
     assert torch.equal(weights["model.layers.0.mlp.down_proj.weight"], model.model.layers[0].mlp.down_proj.base.weight)
     merged = sum(m.base.weight.numel() for m in model.modules() if hasattr(m, "scale"))
     assert lost == layer.base.weight.numel() / merged  # only this layer's updates are lost in bf16, all of them
-    save_checkpoint(tmp_path / "ckpt", model, tok, opt, 1, argparse.Namespace())
+    save_checkpoint(tmp_path / "ckpt", model, tok, opt, 1, argparse.Namespace(), final=True)
     reloaded = load_model(str(tmp_path / "ckpt" / "model"), device="cpu", dtype="fp32")[0]
     assert torch.equal(reloaded.model.layers[0].mlp.up_proj.weight, w)
 
