@@ -78,7 +78,7 @@ ifeq ($(BUDGET),paper)
 # prompt of Table A5, 300 / 200 Policy RL updates) and embedder. TUNE: LoRA, so that a 7-8B model trains on one
 # 80 GB GPU, at LR and, for WM SFT and pi', twice that (the paper's full fine-tuning: 1e-6 and 2e-6, B.1 and C.1);
 # the paper fine-tunes all weights (TUNE="--dtype fp32" LR=1e-6 SFT_LR=2e-6, ~160-180 GB: FSDP over several GPUs)
-TUNE ?= --lora-rank 64 --micro-batch 2 --grad-checkpointing
+TUNE ?= --lora-rank 64 --grad-checkpointing# micro-batch: as many sequences a pass as the memory plan fits
 LR ?= 1e-5
 SFT_LR ?= 2e-5
 EMBED ?= --embedder Qwen/Qwen3-Embedding-8B

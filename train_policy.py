@@ -90,6 +90,7 @@ def parse_args(argv=None):
     args.rft_episodes = args.rft_episodes or RFT_EPISODES[args.env]
     args.lr = args.lr or (LR_RFT if args.method == "rft" else LR_GRPO)
     args.batch_games = args.batch_games or args.games_per_step * args.group_size
+    args.fit_micro_batch, args.micro_batch = args.micro_batch is None, args.micro_batch or 8  # not given: as fits
     return args
 
 

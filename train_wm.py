@@ -116,6 +116,7 @@ def parse_args(argv=None):
     arg("--out", default="runs/wm", help="output folder")
     args = p.parse_args(argv)
     args.prompt = args.prompt or ("rwml" if args.mode == "rwml" else "sft")
+    args.fit_micro_batch, args.micro_batch = args.micro_batch is None, args.micro_batch or 8  # not given: as fits
     if args.lr is None:  # paper B.1, C.1: RWML 1e-6, WM SFT twice that (full fine-tuning)
         args.lr = LR_SFT if args.mode == "sft" else LR_RWML
     if args.mode == "rwml" and args.group_size < 2:  # checked where it is used: sft and the filter sample no group

@@ -227,6 +227,7 @@ def fit_memory(
     training=True,
     group=1,
     helpers=None,
+    grow_to=None,
 ):
     """Print the run's memory plan (sequences of prompt_len + completion_len tokens, `micro_batch` of them per
     forward/backward, `gen_batch` sampled at once) and return (micro_batch, gen_batch) halved, the larger phase
@@ -236,7 +237,9 @@ def fit_memory(
     embedder the run loads and of one batch it embeds (reward.embedder_bytes); training=False: a stage that only
     samples. `group`: rows of each prompt in a sampling batch (RWML's G, the filter's K), whose prefill lm.sample runs
     once. `helpers`: {name: (model, dtype, prompt_len, new tokens)} of the other models the run loads and samples
-    (`helper_models`). LoRA on a mixture-of-experts model stops here, in one line (`check_lora_targets`)."""
+    (`helper_models`). `grow_to`: with a budget (a card or max_memory_gb), micro_batch is doubled while the plan still
+    fits, up to that many sequences (an update's on this rank): fewer, larger passes on a large card. LoRA on a
+    mixture-of-experts model stops here, in one line (`check_lora_targets`)."""
     config = load_config(model)
     if training:
         check_lora_targets(config, lora_rank, model)
@@ -276,6 +279,13 @@ def fit_memory(
         else:
             gen_batch //= 2
         p = plan()
+    while training and grow_to and micro_batch * 2 <= grow_to and p["peak"] <= budget < float("inf"):
+        micro_batch *= 2
+        p = plan()
+        if p["peak"] > budget:  # one doubling too many
+            micro_batch //= 2
+            p = plan()
+            break
     if rank_world()[0] == 0:
         tune = (f"LoRA r {lora_rank}" if lora_rank else "full fine-tuning") if training else "sampling only"
         print(
@@ -497,10 +507,11 @@ def time_plan(config, dtype, phases, lora_rank=0, grad_checkpointing=False, kind
 
 
 def plan_wm(args, prompt_len, embedder, train, heldout):
-    """train_wm's memory plan (prints it, and under --dry-run the time plan, and exits): --micro-batch and
-    --gen-batch halved until it fits --max-memory-gb (default: the card's memory on CUDA). --gen-batch not given:
-    64 on CPU; with a budget, a whole RWML step's G x batch predictions (the filter, SFT's held-out scoring: up to
-    CARD_BATCH) halved until it fits. `prompt_len`: the longest prompt in tokens; `embedder`: reward.embedder_bytes."""
+    """train_wm's memory plan (prints it, and under --dry-run the time plan, and exits): --micro-batch and --gen-batch
+    halved until it fits --max-memory-gb (default: the card's memory on CUDA); --micro-batch not given: from 8, and
+    doubled while it fits on a card. --gen-batch not given: 64 on CPU; with a budget, a whole RWML step's G x batch
+    predictions (the filter, SFT's held-out scoring: up to CARD_BATCH) halved until it fits. `prompt_len`: the
+    longest prompt in tokens; `embedder`: reward.embedder_bytes."""
     new, rwml, held = args.max_new_tokens, args.mode == "rwml", len(heldout[: args.val_size])
 
     def sampled(prompts, rows, gb, times=1):  # the time plan's figures of sampling `rows` rows of `prompts` prompts
@@ -565,6 +576,7 @@ def plan_wm(args, prompt_len, embedder, train, heldout):
             new_tokens=new,
             judge_tokens=args.judge_max_new_tokens,
         ),
+        grow_to=-(-rows // rank_world()[1]) if args.fit_micro_batch else None,  # an update's sequences on this rank
     )
     args.score_batch = score_batch(args.gen_batch)
     check_checkpoint_disk(args.out, args.model, args.dtype, args.lora_rank)  # what its checkpoints will take
@@ -576,13 +588,16 @@ def has_budget(args):
 
 
 def plan_policy(args, games, prompt_len):
-    """train_policy's memory plan (and under --dry-run its time plan, then exit): --micro-batch and --batch-games
-    halved until it fits. Policy RL: --updates rounds of G x games-per-step episodes; RFT: one round of N episodes
-    of each of `games`, then SFT on (at most) all their turns; every episode planned to --max-steps."""
+    """train_policy's memory plan (and under --dry-run its time plan, then exit): --micro-batch and --batch-games halved
+    until it fits (--micro-batch not given: from 8, and doubled while it fits on a card). Policy RL: --updates rounds
+    of G x games-per-step episodes; RFT: one round of N episodes of each of `games`, then SFT on (at most) all their
+    turns; every episode planned to --max-steps."""
     if args.method == "rft":
         rounds, episodes, passes = 1, games * args.rft_episodes, args.rft_epochs
+        most = args.rft_batch  # turns of an SFT step
     else:
         rounds, episodes, passes = args.updates, args.games_per_step * args.group_size, args.ppo_epochs
+        most = episodes * args.max_steps  # turns of an update, at most
 
     def work(mb, gb):  # the time plan, every episode to --max-steps (an upper bound): rollouts, then the updates
         turns = rounds * episodes * args.max_steps
@@ -612,5 +627,6 @@ def plan_policy(args, games, prompt_len):
         args.dry_run,
         work=work,
         helpers=helper_models(args.env, args.user_model, None, args.dtype, prompt_len, args.user_max_new_tokens),
+        grow_to=-(-most // rank_world()[1]) if args.fit_micro_batch else None,  # an update's sequences on this rank
     )
     check_checkpoint_disk(args.out, args.model, args.dtype, args.lora_rank)  # what its checkpoints will take

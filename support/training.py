@@ -26,7 +26,8 @@ def add_grpo_args(p, lr=1e-6, lr_help="paper: 1e-6"):
     arg("--ppo-epochs", type=at_least(), default=1, help="mu: optimisation passes over each sampled batch")
     seq_mean = "the loss per sequence, then over sequences (GRPO's form; default: the token mean of the batch)"
     arg("--seq-mean", dest="token_mean", action="store_false", help=seq_mean)
-    arg("--micro-batch", type=at_least(), default=8, help="sequences per forward/backward (gradient accumulation)")
+    mb = "sequences per forward/backward (default 8; on a card: as many as the memory plan fits, up to an update's)"
+    arg("--micro-batch", type=at_least(), default=None, help=mb)
     arg("--max-grad-norm", type=positive(), default=1.0, help="gradient clipping")
     rank = at_least(0, "0 is full fine-tuning")
     arg("--lora-rank", type=rank, default=0, help="0: full fine-tuning; r > 0: hand-written LoRA adapters")

@@ -12,7 +12,7 @@ from conftest import run_script as run
 from grpo import collate, completion_logprobs
 from support.lm import chat_prompt, checkpoint_activations
 from support.lora import add_lora
-from support.memory import RATES, count_params, memory_budget, memory_plan, time_plan
+from support.memory import RATES, count_params, fit_memory, memory_budget, memory_plan, time_plan
 
 
 def test_peak_tracker_counts_live_tensors_only():
@@ -163,6 +163,20 @@ def test_max_memory_shrinks_the_batches_then_refuses(triplets, tmp_path):
     assert "micro-batch 8 x" not in r.stdout and "micro-batch" in r.stdout  # 8 (the default) did not fit in 4 GB
     r = run("train_wm.py", "--triplets", str(triplets), "--out", str(tmp_path), "--dry-run", "--max-memory-gb", "0.5")
     assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("error: the plan needs")
+
+
+def test_a_large_card_raises_the_micro_batch_unless_it_is_given(triplets, tmp_path, tiny):
+    """--micro-batch not given, with a budget (a card, --max-memory-gb): doubled from 8 while the plan fits, up to
+    an update's sequences (RWML: --batch-size x G = 32); given, it is only ever lowered. At a budget between the
+    plans of 16 and 32 sequences a pass, 16."""
+    common = ("train_wm.py", "--triplets", triplets, "--out", tmp_path, "--dry-run", "--max-new-tokens", "64")
+    common += ("--batch-size", "8", "--group-size", "4", "--max-memory-gb", "1000")
+    assert "micro-batch 32 x" in run(*common).stdout
+    assert "micro-batch 8 x" in run(*common, "--micro-batch", "8").stdout
+    plan = lambda mb: memory_plan(tiny[0].config, torch.float32, 0, False, False, mb, 150, 50, 64, 100)["peak"]
+    between = (plan(16) + plan(32)) / 2 / 1e9
+    fit = lambda **kw: fit_memory("smollm2-135m", "fp32", 0, False, False, 8, 64, 100, 50, max_memory_gb=between, **kw)
+    assert fit(grow_to=1024) == (16, 64) and fit() == (8, 64) and fit(grow_to=8) == (8, 64)
 
 
 def test_a_model_that_cannot_be_read_is_a_one_line_error(triplets, tmp_path):
