@@ -35,7 +35,7 @@ from memory_plan import PAPER_MODELS, Peak, measure_sample_call, measure_update 
 import support.lm as lm  # noqa: E402
 from support.lm import sample  # noqa: E402
 from support.lora import add_lora  # noqa: E402
-from support.memory import RATES, decode_bytes, device_kind  # noqa: E402
+from support.memory import RATES, active_params, decode_bytes, device_kind  # noqa: E402
 from support.runs import set_seed  # noqa: E402
 
 # SmolLM2-135M-Instruct's config.json (the fields the model is built from; tests/test_bench.py compares
@@ -90,12 +90,12 @@ def word_tokenizer(vocab_size):
 
 
 def check_sampling(model, tok, n_prompts, group, prompt_len, new_tokens, seed, compiled=False, lora_rank=0):
-    """(measured, planned, sampled tokens/s, seconds a decoding step) of one lm.sample call: n_prompts random
-    prompts x group rows (`lora_rank`: the model carries adapters of that rank). The step time is the call's time
-    less that of the same call writing one token (its prefill; the least of 3 such calls: a busy machine only makes
-    a call slower), over the other new_tokens - 1 steps. Timed after one untimed call (the eager path's first call
-    pays one-time costs: with --tiny on CPU the first row read 112 sampled tokens/s timed on it, 1,037 after it; the
-    compiled path's compiles it and captures its CUDA graphs)."""
+    """(measured, planned, sampled tokens/s, seconds a decoding step, seconds of the prefill) of one lm.sample call:
+    n_prompts random prompts x group rows (`lora_rank`: the model carries adapters of that rank). The step time is
+    the call's time less that of the same call writing one token (its prefill; the least of 3 such calls: a busy
+    machine only makes a call slower), over the other new_tokens - 1 steps. Timed after one untimed call (the eager
+    path's first call pays one-time costs: with --tiny on CPU the first row read 112 sampled tokens/s timed on it,
+    1,037 after it; the compiled path's compiles it and captures its CUDA graphs)."""
     g = torch.Generator().manual_seed(seed)
     prompts = [
         " ".join(f"t{i}" for i in torch.randint(1, tok.vocab_size, (prompt_len,), generator=g).tolist())
@@ -109,7 +109,13 @@ def check_sampling(model, tok, n_prompts, group, prompt_len, new_tokens, seed, c
             sample(model, tok, prompts, 1, temperature=1.0, n=group, compiled=compiled)  # the prefill alone
         prefill.append(p.seconds)
     step = (n_prompts * group * new_tokens / rate - min(prefill)) / (new_tokens - 1)
-    return measured, planned, rate, step
+    return measured, planned, rate, step, min(prefill)
+
+
+def reserved(device):
+    """GB the CUDA caching allocator held at most (allocated tensors + its free blocks: what the card must hold),
+    beside max_memory_allocated, which the plan is checked against; "–" on a CPU."""
+    return f"{torch.cuda.max_memory_reserved(device) / 1e9:.3g}" if device.type == "cuda" else "–"
 
 
 def decode_limit(config, dtype, rows, context, bandwidth, path="eager"):
@@ -156,6 +162,7 @@ def main():
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     decoding = a.decoding or (["eager", "compiled"] if device.type == "cuda" else ["eager"])
     bandwidth = a.bandwidth_gbs * 1e9 if a.bandwidth_gbs else RATES[device_kind()]["bandwidth"]
+    plan_rate = RATES[device_kind()]["prefill"]  # bf16 on a card; the CPU's row is fp32's
     # the paper's policy turn: 1,408 prompt tokens + 256 written; --tiny: the same shape, small
     n_prompts, group, prompt_len, new_tokens, micro_batch = (8, 2, 48, 16, 2) if a.tiny else (64, 8, 1408, 256, 2)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
@@ -168,7 +175,7 @@ def main():
     )
     print(
         "| model | phase | planned GB | measured GB | measured / planned | speed | decode step ms | bandwidth limit ms "
-        "| limit / step |\n|---|---|---|---|---|---|---|---|---|"
+        "| limit / step | reserved GB | prefill rate / the time plan's |\n|---|---|---|---|---|---|---|---|---|---|---|"
     )
     for name in a.models:
         moe = "num_experts" in MODELS[name][1]
@@ -188,7 +195,7 @@ def main():
                 if kw.get("lora_rank"):
                     add_lora(model, kw["lora_rank"])
                 with transformers_experts(path == "batched_mm"):
-                    measured, planned, rate, step = check_sampling(
+                    measured, planned, rate, step, prefill = check_sampling(
                         model,
                         tok,
                         prompt_len=prompt_len,
@@ -202,12 +209,15 @@ def main():
                     planned += n_prompts * c.num_experts_per_tok * 3 * c.moe_intermediate_size * c.hidden_size * 2
                 gb = f"{planned / 1e9:.3g} | {measured / 1e9:.3g} | {measured / planned:.2f}"
                 cells = limit_cells(model, n_prompts, prompt_len, new_tokens, step, bandwidth, path)
+                # the prefill's rate as the time plan counts it (memory.time_plan: tokens x active parameters / s)
+                ratio = kw["n_prompts"] * prompt_len * active_params(model.config) / prefill / plan_rate
+                cells += f" | {reserved(device)} | {ratio:.2f}"
                 print(f"| {name} | {label}, {path} | {gb} | {rate:.0f} sampled tokens/s | {cells} |", flush=True)
             del model, tok
             release(device)
         if moe:
             print(f"| {name} | GRPO update, LoRA: refused (fused experts, memory.check_lora_targets) | – | – | – | – "
-                  "| – | – | – |", flush=True)  # fmt: skip
+                  "| – | – | – | – | – |", flush=True)  # fmt: skip
             continue
         cases = [("GRPO update, LoRA r 64, gradient checkpointing", 64)] + (
             [("GRPO update, full fine-tuning (reference copy)", 0)] if name == "smollm2-135m" else []
@@ -226,7 +236,7 @@ def main():
                 model=model,
             )
             gb = f"{planned / 1e9:.3g} | {measured / 1e9:.3g} | {measured / planned:.2f}"
-            print(f"| {name} | {label} | {gb} | {seconds:.1f} s | – | – | – |", flush=True)
+            print(f"| {name} | {label} | {gb} | {seconds:.1f} s | – | – | – | {reserved(device)} | – |", flush=True)
             del model
             release(device)
 
