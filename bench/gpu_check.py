@@ -7,17 +7,18 @@ not yet run in this form on a GPU (an estimate of its length, docs/scaling.md: ~
     python bench/gpu_check.py                        # on a GPU; --models smollm2-135m for a quick look
     python bench/gpu_check.py --device cpu --tiny    # the same code on CPU, tiny configs (tests/test_bench.py)
 
-Per model, in bf16 (fp32 on CPU): one sampling phase through lm.sample (64 distinct prompts x 1,408 tokens
-+ 256 new ones; random weights write to the limit, which is the case a plan must cover), the same with 8
-prompts x G = 8 (the shared prefill), each on the eager path (the default) and the compiled one
-(RWML_COMPILE_DECODING=on), side by side; for Qwen3-30B-A3B the eager path with its experts grouped (lm.sample)
-and with transformers' own switch to "batched_mm" while decoding (lm.grouped_experts undone); and one GRPO update
-(grpo.grpo_update, beta 0.001) with LoRA r 64 and
-gradient checkpointing on micro-batches of 2 x 1,664 tokens (the second update: AdamW's moments exist);
-SmolLM2-shaped also with full fine-tuning (a frozen reference copy); none for the mixture-of-experts model, whose
-LoRA is refused (memory.check_lora_targets). Measured: torch.cuda.max_memory_allocated
-(CPU: the bytes of tensors alive at once, bench/memory_plan.py's PeakMemory). Prompts are random token ids
-written as words of a word-level tokenizer over the model's vocabulary (so a prompt is exactly its length).
+Per model, in bf16 (fp32 on CPU): one sampling phase through lm.sample (64 distinct prompts x 1,408 tokens + 256 new
+ones; random weights write to the limit, which is the case a plan must cover), the same with 8 prompts x G = 8 (the
+shared prefill), each on the eager path (the default: a KV cache allocated once), with transformers' DynamicCache
+(rewritten at every step) and on the compiled path (RWML_COMPILE_DECODING=on), side by side, and the shared
+prefill's through LoRA r 64 adapters; for Qwen3-30B-A3B the eager path with its experts grouped (lm.sample) and with
+transformers' own switch to "batched_mm" while decoding (lm.grouped_experts undone); and one GRPO update
+(grpo.grpo_update, beta 0.001) with LoRA r 64 and gradient checkpointing on micro-batches of 2 x 1,664 tokens (the
+second update: AdamW's moments exist); SmolLM2-shaped also with full fine-tuning (a frozen reference copy); none for
+the mixture-of-experts model, whose LoRA is refused (memory.check_lora_targets). Measured:
+torch.cuda.max_memory_allocated (CPU: the bytes of tensors alive at once, bench/memory_plan.py's PeakMemory).
+Prompts are random token ids written as words of a word-level tokenizer over the model's vocabulary (so a prompt is
+exactly its length).
 """
 
 import argparse
@@ -89,7 +90,7 @@ def word_tokenizer(vocab_size):
     return tok
 
 
-def check_sampling(model, tok, n_prompts, group, prompt_len, new_tokens, seed, compiled=False, lora_rank=0):
+def check_sampling(model, tok, n_prompts, group, prompt_len, new_tokens, seed, path="eager", lora_rank=0):
     """(measured, planned, sampled tokens/s, seconds a decoding step, seconds of the prefill) of one lm.sample call:
     n_prompts random prompts x group rows (`lora_rank`: the model carries adapters of that rank). The step time is
     the call's time less that of the same call writing one token (its prefill; the least of 3 such calls: a busy
@@ -101,12 +102,13 @@ def check_sampling(model, tok, n_prompts, group, prompt_len, new_tokens, seed, c
         " ".join(f"t{i}" for i in torch.randint(1, tok.vocab_size, (prompt_len,), generator=g).tolist())
         for _ in range(n_prompts)
     ]
-    sample(model, tok, prompts, new_tokens if compiled else 2, temperature=1.0, n=group, compiled=compiled)
-    measured, planned, rate = measure_sample_call(model, tok, prompts, new_tokens, group, compiled, lora_rank)
+    how = dict(compiled=path == "compiled", static=path != "dynamic")  # lm.sample's decoding path
+    sample(model, tok, prompts, new_tokens if how["compiled"] else 2, temperature=1.0, n=group, **how)
+    measured, planned, rate = measure_sample_call(model, tok, prompts, new_tokens, group, lora_rank=lora_rank, **how)
     prefill = []
     for _ in range(3):
         with Peak(model.device) as p:
-            sample(model, tok, prompts, 1, temperature=1.0, n=group, compiled=compiled)  # the prefill alone
+            sample(model, tok, prompts, 1, temperature=1.0, n=group, **how)  # the prefill alone
         prefill.append(p.seconds)
     step = (n_prompts * group * new_tokens / rate - min(prefill)) / (new_tokens - 1)
     return measured, planned, rate, step, min(prefill)
@@ -118,19 +120,18 @@ def reserved(device):
     return f"{torch.cuda.max_memory_reserved(device) / 1e9:.3g}" if device.type == "cuda" else "–"
 
 
-def decode_limit(config, dtype, rows, context, bandwidth, path="eager"):
-    """The least seconds a decoding step can take on a card of `bandwidth` bytes/s: it must read what the path
-    reads (memory.decode_bytes: the weights, the KV cache of `rows` rows of `context` tokens, the compiled path's
-    repeated K/V, batched_mm's copied experts) once."""
-    return decode_bytes(config, dtype, rows, context, path) / bandwidth
+def decode_limit(config, dtype, rows, context, bandwidth, path="eager", new_tokens=0):
+    """The least seconds a decoding step can take on a card of `bandwidth` bytes/s: it must move what the path
+    moves (memory.decode_bytes: the weights, the KV cache of `rows` rows of `context` tokens, the dynamic cache's
+    copy, the compiled path's repeated K/V, batched_mm's copied experts) once."""
+    return decode_bytes(config, dtype, rows, context, path, new_tokens) / bandwidth
 
 
 def limit_cells(model, rows, prompt_len, new_tokens, step, bandwidth, path="eager"):
-    """The table's decode cells: achieved step ms | bandwidth-limit ms | limit / achieved. The KV cache read is
-    that of the mean step (prompt + half the new tokens)."""
+    """The table's decode cells: achieved step ms | bandwidth-limit ms | limit / achieved, for the mean step."""
     if not bandwidth:
         return f"{1e3 * step:.2f} | – | –"
-    limit = decode_limit(model.config, model.dtype, rows, prompt_len + new_tokens // 2, bandwidth, path)
+    limit = decode_limit(model.config, model.dtype, rows, prompt_len + new_tokens, bandwidth, path, new_tokens)
     return f"{1e3 * step:.2f} | {1e3 * limit:.2f} | {limit / step:.2f}"
 
 
@@ -143,10 +144,11 @@ def main():
     p.add_argument(
         "--decoding",
         nargs="+",
-        choices=["eager", "compiled"],
+        choices=["eager", "dynamic", "compiled"],
         default=None,
-        help="lm.sample's paths to time for dense models (default: both on CUDA, eager on CPU, where inductor "
-        "compiles for minutes); a mixture-of-experts model: its experts grouped and transformers' batched_mm",
+        help="lm.sample's paths to time for dense models: eager (its static cache), dynamic (transformers' "
+        "DynamicCache), compiled (default: all three on CUDA, eager and dynamic on CPU, where inductor compiles for "
+        "minutes); a mixture-of-experts model: its experts grouped and transformers' batched_mm",
     )
     p.add_argument(
         "--bandwidth-gbs",
@@ -160,7 +162,7 @@ def main():
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: no CUDA device here (run with --device cpu --tiny to check the script on CPU)")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    decoding = a.decoding or (["eager", "compiled"] if device.type == "cuda" else ["eager"])
+    decoding = a.decoding or (["eager", "dynamic", "compiled"] if device.type == "cuda" else ["eager", "dynamic"])
     bandwidth = a.bandwidth_gbs * 1e9 if a.bandwidth_gbs else RATES[device_kind()]["bandwidth"]
     plan_rate = RATES[device_kind()]["prefill"]  # bf16 on a card; the CPU's row is fp32's
     # the paper's policy turn: 1,408 prompt tokens + 256 written; --tiny: the same shape, small
@@ -201,7 +203,7 @@ def main():
                         prompt_len=prompt_len,
                         new_tokens=new_tokens,
                         seed=a.seed,
-                        compiled=path == "compiled",
+                        path="eager" if path == "batched_mm" else path,
                         **kw,
                     )
                 if path == "batched_mm" and device.type != "cpu":  # one layer's copied experts (none on CPU)

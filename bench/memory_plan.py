@@ -110,6 +110,30 @@ def tensor_bytes(*models, optimizer=None):
     return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
 
 
+class BytesMoved(TorchDispatchMode):
+    """`with BytesMoved() as m:` -> m.read, m.written: the bytes of the tensors every op takes and makes (views,
+    which move nothing, left out; an embedding lookup reads the rows it returns, not the table; index_copy_, a
+    static cache's update, moves its source rows, not the cache it writes them into), and m.ops: aten ops launched.
+    A CPU count of what a GPU step moves through memory at least (memory.decode_bytes)."""
+
+    def __enter__(self):
+        self.read = self.written = self.ops = 0
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops += 1
+        if any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns):
+            return out  # a view
+        size = lambda ts: sum(t.numel() * t.element_size() for t in tree_flatten(ts)[0] if isinstance(t, torch.Tensor))
+        if func is torch.ops.aten.index_copy_.default:  # (cache, dim, index, source)
+            self.read, self.written = self.read + size(args[2:]), self.written + size(args[3])
+            return out
+        self.written += size(out)
+        self.read += size(out) if func is torch.ops.aten.embedding.default else size((args, kwargs))
+        return out
+
+
 class Peak:
     """`with Peak(device, *models, optimizer=...) as p:` -> p.bytes, the most bytes of tensors alive at once
     (CUDA: torch.cuda.max_memory_allocated; CPU: the models' and optimizer's tensors + PeakMemory's peak),
@@ -195,13 +219,13 @@ def measure_update(
     return p.bytes, planned["peak"], p.seconds
 
 
-def measure_sample_call(model, tok, prompts, completion_len, n=1, compiled=None, lora_rank=0):
+def measure_sample_call(model, tok, prompts, completion_len, n=1, compiled=None, lora_rank=0, static=True):
     """(measured, planned, sampled tokens/s) of one `lm.sample` call: each prompt n times, completion_len
-    tokens a row (the end-of-sequence token switched off); `compiled` as lm.sample's; `lora_rank`: the rank of the
-    adapters the model carries (add_lora), sampled with them as RWML and Policy RL do."""
+    tokens a row (the end-of-sequence token switched off); `compiled` and `static` as lm.sample's; `lora_rank`: the
+    rank of the adapters the model carries (add_lora), sampled with them as RWML and Policy RL do."""
     model.generation_config.eos_token_id = None  # every row writes completion_len tokens
     with Peak(model.device, model) as p:
-        out = sample(model, tok, prompts, max_new_tokens=completion_len, temperature=1.0, n=n, compiled=compiled)
+        out = sample(model, tok, prompts, completion_len, 1.0, n=n, compiled=compiled, static=static)
     P = max(len(tok(q, add_special_tokens=False)["input_ids"]) for q in prompts)
     rows, n = len(out), len(set(prompts))
     plan = memory_plan(model.config, model.dtype, lora_rank, False, False, 1, 1, completion_len, rows, P, distinct=n)

@@ -51,7 +51,7 @@ def sampled(prompts, rows, gb, prompt_len, new, times=1):
         prefill=times * prompts * prompt_len,
         steps=times * math.ceil(rows / gb) * new,
         rows=min(rows, gb),
-        context=prompt_len + new // 2,
+        context=prompt_len + new,
     )
 
 

@@ -202,7 +202,17 @@ def chat_prompt(tok, user, system=None, thinking=True, tools=None):
 
 @torch.no_grad()
 def sample(
-    model, tok, prompts, max_new_tokens=256, temperature=1.0, stop=None, batch_size=None, n=1, share=True, compiled=None
+    model,
+    tok,
+    prompts,
+    max_new_tokens=256,
+    temperature=1.0,
+    stop=None,
+    batch_size=None,
+    n=1,
+    share=True,
+    compiled=None,
+    static=True,
 ):
     """Sample one completion per prompt (`n` per prompt: each prompt repeated n times in a row), all in one
     left-padded batch, or in chunks of `batch_size` rows.
@@ -214,7 +224,10 @@ def sample(
     the completion cut after its end-of-sequence token (kept, so training learns to stop).
     A prompt that occurs several times in a chunk (GRPO's group of G) is prefilled once (`share=False`:
     each copy on its own, the plain path that bench/sample_throughput.py compares against).
-    `compiled`: decode with a static KV cache and a compiled step (`static_decoding`); None: COMPILE_DECODING.
+    The KV cache is allocated once for the prompt and max_new_tokens (`static_decoding`): a step writes its token's
+    K and V in place, where transformers' DynamicCache concatenates, so rewrites, every layer's whole cache at every
+    step (`static=False`, the path bench/gpu_check.py compares against). `compiled`: the decoding step also under
+    torch.compile (`static_decoding`); None: COMPILE_DECODING.
     A mixture-of-experts model decodes with its experts' grouped path (`grouped_experts`).
     """
     prompts = [p for p in prompts for _ in range(n)]
@@ -231,6 +244,7 @@ def sample(
                 stop,
                 share=share,
                 compiled=compiled,
+                static=static,
             )
         ]
     if not prompts:
@@ -238,6 +252,8 @@ def sample(
     batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     if compiled or (compiled is None and compile_decoding(model)):
         cache, compiling = static_decoding(model, prompts, batch, max_new_tokens, share)
+    elif static:
+        cache, compiling = static_decoding(model, prompts, batch, max_new_tokens, share, compile=False)
     else:
         cache, compiling = (shared_prefill(model, prompts, batch) if share else None), {}
     sampling = (
@@ -411,8 +427,8 @@ def prefill_distinct(model, prompts, batch):
 # compiled decoding is opt-in (RWML_COMPILE_DECODING=on), on CUDA too: under torch.compile transformers' SDPA path
 # repeats K and V to every query head of a GQA model (transformers/integrations/sdpa_attention.py,
 # `sdpa_attention_forward`: `use_gqa_in_sdpa` wants no mask on CUDA, and `pack_gqa`, what the eager decoding step
-# does instead, is skipped while dynamo traces), and attends over the whole static cache, not its filled part
-# (`decode_bytes`: Qwen2.5-7B at 64 rows x 1,792 tokens reads ~67 GB a step instead of ~21). Until
+# does instead, is skipped while dynamo traces), over a cache rounded up to CACHE_BLOCK tokens (`decode_bytes`:
+# Qwen2.5-7B at 64 rows x 1,664 tokens moves ~114 GB a step instead of ~21). Until
 # bench/gpu_check.py shows it faster on a GPU, eager decoding is the default; off on CPU, where compiling costs more
 COMPILE_DECODING = os.environ.get("RWML_COMPILE_DECODING", "off")  # on or off
 COMPILE_BACKEND = "inductor"  # tests/test_lm.py: "eager" (dynamo only: inductor takes ~50 s to compile on 2 CPU cores)
@@ -435,16 +451,18 @@ def compiled_default():
     return COMPILE_DECODING == "on"
 
 
-def static_decoding(model, prompts, batch, max_new_tokens, share=True):
-    """(a StaticCache for the whole batch, `generate`'s compile settings): the decoding step then always sees
-    tensors of one shape at one address, so torch.compile captures it once (CUDA graphs: one launch a step).
-    With `share`, each distinct prompt is still prefilled once (`prefill_distinct`) and its cache copied
-    into its rows of the static cache, one layer at a time."""
+def static_decoding(model, prompts, batch, max_new_tokens, share=True, compile=True):
+    """(a StaticCache for the whole batch, `generate`'s compile settings): each step writes its token into the
+    cache in place and attends over the whole allocated cache (the unwritten part masked). `compile`: the decoding
+    step then always sees tensors of one shape at one address, so torch.compile captures it once (CUDA graphs: one
+    launch a step), the cache rounded up to CACHE_BLOCK tokens; else `generate` must not compile on its own (it
+    would, on CUDA, given a static cache). With `share`, each distinct prompt is still prefilled once
+    (`prefill_distinct`) and its cache copied into its rows of the static cache, one layer at a time."""
     from transformers import StaticCache
     from transformers.generation import CompileConfig
 
     width = batch["input_ids"].shape[1]
-    length = -(-(width + max_new_tokens) // CACHE_BLOCK) * CACHE_BLOCK
+    length = -(-(width + max_new_tokens) // CACHE_BLOCK) * CACHE_BLOCK if compile else width + max_new_tokens
     cache = StaticCache(config=model.config, max_cache_len=length)
     distinct = prefill_distinct(model, prompts, batch) if share else None
     if distinct is not None:
@@ -453,6 +471,8 @@ def static_decoding(model, prompts, batch, max_new_tokens, share=True):
         for static, layer in zip(cache.layers, prefix.layers):
             static.update(layer.keys.index_select(0, rows), layer.values.index_select(0, rows), at)
             layer.keys = layer.values = None  # free the distinct rows' copy as the static one fills
+    if not compile:
+        return cache, dict(disable_compile=True)
     config = CompileConfig(backend=COMPILE_BACKEND, mode="reduce-overhead" if COMPILE_BACKEND == "inductor" else None)
     config._compile_all_devices = True  # transformers compiles only on accelerators unless told
     return cache, dict(compile_config=config, disable_compile=False)

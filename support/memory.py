@@ -453,11 +453,15 @@ def device_kind():
 TF32_SHARE = 0.5  # fp32 weights on CUDA compute in TF32 (lm.tf32_matmuls): H100/H200 495 dense TFLOPS, bf16 990
 
 
-def decode_bytes(config, dtype, rows, context, path="eager"):
-    """Bytes a decoding step of `rows` rows attending over `context` tokens reads, by path:
+def decode_bytes(config, dtype, rows, context, path="eager", new_tokens=0):
+    """Bytes a decoding step of `rows` rows whose KV cache holds `context` tokens a row (prompt + new tokens)
+    moves, by path:
     eager (lm.sample's default): the weights once (a mixture-of-experts model: the experts its rows x top-k routed
-      slots reach, grouped: each once, `lm.grouped_experts`) and the KV cache once (a GQA model's decode step
-      packs the query heads onto the key/value heads: transformers/integrations/sdpa_attention.py `pack_gqa`);
+      slots reach, grouped: each once, `lm.grouped_experts`) and the cache, allocated for all `context` tokens, once
+      (a GQA model's decode step packs the query heads onto the key/value heads:
+      transformers/integrations/sdpa_attention.py `pack_gqa`); its token's K and V are written in place;
+    dynamic (lm.sample's static=False, transformers' DynamicCache): the weights once and the filled cache (on
+      average context - new_tokens / 2 tokens) three times: read and written by its concatenation, read again;
     compiled (RWML_COMPILE_DECODING=on): the static cache, `context` rounded up to lm.CACHE_BLOCK, read at the
       key/value width, then its copy repeated to the query heads' width (`repeat_kv`: written once, read once);
     batched_mm (transformers' own switch for a mixture-of-experts model's decoding on a GPU, which lm.sample
@@ -474,13 +478,15 @@ def decode_bytes(config, dtype, rows, context, path="eager"):
     if path == "compiled":
         context = -(-context // CACHE_BLOCK) * CACHE_BLOCK
         return weights + rows * context * (kv + 2 * L * 2 * config.num_attention_heads * hd * B)
+    if path == "dynamic":
+        return weights + 3 * rows * (context - new_tokens / 2) * kv
     gathered = 2 * rows * k * 3 * config.moe_intermediate_size * h * B * L if path == "batched_mm" and E else 0
     return weights + rows * context * kv + gathered
 
 
 def time_plan(config, dtype, phases, lora_rank=0, grad_checkpointing=False, kind=None, show=True, compiled=False):
     """Expected seconds of each phase and their sum. `phases`: {name: dict(prefill=prompt tokens, steps=decoding
-    steps, rows=rows a step, context=mean tokens a row attends over, train=tokens through forward + backward)}.
+    steps, rows=rows a step, context=tokens of a row's KV cache, train=tokens through forward + backward)}.
         prefill: tokens x active parameters / rate;  decode: steps x decode_bytes / rate;
         train: tokens x active parameters / rate
     The rates are RATES[kind] (default: this machine's), measured in bf16 on GPUs: fp32 weights compute at
@@ -516,9 +522,7 @@ def plan_wm(args, prompt_len, embedder, train, heldout):
 
     def sampled(prompts, rows, gb, times=1):  # the time plan's figures of sampling `rows` rows of `prompts` prompts
         steps = times * math.ceil(rows / gb) * new
-        return dict(
-            prefill=times * prompts * prompt_len, steps=steps, rows=min(rows, gb), context=prompt_len + new // 2
-        )
+        return dict(prefill=times * prompts * prompt_len, steps=steps, rows=min(rows, gb), context=prompt_len + new)
 
     if args.mode == "filter":
         work = lambda mb, gb: {"filter": sampled(len(train), len(train) * args.filter_k, gb)}
@@ -607,7 +611,7 @@ def plan_policy(args, games, prompt_len):
                 prefill=turns * prompt_len,
                 steps=calls * args.max_new_tokens,
                 rows=min(episodes, gb),
-                context=prompt_len + args.max_new_tokens // 2,
+                context=prompt_len + args.max_new_tokens,
             ),
             "updates": dict(train=turns * (prompt_len + args.max_new_tokens) * passes),
         }

@@ -202,7 +202,7 @@ def plan_batch(args, model, episodes, prompt_len=None, embedder=0):
 
     def work(mb, gb):
         calls = math.ceil(episodes / gb) * steps  # generate calls: a turn of up to gb episodes each
-        context = prompt_len + new // 2
+        context = prompt_len + new  # the KV cache a row is given (lm.sample allocates it whole)
         return {
             "episodes": dict(
                 prefill=episodes * steps * prompt_len, steps=calls * new, rows=min(episodes, gb), context=context

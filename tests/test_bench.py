@@ -20,11 +20,12 @@ def test_gpu_check_runs_on_cpu_and_its_plan_matches_the_measured_peaks():
         for line in r.stdout.splitlines()
         if line.startswith("| ") and "---" not in line
     ][1:]
-    # 3 dense models x (3 sampling phases, the last through LoRA adapters + LoRA update), the tiny model's full
-    # fine-tuning; the MoE model: 2 sampling phases with its experts grouped (lm.sample) and as transformers would
-    # decode them, its LoRA refused
+    # 3 dense models x (3 sampling phases on the static cache, the last through LoRA adapters, 2 on the dynamic
+    # one + LoRA update), the tiny model's full fine-tuning; the MoE model: 2 sampling phases with its experts
+    # grouped (lm.sample) and as transformers would decode them, its LoRA refused
     assert all(len(row) == 11 and row[9] == "–" for row in rows)  # reserved GB: CUDA's allocator only
-    assert len(rows) == 18 and sum("LoRA r 64" in row[1] and "sampling" in row[1] for row in rows) == 3
+    assert sum(row[1].endswith(", dynamic") for row in rows) == 6
+    assert len(rows) == 24 and sum("LoRA r 64" in row[1] and "sampling" in row[1] for row in rows) == 3
     refused = [row for row in rows if "refused" in row[1]]
     assert len(refused) == 1 and refused[0][0] == "Qwen/Qwen3-30B-A3B" and refused[0][2] == "–"
     assert sum("batched_mm" in row[1] for row in rows) == 2

@@ -117,13 +117,14 @@ def test_the_prefill_makes_no_logits_but_the_last_tokens_and_the_same_cache(tiny
 
 
 def test_static_cache_decoding_is_the_eager_path_token_for_token(tiny, wm_prompts, monkeypatch):
-    """The compiled path (a StaticCache, the decoding step under torch.compile) decodes greedily what the eager
-    path does, with the shared prefill (each distinct prompt prefilled once, copied into the static cache) and
-    without. Dynamo's "eager" backend: the capture of the step and the static cache, without inductor, which takes
-    ~50 s to compile the tiny model on 2 CPU cores (RWML_TEST_INDUCTOR=1 runs it with inductor too).
+    """The compiled path (the static cache, the decoding step under torch.compile) and transformers' DynamicCache
+    (static=False) decode greedily what the default path (the static cache, eager) does, with the shared prefill
+    (each distinct prompt prefilled once, copied into the static cache) and without. Dynamo's "eager" backend: the
+    capture of the step and the static cache, without inductor, which takes ~50 s to compile the tiny model on 2 CPU
+    cores (RWML_TEST_INDUCTOR=1 runs it with inductor too).
     Why eager decoding stays the default on CUDA (RWML_COMPILE_DECODING=on opts in; bench/gpu_check.py times both):
-    in an eager decoding step transformers' SDPA packs SmolLM2's 9 query heads onto its 3 key/value heads and
-    attends over the filled cache; the compiled step repeats K and V to 9 heads over the whole static cache."""
+    in an eager decoding step transformers' SDPA packs SmolLM2's 9 query heads onto its 3 key/value heads; the
+    compiled step repeats K and V to 9 heads, over the static cache rounded up to lm.CACHE_BLOCK tokens."""
     from transformers import StaticCache
 
     import support.lm as lm
@@ -144,9 +145,14 @@ def test_static_cache_decoding_is_the_eager_path_token_for_token(tiny, wm_prompt
     spy = lambda q, k, v, *a, **kw: record(q, k) or sdpa(q, k, v, *a, **kw)
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
     eager = sample(model, tok, prompts, 8, temperature=0, compiled=False)
-    assert prefills[-1] is not None and caches[-1] is not None and not isinstance(caches[-1], StaticCache)
+    assert prefills[-1] is not None and isinstance(caches[-1], StaticCache)
     width = max(len(p) for p, _, _ in eager)
     steps = [s for s in seen if s[1] not in (1, width - 1)]  # the decoding steps: the prefills run 1 or width - 1
+    assert {s for s in steps} == {(3, 3, 3, width + 8)}, steps  # packed, over the cache allocated for 8 new tokens
+    seen.clear()
+    dynamic = sample(model, tok, prompts, 8, temperature=0, compiled=False, static=False)
+    assert [s[:2] for s in dynamic] == [e[:2] for e in eager] and not isinstance(caches[-1], StaticCache)
+    steps = [s for s in seen if s[1] not in (1, width - 1)]
     assert {s[:3] for s in steps} == {(3, 3, 3)} and steps[-1][3] == width + 7, steps  # packed, the filled cache
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
@@ -157,8 +163,40 @@ def test_static_cache_decoding_is_the_eager_path_token_for_token(tiny, wm_prompt
         assert isinstance(caches[-1], StaticCache)
         if share:  # repeated to 9 heads, over the whole static cache
             assert {s for s in seen if s[1] == 1} == {(9, 1, 9, -(-(width + 8) // lm.CACHE_BLOCK) * lm.CACHE_BLOCK)}
-    assert len(prefills) == 2 and prefills[1] is not None  # the shared prefill ran in the compiled path too
+    assert len(prefills) == 3 and prefills[2] is not None  # the shared prefill ran in the compiled path too
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the decoding step was captured
+
+
+def test_a_decoding_step_writes_its_token_and_reads_the_cache_once(tiny):
+    """lm.sample allocates the KV cache once (`static_decoding`): a decoding step writes its token's K and V and
+    reads the weights and the allocated cache once. transformers' DynamicCache (sample's static=False) concatenates
+    every layer's cache with the new token, so it writes the whole filled cache again at every step and reads it
+    twice (the copy, then attention). Bytes of one step of 8 rows after a 256-token prompt, with room for 64 more,
+    counted op by op (bench/memory_plan.BytesMoved)."""
+    from transformers import DynamicCache
+
+    from bench.memory_plan import BytesMoved
+    from support.lm import static_decoding
+
+    model, c = tiny[0], tiny[0].config
+    rows, P, N = 8, 256, 64
+    ids = torch.randint(100, 40000, (rows, P), generator=torch.Generator().manual_seed(0))
+    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+    per_token = c.num_hidden_layers * 2 * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4
+    filled, allocated = rows * P * per_token, rows * (P + N) * per_token
+    moved = {}
+    for kind in ("static", "dynamic"):
+        with torch.no_grad():
+            prompts = [str(i) for i in range(rows)]  # all distinct: no shared prefill
+            cache = static_decoding(model, prompts, batch, N, False, False)[0] if kind == "static" else DynamicCache()
+            model(input_ids=ids, **{cache_arg(model): cache}, cache_position=torch.arange(P), logits_to_keep=1)
+            with BytesMoved() as moved[kind]:
+                model(input_ids=ids[:, -1:], **{cache_arg(model): cache}, cache_position=torch.tensor([P]))
+    static, dynamic = moved["static"], moved["dynamic"]
+    assert 0.99 * filled < dynamic.written - static.written < 1.01 * filled  # the rewrite of the whole cache
+    assert abs((dynamic.read - static.read) - (2 * filled - allocated)) < 0.01 * filled
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert static.read < weights + allocated + 2 * static.written  # the rest: this step's activations, written, read
 
 
 def test_a_row_stopped_by_a_stop_string_ends_on_it_not_on_a_pad_it_never_sampled(tiny):
