@@ -80,13 +80,12 @@ def test_plan_matches_measured_peak_of_sampling():
     assert 0.85 < planned / measured < 1.15, (planned, measured)
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_sampling_through_adapters_holds_the_adapters_and_nothing_more(dtype):
-    """RWML and Policy RL sample with the LoRA adapters attached: a sampling call's peak is the plain model's plus
-    the adapters' fp32 A and B (the plan's `adapters`). A projection that added an fp32 B A x ([prompt tokens,
-    1,536] on the MLP's gate and up: the prefill's largest tensor) would hold ~3x the adapters more."""
-    plain = measure_sampling(gen_batch=8, prompt_len=384, completion_len=4, dtype=dtype)
-    lora = measure_sampling(gen_batch=8, prompt_len=384, completion_len=4, dtype=dtype, lora_rank=8)
+def test_sampling_through_adapters_holds_the_adapters_and_nothing_more():
+    """RWML and Policy RL sample with the LoRA adapters attached: a bf16 sampling call's peak is the plain model's
+    plus the adapters' fp32 A and B (the plan's `adapters`). A projection that added an fp32 B A x ([prompt tokens,
+    1,536] on the MLP's gate and up: the prefill's largest tensor) would hold ~2x the adapters more."""
+    plain = measure_sampling(gen_batch=8, prompt_len=256, completion_len=4, dtype="bf16")
+    lora = measure_sampling(gen_batch=8, prompt_len=256, completion_len=4, dtype="bf16", lora_rank=8)
     assert 0.98 < lora[1] / lora[0] < 1.02, lora
     assert abs((lora[0] - plain[0]) - (lora[1] - plain[1])) < 0.05 * (lora[1] - plain[1]), (plain, lora)
 
