@@ -156,12 +156,13 @@ def embedder_bytes(name=DEFAULT_EMBEDDER, dtype="auto", texts=(), new_tokens=0, 
     try:
         config = AutoConfig.from_pretrained(path)
         tok = AutoTokenizer.from_pretrained(path) if texts else None
+        quiet = dict(_raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False)
+        st = cached_file(path, "sentence_bert_config.json", **quiet)  # None: not there (offline, not cached)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: embedder {name!r}: {str(e).strip().splitlines()[0]}") from None
     with torch.device("meta"):
         model = AutoModel.from_config(config)
     B = torch.finfo(embed_dtype(dtype)).bits // 8
-    st = cached_file(path, "sentence_bert_config.json", _raise_exceptions_for_missing_entries=False)
     cap = json.loads(Path(st).read_text())["max_seq_length"] if st else config.max_position_embeddings
     lengths = tok(list(texts), truncation=True, max_length=cap)["input_ids"] if texts else []
     longest = max([new_tokens, *map(len, lengths)])
