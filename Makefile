@@ -241,6 +241,7 @@ bench: install
 	$(PYTHON) bench/sample_throughput.py
 	$(PYTHON) bench/reward_throughput.py --triplets $(OUT)/collect/triplets.jsonl
 	$(PYTHON) bench/grpo_update.py
+	$(PYTHON) bench/lora_sampling.py
 	$(PYTHON) bench/memory_plan.py
 
 # Every stage script end to end, small, on one GPU (a random-init Qwen2-architecture model; docs/scaling.md):

@@ -40,6 +40,7 @@ from support.checks import SkipCounter, at_least, check_model, claim_out, parser
 from support.distributed import all_sum, full_weights, gather, init_distributed, rank_world
 from support.episode import summary
 from support.lm import TINY_MODEL, cut_warning
+from support.lora import adapters_merged
 from support.memory import peak_memory, plan_policy
 from support.play import add_play_args, play_defaults, play_settings
 from support.runs import (
@@ -168,7 +169,7 @@ def rft_sample(args, games, model, tok, settings, user, out):
     total = len(games) * args.rft_episodes
     bar = tqdm(total=total, initial=len(rollouts), desc="rft sampling", unit="ep", disable=rank > 0)
     for i in range(0, len(jobs), block):
-        with full_weights(model):  # (the whole model on every rank under --fsdp)
+        with full_weights(model), adapters_merged(model):  # (--fsdp: every rank whole; LoRA: folded in)
             episodes = list(play(jobs[i : i + block][rank::world], model, tok, settings, user))
         records = [rollout_record(ep, settings) for ep in episodes]
         won = gather(  # the won turns, and their episode's key so that --resume keeps whole episodes
@@ -273,7 +274,7 @@ def main(args):
         t0 = time.time()
         # ---- interaction: G episodes of each game, all in flight through collect.play (torchrun: per rank) ----
         jobs = [(g, args.split, i) for g in schedule[step][rank::world] for i in range(G)]
-        with full_weights(model):  # (the whole model on every rank under --fsdp)
+        with full_weights(model), adapters_merged(model):  # (--fsdp: every rank whole; LoRA: folded in)
             episodes = sorted(play(jobs, model, tok, settings, user), key=lambda ep: ep.job)  # in job (group) order
         rollouts = gather(dict(rollout_record(ep, settings), step=step + 1) for ep in episodes)  # all ranks' episodes
         append_jsonl(f_rollouts, rollouts)

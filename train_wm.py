@@ -59,6 +59,7 @@ from support.checks import (
 )
 from support.distributed import full_weights, gather, init_distributed, rank_world
 from support.lm import TINY_MODEL, chat_prompt, generate, hit_limit, load_model, load_tokenizer, sample
+from support.lora import adapters_merged
 from support.memory import peak_memory, plan_wm
 from support.report import collapse, filter_summary, wm_summary
 from support.runs import append_jsonl, open_step_log, resume_jsonl, run_stage, set_seed, write_jsonl
@@ -139,7 +140,7 @@ def rwml_step(model, tok, optimizer, batch, embed, args, ref_model=None, ask=Non
     turns, train_policy.turn_batch). `ask`: the judge (--reward judge*). Returns the update's statistics."""
     G = args.group_size
     prompts = [chat_prompt(tok, wm_prompt(t, think(args))) for t in batch]  # G predictions, one prefill each
-    with full_weights(model):  # (the whole model on every rank under --fsdp)
+    with full_weights(model), adapters_merged(model):  # (--fsdp: every rank whole; LoRA: folded in)
         samples = sample(model, tok, prompts, args.max_new_tokens, args.temperature, batch_size=args.gen_batch, n=G)
     texts, real = [text for _, _, text in samples], [t for t in batch for _ in range(G)]
     scores = sim_to_real(texts, [t["next_state"] for t in real], embed, args.tau, [t.get("kind") for t in real])
@@ -262,7 +263,7 @@ def wm_heldout(model, tok, heldout, embed, tau, args):
     (`collapse`); one prediction record per triplet (ranks share the work)."""
     rank, world = rank_world()
     mine = heldout[rank::world]
-    with full_weights(model):
+    with full_weights(model), adapters_merged(model):
         outputs, scores = predict_and_score(
             model, tok, mine, embed, tau, args.max_new_tokens, args.score_batch, think(args)
         )

@@ -11,7 +11,8 @@ Per model, in bf16 (fp32 on CPU): one sampling phase through lm.sample (64 disti
 ones; random weights write to the limit, which is the case a plan must cover), the same with 8 prompts x G = 8 (the
 shared prefill), each on the eager path (the default: a KV cache allocated once), with transformers' DynamicCache
 (rewritten at every step) and on the compiled path (RWML_COMPILE_DECODING=on), side by side, and the shared
-prefill's through LoRA r 64 adapters; for Qwen3-30B-A3B the eager path with its experts grouped (lm.sample) and with
+prefill's with LoRA r 64 adapters folded in, as RWML and Policy RL sample (lora.adapters_merged: its decoding step
+should take the adapter-free row's time); for Qwen3-30B-A3B the eager path with its experts grouped (lm.sample) and with
 transformers' own switch to "batched_mm" while decoding (lm.grouped_experts undone); and one GRPO update
 (grpo.grpo_update, beta 0.001) with LoRA r 64 and gradient checkpointing on micro-batches of 2 x 1,664 tokens (the
 second update: AdamW's moments exist); SmolLM2-shaped also with full fine-tuning (a frozen reference copy); none for
@@ -190,8 +191,8 @@ def main():
             for label, kw in (
                 (f"sampling {n_prompts} distinct prompts", dict(n_prompts=n_prompts, group=1)),
                 (shared, dict(n_prompts=n_prompts // group, group=group)),
-                # as RWML and Policy RL sample: through the LoRA adapters (lora.LoRALinear), beside the row above
-                *([(f"{shared}, LoRA r 64", dict(n_prompts=n_prompts // group, group=group, lora_rank=64))]
+                # as RWML and Policy RL sample: LoRA adapters folded in (lora.adapters_merged), beside the row above
+                *([(f"{shared}, LoRA r 64 merged", dict(n_prompts=n_prompts // group, group=group, lora_rank=64))]
                   if path == "eager" and not moe else []),
             ):  # fmt: skip
                 if kw.get("lora_rank"):

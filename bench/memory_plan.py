@@ -23,7 +23,7 @@ from torch.utils._pytree import tree_flatten
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from grpo import grpo_update  # noqa: E402
 from support.lm import checkpoint_activations, load_model, sample  # noqa: E402
-from support.lora import LoRALinear, add_lora  # noqa: E402
+from support.lora import LoRALinear, adapters_merged, add_lora  # noqa: E402
 from support.memory import memory_plan  # noqa: E402
 from support.runs import set_seed  # noqa: E402
 
@@ -222,9 +222,10 @@ def measure_update(
 def measure_sample_call(model, tok, prompts, completion_len, n=1, compiled=None, lora_rank=0, static=True):
     """(measured, planned, sampled tokens/s) of one `lm.sample` call: each prompt n times, completion_len
     tokens a row (the end-of-sequence token switched off); `compiled` and `static` as lm.sample's; `lora_rank`: the
-    rank of the adapters the model carries (add_lora), sampled with them as RWML and Policy RL do."""
+    rank of the adapters the model carries (add_lora), sampled as RWML and Policy RL do: folded into the weights
+    (lora.adapters_merged), the merge inside the measured peak."""
     model.generation_config.eos_token_id = None  # every row writes completion_len tokens
-    with Peak(model.device, model) as p:
+    with Peak(model.device, model) as p, adapters_merged(model):
         out = sample(model, tok, prompts, completion_len, 1.0, n=n, compiled=compiled, static=static)
     P = max(len(tok(q, add_special_tokens=False)["input_ids"]) for q in prompts)
     rows, n = len(out), len(set(prompts))
@@ -235,7 +236,7 @@ def measure_sample_call(model, tok, prompts, completion_len, n=1, compiled=None,
 
 def measure_sampling(gen_batch=8, prompt_len=256, completion_len=32, seed=0, dtype="fp32", lora_rank=0):
     """(measured, planned) peak bytes of one batched `sample` call of the tiny model on CPU: gen_batch random
-    prompts of prompt_len tokens; with `lora_rank`, through adapters (B random, as after some updates)."""
+    prompts of prompt_len tokens; with `lora_rank`, with adapters (B random, as after some updates)."""
     set_seed(seed)
     model, tok = load_model(dtype=dtype, device="cpu")
     if lora_rank:

@@ -1,6 +1,9 @@
 """LoRA by hand (Hu et al., 2021): y = W x + (alpha / r) B A x, B = 0 at the start. The adapters train in fp32
 beside frozen base weights; `adapters_off` gives the reference policy without a second copy of the model;
-`merged_state_dict` folds them in for a checkpoint any stage loads as a plain HF folder."""
+`adapters_merged` folds them into the weights while the stages sample; `merged_state_dict` folds them in for a
+checkpoint any stage loads as a plain HF folder."""
+
+import contextlib
 
 import torch
 
@@ -16,18 +19,16 @@ class LoRALinear(torch.nn.Module):
             torch.randn(rank, base.in_features, device=base.weight.device) / base.in_features**0.5
         )
         self.B = torch.nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))  # fp32 adapters
+        # the frozen weights as loaded, kept on the host (pinned: one fast copy back), never saved: what
+        # `adapters_merged` restores after a rollout (W + d - d is not W in floating point)
+        w = base.weight.detach()
+        self.loaded = torch.empty(w.shape, dtype=w.dtype, pin_memory=w.is_cuda).copy_(w)
 
     def forward(self, x):
         y = self.base(x)
         if not self.enabled:
             return y
-        if torch.is_grad_enabled():  # an update: the adapters' gradients in fp32 (scale the small B)
-            return y + ((x.to(self.A.dtype) @ self.A.T) @ (self.scale * self.B).T).to(y.dtype)
-        # sampling and scoring: B A x added into y in place, in y's dtype (a bf16 matmul accumulates in fp32), so
-        # no fp32 [tokens, in] or [tokens, out] copy exists: on the MLP they would be the prefill's largest tensors
-        A, B = self.A.to(y.dtype), (self.scale * self.B).to(y.dtype)
-        y.view(-1, y.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]) @ A.T, B.T)
-        return y
+        return y + ((x.to(self.A.dtype) @ self.A.T) @ (self.scale * self.B).T).to(y.dtype)  # fp32 adapters
 
 
 def add_lora(model, rank, alpha=None):
@@ -55,6 +56,34 @@ class adapters_off:
     def __exit__(self, *exc):
         for m in self.layers:
             m.enabled = True
+
+
+@contextlib.contextmanager
+def adapters_merged(model):
+    """`with adapters_merged(model):` around a rollout: every adapted weight becomes W + scale B A in place, in the
+    weights' own dtype, and the adapters step aside, so a decoding step runs the plain model's ops (through the
+    adapters each projection adds its own matmuls, casts and views, and a GPU's decoding step is bound by its
+    kernel launches). On exit the loaded weights are copied back from the host (`LoRALinear.loaded`), bit for bit,
+    also after an error.
+
+    In fp32 the merged weights compute what the update computes up to fp32 rounding. In bf16 they are rounded
+    once: an update below half a bf16 step of W is lost in them (early in training, most of it), yet the sampled
+    distribution stays as close to the update's as sampling through the adapters gets, because both sit on the
+    same bf16 noise of the forward itself (bench/lora_sampling.py measures it). pi_old is the update's own forward
+    (grpo.grpo_update), so the ratio never mixes the two computations."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    try:
+        with torch.no_grad():
+            for m in layers:
+                m.enabled = False
+                w = m.base.weight
+                w.copy_(w.float().addmm_(m.B, m.A, alpha=m.scale))  # one fp32 copy of W at a time (none in fp32)
+        yield model
+    finally:
+        with torch.no_grad():
+            for m in layers:
+                m.base.weight.copy_(m.loaded)
+                m.enabled = True
 
 
 @torch.no_grad()

@@ -11,8 +11,8 @@ import torch
 
 from grpo import collate, completion_logprobs, group_advantages, grpo_loss, grpo_update
 from support.checks import check_model
-from support.lm import chat_prompt, load_model, sample
-from support.lora import LoRALinear, adapters_off, add_lora, merged_state_dict
+from support.lm import cache_arg, chat_prompt, load_model, sample
+from support.lora import LoRALinear, adapters_merged, adapters_off, add_lora, merged_state_dict
 from support.runs import complete, find_checkpoint, run_stage, set_seed
 from support.training import load_checkpoint, save_checkpoint, start_training
 
@@ -336,30 +336,81 @@ def test_a_bf16_lora_checkpoint_computes_what_the_trained_model_computed(tiny, t
     assert (as_bf16 - exact).abs().max() < 2 * noise
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_sampling_through_adapters_computes_what_an_update_computes(tiny, dtype):
-    """Outside an update (sampling, scoring) a LoRA projection adds B A x into its output in place, in the weights'
-    dtype (no fp32 copy of a [tokens, width] tensor; tests/test_memory.py measures it): with fp32 weights that is
-    the update's function bit for bit; with bf16 weights it is as close to the same weights computed in fp32 as
-    the update's own forward is (both inside bf16's rounding noise)."""
-    tok = tiny[1]
+def adapted_llama(tok, dtype, b_std, seed=1):
+    """The random tiny Llama with rank-4 adapters whose B is as after some updates."""
     model = tiny_llama(tok, dtype)
     add_lora(model, rank=4)
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, LoRALinear):
-                m.B.normal_(0, 1e-2)
+                m.B.normal_(0, b_std)
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sampling_with_merged_adapters_computes_what_an_update_computes(tiny, dtype):
+    """Rollouts sample with the adapters folded into the weights (lora.adapters_merged): with fp32 weights that is
+    the update's function up to fp32's rounding; with bf16 weights, rounded once more, it is as close to the same
+    weights computed in fp32 as the update's own forward is (both inside bf16's rounding noise). On exit the
+    loaded weights are back bit for bit, and so is the update's function."""
+    tok = tiny[1]
+    model = adapted_llama(tok, dtype, 1e-2)
+    loaded = {n: p.clone() for n, p in model.named_parameters()}
     ids = torch.tensor([tok("You are in the middle of a room. Looking around you, you see a desk 1.")["input_ids"]])
     with torch.no_grad():
-        sampled = model(ids).logits.float()
         exact = copy.deepcopy(model).float()(ids).logits
     updated = model(ids).logits.detach().float()  # grad enabled: the adapters' path of an update
+    with torch.no_grad(), adapters_merged(model):
+        sampled = model(ids).logits.float()
+    noise = (updated - exact).abs().max()
     if dtype == torch.float32:
-        assert torch.equal(sampled, updated)
+        assert (sampled - updated).abs().max() < 1e-4 * updated.abs().max()
     else:
-        noise = (updated - exact).abs().max()
         assert 0 < (sampled - exact).abs().max() < 2 * noise
+    assert all(torch.equal(p, loaded[n]) for n, p in model.named_parameters())
+    assert torch.equal(model(ids).logits.detach().float(), updated)
+
+
+MERGED_Q = "model.layers.0.self_attn.q_proj.base.weight"
+
+
+def test_merged_adapters_are_taken_out_bit_for_bit_even_after_an_error(tiny):
+    """bf16 weights: W + d rounded, then - d, is not W; the exit copies the loaded weights back from the host,
+    also when the rollout raises, and turns the adapters back on."""
+    model = adapted_llama(tiny[1], torch.bfloat16, 1e-2)
+    loaded = {n: p.clone() for n, p in model.named_parameters()}
+    with pytest.raises(RuntimeError, match="rollout"):
+        with adapters_merged(model):
+            q = model.model.layers[0].self_attn.q_proj
+            assert not q.enabled and not torch.equal(q.base.weight, loaded[MERGED_Q])
+            raise RuntimeError("rollout failed")
+    assert all(torch.equal(p, loaded[n]) for n, p in model.named_parameters())
+    assert all(m.enabled for m in model.modules() if isinstance(m, LoRALinear))
+
+
+def test_a_decoding_step_with_merged_adapters_launches_the_plain_models_ops(tiny):
+    """A GPU's decoding step is bound by its kernel launches, so rollouts fold the adapters in (lora.adapters_merged):
+    a step then runs as many aten ops as the model without adapters, where through the adapters every projection
+    adds its own (two matmuls, a scale, casts, views). Counted op by op on CPU (bench/memory_plan.BytesMoved)."""
+    from transformers import DynamicCache
+
+    from bench.memory_plan import BytesMoved
+
+    tok = tiny[1]
+    model = adapted_llama(tok, torch.bfloat16, 1e-2)
+    ids = torch.tensor([tok("You are in the middle of a room. Looking around you, you see a desk 1.")["input_ids"]])
+    ops = {}
+    for kind in ("plain", "adapters", "merged"):
+        with torch.no_grad(), (adapters_off if kind == "plain" else adapters_merged if kind == "merged" else
+                               contextlib.nullcontext)(model):  # fmt: skip
+            cache = {cache_arg(model): DynamicCache()}
+            model(input_ids=ids[:, :-1], **cache)
+            with BytesMoved() as m:
+                model(input_ids=ids[:, -1:], **cache)
+        ops[kind] = m.ops
+    assert ops["adapters"] > 1.3 * ops["plain"], ops
+    assert ops["merged"] <= 1.1 * ops["plain"], ops
 
 
 def test_a_lora_update_below_bf16_resolution_survives_the_merge_and_is_counted(tiny, tmp_path):

@@ -80,10 +80,11 @@ def test_plan_matches_measured_peak_of_sampling():
     assert 0.85 < planned / measured < 1.15, (planned, measured)
 
 
-def test_sampling_through_adapters_holds_the_adapters_and_nothing_more():
-    """RWML and Policy RL sample with the LoRA adapters attached: a bf16 sampling call's peak is the plain model's
-    plus the adapters' fp32 A and B (the plan's `adapters`). A projection that added an fp32 B A x ([prompt tokens,
-    1,536] on the MLP's gate and up: the prefill's largest tensor) would hold ~2x the adapters more."""
+def test_sampling_with_lora_holds_the_adapters_and_nothing_more():
+    """RWML and Policy RL sample with the LoRA adapters folded into the weights (lora.adapters_merged): a bf16
+    sampling call's peak, the merge included, is the plain model's plus the adapters' fp32 A and B (the plan's
+    `adapters`). Sampling through the adapters (their fp32 B A x, [prompt tokens, 1,536] on the MLP's gate and
+    up: the prefill's largest tensors) would hold ~2x the adapters more."""
     plain = measure_sampling(gen_batch=8, prompt_len=256, completion_len=4, dtype="bf16")
     lora = measure_sampling(gen_batch=8, prompt_len=256, completion_len=4, dtype="bf16", lora_rank=8)
     assert 0.98 < lora[1] / lora[0] < 1.02, lora
