@@ -89,8 +89,9 @@ WM ?= $(TUNE)
 RWML ?= --lr $(LR) $(if $(ENV_FLAGS),--group-size 16)
 SFT ?= --lr $(SFT_LR)
 # Policy RL and RFT on ALFWorld train without gradient checkpointing: their peak is the sampling phase, so it would
-# cost training compute and save no memory (the plan, docs/scaling.md); τ²'s longer turns keep it
-PLAY_TUNE = $(if $(ENV_FLAGS),$(TUNE),$(filter-out --grad-checkpointing,$(TUNE)))
+# cost training compute and save no memory (the plan, docs/scaling.md); τ²'s longer turns keep it, and so does
+# Qwen3-30B-A3B, whose update without it leaves no room to sample on one H200
+PLAY_TUNE = $(if $(ENV_FLAGS)$(findstring 30B-A3B,$(MODEL)),$(TUNE),$(filter-out --grad-checkpointing,$(TUNE)))
 POLICY ?= $(PLAY_TUNE) --lr $(LR) $(if $(ENV_FLAGS),--max-steps 30)# G 8, 300 / 200 updates (B.2, C.2): the defaults
 RFT ?= $(PLAY_TUNE) --lr $(SFT_LR) $(if $(ENV_FLAGS),--max-steps 30)# N = 3 (τ²: 6) episodes a game, SFT on the won ones
 WM_EVAL ?=

@@ -15,8 +15,8 @@ prefill's with LoRA r 64 adapters folded in, as RWML and Policy RL sample (lora.
 should take the adapter-free row's time); for Qwen3-30B-A3B the eager path with its experts grouped (lm.sample) and with
 transformers' own switch to "batched_mm" while decoding (lm.grouped_experts undone); and one GRPO update
 (grpo.grpo_update, beta 0.001) with LoRA r 64 and gradient checkpointing on micro-batches of 2 x 1,664 tokens (the
-second update: AdamW's moments exist); SmolLM2-shaped also with full fine-tuning (a frozen reference copy); none for
-the mixture-of-experts model, whose LoRA is refused (memory.check_lora_targets). Measured:
+second update: AdamW's moments exist; the mixture-of-experts model's adapters per expert, lora.LoRAExperts);
+SmolLM2-shaped also with full fine-tuning (a frozen reference copy). Measured:
 torch.cuda.max_memory_allocated (CPU: the bytes of tensors alive at once, bench/memory_plan.py's PeakMemory).
 Prompts are random token ids written as words of a word-level tokenizer over the model's vocabulary (so a prompt is
 exactly its length).
@@ -218,10 +218,6 @@ def main():
                 print(f"| {name} | {label}, {path} | {gb} | {rate:.0f} sampled tokens/s | {cells} |", flush=True)
             del model, tok
             release(device)
-        if moe:
-            print(f"| {name} | GRPO update, LoRA: refused (fused experts, memory.check_lora_targets) | – | – | – | – "
-                  "| – | – | – | – | – |", flush=True)  # fmt: skip
-            continue
         cases = [("GRPO update, LoRA r 64, gradient checkpointing", 64)] + (
             [("GRPO update, full fine-tuning (reference copy)", 0)] if name == "smollm2-135m" else []
         )

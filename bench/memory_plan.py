@@ -72,7 +72,7 @@ PAPER_MODELS = {
         ),
     ),
 }
-DENSE = ["Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen3-8B"]  # what LoRA (nn.Linear adapters) can train
+DENSE = ["Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen3-8B"]  # the dense ones
 
 
 class PeakMemory(TorchDispatchMode):
@@ -263,8 +263,6 @@ def paper_table(seq_len, completion_len, micro_batch, gen_batch):
             ("full, fp32, checkpointing, FSDP over 4", torch.float32, 0, True, 4),
             ("full, fp32, checkpointing, FSDP over 8", torch.float32, 0, True, 8),
         ]:
-            if rank and name not in DENSE:  # LoRA on fused experts is refused (memory.check_lora_targets)
-                continue
             p = memory_plan(
                 config, dtype, rank, True, ckpt, micro_batch, seq_len, completion_len, gen_batch, shards=shards
             )

@@ -1,14 +1,15 @@
 """LoRA by hand (Hu et al., 2021): y = W x + (alpha / r) B A x, B = 0 at the start. The adapters train in fp32
 beside frozen base weights; `adapters_off` gives the reference policy without a second copy of the model;
 `adapters_merged` folds them into the weights while the stages sample; `merged_state_dict` folds them in for a
-checkpoint any stage loads as a plain HF folder."""
+checkpoint any stage loads as a plain HF folder. A mixture-of-experts model's fused experts get one pair of
+factors per expert (`LoRAExperts`)."""
 
 import contextlib
 
 import torch
 
+from support.checks import fail
 from support.lm import LORA_TARGETS
-from support.memory import check_lora_targets
 
 
 class LoRALinear(torch.nn.Module):
@@ -19,10 +20,7 @@ class LoRALinear(torch.nn.Module):
             torch.randn(rank, base.in_features, device=base.weight.device) / base.in_features**0.5
         )
         self.B = torch.nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))  # fp32 adapters
-        # the frozen weights as loaded, kept on the host (pinned: one fast copy back), never saved: what
-        # `adapters_merged` restores after a rollout (W + d - d is not W in floating point)
-        w = base.weight.detach()
-        self.loaded = torch.empty(w.shape, dtype=w.dtype, pin_memory=w.is_cuda).copy_(w)
+        self.loaded = host_copy(base.weight)
 
     def forward(self, x):
         y = self.base(x)
@@ -31,23 +29,91 @@ class LoRALinear(torch.nn.Module):
         return y + ((x.to(self.A.dtype) @ self.A.T) @ (self.scale * self.B).T).to(y.dtype)  # fp32 adapters
 
 
+class ExpertFactors(torch.nn.Module):
+    """The LoRA factors of every expert of one fused weight [experts, out, in]: A [experts, r, in], B [experts, out,
+    r] (B = 0), fp32, one parameter each (every update uses it, so DDP finds no unused parameter)."""
+
+    def __init__(self, weight, rank):
+        super().__init__()
+        E, out, inp = weight.shape
+        self.A = torch.nn.Parameter(torch.randn(E, rank, inp, device=weight.device) / inp**0.5)
+        self.B = torch.nn.Parameter(torch.zeros(E, out, rank, device=weight.device))
+
+    def delta(self, x, e, scale):
+        """scale B_e A_e x, in fp32."""
+        return (x.to(self.A.dtype) @ self.A[e].T) @ (scale * self.B[e]).T
+
+
+class LoRAExperts(torch.nn.Module):
+    """LoRA of a mixture-of-experts layer's fused experts (transformers 5, Qwen3-MoE's `Qwen3MoeExperts`: `gate_up_proj`
+    [experts, 2 I, hidden], `down_proj` [experts, hidden, I]): expert e computes with W_e + scale B_e A_e, each
+    expert its own factors. With the adapters on, the experts run transformers' eager loop (models/qwen3_moe/
+    modeling_qwen3_moe.py, `Qwen3MoeExperts.forward`) with each expert's B A x added; off or merged, the base
+    module's own (grouped) kernels."""
+
+    def __init__(self, base, rank, alpha):
+        super().__init__()
+        self.base, self.scale, self.enabled = base, alpha / rank, True
+        self.gate_up, self.down = ExpertFactors(base.gate_up_proj, rank), ExpertFactors(base.down_proj, rank)
+        self.loaded = {n: host_copy(w) for n, w in self.weights().items()}  # as LoRALinear.loaded
+
+    def weights(self):
+        return {"gate_up_proj": self.base.gate_up_proj, "down_proj": self.base.down_proj}
+
+    def factors(self):
+        return {"gate_up_proj": self.gate_up, "down_proj": self.down}
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        if not self.enabled:
+            return self.base(hidden_states, top_k_index, top_k_weights)
+        W_gu, W_d, out = self.base.gate_up_proj, self.base.down_proj, torch.zeros_like(hidden_states)
+        for e in top_k_index.unique().tolist():  # the experts this batch's tokens are routed to
+            token, slot = torch.where(top_k_index == e)
+            x = hidden_states[token]
+            gate, up = (x @ W_gu[e].T + self.gate_up.delta(x, e, self.scale).to(x.dtype)).chunk(2, dim=-1)
+            h = self.base.act_fn(gate) * up
+            y = (h @ W_d[e].T + self.down.delta(h, e, self.scale).to(h.dtype)) * top_k_weights[token, slot, None]
+            out.index_add_(0, token, y.to(out.dtype))
+        return out
+
+
+def host_copy(w):
+    """The frozen weight as loaded, on the host (pinned: one fast copy back), never saved: what `adapters_merged`
+    restores after a rollout (W + d - d is not W in floating point)."""
+    w = w.detach()
+    return torch.empty(w.shape, dtype=w.dtype, pin_memory=w.is_cuda).copy_(w)
+
+
+def check_experts(module, name):
+    """One line and stop for fused experts laid out otherwise than Qwen3-MoE's (transformers' `use_experts_
+    implementation` flags: gate and up concatenated, [experts, out, in], no bias, no norm after an expert)."""
+    layout = dict(has_gate=True, has_bias=False, is_transposed=False, is_concatenated=True, has_post_expert_norm=False)
+    if any(getattr(module, k, v) != v for k, v in layout.items()) or not hasattr(module, "act_fn"):
+        fail(f"--lora-rank on {name}: its fused experts are not laid out as Qwen3-MoE's ({layout}); no LoRA of them")
+
+
 def add_lora(model, rank, alpha=None):
-    """Freeze the model and wrap its attention/MLP projections with adapters; returns the trainable params.
-    A mixture-of-experts model stops here in one line: its fused experts are no nn.Linear (`check_lora_targets`)."""
-    check_lora_targets(model.config, rank)
+    """Freeze the model and wrap its attention/MLP projections with adapters, and a mixture-of-experts model's
+    fused experts with per-expert ones (`LoRAExperts`); returns the trainable params."""
     model.requires_grad_(False)
-    for module in list(model.modules()):
+    for path, module in list(model.named_modules()):
         for name, child in list(module.named_children()):
             if name in LORA_TARGETS and isinstance(child, torch.nn.Linear):
                 setattr(module, name, LoRALinear(child, rank, alpha or 2 * rank))
+            elif name == "experts" and getattr(child, "gate_up_proj", None) is not None:
+                check_experts(child, f"{path}.{name}")
+                setattr(module, name, LoRAExperts(child, rank, alpha or 2 * rank))
     return [p for p in model.parameters() if p.requires_grad]
+
+
+ADAPTED = (LoRALinear, LoRAExperts)
 
 
 class adapters_off:
     """`with adapters_off(model):` runs the base weights: the reference policy without a second copy."""
 
     def __init__(self, model):
-        self.layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+        self.layers = [m for m in model.modules() if isinstance(m, ADAPTED)]
 
     def __enter__(self):
         for m in self.layers:
@@ -71,18 +137,28 @@ def adapters_merged(model):
     distribution stays as close to the update's as sampling through the adapters gets, because both sit on the
     same bf16 noise of the forward itself (bench/lora_sampling.py measures it). pi_old is the update's own forward
     (grpo.grpo_update), so the ratio never mixes the two computations."""
-    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    layers = [m for m in model.modules() if isinstance(m, ADAPTED)]
     try:
         with torch.no_grad():
             for m in layers:
                 m.enabled = False
-                w = m.base.weight
-                w.copy_(w.float().addmm_(m.B, m.A, alpha=m.scale))  # one fp32 copy of W at a time (none in fp32)
+                if isinstance(m, LoRALinear):
+                    w = m.base.weight
+                    w.copy_(w.float().addmm_(m.B, m.A, alpha=m.scale))  # one fp32 copy of W at a time (none in fp32)
+                    continue
+                for name, w in m.weights().items():  # expert by expert: one fp32 copy of one expert's W at a time
+                    f = m.factors()[name]
+                    for e in range(w.shape[0]):
+                        w[e].copy_(w[e].float().addmm_(f.B[e], f.A[e], alpha=m.scale))
         yield model
     finally:
         with torch.no_grad():
             for m in layers:
-                m.base.weight.copy_(m.loaded)
+                if isinstance(m, LoRALinear):
+                    m.base.weight.copy_(m.loaded)
+                else:
+                    for name, w in m.weights().items():
+                        w.copy_(m.loaded[name])
                 m.enabled = True
 
 
@@ -102,15 +178,20 @@ def merged_state_dict(model):
     sd = {k.replace(".base.", "."): v for k, v in model.state_dict().items() if not k.endswith((".A", ".B"))}
     lost = merged = 0
     for name, m in model.named_modules():
-        if isinstance(m, LoRALinear):
-            w = m.base.weight.float().cpu()
-            delta = m.scale * (m.B.float().cpu() @ m.A.float().cpu())
-            sd[f"{name}.weight"] = w + delta
-            merged += w.numel()
-            if m.base.weight.dtype == torch.bfloat16:
-                lost += ((sd[f"{name}.weight"].bfloat16().float() == w) & (delta != 0)).sum().item()
+        if not isinstance(m, ADAPTED):
+            continue
+        pairs = {"weight": (m.base.weight, m)} if isinstance(m, LoRALinear) else {
+            k: (w, m.factors()[k]) for k, w in m.weights().items()
+        }  # fmt: skip
+        for key, (w, f) in pairs.items():
+            base = w.float().cpu()
+            delta = m.scale * (f.B.float().cpu() @ f.A.float().cpu())  # [out, in], or [experts, out, in]
+            sd[f"{name}.{key}"] = base + delta
+            merged += base.numel()
+            if w.dtype == torch.bfloat16:
+                lost += ((sd[f"{name}.{key}"].bfloat16().float() == base) & (delta != 0)).sum().item()
     return sd, lost / max(1, merged)
 
 
 def has_adapters(model):
-    return any(isinstance(m, LoRALinear) for m in model.modules())
+    return any(isinstance(m, ADAPTED) for m in model.modules())

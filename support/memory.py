@@ -29,15 +29,17 @@ def param_counts(config):
                 m.in_features + m.out_features
                 for name, m in model.named_modules()
                 if name.rsplit(".", 1)[-1] in LORA_TARGETS and isinstance(m, torch.nn.Linear)
-            ),
+            )
+            + sum(E * (out + inp) for E, out, inp in (p.shape for n, p in model.named_parameters() if p.dim() == 3)),
             sum(fused_experts(model).values()),
         )
     return _COUNTS[key]
 
 
 def count_params(config, lora_rank=0):
-    """(parameters, LoRA adapter parameters) of `config`'s model. The hand-written LoRA adapts nn.Linear
-    projections only: a mixture-of-experts model's fused experts get none (`check_lora_targets`)."""
+    """(parameters, LoRA adapter parameters) of `config`'s model: r (in + out) for each adapted projection, and for
+    each fused expert weight [experts, out, in] of a mixture-of-experts model r (in + out) per expert
+    (lora.LoRAExperts)."""
     n, per_rank, _ = param_counts(config)
     return n, lora_rank * per_rank
 
@@ -48,23 +50,6 @@ def active_params(config):
     n, _, experts = param_counts(config)
     routed = getattr(config, "num_experts_per_tok", 0) / max(1, getattr(config, "num_experts", 0) or 1)
     return n - experts + round(experts * routed)
-
-
-def check_lora_targets(config, lora_rank, name="the model"):
-    """One line and stop when --lora-rank would leave a mixture-of-experts model's experts untrained: transformers 5
-    stores them as fused 3-D parameters (Qwen3-MoE: `mlp.experts.gate_up_proj`, `mlp.experts.down_proj`), which
-    the hand-written LoRA (nn.Linear projections, lora.add_lora) does not adapt. The line says what the route
-    that does train them, full fine-tuning under FSDP, holds."""
-    n, per_rank, experts = param_counts(config)
-    if lora_rank and experts:
-        fail(
-            f"--lora-rank {lora_rank} on {name}, a mixture-of-experts model: LoRA would train only its attention "
-            f"projections ({lora_rank * per_rank / 1e6:.1f}M adapter parameters), none of its {experts / 1e9:.1f}B "
-            "parameters of fused experts, and no LoRA of fused experts is written. What trains them is full "
-            f"fine-tuning (--lora-rank 0 --dtype fp32 --fsdp): {16 * n / 1e9:.0f} GB of fp32 weights, gradients and "
-            f"AdamW state sharded over the GPUs, and each GPU gathers the whole fp32 weights ({4 * n / 1e9:.0f} GB) "
-            "to sample; --dry-run with those flags plans it per GPU"
-        )
 
 
 def mlp_width(config):
@@ -140,9 +125,12 @@ def memory_plan(
         layer -= 2 * h * B
         if B != 4:
             layer += (5 * h + q + I) * 4 - (2 * h + q + I) * B
-    # a mixture-of-experts layer: the router's logits and each token's k routed copies of its input and outputs
+    # a mixture-of-experts layer: the router's logits and each token's k routed copies of its input and outputs;
+    # under LoRA each routed copy's gate_up and down adapters keep their fp32 inputs (lora.LoRAExperts)
     routed = config.num_experts + 2 * config.num_experts_per_tok * h if getattr(config, "num_experts", 0) else 0
     layer += routed * B
+    if lora_rank and routed and B != 4:
+        layer += config.num_experts_per_tok * (h + config.moe_intermediate_size) * 4
     if not training:
         micro_batch, reference, trainable = 0, False, 0
     tokens = micro_batch * seq_len
@@ -238,11 +226,8 @@ def fit_memory(
     samples. `group`: rows of each prompt in a sampling batch (RWML's G, the filter's K), whose prefill lm.sample runs
     once. `helpers`: {name: (model, dtype, prompt_len, new tokens)} of the other models the run loads and samples
     (`helper_models`). `grow_to`: with a budget (a card or max_memory_gb), micro_batch is doubled while the plan still
-    fits, up to that many sequences (an update's on this rank): fewer, larger passes on a large card. LoRA on a
-    mixture-of-experts model stops here, in one line (`check_lora_targets`)."""
+    fits, up to that many sequences (an update's on this rank): fewer, larger passes on a large card."""
     config = load_config(model)
-    if training:
-        check_lora_targets(config, lora_rank, model)
     seq_len = prompt_len + completion_len
     torch_type = torch_dtype(dtype)
     budget = memory_budget(max_memory_gb)

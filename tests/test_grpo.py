@@ -413,6 +413,48 @@ def test_a_decoding_step_with_merged_adapters_launches_the_plain_models_ops(tiny
     assert ops["merged"] <= 1.1 * ops["plain"], ops
 
 
+def tiny_moe_model(dtype=torch.float32):
+    """A random-init Qwen3-MoE at toy width (8 experts, 2 a token), the architecture of the paper's Qwen3-30B-A3B."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2)
+    fields.update(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=512)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen3_moe", **fields)).to(dtype).eval()
+
+
+def test_lora_of_fused_experts_trains_each_expert_and_merges_into_a_plain_checkpoint(tmp_path, tiny):
+    """Per-expert LoRA (lora.LoRAExperts): with B = 0 the adapters' eager loop computes what transformers' experts
+    compute; a backward reaches every expert's factors; rollouts' merged weights, the adapters and the saved
+    checkpoint (a plain Qwen3-MoE folder) compute the same function (fp32); the merge is undone bit for bit."""
+    from support.lora import LoRAExperts
+
+    model = tiny_moe_model()
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = model(ids).logits
+    opt = torch.optim.AdamW(add_lora(model, rank=4), lr=1e-3)
+    with torch.no_grad():
+        assert (model(ids).logits - plain).abs().max() < 1e-5  # B = 0: the loop is the experts' own function
+        for name, p in model.named_parameters():
+            if name.endswith(".B"):  # as after some updates
+                p.normal_(0, 0.05)
+    logits = model(ids).logits
+    logits.pow(2).mean().backward()
+    experts = [m for m in model.modules() if isinstance(m, LoRAExperts)]
+    assert len(experts) == 2 and all(m.gate_up.B.grad.abs().sum(dim=(1, 2)).gt(0).all() for m in experts)
+    assert all(m.down.A.grad.abs().sum(dim=(1, 2)).gt(0).all() for m in experts)  # every expert got tokens here
+    loaded = {n: p.clone() for n, p in model.named_parameters()}
+    with torch.no_grad(), adapters_merged(model):
+        merged = model(ids).logits
+    assert (merged - logits).abs().max() < 1e-4 * logits.abs().max()
+    assert all(torch.equal(p, loaded[n]) for n, p in model.named_parameters())
+    save_checkpoint(tmp_path / "ckpt", model, tiny[1], opt, 1, argparse.Namespace(), final=True)
+    with torch.no_grad():
+        saved = load_model(str(tmp_path / "ckpt" / "model"), device="cpu", dtype="fp32")[0](ids).logits
+    assert (saved - logits).abs().max() < 1e-4 * logits.abs().max()
+
+
 def test_a_lora_update_below_bf16_resolution_survives_the_merge_and_is_counted(tiny, tmp_path):
     """An update of 1e-6 on bf16 weights of 0.02 (a bf16 step there is 1.2e-4): the merge keeps it, in fp32, and
     reports it among the weights that a bf16 copy rounds back."""
