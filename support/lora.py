@@ -20,7 +20,13 @@ class LoRALinear(torch.nn.Module):
             torch.randn(rank, base.in_features, device=base.weight.device) / base.in_features**0.5
         )
         self.B = torch.nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))  # fp32 adapters
-        self.loaded = host_copy(base.weight)
+        self.loaded = {"weight": host_copy(base.weight)}
+
+    def weights(self):  # {name: the frozen weight}, each with its factors below, as LoRAExperts'
+        return {"weight": self.base.weight}
+
+    def factors(self):
+        return {"weight": self}
 
     def forward(self, x):
         y = self.base(x)
@@ -55,7 +61,7 @@ class LoRAExperts(torch.nn.Module):
         super().__init__()
         self.base, self.scale, self.enabled = base, alpha / rank, True
         self.gate_up, self.down = ExpertFactors(base.gate_up_proj, rank), ExpertFactors(base.down_proj, rank)
-        self.loaded = {n: host_copy(w) for n, w in self.weights().items()}  # as LoRALinear.loaded
+        self.loaded = {n: host_copy(w) for n, w in self.weights().items()}
 
     def weights(self):
         return {"gate_up_proj": self.base.gate_up_proj, "down_proj": self.base.down_proj}
@@ -129,7 +135,7 @@ def adapters_merged(model):
     """`with adapters_merged(model):` around a rollout: every adapted weight becomes W + scale B A in place, in the
     weights' own dtype, and the adapters step aside, so a decoding step runs the plain model's ops (through the
     adapters each projection adds its own matmuls, casts and views, and a GPU's decoding step is bound by its
-    kernel launches). On exit the loaded weights are copied back from the host (`LoRALinear.loaded`), bit for bit,
+    kernel launches). On exit the loaded weights are copied back from the host (`loaded`, `host_copy`), bit for bit,
     also after an error.
 
     In fp32 the merged weights compute what the update computes up to fp32 rounding. In bf16 they are rounded
@@ -142,24 +148,21 @@ def adapters_merged(model):
         with torch.no_grad():
             for m in layers:
                 m.enabled = False
-                if isinstance(m, LoRALinear):
-                    w = m.base.weight
-                    w.copy_(w.float().addmm_(m.B, m.A, alpha=m.scale))  # one fp32 copy of W at a time (none in fp32)
-                    continue
-                for name, w in m.weights().items():  # expert by expert: one fp32 copy of one expert's W at a time
-                    f = m.factors()[name]
-                    for e in range(w.shape[0]):
-                        w[e].copy_(w[e].float().addmm_(f.B[e], f.A[e], alpha=m.scale))
+                for name, w in m.weights().items():
+                    fold(w, m.factors()[name], m.scale)
         yield model
     finally:
         with torch.no_grad():
             for m in layers:
-                if isinstance(m, LoRALinear):
-                    m.base.weight.copy_(m.loaded)
-                else:
-                    for name, w in m.weights().items():
-                        w.copy_(m.loaded[name])
+                for name, w in m.weights().items():
+                    w.copy_(m.loaded[name])
                 m.enabled = True
+
+
+def fold(w, f, scale):
+    """W += scale B A in place, in W's dtype, a matrix (an expert's) at a time: one fp32 copy of it (none in fp32)."""
+    for w_e, B_e, A_e in zip(*(t if t.dim() == 3 else t[None] for t in (w, f.B, f.A))):
+        w_e.copy_(w_e.float().addmm_(B_e, A_e, alpha=scale))
 
 
 @torch.no_grad()
@@ -180,11 +183,8 @@ def merged_state_dict(model):
     for name, m in model.named_modules():
         if not isinstance(m, ADAPTED):
             continue
-        pairs = {"weight": (m.base.weight, m)} if isinstance(m, LoRALinear) else {
-            k: (w, m.factors()[k]) for k, w in m.weights().items()
-        }  # fmt: skip
-        for key, (w, f) in pairs.items():
-            base = w.float().cpu()
+        for key, w in m.weights().items():
+            f, base = m.factors()[key], w.float().cpu()
             delta = m.scale * (f.B.float().cpu() @ f.A.float().cpu())  # [out, in], or [experts, out, in]
             sd[f"{name}.{key}"] = base + delta
             merged += base.numel()
