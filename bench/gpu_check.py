@@ -1,7 +1,7 @@
 """The GPU check: on one CUDA device, the memory plan (memory.memory_plan) next to measured peaks and the
 sampling speed of each decoding path, for the paper's models and the tiny one, built from their configs with
 random weights (nothing is downloaded: it runs on a machine without network or model weights). One table;
-not yet run in this form on a GPU (an estimate of its length, docs/scaling.md: ~11 minutes on one H100/H200);
+not yet run in this form on a GPU (an estimate of its length, docs/scaling.md: ~13 minutes on one H200);
 `--models` runs a part, so that a job with a 10-minute limit runs it in two.
 
     python bench/gpu_check.py                        # on a GPU; --models smollm2-135m for a quick look
