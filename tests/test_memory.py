@@ -356,7 +356,9 @@ def test_plan_matches_a_lora_update_of_a_mixture_of_experts_model(checkpointing)
     (lora.LoRAExperts: each routed copy keeps its fp32 inputs to the adapters): the plan's peak within 0.9-1.1."""
     from transformers import AutoModelForCausalLM
 
-    config = tiny_moe(num_hidden_layers=8, hidden_size=256, moe_intermediate_size=128, num_attention_heads=8, head_dim=32)
+    config = tiny_moe(
+        num_hidden_layers=8, hidden_size=256, moe_intermediate_size=128, num_attention_heads=8, head_dim=32
+    )
     model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16).eval()
     measured, planned, _ = measure_update(
         lora_rank=8, beta=0.001, grad_checkpointing=checkpointing, prompt_len=448, completion_len=64, model=model
