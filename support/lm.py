@@ -250,10 +250,9 @@ def sample(
     if not prompts:
         return []
     batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-    if compiled or (compiled is None and compile_decoding(model)):
-        cache, compiling = static_decoding(model, prompts, batch, max_new_tokens, share)
-    elif static:
-        cache, compiling = static_decoding(model, prompts, batch, max_new_tokens, share, compile=False)
+    compile = compiled or (compiled is None and compile_decoding(model))
+    if compile or static:
+        cache, compiling = static_decoding(model, prompts, batch, max_new_tokens, share, compile=compile)
     else:
         cache, compiling = (shared_prefill(model, prompts, batch) if share else None), {}
     sampling = (

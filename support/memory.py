@@ -23,6 +23,7 @@ def param_counts(config):
 
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
+        experts = fused_experts(model)  # {name: parameters}: LoRA gives each expert r (in + out) of each
         _COUNTS[key] = (
             sum(p.numel() for p in model.parameters()),  # tied embeddings once
             sum(
@@ -30,8 +31,8 @@ def param_counts(config):
                 for name, m in model.named_modules()
                 if name.rsplit(".", 1)[-1] in LORA_TARGETS and isinstance(m, torch.nn.Linear)
             )
-            + sum(E * (out + inp) for E, out, inp in (p.shape for n, p in model.named_parameters() if p.dim() == 3)),
-            sum(fused_experts(model).values()),
+            + sum(p.shape[0] * (p.shape[1] + p.shape[2]) for n, p in model.named_parameters() if n in experts),
+            sum(experts.values()),
         )
     return _COUNTS[key]
 
